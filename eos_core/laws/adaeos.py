@@ -1,0 +1,111 @@
+"""AdaEoS: multiplicative feedback of lr * lambda_max towards the edge (AdaEoS proposal, section 3.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from eos_core import _validation as check
+from eos_core import stats as S
+from eos_core.ema import bias_correction, ema_update
+from eos_core.laws.base import Law, LawOutput, finite, safe
+from eos_core.numerics import NUMPY, Numerics
+
+
+class AdaEoSState(NamedTuple):
+    lr: Any  #: eta_k
+    sharpness_ema: Any  #: EMA of lambda_hat (0 before the first measurement)
+    count: Any  #: number of measurements folded into the EMA
+
+
+class AdaEoS(Law):
+    r"""Adaptive edge-of-stability learning rate (AdaEoS proposal, section 3.2).
+
+    .. math::
+
+        \tilde\lambda_k = \frac{\mathrm{EMA}_\beta(\hat\lambda)_k}{1-\beta^{k}}, \qquad
+        \eta_{k+1} = \operatorname{clip}\Big(\eta_k \cdot
+            \operatorname{clip}\big((\sigma_{\rm target} / (\eta_k \tilde\lambda_k))^{\gamma},
+            1/c, c\big), \eta_{\min}, \eta_{\max}\Big)
+
+    ``lambda_hat`` comes from ``power_iters`` (1-2 in the proposal) warm-started power-iteration
+    steps on the Hessian (or the preconditioned Hessian with ``preconditioned=True``), measured every
+    ``probe_every`` steps by the adapter. ``gamma`` in (0, 1] damps the feedback; the factor is
+    clipped to [1/max_change, max_change] and the EMA (bias-corrected, since it is used on its own)
+    smooths lambda_hat.
+
+    Defined outcomes: lambda_hat <= 0 or non-finite keeps the learning rate and the EMA unchanged
+    (``fallback = 1``). The initial learning rate must be positive (a multiplicative rule cannot
+    leave 0).
+    """
+
+    measurements = ("sharpness", "smoothed_sharpness", "lr_sharpness")
+
+    def __init__(
+        self,
+        target: float = 2.0,
+        *,
+        gamma: float = 0.1,
+        sharpness_ema: float = 0.0,
+        max_change: float = 2.0,
+        preconditioned: bool = False,
+        lr_min: float = 0.0,
+        lr_max: float = math.inf,
+        lr_init: float | None = None,
+        power_iters: int = 2,
+        **unknown: Any,
+    ) -> None:
+        name = type(self).__name__
+        check.reject_unknown(name, unknown, ("target", "gamma", "sharpness_ema", "max_change", "preconditioned",
+                                             "lr_min", "lr_max", "lr_init", "power_iters"))
+        self.target = check.positive(name, "target", target)
+        self.gamma = check.in_interval(name, "gamma", gamma, 0.0, 1.0, closed_low=False, closed_high=True)
+        self.sharpness_ema = check.in_interval(name, "sharpness_ema", sharpness_ema, 0.0, 1.0,
+                                               closed_low=True, closed_high=False)
+        self.max_change = check.as_float(name, "max_change", max_change)
+        if not self.max_change >= 1.0:
+            raise ValueError(f"{name}: max_change must be >= 1, got {max_change!r}")
+        self.preconditioned = bool(preconditioned)
+        self.lr_min, self.lr_max = check.lr_bounds(name, lr_min, lr_max)
+        self.lr_init = None if lr_init is None else check.positive(name, "lr_init", lr_init)
+        self.power_iters = check.positive_int(name, "power_iters", power_iters)
+        self.power_tol = 0.0  # a fixed number of warm-started iterations, as the proposal describes
+        self.needs = frozenset({S.PRECONDITIONED_SHARPNESS if self.preconditioned else S.SHARPNESS})
+        self._record(target=self.target, gamma=self.gamma, sharpness_ema=self.sharpness_ema,
+                     max_change=self.max_change, preconditioned=self.preconditioned, lr_min=self.lr_min,
+                     lr_max=self.lr_max, lr_init=self.lr_init, power_iters=self.power_iters)
+
+    @property
+    def sharpness_key(self) -> str:
+        return next(iter(self.needs))
+
+    def init(
+        self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
+        numerics: Numerics = NUMPY,
+    ) -> AdaEoSState:
+        lr0 = self._initial_lr(self.lr_init, lr, required=True)
+        if not lr0 > 0:
+            raise ValueError("AdaEoS: the initial learning rate must be > 0 (a multiplicative rule cannot leave 0)")
+        return AdaEoSState(lr=numerics.scalar(lr0), sharpness_ema=numerics.scalar(0.0), count=numerics.scalar(0.0))
+
+    def update(self, state: AdaEoSState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
+        xp = numerics.xp
+        sharpness = numerics.scalar(stats[self.sharpness_key])
+        usable = finite(numerics, sharpness) & (sharpness > 0)
+        lam = safe(numerics, sharpness, usable, fill=1.0)
+        ema = xp.where(usable, ema_update(state.sharpness_ema, lam, self.sharpness_ema), state.sharpness_ema)
+        count = xp.where(usable, state.count + 1.0, state.count)
+        smoothed = ema / xp.where(count > 0, bias_correction(self.sharpness_ema, count), numerics.scalar(1.0))
+        # (target / x)^gamma <= max_change  <=>  x >= target * max_change^(-1/gamma): flooring x there
+        # keeps the power finite without changing the clipped factor.
+        floor = self.target * self.max_change ** (-1.0 / self.gamma)
+        product = xp.maximum(state.lr * xp.where(smoothed > 0, smoothed, numerics.scalar(1.0)), floor)
+        factor = numerics.clip((self.target / product) ** self.gamma, 1.0 / self.max_change, self.max_change)
+        lr = xp.where(usable, numerics.clip(state.lr * factor, self.lr_min, self.lr_max), state.lr)
+        diagnostics = self.diagnostics(
+            numerics, lr=lr, probed=True, fallback=~usable, sharpness=sharpness,
+            smoothed_sharpness=xp.where(count > 0, smoothed, numerics.scalar(math.nan)),
+            lr_sharpness=lr * xp.where(count > 0, smoothed, numerics.scalar(math.nan)),
+        )
+        return LawOutput(lr=lr, state=AdaEoSState(lr=lr, sharpness_ema=ema, count=count), diagnostics=diagnostics)

@@ -1,0 +1,114 @@
+"""Backtracking Armijo line search with relative slack (CDAT paper eq. 1 and appendix C.3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from eos_core import _validation as check
+from eos_core import stats as S
+from eos_core.laws.base import Law, LawOutput, finite, safe
+from eos_core.numerics import NUMPY, Numerics
+
+
+class ArmijoState(NamedTuple):
+    lr: Any  #: last accepted learning rate eta_{t-1}
+
+
+class Armijo(Law):
+    r"""Backtracking line search (CDAT paper eq. 1, appendix C.3).
+
+    From the guess :math:`\eta_{t,0} = \min(c_+ \eta_{t-1}, \eta_{\max})` the step shrinks by
+    ``c_minus`` until
+
+    .. math:: f(w_t + \eta u_t) \le (1 + \delta) f(w_t) + c\, \eta\, g_t^\top u_t
+
+    holds, for at most ``max_tries`` trial losses (the paper's mini-batch cap is 30; in full batch it
+    searches until the criterion holds, which ``max_tries`` large enough reproduces). The result is
+    the largest trial step that satisfies the condition. ``c_plus = inf`` restarts every search at
+    ``lr_max`` (the paper's guess 1). A non-finite trial loss counts as a failed trial.
+
+    Defined outcomes: when no trial satisfies the condition within ``max_tries`` the smallest trial
+    step is taken and ``accepted = 0`` is reported; non-finite f(w) or g.u keeps the last learning
+    rate (``fallback = 1``) without evaluating any trial.
+
+    The adapter provides ``trial_loss`` (``lr -> f(w + lr u)`` on the current batch, no backward).
+    The search loop runs through ``numerics.while_loop``, so it traces under ``jax.jit``.
+    """
+
+    needs = frozenset({S.LOSS, S.GRAD_DOT_UPDATE, S.TRIAL_LOSS})
+    measurements = ("loss", "trials", "accepted")
+
+    def __init__(
+        self,
+        c: float = 1e-4,
+        *,
+        c_plus: float = 4.0,
+        c_minus: float = 0.8,
+        delta: float = 0.0,
+        max_tries: int = 30,
+        lr_max: float = 1.0,
+        lr_init: float | None = None,
+        **unknown: Any,
+    ) -> None:
+        name = type(self).__name__
+        check.reject_unknown(name, unknown, ("c", "c_plus", "c_minus", "delta", "max_tries", "lr_max", "lr_init"))
+        self.c = check.in_interval(name, "c", c, 0.0, 1.0, closed_low=True, closed_high=False)
+        self.c_plus = check.as_float(name, "c_plus", c_plus)
+        if not self.c_plus >= 1.0:
+            raise ValueError(f"{name}: c_plus must be >= 1 (use inf to restart at lr_max), got {c_plus!r}")
+        self.c_minus = check.in_interval(name, "c_minus", c_minus, 0.0, 1.0, closed_low=False, closed_high=False)
+        self.delta = check.non_negative(name, "delta", delta)
+        self.max_tries = check.positive_int(name, "max_tries", max_tries)
+        self.lr_max = check.positive(name, "lr_max", lr_max)
+        self.lr_init = None if lr_init is None else check.positive(name, "lr_init", lr_init)
+        self._record(c=self.c, c_plus=self.c_plus, c_minus=self.c_minus, delta=self.delta,
+                     max_tries=self.max_tries, lr_max=self.lr_max, lr_init=self.lr_init)
+
+    def init(
+        self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
+        numerics: Numerics = NUMPY,
+    ) -> ArmijoState:
+        # The first search starts from the law's lr_init, else the wrapped optimizer's lr, else lr_max.
+        previous = self.lr_init if self.lr_init is not None else lr
+        lr0 = self.lr_max if previous is None else min(float(previous), self.lr_max)
+        return ArmijoState(lr=numerics.scalar(lr0))
+
+    def initial_guess(self, state: ArmijoState, *, numerics: Numerics = NUMPY) -> Any:
+        if math.isinf(self.c_plus):
+            return numerics.scalar(self.lr_max)
+        return numerics.xp.minimum(self.c_plus * state.lr, self.lr_max)
+
+    def satisfied(self, trial: Any, lr: Any, loss: Any, grad_dot_update: Any, *, numerics: Numerics = NUMPY) -> Any:
+        """The sufficient-decrease condition at step ``lr`` (False for a non-finite trial loss)."""
+        bound = (1.0 + self.delta) * loss + self.c * lr * grad_dot_update
+        return numerics.xp.isfinite(trial) & (trial <= bound)
+
+    def update(self, state: ArmijoState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
+        xp = numerics.xp
+        loss = numerics.scalar(stats[S.LOSS])
+        grad_dot_update = numerics.scalar(stats[S.GRAD_DOT_UPDATE])
+        trial_loss: Callable[[Any], Any] = stats[S.TRIAL_LOSS]
+        usable = finite(numerics, loss, grad_dot_update)
+        loss_safe, gu_safe = safe(numerics, loss, usable), safe(numerics, grad_dot_update, usable)
+
+        def keep_searching(carry: tuple[Any, Any, Any]) -> Any:
+            _, tries, accepted = carry
+            return usable & ~accepted & (tries < self.max_tries)
+
+        def try_step(carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            lr, tries, _ = carry
+            ok = self.satisfied(numerics.scalar(trial_loss(lr)), lr, loss_safe, gu_safe, numerics=numerics)
+            return xp.where(ok, lr, lr * self.c_minus), tries + 1, ok
+
+        start = self.initial_guess(state, numerics=numerics)
+        lr, tries, accepted = numerics.while_loop(
+            keep_searching, try_step, (start, numerics.scalar(0.0), xp.asarray(False))
+        )
+        # A failed search shrank once more after its last trial: take back that untested shrink.
+        lr = xp.where(accepted, lr, lr / self.c_minus)
+        lr = xp.where(usable, lr, state.lr)
+        diagnostics = self.diagnostics(numerics, lr=lr, probed=True, fallback=~usable, loss=loss, trials=tries,
+                                       accepted=xp.where(accepted, 1.0, 0.0))
+        return LawOutput(lr=lr, state=ArmijoState(lr=lr), diagnostics=diagnostics)

@@ -1,0 +1,123 @@
+"""Fixed learning-rate schedules, as laws, so baselines run through the same adapters as the tuners."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from eos_core import _validation as check
+from eos_core.laws.base import Law, LawOutput
+from eos_core.numerics import NUMPY, Numerics
+
+
+class ScheduleState(NamedTuple):
+    lr: Any  #: learning rate of the current step
+    count: Any  #: steps taken so far
+
+
+class _Schedule(Law):
+    """A law that needs no statistics: the learning rate is a function of the step count."""
+
+    needs = frozenset()
+
+    def lr_at(self, count: Any, *, numerics: Numerics = NUMPY) -> Any:
+        raise NotImplementedError
+
+    def init(
+        self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
+        numerics: Numerics = NUMPY,
+    ) -> ScheduleState:
+        zero = numerics.scalar(0.0)
+        return ScheduleState(lr=self.lr_at(zero, numerics=numerics), count=zero)
+
+    def update(self, state: ScheduleState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
+        return self._advance(state, numerics=numerics, probed=True)
+
+    def hold(self, state: ScheduleState, *, numerics: Numerics = NUMPY) -> LawOutput:
+        return self._advance(state, numerics=numerics, probed=False)
+
+    def _advance(self, state: ScheduleState, *, numerics: Numerics, probed: bool) -> LawOutput:
+        lr = numerics.scalar(self.lr_at(state.count, numerics=numerics))
+        new_state = ScheduleState(lr=lr, count=state.count + 1.0)
+        return LawOutput(lr=lr, state=new_state, diagnostics=self.diagnostics(numerics, lr=lr, probed=probed))
+
+
+class Constant(_Schedule):
+    """A constant learning rate: the baseline every tuner is compared with."""
+
+    def __init__(self, lr: float, **unknown: Any) -> None:
+        check.reject_unknown("Constant", unknown, ("lr",))
+        self.lr = check.non_negative("Constant", "lr", lr)
+        self._record(lr=self.lr)
+
+    def lr_at(self, count: Any, *, numerics: Numerics = NUMPY) -> Any:
+        return numerics.scalar(self.lr)
+
+
+class WarmupCosine(_Schedule):
+    r"""Linear warm-up to ``peak_lr``, then a decay to ``final_lr`` by step ``total_steps``.
+
+    .. math::
+
+        \eta_t = \eta_0 + (\eta_{\rm peak} - \eta_0)\, t / W \quad (t < W), \qquad
+        \eta_t = \eta_{\rm end} + (\eta_{\rm peak} - \eta_{\rm end})\, s(p), \quad
+        p = \min\Big(\frac{t - W}{T - W}, 1\Big)
+
+    with ``s(p) = (1 + cos(pi p)) / 2`` (``decay="cosine"``), ``1 - p`` (``"linear"``) or ``1``
+    (``"constant"``: warm-up then constant). These are the schedule shapes the CDAT paper tunes
+    its baselines over (appendix C.3). ``warmup_steps`` defaults to ``warmup_fraction * total_steps``.
+    """
+
+    DECAYS = ("cosine", "linear", "constant")
+
+    def __init__(
+        self,
+        peak_lr: float,
+        total_steps: int,
+        *,
+        warmup_fraction: float = 0.1,
+        warmup_steps: int | None = None,
+        init_lr: float = 0.0,
+        final_lr: float = 0.0,
+        decay: str = "cosine",
+        **unknown: Any,
+    ) -> None:
+        name = type(self).__name__
+        check.reject_unknown(name, unknown, ("peak_lr", "total_steps", "warmup_fraction", "warmup_steps",
+                                             "init_lr", "final_lr", "decay"))
+        self.peak_lr = check.non_negative(name, "peak_lr", peak_lr)
+        self.total_steps = check.positive_int(name, "total_steps", total_steps)
+        fraction = check.in_interval(name, "warmup_fraction", warmup_fraction, 0.0, 1.0, closed_low=True,
+                                     closed_high=True)
+        if warmup_steps is None:
+            self.warmup_steps = int(round(fraction * self.total_steps))
+        else:
+            if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+                raise ValueError(f"{name}: warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+            self.warmup_steps = int(warmup_steps)
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"{name}: warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})")
+        self.init_lr = check.non_negative(name, "init_lr", init_lr)
+        self.final_lr = check.non_negative(name, "final_lr", final_lr)
+        if decay not in self.DECAYS:
+            raise ValueError(f"{name}: decay must be one of {', '.join(self.DECAYS)}, got {decay!r}")
+        self.decay = decay
+        self._record(peak_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     init_lr=self.init_lr, final_lr=self.final_lr, decay=self.decay)
+
+    def lr_at(self, count: Any, *, numerics: Numerics = NUMPY) -> Any:
+        xp = numerics.xp
+        t = numerics.scalar(count)
+        warm = self.warmup_steps
+        warmup_lr = self.init_lr + (self.peak_lr - self.init_lr) * t / max(warm, 1)
+        span = max(self.total_steps - warm, 1)
+        progress = numerics.clip((t - warm) / span, 0.0, 1.0)
+        if self.decay == "cosine":
+            shape = 0.5 * (1.0 + xp.cos(math.pi * progress))
+        elif self.decay == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = xp.ones_like(progress)
+        decay_lr = self.final_lr + (self.peak_lr - self.final_lr) * shape
+        return xp.where(t < warm, warmup_lr, decay_lr)

@@ -1,0 +1,78 @@
+"""Scalar arithmetic and control flow that laws and spectral estimators are written against.
+
+Every tuning law and spectral estimator in :mod:`eos_core` is written once, branch-free, against a
+:class:`Numerics` bundle: an array namespace for scalars (``numpy`` here, ``jax.numpy`` in the JAX
+adapter), a float dtype and the control-flow primitives ``while_loop`` / ``fori_loop`` with the
+signatures of :func:`jax.lax.while_loop` and :func:`jax.lax.fori_loop`. With :data:`NUMPY` they run
+as plain Python loops; the JAX adapter passes ``jax.lax`` primitives so the same code traces under
+``jit``. Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+def python_while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], init_val: Any) -> Any:
+    """``jax.lax.while_loop`` semantics in plain Python."""
+    val = init_val
+    while bool(cond_fun(val)):
+        val = body_fun(val)
+    return val
+
+
+def python_fori_loop(lower: int, upper: int, body_fun: Callable[[int, Any], Any], init_val: Any) -> Any:
+    """``jax.lax.fori_loop`` semantics in plain Python."""
+    val = init_val
+    for i in range(int(lower), int(upper)):
+        val = body_fun(i, val)
+    return val
+
+
+def numpy_index_update(array: np.ndarray, index: Any, value: Any) -> np.ndarray:
+    """Functional ``array.at[index].set(value)`` for numpy (copies, never mutates)."""
+    out = np.array(array, copy=True)
+    out[int(index)] = value
+    return out
+
+
+class Numerics(NamedTuple):
+    """Scalar namespace, dtype and control flow used by laws and spectral estimators.
+
+    Attributes:
+        xp: array namespace for scalars and small arrays (``numpy`` or ``jax.numpy``).
+        dtype: float dtype of every scalar a law keeps in its state.
+        while_loop: ``while_loop(cond_fun, body_fun, init_val)`` as in ``jax.lax``.
+        fori_loop: ``fori_loop(lower, upper, body_fun, init_val)`` as in ``jax.lax``.
+        index_update: ``index_update(array, i, value)``, a functional ``array.at[i].set(value)``.
+        eager: True when scalars are concrete (numpy, eager torch); False under tracing (``jax.jit``),
+            where an algorithm may not branch on a value (it then uses fixed iteration counts).
+    """
+
+    xp: Any
+    dtype: Any
+    while_loop: Callable[..., Any]
+    fori_loop: Callable[..., Any]
+    index_update: Callable[[Any, Any, Any], Any]
+    eager: bool = True
+
+    def scalar(self, value: Any) -> Any:
+        """``value`` as a 0-d array of :attr:`dtype`."""
+        return self.xp.asarray(value, dtype=self.dtype)
+
+    def clip(self, value: Any, low: Any, high: Any) -> Any:
+        """``min(max(value, low), high)`` that keeps infinite bounds exact."""
+        return self.xp.minimum(self.xp.maximum(value, low), high)
+
+
+NUMPY = Numerics(
+    xp=np,
+    dtype=np.float64,
+    while_loop=python_while_loop,
+    fori_loop=python_fori_loop,
+    index_update=numpy_index_update,
+)
+"""Float64 numpy scalars and Python control flow: the default everywhere."""
