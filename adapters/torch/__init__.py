@@ -1,5 +1,27 @@
-"""PyTorch adapter (placeholder until the PyTorch adapter issue lands: import guard only)."""
+"""PyTorch adapter: curvature oracles, vector ops on parameter lists, and the ``CurvatureTuner`` wrapper.
+
+>>> tuner = CurvatureTuner(torch.optim.SGD(model.parameters(), lr=0.1), CDAT(scale=2.0))  # doctest: +SKIP
+>>> loss = tuner.step(closure)                                                            # doctest: +SKIP
+"""
 
 from eos_core._optional import require
 
 require("torch", extra="torch", feature="eos_core.adapters.torch")
+
+from eos_core.adapters.torch.distributed import Reducer  # noqa: E402
+from eos_core.adapters.torch.objective import BackwardCapture, Objective  # noqa: E402
+from eos_core.adapters.torch.oracles import HessianOperator, Oracle, gradient  # noqa: E402
+from eos_core.adapters.torch.tuner import STATE_KEY, CurvatureTuner  # noqa: E402
+from eos_core.adapters.torch.vector_ops import TorchOps  # noqa: E402
+
+__all__ = [
+    "STATE_KEY",
+    "BackwardCapture",
+    "CurvatureTuner",
+    "HessianOperator",
+    "Objective",
+    "Oracle",
+    "Reducer",
+    "TorchOps",
+    "gradient",
+]

@@ -1,0 +1,53 @@
+"""Averaging probe statistics across data-parallel ranks, so every rank computes the same learning rate.
+
+Under DDP the step's gradient is already averaged by DDP itself, so g.u is identical on every rank;
+what each rank measures on its own shard (u^T H u, the loss, Hessian-vector products) is averaged
+here. With equal shards, the mean of the per-rank Hessians is the Hessian of the mean loss, so the
+result equals a single process on the union batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class Reducer:
+    """Mean over the ranks of a process group; the identity when not running distributed."""
+
+    def __init__(self, process_group: object | None = None) -> None:
+        self.group = process_group
+
+    @property
+    def world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    def _device(self, like: torch.device) -> torch.device:
+        backend = dist.get_backend(self.group)
+        return like if backend == "nccl" or like.type != "cpu" and backend != "gloo" else torch.device("cpu")
+
+    def mean_scalars(self, values: Sequence[float], device: torch.device | None = None) -> list[float]:
+        """Average Python floats across ranks (one all-reduce)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        target = self._device(device or torch.device("cpu"))
+        buffer = torch.tensor([float(v) for v in values], dtype=torch.float64, device=target)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        return (buffer / self.world_size).tolist()
+
+    def mean_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Average a list of tensors across ranks (in place on copies; one all-reduce per tensor)."""
+        if self.world_size == 1:
+            return list(tensors)
+        out = []
+        for t in tensors:
+            work = t.detach().clone()
+            device = self._device(work.device)
+            moved = work.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.group)
+            out.append((moved / self.world_size).to(t.device))
+        return out

@@ -1,0 +1,184 @@
+"""The loss on the current batch as a function of the parameters: what every curvature probe evaluates.
+
+An :class:`Objective` wraps either a closure in torch's convention (zero the gradients, compute the
+loss, call ``backward()``, return the loss) or a plain loss function (return the loss, no
+backward). Probes need the loss *with its graph*, so while a closure runs under
+:class:`BackwardCapture` its ``backward()`` call is recorded instead of executed (a
+``TorchFunctionMode``, the documented extension point; no user object is patched).
+
+Each evaluation
+
+* replays the random-number state of the step's own forward pass when the tuner called the
+  closure itself (same dropout masks), inside ``torch.random.fork_rng`` so the user's random stream
+  is the same as without probes;
+* hides the parameters' ``.grad`` (so a ``zero_grad()`` in the closure cannot touch the step's
+  gradient) and puts them back afterwards;
+* leaves the model's buffers (BatchNorm running statistics) as they were, when the tuner knows the
+  model (:meth:`Objective.preserving_buffers` around a group of evaluations);
+* runs DDP models under ``no_sync()`` so probes never start a gradient reduction;
+* optionally forces the math kernel of scaled-dot-product attention (the flash and
+  memory-efficient kernels cannot be differentiated twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class BackwardCapture(TorchFunctionMode):
+    """Records the tensor a closure calls ``backward`` on, without running the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: list[torch.Tensor] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            self.captured.append(args[0])
+            return None
+        if func is torch.autograd.backward:
+            tensors = args[0] if args else kwargs["tensors"]
+            if isinstance(tensors, list | tuple):
+                tensors = tensors[0]
+            self.captured.append(tensors)
+            return None
+        return func(*args, **kwargs)
+
+
+def math_sdpa() -> contextlib.AbstractContextManager:
+    """Force PyTorch's math implementation of scaled-dot-product attention (twice differentiable)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def capture_rng(params: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The CPU and CUDA random states, to replay a forward pass's randomness in probes."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    if devices:
+        state["cuda"] = {d: torch.cuda.get_rng_state(d) for d in devices}
+    return state
+
+
+def _cuda_devices(params: Sequence[torch.Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+class Objective:
+    """The loss on the current batch, evaluated at the current parameters with its graph.
+
+    Args:
+        fn: a closure (torch convention, calls ``backward``) or a loss function (no backward).
+        params: the parameters being optimised (their ``.grad`` is hidden during evaluations).
+        rng_state: random state to replay (from :func:`capture_rng` before the step's own forward).
+        module: the model, when known: its buffers are restored after each evaluation and a DDP
+            model runs under ``no_sync()``.
+        loss_scale: multiply the loss by this before differentiating (GradScaler's scale under
+            float16 autocast); :meth:`scale` tells callers what to divide by.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        params: Sequence[torch.Tensor],
+        *,
+        rng_state: dict[str, Any] | None = None,
+        module: torch.nn.Module | None = None,
+        loss_scale: float = 1.0,
+    ) -> None:
+        self.fn = fn
+        self.params = list(params)
+        self.rng_state = rng_state
+        self.module = module
+        self.scale = float(loss_scale)
+        self.math_sdpa = False
+
+    @contextlib.contextmanager
+    def _isolated(self) -> Iterator[None]:
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(self.params)))
+                if self.rng_state is not None:
+                    torch.set_rng_state(self.rng_state["cpu"])
+                    for device, state in self.rng_state.get("cuda", {}).items():
+                        torch.cuda.set_rng_state(state, device)
+                no_sync = getattr(self.module, "no_sync", None)
+                if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) and no_sync is not None:
+                    stack.enter_context(no_sync())
+                if self.math_sdpa:
+                    stack.enter_context(math_sdpa())
+                yield
+        finally:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+
+    @contextlib.contextmanager
+    def preserving_buffers(self) -> Iterator[None]:
+        """Restore the model's buffers (BatchNorm running statistics) after a group of evaluations.
+
+        Restoring happens once, at the end: the graphs of the evaluations inside must be released
+        by then (autograd saves some buffers and checks they were not modified).
+        """
+        if self.module is None:
+            yield
+            return
+        saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+
+    def _call(self) -> torch.Tensor:
+        capture = BackwardCapture()
+        with capture:
+            returned = self.fn()
+        loss = capture.captured[-1] if capture.captured else returned
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                "the closure or loss function must return the loss tensor (or call backward on it); "
+                f"got {type(loss).__name__}"
+            )
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+        return loss.reshape(())
+
+    def loss(self) -> torch.Tensor:
+        """The loss (times :attr:`scale`) with its graph, at the current parameters."""
+        with self._isolated(), torch.enable_grad():
+            loss = self._call()
+        return loss * self.scale if self.scale != 1.0 else loss
+
+    def value(self) -> float:
+        """The loss at the current parameters, without building a graph."""
+        with self._isolated(), torch.no_grad():
+            return float(self._call())
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` (which evaluates this objective itself, e.g. a torch.func transform) isolated."""
+        with self._isolated(), torch.enable_grad():
+            return function()
+
+
+@contextlib.contextmanager
+def shifted(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], step: float) -> Iterator[None]:
+    """Temporarily move the parameters to ``w + step * direction``; restores ``w`` exactly (a saved copy)."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            torch._foreach_add_([p.data for p in params], list(direction), alpha=float(step))
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], saved)

@@ -1,0 +1,307 @@
+"""Curvature oracles: u^T H u and H v by every route of SPEC section 4, with the "auto" fallback chain.
+
+Routes (names from :mod:`eos_core.routes`):
+
+* ``double-backward`` (reverse-over-reverse): H u = grad(grad f . u). Exact; the cheapest exact
+  route in PyTorch (2.5-6.6x a training step on an H100, SPEC section 4).
+* ``jvp-jvp`` (forward-over-forward, the paper's route) and ``jvp-grad`` (forward-over-reverse):
+  exact, through ``torch.func``; they need the model (``model=``) to call it functionally and cost
+  4-11x a step in PyTorch.
+* ``fd-central``: (g(w + h u) - g(w - h u)) / 2h, two extra gradients.
+* ``fd-onesided``: (g(w + h u) - g(w)) / h reusing the step's own gradient g(w): one extra
+  gradient, about 1.0-1.1x a step, the cheapest route everywhere.
+
+``auto`` tries ``double-backward``; when an operator cannot be differentiated twice (flash or
+memory-efficient SDPA kernels, cuDNN RNNs, ...) it retries with the math SDPA kernel, then falls back
+to ``fd-onesided``. The first route that works is kept for the rest of training and reported in the
+diagnostics (``double-backward``, ``double-backward+sdpa-math`` or ``fd-onesided``); the fallback is
+announced once with a warning. An exact route asked for by name also retries with the math SDPA
+kernel (same route, the one attention kernel that supports it) before raising. Finite-difference steps follow
+:func:`eos_core.routes.finite_difference_step` (scaled to ||w||, ||u|| and the dtype's epsilon).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from eos_core import routes
+from eos_core.adapters.torch import vector_ops as vec
+from eos_core.adapters.torch.distributed import Reducer
+from eos_core.adapters.torch.objective import Objective, shifted
+from eos_core.routes import finite_difference_step
+
+SDPA_MATH = "+sdpa-math"
+Vector = list[torch.Tensor]
+
+
+def _zeros_for_none(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> Vector:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+def check_twice_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
+    """Raise if the gradient's graph goes through an op marked ``once_differentiable``.
+
+    Such an op returns its gradient through a ``DelayedError`` node with no inputs, so a second
+    backward pass does not fail: it silently drops every term behind that op. Walking the graph
+    once per route resolution turns that into an error the ``auto`` chain can fall back on.
+    """
+    seen: set[int] = set()
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in ("Error", "DelayedError"):
+            raise RuntimeError("the gradient goes through an operation marked once_differentiable: "
+                               "double backward would silently drop its second-order terms")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def gradient(objective: Objective, params: Sequence[torch.Tensor]) -> Vector:
+    """The gradient of the objective at the current parameters (never touches ``.grad``)."""
+    loss = objective.loss()
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    out = _zeros_for_none(grads, params)
+    if objective.scale != 1.0:
+        out = list(torch._foreach_div(out, objective.scale))
+    return [g.detach() for g in out]
+
+
+class _FunctionalLoss(torch.nn.Module):
+    """Lets ``torch.func.functional_call`` swap the model's parameters while the objective runs."""
+
+    def __init__(self, module: torch.nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.module = module
+        self._objective = objective
+
+    def forward(self) -> torch.Tensor:
+        return self._objective._call() * self._objective.scale
+
+
+def _functional(objective: Objective, params: Sequence[torch.Tensor], module: torch.nn.Module | None
+                ) -> Callable[..., torch.Tensor]:
+    if module is None:
+        raise ValueError("routes 'jvp-jvp' and 'jvp-grad' need the model: pass model=... to the tuner")
+    names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError("routes 'jvp-jvp' and 'jvp-grad' need every optimised parameter to belong to `model`")
+    keys = ["module." + names[id(p)] for p in params]
+    wrapper = _FunctionalLoss(module, objective)
+
+    def f(*tensors: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(wrapper, dict(zip(keys, tensors, strict=True)), ())
+
+    return f
+
+
+class Oracle:
+    """Computes u^T H u and H v by one route (or resolves ``auto`` on first use and keeps the result).
+
+    Args:
+        route: a name from :data:`eos_core.routes.ALL`.
+        module: the model, for the ``jvp-*`` routes.
+        fd_eps: machine epsilon for finite-difference steps; default: that of the parameters'
+            dtype. Under autocast, pass the autocast dtype's (e.g. ``torch.finfo(torch.bfloat16).eps``).
+        reducer: averages per-rank measurements under data parallelism.
+    """
+
+    def __init__(self, route: str = routes.AUTO, *, module: torch.nn.Module | None = None,
+                 fd_eps: float | None = None, reducer: Reducer | None = None) -> None:
+        self.route = routes.validate_route(route, owner="CurvatureTuner")
+        self.module = module
+        self.fd_eps = fd_eps
+        self.reducer = reducer or Reducer()
+        self.resolved: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _check_graph(self, grads: Sequence[torch.Tensor | None]) -> None:
+        if self.resolved is None:  # once, while the route is being chosen
+            check_twice_differentiable(grads)
+
+    def _eps(self, params: Sequence[torch.Tensor]) -> float:
+        if self.fd_eps is not None:
+            return float(self.fd_eps)
+        return max(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
+
+    def _candidates(self) -> list[str]:
+        if self.resolved is not None:
+            return [self.resolved]
+        if self.route == routes.AUTO:
+            return [routes.DOUBLE_BACKWARD, routes.DOUBLE_BACKWARD + SDPA_MATH, routes.FD_ONESIDED]
+        if self.route in routes.EXACT:  # the same route, with the one attention kernel that supports it
+            return [self.route, self.route + SDPA_MATH]
+        return [self.route]
+
+    def _run(self, objective: Objective, attempt: Callable[[str], object]) -> object:
+        """Run ``attempt(route)`` with the resolved route, or resolve ``auto`` by trying the chain."""
+        errors = []
+        for candidate in self._candidates():
+            objective.math_sdpa = candidate.endswith(SDPA_MATH)
+            try:
+                result = attempt(candidate.removesuffix(SDPA_MATH))
+            except (RuntimeError, NotImplementedError, TypeError) as error:
+                if self.resolved is not None:
+                    raise
+                errors.append(f"{candidate}: {str(error).splitlines()[0][:200]}")
+                continue
+            finally:
+                objective.math_sdpa = False
+            if self.resolved is None:
+                self.resolved = candidate
+                if errors and self.route == routes.AUTO:
+                    warnings.warn(
+                        "eos_core curvature route 'auto' fell back to '" + candidate + "' ("
+                        + "; ".join(errors) + ")", RuntimeWarning, stacklevel=4,
+                    )
+            return result
+        raise RuntimeError(f"curvature route {self.route!r} does not work for this model: " + "; ".join(errors))
+
+    # -- u^T H u --------------------------------------------------------------------------------
+    def curvature(self, objective: Objective, params: Sequence[torch.Tensor], u: Sequence[torch.Tensor], *,
+                  grad_dot_u: float | None = None) -> float:
+        """u^T H u of the objective at the current parameters (averaged over data-parallel ranks).
+
+        ``grad_dot_u`` is g(w).u of the step's own (already averaged) gradient; ``fd-onesided``
+        needs it and reuses it instead of computing a second gradient.
+        """
+        params, u = list(params), list(u)
+
+        def attempt(route: str) -> float:
+            if route == routes.DOUBLE_BACKWARD:
+                return self.reducer.mean_scalars([self._uhu_double_backward(objective, params, u)])[0]
+            if route == routes.JVP_JVP:
+                return self.reducer.mean_scalars([self._uhu_jvp_jvp(objective, params, u)])[0]
+            if route == routes.JVP_GRAD:
+                hu = self._hvp_jvp_grad(objective, params, u)
+                return self.reducer.mean_scalars([vec.dot(hu, u)])[0]
+            return self._uhu_finite_differences(objective, params, u, route, grad_dot_u)
+
+        return float(self._run(objective, attempt))
+
+    def _uhu_double_backward(self, objective: Objective, params: Vector, u: Vector) -> float:
+        loss = objective.loss()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        self._check_graph(grads)
+        terms = [(g * d).sum() for g, d in zip(grads, u, strict=True) if g is not None and g.requires_grad]
+        if not terms:
+            return 0.0
+        hu = torch.autograd.grad(torch.stack(terms).sum(), params, allow_unused=True)
+        return vec.dot(_zeros_for_none(hu, params), u) / objective.scale
+
+    def _uhu_jvp_jvp(self, objective: Objective, params: Vector, u: Vector) -> float:
+        f = _functional(objective, params, self.module)
+        primals = tuple(p.detach() for p in params)
+        tangents = tuple(d.detach() for d in u)
+
+        def first_derivative(*ps: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(f, ps, tangents)[1]
+
+        second = objective.call(lambda: torch.func.jvp(first_derivative, primals, tangents)[1])
+        return float(second.detach().to(torch.float64)) / objective.scale
+
+    def _hvp_jvp_grad(self, objective: Objective, params: Vector, v: Vector) -> Vector:
+        f = _functional(objective, params, self.module)
+        grad_f = torch.func.grad(f, argnums=tuple(range(len(params))))
+        primals = tuple(p.detach() for p in params)
+        tangents = tuple(d.detach() for d in v)
+        hv = objective.call(lambda: torch.func.jvp(grad_f, primals, tangents)[1])
+        return [h.detach() / objective.scale for h in hv]
+
+    def _uhu_finite_differences(self, objective: Objective, params: Vector, u: Vector, route: str,
+                                grad_dot_u: float | None) -> float:
+        central = route == routes.FD_CENTRAL
+        h = finite_difference_step(vec.norm(params), vec.norm(u), self._eps(params), central=central)
+        if h == 0.0:
+            return 0.0
+        with shifted(params, u, h):
+            plus = vec.dot(gradient(objective, params), u)
+        if central:
+            with shifted(params, u, -h):
+                minus = vec.dot(gradient(objective, params), u)
+            plus, minus = self.reducer.mean_scalars([plus, minus])
+            return (plus - minus) / (2.0 * h)
+        if grad_dot_u is None:
+            base = vec.dot(gradient(objective, params), u)
+            plus, base = self.reducer.mean_scalars([plus, base])
+        else:
+            plus, base = self.reducer.mean_scalars([plus])[0], grad_dot_u
+        return (plus - base) / h
+
+    # -- H v ------------------------------------------------------------------------------------
+    def hessian_operator(self, objective: Objective, params: Sequence[torch.Tensor], *,
+                         base_grad: Sequence[torch.Tensor] | None = None) -> HessianOperator:
+        """A linear operator ``v -> H v`` at the current parameters, for power iteration / Lanczos."""
+        return HessianOperator(self, objective, list(params), None if base_grad is None else list(base_grad))
+
+
+class HessianOperator:
+    """``v -> H v`` by the oracle's route. Double backward builds the gradient graph once and reuses it
+    for every product; call :meth:`release` (or use as a context manager) to free it."""
+
+    def __init__(self, oracle: Oracle, objective: Objective, params: Vector, base_grad: Vector | None) -> None:
+        self.oracle = oracle
+        self.objective = objective
+        self.params = params
+        self.base_grad = base_grad
+        self._graph: tuple[torch.Tensor, ...] | None = None
+        self._graph_key = False
+        self.products = 0
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._graph = None
+
+    def __call__(self, v: Vector) -> Vector:
+        self.products += 1
+        return self.oracle._run(self.objective, lambda route: self._apply(route, list(v)))  # type: ignore[return-value]
+
+    def _apply(self, route: str, v: Vector) -> Vector:
+        oracle, objective, params = self.oracle, self.objective, self.params
+        if route == routes.DOUBLE_BACKWARD:
+            return oracle.reducer.mean_tensors(self._double_backward(v))
+        if route == routes.JVP_GRAD or route == routes.JVP_JVP:  # H v itself is forward-over-reverse
+            return oracle.reducer.mean_tensors(oracle._hvp_jvp_grad(objective, params, v))
+        central = route == routes.FD_CENTRAL
+        h = finite_difference_step(vec.norm(params), vec.norm(v), oracle._eps(params), central=central)
+        if h == 0.0:
+            return [torch.zeros_like(p) for p in params]
+        with shifted(params, v, h):
+            plus = oracle.reducer.mean_tensors(gradient(objective, params))
+        if central:
+            with shifted(params, v, -h):
+                minus = oracle.reducer.mean_tensors(gradient(objective, params))
+            return list(torch._foreach_div(torch._foreach_sub(plus, minus), 2.0 * h))
+        base = self.base_grad
+        if base is None:
+            base = oracle.reducer.mean_tensors(gradient(objective, params))
+        return list(torch._foreach_div(torch._foreach_sub(plus, list(base)), h))
+
+    def _double_backward(self, v: Vector) -> Vector:
+        objective, params = self.objective, self.params
+        key = objective.math_sdpa
+        try:
+            if self._graph is None or self._graph_key != key:
+                self._graph_key = key
+                loss = objective.loss()
+                self._graph = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                self.oracle._check_graph(self._graph)
+            pairs = [(g, d) for g, d in zip(self._graph, v, strict=True) if g is not None and g.requires_grad]
+            if not pairs:
+                return [torch.zeros_like(p) for p in params]
+            hv = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[d for _, d in pairs],
+                                     retain_graph=True, allow_unused=True)
+        except Exception:
+            self._graph = None
+            raise
+        return [h.detach() / objective.scale for h in _zeros_for_none(hv, params)]

@@ -1,0 +1,109 @@
+"""Vector arithmetic on lists of tensors (a model's parameters), for the core's spectral estimators.
+
+Vectors are ``list[torch.Tensor]`` shaped like the parameters. Scalars are Python floats (the
+adapter runs eagerly, so the core estimators use :data:`eos_core.numerics.NUMPY`); inner products
+accumulate in float64 whatever the parameter dtype, so curvature accumulates in at least fp32 under
+mixed precision. ``torch._foreach_*`` kernels do the elementwise work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from eos_core.numerics import NUMPY, Numerics
+
+Vector = list[torch.Tensor]
+
+
+def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> float:
+    """``sum_i <x_i, y_i>`` accumulated in float64 (one host synchronisation)."""
+    if not x:
+        return 0.0
+    parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
+    return float(torch.stack([p.to(parts[0].device) for p in parts]).sum())
+
+
+def squared_norm(x: Sequence[torch.Tensor]) -> float:
+    return dot(x, x)
+
+
+def norm(x: Sequence[torch.Tensor]) -> float:
+    return float(np.sqrt(max(squared_norm(x), 0.0)))
+
+
+def clone(x: Sequence[torch.Tensor]) -> Vector:
+    return [t.detach().clone() for t in x]
+
+
+def all_finite(x: Sequence[torch.Tensor | None]) -> bool:
+    """Whether every entry of every tensor is finite (one host synchronisation)."""
+    tensors = [t for t in x if t is not None]
+    if not tensors:
+        return True
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+class TorchOps:
+    """:class:`eos_core.spectral.VectorOps` for lists of tensors. A basis stacks ``m`` copies per tensor."""
+
+    def __init__(self, numerics: Numerics = NUMPY) -> None:
+        self.numerics = numerics
+
+    def dot(self, x: Vector, y: Vector) -> Any:
+        return np.float64(dot(x, y))
+
+    def norm(self, x: Vector) -> Any:
+        return np.float64(norm(x))
+
+    def axpy(self, alpha: Any, x: Vector, y: Vector) -> Vector:
+        return list(torch._foreach_add(y, x, alpha=float(alpha)))
+
+    def scale(self, alpha: Any, x: Vector) -> Vector:
+        return list(torch._foreach_mul(x, float(alpha)))
+
+    def multiply(self, x: Vector, y: Vector) -> Vector:
+        return list(torch._foreach_mul(x, y))
+
+    def rsqrt(self, x: Vector) -> Vector:
+        return [torch.rsqrt(t) for t in x]
+
+    def random_like(self, x: Vector, seed: Any, *, rademacher: bool = False) -> Vector:
+        out = []
+        for i, t in enumerate(x):
+            generator = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + i)
+            sample = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+            out.append(torch.sign(sample) + (sample == 0) if rademacher else sample)
+        return out
+
+    def select(self, pred: Any, x: Vector, y: Vector) -> Vector:
+        return x if bool(pred) else y
+
+    def size(self, x: Vector) -> int:
+        return int(sum(t.numel() for t in x))
+
+    def basis_zeros(self, x: Vector, m: int) -> Vector:
+        return [torch.zeros((int(m), *t.shape), dtype=t.dtype, device=t.device) for t in x]
+
+    def basis_set(self, basis: Vector, j: Any, x: Vector) -> Vector:
+        for b, t in zip(basis, x, strict=True):
+            b[int(j)].copy_(t)
+        return basis
+
+    def basis_coeffs(self, basis: Vector, x: Vector) -> Any:
+        total = None
+        for b, t in zip(basis, x, strict=True):
+            part = (b.reshape(b.shape[0], -1) @ t.reshape(-1)).to(torch.float64)
+            total = part if total is None else total + part.to(total.device)
+        return total.cpu().numpy()
+
+    def basis_combine(self, basis: Vector, coeffs: Any) -> Vector:
+        out = []
+        for b in basis:
+            c = torch.as_tensor(np.asarray(coeffs), dtype=b.dtype, device=b.device)
+            out.append(torch.tensordot(c, b, dims=1))
+        return out

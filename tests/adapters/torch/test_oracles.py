@@ -1,0 +1,165 @@
+"""Every curvature route against torch.autograd.functional.hessian on small models."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from eos_core import routes
+from eos_core.adapters.torch import Objective, Oracle, gradient
+from eos_core.adapters.torch import vector_ops as vec
+
+EXACT = [routes.DOUBLE_BACKWARD, routes.JVP_JVP, routes.JVP_GRAD, routes.AUTO]
+FINITE = [routes.FD_CENTRAL, routes.FD_ONESIDED]
+
+
+def measure(model, inputs, targets, route, direction_seed=1):
+    params = list(model.parameters())
+
+    def loss_of_output(out):
+        return torch.nn.functional.cross_entropy(out, targets)
+
+    objective = Objective(lambda: loss_of_output(model(inputs)), params)
+    g = torch.Generator().manual_seed(direction_seed)
+    u = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    grads = gradient(objective, params)
+    oracle = Oracle(route, module=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        curvature = oracle.curvature(objective, params, u, grad_dot_u=vec.dot(grads, u))
+        with oracle.hessian_operator(objective, params, base_grad=grads) as hessian:
+            hv = hessian(u)
+    return curvature, hv, u, loss_of_output, oracle
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention"])
+@pytest.mark.parametrize("route", EXACT)
+def test_exact_routes_float64(small_problems, explicit_hessian, flat, name, route):
+    factory, inputs, targets = small_problems[name]
+    torch.manual_seed(0)
+    model = factory().double()
+    inputs = inputs.double()
+    curvature, hv, u, loss_of_output, _ = measure(model, inputs, targets, route)
+    h = explicit_hessian(model, loss_of_output, inputs)
+    uf = flat(u)
+    assert curvature == pytest.approx(float(uf @ h @ uf), rel=1e-8)
+    true_hv = h @ uf
+    assert float((flat(hv) - true_hv).norm() / true_hv.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention"])
+@pytest.mark.parametrize("route", FINITE)
+def test_finite_differences_float32(small_problems, explicit_hessian, flat, name, route):
+    factory, inputs, targets = small_problems[name]
+    torch.manual_seed(0)
+    model = factory()
+    curvature, hv, u, loss_of_output, _ = measure(model, inputs, targets, route)
+    reference = copy.deepcopy(model).double()
+    h = explicit_hessian(reference, loss_of_output, inputs.double())
+    uf = flat(u).double()
+    assert curvature == pytest.approx(float(uf @ h @ uf), rel=1e-3)
+    true_hv = h @ uf
+    assert float((flat(hv).double() - true_hv).norm() / true_hv.norm()) < 1e-3
+
+
+def test_auto_falls_back_to_math_sdpa_and_says_so(small_problems):
+    factory, inputs, targets = small_problems["attention"]
+    torch.manual_seed(0)
+    model = factory()
+    params = list(model.parameters())
+    objective = Objective(lambda: torch.nn.functional.cross_entropy(model(inputs), targets), params)
+    oracle = Oracle(routes.AUTO)
+    u = [torch.ones_like(p) for p in params]
+    with pytest.warns(RuntimeWarning, match="fell back to 'double-backward\\+sdpa-math'"):
+        oracle.curvature(objective, params, u)
+    assert oracle.resolved == "double-backward+sdpa-math"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved once: no second warning
+        oracle.curvature(objective, params, u)
+
+
+def test_auto_falls_back_to_finite_differences_when_nothing_is_twice_differentiable():
+    class OnceDifferentiable(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.pow(3)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x.pow(2) * grad
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    # f(w) = sum(w^6): the op's backward runs with a gradient that itself needs differentiating
+    objective = Objective(lambda: OnceDifferentiable.apply(w).pow(2).sum(), [w])
+    oracle = Oracle(routes.AUTO)
+    u = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    with pytest.warns(RuntimeWarning, match="fd-onesided"):
+        value = oracle.curvature(objective, [w], u, grad_dot_u=6.0)
+    assert oracle.resolved == routes.FD_ONESIDED
+    assert value == pytest.approx(30.0, rel=1e-5)  # d^2/dt^2 (1 + t)^6 at 0
+
+
+def test_functional_routes_need_the_model():
+    w = torch.nn.Parameter(torch.ones(3))
+    objective = Objective(lambda: (w**3).sum(), [w])
+    with pytest.raises(ValueError, match="model="):
+        Oracle(routes.JVP_JVP).curvature(objective, [w], [torch.ones(3)])
+
+
+def test_unknown_route_is_rejected():
+    with pytest.raises(ValueError, match="route"):
+        Oracle("hutchinson")
+
+
+def test_objective_from_a_closure_captures_backward_and_keeps_grads():
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        optimizer.zero_grad(set_to_none=False)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    closure()
+    before = [p.grad.clone() for p in model.parameters()]
+    objective = Objective(closure, list(model.parameters()))
+    loss = objective.loss()
+    assert loss.requires_grad  # the graph is intact: backward was captured, not run
+    for p, g in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad, g)  # the step's gradient survived the closure's zero_grad
+    assert objective.value() == pytest.approx(float(loss))
+
+
+def test_objective_replays_dropout_and_leaves_the_rng_stream_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+    x = torch.randn(8, 4)
+    from eos_core.adapters.torch.objective import capture_rng
+
+    params = list(model.parameters())
+    rng = capture_rng(params)
+    first = model(x).sum().item()
+    after_step = torch.get_rng_state()
+    objective = Objective(lambda: model(x).sum(), params, rng_state=rng)
+    assert objective.value() == pytest.approx(first)  # same dropout mask
+    assert objective.value() == pytest.approx(first)
+    assert torch.equal(torch.get_rng_state(), after_step)  # probes consume no random numbers
+
+
+def test_objective_restores_batchnorm_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    x = torch.randn(10, 3)
+    before = [b.clone() for b in model.buffers()]
+    objective = Objective(lambda: model(x).sum(), list(model.parameters()), module=model)
+    with objective.preserving_buffers():
+        objective.value()
+        torch.autograd.grad(objective.loss(), list(model.parameters()))
+        assert not torch.equal(model[1].running_mean, before[0])  # the forward passes did update them
+    for b, saved in zip(model.buffers(), before, strict=True):
+        assert torch.equal(b, saved)
