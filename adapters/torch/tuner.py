@@ -202,7 +202,9 @@ class CurvatureTuner:
         """The loss on the current batch (returns the loss, no backward), for the next step's probes.
 
         Needed when the step is taken without a closure (``optimizer.step()``, ``GradScaler.step``,
-        trainer integrations). Used once, then forgotten: set it before every step.
+        trainer integrations). When the step also has a closure, the closure still computes the
+        step's gradient (and its random state is replayed), but probes evaluate ``loss_fn``. Used
+        once, then forgotten: set it before every step.
         """
         self._objective_fn = loss_fn
 
@@ -264,12 +266,15 @@ class CurvatureTuner:
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         pending = _Step()
         loss_tensor = None
+        # Probes evaluate the objective given by set_objective() when there is one (a trainer's closure
+        # may run hooks and logging that must not run again), else the step's own closure.
+        probe_fn, rng = self._objective_fn, None
+        self._objective_fn = None
         if closure is not None:
             rng = capture_rng(params)
             with torch.enable_grad():
                 loss_tensor = closure()
-            pending.objective = Objective(closure, params, rng_state=rng, module=self.model,
-                                          loss_scale=self._loss_scale())
+            probe_fn = probe_fn if probe_fn is not None else closure
 
             def cached() -> Any:
                 return loss_tensor
@@ -278,10 +283,9 @@ class CurvatureTuner:
                 kwargs["closure"] = cached
             else:
                 args[1] = cached
-        elif self._objective_fn is not None:
-            pending.objective = Objective(self._objective_fn, params, module=self.model,
+        if probe_fn is not None:
+            pending.objective = Objective(probe_fn, params, rng_state=rng, module=self.model,
                                           loss_scale=self._loss_scale())
-        self._objective_fn = None
         if isinstance(loss_tensor, torch.Tensor):
             pending.loss = float(loss_tensor.detach())
         elif isinstance(loss_tensor, int | float):
