@@ -6,7 +6,11 @@ Routes (names from :mod:`eos_core.routes`):
   route in PyTorch (2.5-6.6x a training step on an H100, SPEC section 4).
 * ``jvp-jvp`` (forward-over-forward, the paper's route) and ``jvp-grad`` (forward-over-reverse):
   exact, through ``torch.func``; they need the model (``model=``) to call it functionally and cost
-  4-11x a step in PyTorch.
+  4-11x a step in PyTorch. PyTorch's forward-over-forward derivatives of ``layer_norm`` and
+  ``batch_norm`` are wrong (torch 2.13: the second directional derivative through them is off by
+  tens of percent), so the first ``jvp-jvp`` measurement is cross-checked against forward-over-
+  reverse and the route refuses to run (ValueError) when they disagree. H v itself is always
+  computed forward-over-reverse.
 * ``fd-central``: (g(w + h u) - g(w - h u)) / 2h, two extra gradients.
 * ``fd-onesided``: (g(w + h u) - g(w)) / h reusing the step's own gradient g(w): one extra
   gradient, about 1.0-1.1x a step, the cheapest route everywhere.
@@ -114,6 +118,8 @@ class Oracle:
     def __init__(self, route: str = routes.AUTO, *, module: torch.nn.Module | None = None,
                  fd_eps: float | None = None, reducer: Reducer | None = None) -> None:
         self.route = routes.validate_route(route, owner="CurvatureTuner")
+        if route in (routes.JVP_JVP, routes.JVP_GRAD) and module is None:
+            raise ValueError(f"route {route!r} needs the model to call it functionally: pass model=... to the tuner")
         self.module = module
         self.fd_eps = fd_eps
         self.reducer = reducer or Reducer()
@@ -145,6 +151,12 @@ class Oracle:
             objective.math_sdpa = candidate.endswith(SDPA_MATH)
             try:
                 result = attempt(candidate.removesuffix(SDPA_MATH))
+            except ValueError:
+                # a definitive answer (e.g. jvp-jvp is wrong on this model): no other kernel will help
+                if self.route != routes.AUTO or self.resolved is not None:
+                    raise
+                errors.append(f"{candidate}: wrong values on this model")
+                continue
             except (RuntimeError, NotImplementedError, TypeError) as error:
                 if self.resolved is not None:
                     raise
@@ -203,7 +215,17 @@ class Oracle:
             return torch.func.jvp(f, ps, tangents)[1]
 
         second = objective.call(lambda: torch.func.jvp(first_derivative, primals, tangents)[1])
-        return float(second.detach().to(torch.float64)) / objective.scale
+        value = float(second.detach().to(torch.float64)) / objective.scale
+        if self.resolved is None:  # once: PyTorch's forward-over-forward is wrong for some kernels
+            reference = vec.dot(self._hvp_jvp_grad(objective, params, u), u)
+            eps = max(torch.finfo(p.dtype).eps for p in params)
+            if abs(value - reference) > max(1e-5, 1e3 * eps) * max(abs(reference), 1e-30):
+                raise ValueError(
+                    f"route 'jvp-jvp' disagrees with forward-over-reverse on this model ({value:.6g} vs "
+                    f"{reference:.6g}): PyTorch's forward-over-forward derivatives are wrong for some kernels "
+                    "(layer_norm and batch_norm in torch 2.13); use route='jvp-grad' or 'double-backward'"
+                )
+        return value
 
     def _hvp_jvp_grad(self, objective: Objective, params: Vector, v: Vector) -> Vector:
         f = _functional(objective, params, self.module)

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from eos_core import routes
-from eos_core.adapters.torch import Objective, Oracle, gradient
+from eos_core import CDAT, routes
+from eos_core.adapters.torch import CurvatureTuner, Objective, Oracle, gradient
 from eos_core.adapters.torch import vector_ops as vec
 
 EXACT = [routes.DOUBLE_BACKWARD, routes.JVP_JVP, routes.JVP_GRAD, routes.AUTO]
@@ -104,10 +104,12 @@ def test_auto_falls_back_to_finite_differences_when_nothing_is_twice_differentia
 
 
 def test_functional_routes_need_the_model():
+    for route in (routes.JVP_JVP, routes.JVP_GRAD):
+        with pytest.raises(ValueError, match="model="):
+            Oracle(route)
     w = torch.nn.Parameter(torch.ones(3))
-    objective = Objective(lambda: (w**3).sum(), [w])
     with pytest.raises(ValueError, match="model="):
-        Oracle(routes.JVP_JVP).curvature(objective, [w], [torch.ones(3)])
+        CurvatureTuner(torch.optim.SGD([w], lr=0.1), CDAT(), route=routes.JVP_GRAD)
 
 
 def test_unknown_route_is_rejected():
@@ -163,3 +165,30 @@ def test_objective_restores_batchnorm_buffers():
         assert not torch.equal(model[1].running_mean, before[0])  # the forward passes did update them
     for b, saved in zip(model.buffers(), before, strict=True):
         assert torch.equal(b, saved)
+
+
+def test_jvp_jvp_never_returns_a_wrong_value_through_layer_norm(explicit_hessian, flat):
+    """PyTorch's forward-over-forward AD is wrong through layer_norm (torch 2.13): the route must either
+    agree with the explicit Hessian or refuse with an error naming the alternatives."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (10,))
+    params = list(model.parameters())
+
+    def loss_of_output(out):
+        return torch.nn.functional.cross_entropy(out, y)
+
+    objective = Objective(lambda: loss_of_output(model(x)), params)
+    u = [torch.randn_like(p) for p in params]
+    h = explicit_hessian(model, loss_of_output, x)
+    try:
+        value = Oracle(routes.JVP_JVP, module=model).curvature(objective, params, u)
+    except ValueError as error:
+        assert "jvp-grad" in str(error) and "double-backward" in str(error)
+    else:
+        assert value == pytest.approx(float(flat(u) @ h @ flat(u)), rel=1e-8)
+    # the route auto never takes forward-over-forward; jvp-grad is right here
+    assert Oracle(routes.JVP_GRAD, module=model).curvature(objective, params, u) == pytest.approx(
+        float(flat(u) @ h @ flat(u)), rel=1e-8)
