@@ -20,12 +20,20 @@ memory-efficient SDPA kernels, cuDNN RNNs, ...) it retries with the math SDPA ke
 to ``fd-onesided``. The first route that works is kept for the rest of training and reported in the
 diagnostics (``double-backward``, ``double-backward+sdpa-math`` or ``fd-onesided``); the fallback is
 announced once with a warning. An exact route asked for by name also retries with the math SDPA
-kernel (same route, the one attention kernel that supports it) before raising. Finite-difference steps follow
+kernel (same route, the one attention kernel that supports it) before raising.
+
+On large models (at least ``fd_above`` parameters, 10 million by default) ``auto`` also measures
+the first probe by one-sided finite differences and, when both agree to ``fd_tolerance`` (1%),
+keeps finite differences from then on: one extra gradient instead of 2.5-6.5 training steps, and
+about 1.2x memory instead of 1.4-2.3x (benchmarks/README.md). Where they disagree (ReLU kinks, which
+finite differences see and autograd's Hessian does not; bf16 rounding; dropout not replayed) it stays
+exact. ``oracle.verification`` holds the two values that decided. Finite-difference steps follow
 :func:`eos_core.routes.finite_difference_step` (scaled to ||w||, ||u|| and the dtype's epsilon).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -38,6 +46,8 @@ from eos_core.adapters.torch.objective import Objective, shifted
 from eos_core.routes import finite_difference_step
 
 SDPA_MATH = "+sdpa-math"
+#: ``auto`` considers finite differences on models with at least this many parameters.
+FD_ABOVE = 10_000_000
 Vector = list[torch.Tensor]
 
 
@@ -116,14 +126,19 @@ class Oracle:
     """
 
     def __init__(self, route: str = routes.AUTO, *, module: torch.nn.Module | None = None,
-                 fd_eps: float | None = None, reducer: Reducer | None = None) -> None:
+                 fd_eps: float | None = None, reducer: Reducer | None = None,
+                 fd_above: int | None = FD_ABOVE, fd_tolerance: float = 1e-2) -> None:
         self.route = routes.validate_route(route, owner="CurvatureTuner")
         if route in (routes.JVP_JVP, routes.JVP_GRAD) and module is None:
             raise ValueError(f"route {route!r} needs the model to call it functionally: pass model=... to the tuner")
         self.module = module
         self.fd_eps = fd_eps
         self.reducer = reducer or Reducer()
+        self.fd_above = fd_above
+        self.fd_tolerance = float(fd_tolerance)
         self.resolved: str | None = None
+        #: (exact value, finite-difference value) of the check that let ``auto`` switch to fd-onesided
+        self.verification: tuple[float, float] | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_graph(self, grads: Sequence[torch.Tensor | None]) -> None:
@@ -176,11 +191,12 @@ class Oracle:
 
     # -- u^T H u --------------------------------------------------------------------------------
     def curvature(self, objective: Objective, params: Sequence[torch.Tensor], u: Sequence[torch.Tensor], *,
-                  grad_dot_u: float | None = None) -> float:
+                  grad_dot_u: float | None = None, norms: tuple[float, float] | None = None) -> float:
         """u^T H u of the objective at the current parameters (averaged over data-parallel ranks).
 
         ``grad_dot_u`` is g(w).u of the step's own (already averaged) gradient; ``fd-onesided``
-        needs it and reuses it instead of computing a second gradient.
+        needs it and reuses it instead of computing a second gradient. ``norms`` = (||w||, ||u||)
+        when the caller has them (they set the finite-difference step).
         """
         params, u = list(params), list(u)
 
@@ -192,9 +208,30 @@ class Oracle:
             if route == routes.JVP_GRAD:
                 hu = self._hvp_jvp_grad(objective, params, u)
                 return self.reducer.mean_scalars([vec.dot(hu, u)])[0]
-            return self._uhu_finite_differences(objective, params, u, route, grad_dot_u)
+            return self._uhu_finite_differences(objective, params, u, route, grad_dot_u, norms)
 
-        return float(self._run(objective, attempt))
+        resolving = self.resolved is None
+        value = float(self._run(objective, attempt))
+        if resolving and self.route == routes.AUTO and self._worth_finite_differences(params):
+            self._upgrade_to_finite_differences(objective, params, u, grad_dot_u, value, norms)
+        return value
+
+    def _worth_finite_differences(self, params: Sequence[torch.Tensor]) -> bool:
+        return (self.fd_above is not None and self.resolved is not None and self.resolved != routes.FD_ONESIDED
+                and sum(p.numel() for p in params) >= self.fd_above)
+
+    def _upgrade_to_finite_differences(self, objective: Objective, params: Vector, u: Vector,
+                                       grad_dot_u: float | None, exact: float,
+                                       norms: tuple[float, float] | None) -> None:
+        """On a large model, keep the one-extra-gradient route when it agrees with the exact value."""
+        try:
+            approximate = self._uhu_finite_differences(objective, params, u, routes.FD_ONESIDED, grad_dot_u,
+                                                       norms)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return
+        if math.isfinite(approximate) and abs(approximate - exact) <= self.fd_tolerance * abs(exact):
+            self.resolved = routes.FD_ONESIDED
+            self.verification = (exact, approximate)
 
     def _uhu_double_backward(self, objective: Objective, params: Vector, u: Vector) -> float:
         loss = objective.loss()
@@ -236,9 +273,10 @@ class Oracle:
         return [h.detach() / objective.scale for h in hv]
 
     def _uhu_finite_differences(self, objective: Objective, params: Vector, u: Vector, route: str,
-                                grad_dot_u: float | None) -> float:
+                                grad_dot_u: float | None, norms: tuple[float, float] | None = None) -> float:
         central = route == routes.FD_CENTRAL
-        h = finite_difference_step(vec.norm(params), vec.norm(u), self._eps(params), central=central)
+        param_norm, direction_norm = norms if norms is not None else (vec.norm(params), vec.norm(u))
+        h = finite_difference_step(param_norm, direction_norm, self._eps(params), central=central)
         if h == 0.0:
             return 0.0
         with shifted(params, u, h):

@@ -78,6 +78,8 @@ class _Step:
     eta_probe: float = 1.0
     saved: Vector | None = None
     output: LawOutput | None = None
+    norms: tuple[float, float] = (0.0, 0.0)  #: ||w||, ||D|| on instrumented steps
+    grad_sq: float = 0.0
 
 
 class CurvatureTuner:
@@ -91,7 +93,9 @@ class CurvatureTuner:
         probe_every: measure the law's statistics every ``probe_every`` steps and reuse the lr in
             between (Sophia-style amortisation).
         route: curvature route (:mod:`eos_core.routes`); ``"auto"`` picks double backward and falls
-            back to the math SDPA kernel, then to one-sided finite differences.
+            back to the math SDPA kernel, then to one-sided finite differences; on models with at least
+            ``fd_above`` parameters it keeps one-sided finite differences when they agree with double
+            backward to 1% on the first probe (``fd_above=None`` never switches).
         sharpness_every: every that many steps, track lambda_max (warm-started power iteration),
             ``lr * lambda_max`` and, for Adam/RMSprop/Adagrad, the preconditioned sharpness.
         lr_mode: ``"override"`` or ``"multiply"`` (see the module docstring).
@@ -105,6 +109,10 @@ class CurvatureTuner:
         power_iters, power_tol: power iteration settings for ``sharpness_every``.
         lanczos_steps: Lanczos steps for laws that need top-k eigenvalues, unless the law sets its own.
         process_group: the data-parallel group (default: the world, when torch.distributed is initialised).
+        reference_lr: ``lr_0(attach)`` of ``lr_mode="multiply"``, the first group's lr that means a schedule
+            factor of 1 (default: its lr when the tuner attaches). Pass the scheduler's base lr (the
+            group's ``"initial_lr"``) when the tuner attaches after a scheduler whose factor at step 0 is
+            not 1 (a warm-up starting at 0).
 
     After each step :attr:`diagnostics` holds ``lr``, ``route``, ``loss``, ``grad_norm``,
     ``update_norm`` (of u, the update for lr = 1), the law's measurements (``numerator``,
@@ -129,7 +137,9 @@ class CurvatureTuner:
         power_iters: int = 20,
         power_tol: float = 1e-3,
         lanczos_steps: int = 20,
+        fd_above: int | None = 10_000_000,
         process_group: Any | None = None,
+        reference_lr: float | None = None,
     ) -> None:
         owner = "CurvatureTuner"
         opt_info.check_supported(optimizer, linear_in_lr=linear_in_lr)
@@ -157,7 +167,9 @@ class CurvatureTuner:
         self.grad_scaler = grad_scaler
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reducer = Reducer(process_group)
-        self.oracle = Oracle(route, module=model, fd_eps=fd_eps, reducer=self.reducer)
+        if fd_above is not None:
+            check.positive_int(owner, "fd_above", fd_above)
+        self.oracle = Oracle(route, module=model, fd_eps=fd_eps, reducer=self.reducer, fd_above=fd_above)
         self._ops = vec.TorchOps()
         if law is not None:
             if law.decides:
@@ -172,7 +184,8 @@ class CurvatureTuner:
                                       hyperparams=opt_info.read_hyperparams(optimizer))
         else:
             self.law_state = None
-        self._reference_lr = float(optimizer.param_groups[0]["lr"])
+        self._reference_lr = float(optimizer.param_groups[0]["lr"] if reference_lr is None
+                                   else check.positive(owner, "reference_lr", reference_lr))
         self._step_count = 0
         self._objective_fn: Callable[[], Any] | None = None
         self._pending: _Step | None = None
@@ -228,6 +241,14 @@ class CurvatureTuner:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
+
+    def load_tuner_state(self, saved: dict[str, Any]) -> None:
+        """Restore only the tuner's part of a checkpoint (``optimizer_state_dict["eos_core"]``).
+
+        For trainers that load the optimizer's state before the tuner can attach (the Hugging Face
+        ``Trainer`` loads ``optimizer.pt`` before any callback sees the optimizer).
+        """
+        self._load_tuner_state(saved)
 
     def detach(self) -> None:
         """Remove the tuner from the optimizer (its hooks); the optimizer steps as before."""
@@ -286,14 +307,17 @@ class CurvatureTuner:
         if probe_fn is not None:
             pending.objective = Objective(probe_fn, params, rng_state=rng, module=self.model,
                                           loss_scale=self._loss_scale())
-        if isinstance(loss_tensor, torch.Tensor):
-            pending.loss = float(loss_tensor.detach())
-        elif isinstance(loss_tensor, int | float):
-            pending.loss = float(loss_tensor)
-
         if self.skip_nonfinite:
-            finite_loss = pending.loss is None or math.isfinite(pending.loss)
-            if not (finite_loss and vec.all_finite([p.grad for p in params])):
+            tensor = loss_tensor if isinstance(loss_tensor, torch.Tensor) and loss_tensor.numel() == 1 else None
+            pending.loss, finite = vec.loss_and_finite(tensor, [p.grad for p in params])
+        else:
+            finite = True
+            pending.loss = float(loss_tensor.detach()) if isinstance(loss_tensor, torch.Tensor) else None
+        if isinstance(loss_tensor, int | float):
+            pending.loss = float(loss_tensor)
+            finite = finite and math.isfinite(pending.loss)
+        if self.skip_nonfinite:
+            if not finite:
                 for p in params:
                     p.grad = None  # torch optimizers skip parameters without a gradient
                 pending.skipped = True
@@ -380,10 +404,13 @@ class CurvatureTuner:
             torch._foreach_sub_(params, delta)  # back to w (exact when w and w + D are within a factor 2)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         objective = pending.objective
-        grad_dot_delta = vec.dot(grads, delta)
+        grad_dot_delta, grad_sq, delta_sq, param_sq = vec.dots(
+            [(grads, delta), (grads, grads), (delta, delta), (params, params)])
+        pending.norms = (math.sqrt(max(param_sq, 0.0)), math.sqrt(max(delta_sq, 0.0)))
+        pending.grad_sq = grad_sq
         extra: dict[str, Any] = {
-            "grad_norm": math.sqrt(max(vec.squared_norm(grads), 0.0)),
-            "update_norm": vec.norm(delta) / eta_probe,
+            "grad_norm": math.sqrt(max(grad_sq, 0.0)),
+            "update_norm": pending.norms[1] / eta_probe,
         }
         output: LawOutput | None = None
         try:
@@ -445,10 +472,11 @@ class CurvatureTuner:
         if S.GRAD_DOT_UPDATE in needs:
             out[S.GRAD_DOT_UPDATE] = grad_dot_delta / eta_probe
         if S.GRAD_NORM_SQ in needs:
-            out[S.GRAD_NORM_SQ] = vec.squared_norm(grads)
+            out[S.GRAD_NORM_SQ] = pending.grad_sq
         if S.CURVATURE in needs:
             objective = self._require_objective(pending, "u^T H u")
-            curvature = self.oracle.curvature(objective, params, delta, grad_dot_u=grad_dot_delta)
+            curvature = self.oracle.curvature(objective, params, delta, grad_dot_u=grad_dot_delta,
+                                              norms=pending.norms)
             out[S.CURVATURE] = curvature / eta_probe**2
         if S.LOSS in needs:
             if pending.loss is not None:
@@ -461,8 +489,9 @@ class CurvatureTuner:
             if previous is None:
                 out[S.GRAD_PREV_UPDATE_COSINE] = 0.0
             else:
-                denominator = math.sqrt(vec.squared_norm(grads) * vec.squared_norm(previous))
-                out[S.GRAD_PREV_UPDATE_COSINE] = vec.dot(grads, previous) / denominator if denominator > 0 else 0.0
+                along, previous_sq = vec.dots([(grads, previous), (previous, previous)])
+                denominator = math.sqrt(pending.grad_sq * previous_sq)
+                out[S.GRAD_PREV_UPDATE_COSINE] = along / denominator if denominator > 0 else 0.0
         if S.TRIAL_LOSS in needs:
             objective = self._require_objective(pending, "trial losses")
 
@@ -506,6 +535,7 @@ class CurvatureTuner:
         with hessian:
             result = power_iteration(matvec, start, tol=tol, max_iters=max_iters, ops=self._ops)
         setattr(self, attribute, [v.detach() for v in result.eigenvector])
+        self._power_iterations = int(result.iterations)
         return float(result.eigenvalue)
 
     def _top_eigenvalues(self, objective: Objective, params: Vector, grads: Vector,
@@ -524,6 +554,7 @@ class CurvatureTuner:
         objective = self._require_objective(pending, "Hessian-vector products")
         out: dict[str, float] = {}
         out["sharpness"] = self._sharpness(objective, params, grads, None, self.power_iters, self.power_tol)
+        out["power_iterations"] = float(self._power_iterations)
         norm = vec.norm(delta)
         if norm > 0 and self._eigenvector is not None:
             out["alignment"] = abs(vec.dot(delta, self._eigenvector)) / (norm * vec.norm(self._eigenvector))

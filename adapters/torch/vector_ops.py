@@ -27,6 +27,39 @@ def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> float:
     return float(torch.stack([p.to(parts[0].device) for p in parts]).sum())
 
 
+def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> list[float]:
+    """Several inner products (float64 accumulation) with a single host synchronisation."""
+    totals = []
+    for x, y in pairs:
+        parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
+        totals.append(torch.stack([p.to(parts[0].device) for p in parts]).sum() if parts else None)
+    devices = [t.device for t in totals if t is not None]
+    if not devices:
+        return [0.0] * len(totals)
+    stacked = torch.stack([t.to(devices[0]) if t is not None else torch.zeros((), dtype=torch.float64,
+                                                                              device=devices[0]) for t in totals])
+    return [float(v) for v in stacked.tolist()]
+
+
+def loss_and_finite(loss: torch.Tensor | None, grads: Sequence[torch.Tensor | None]) -> tuple[float | None, bool]:
+    """The loss as a float and whether the loss and every gradient entry are finite: one synchronisation."""
+    tensors = [g for g in grads if g is not None]
+    flags = []
+    if tensors:
+        maxima = torch._foreach_norm(tensors, ord=float("inf"))  # NaN and Inf propagate through the max
+        flags.append(torch.stack([m.to(maxima[0].device) for m in maxima]).isfinite().all())
+    if loss is not None:
+        flags.append(loss.detach().isfinite().all())
+    if not flags:
+        return None, True
+    device = flags[0].device
+    values = [torch.stack([f.to(device) for f in flags]).all().to(torch.float64)]
+    if loss is not None:
+        values.append(loss.detach().reshape(-1)[0].to(device=device, dtype=torch.float64))
+    host = torch.stack(values).tolist()
+    return (host[1] if loss is not None else None), bool(host[0])
+
+
 def squared_norm(x: Sequence[torch.Tensor]) -> float:
     return dot(x, x)
 

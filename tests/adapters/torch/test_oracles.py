@@ -192,3 +192,36 @@ def test_jvp_jvp_never_returns_a_wrong_value_through_layer_norm(explicit_hessian
     # the route auto never takes forward-over-forward; jvp-grad is right here
     assert Oracle(routes.JVP_GRAD, module=model).curvature(objective, params, u) == pytest.approx(
         float(flat(u) @ h @ flat(u)), rel=1e-8)
+
+
+def _mlp_objective(activation, width=64, samples=256, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(20, width), activation(), torch.nn.Linear(width, width), activation(),
+                                torch.nn.Linear(width, 5))
+    x, y = torch.randn(samples, 20), torch.randint(0, 5, (samples,))
+    params = list(model.parameters())
+    objective = Objective(lambda: torch.nn.functional.cross_entropy(model(x), y), params)
+    grads = gradient(objective, params)
+    return objective, params, [-g for g in grads], vec.dot(grads, [-g for g in grads])
+
+
+def test_auto_keeps_verified_finite_differences_on_large_smooth_models():
+    objective, params, u, gu = _mlp_objective(torch.nn.GELU)
+    exact = Oracle(routes.DOUBLE_BACKWARD).curvature(objective, params, u)
+    oracle = Oracle(routes.AUTO, fd_above=1000)  # "large" for the test
+    assert oracle.curvature(objective, params, u, grad_dot_u=gu) == exact  # the first probe is exact
+    assert oracle.resolved == routes.FD_ONESIDED
+    exact_value, fd_value = oracle.verification
+    assert abs(fd_value - exact_value) <= 1e-2 * abs(exact_value)
+    assert oracle.curvature(objective, params, u, grad_dot_u=gu) == pytest.approx(exact, rel=1e-2)
+    small = Oracle(routes.AUTO)  # default threshold: this model is small, stays exact
+    small.curvature(objective, params, u, grad_dot_u=gu)
+    assert small.resolved == routes.DOUBLE_BACKWARD
+
+
+def test_auto_stays_exact_where_finite_differences_disagree():
+    objective, params, u, gu = _mlp_objective(torch.nn.ReLU, width=256, samples=1024)
+    oracle = Oracle(routes.AUTO, fd_above=1000)
+    oracle.curvature(objective, params, u, grad_dot_u=gu)
+    # ReLU kinks: finite differences see gradient jumps that autograd's Hessian does not
+    assert oracle.resolved == routes.DOUBLE_BACKWARD and oracle.verification is None
