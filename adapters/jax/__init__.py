@@ -1,0 +1,60 @@
+"""JAX / Optax adapter: a curvature-aware optax transformation around any optax optimizer.
+
+``tune(base, law)`` wraps a full optax optimizer built with learning rate 1 (``optax.sgd(1.0)``,
+``optax.adam(1.0)``, ...) whose update is the direction ``u`` of SPEC section 3, measures the
+statistics ``law.needs`` asks for (u^T H u by forward-over-forward differentiation, the paper's
+route, Hessian spectra by warm-started power iteration / Lanczos on pytrees, ...) and returns
+``lr * u`` with ``lr`` the law's decision. Everything is jittable and the state is a pytree.
+
+Importing this module needs ``jax`` and ``optax`` (``pip install 'eos-core[jax]'``).
+"""
+
+from eos_core._optional import require
+
+require("jax", extra="jax", feature="eos_core.adapters.jax")
+require("optax", extra="jax", feature="eos_core.adapters.jax")
+
+from eos_core.adapters.jax.numerics import jax_numerics  # noqa: E402
+from eos_core.adapters.jax.oracles import (  # noqa: E402
+    CURVATURE_AUTO_CHAIN,
+    HVP_AUTO_CHAIN,
+    curvature,
+    finite_difference_step,
+    hvp,
+    resolve_curvature_route,
+    resolve_hvp_route,
+)
+from eos_core.adapters.jax.preconditioner import (  # noqa: E402
+    AdamPreconditioner,
+    RmsPreconditioner,
+    find_preconditioner,
+)
+from eos_core.adapters.jax.spectral import (  # noqa: E402
+    hessian_operator,
+    top_eigenvalue,
+    top_eigenvalues,
+)
+from eos_core.adapters.jax.transform import Diagnostics, TuneState, diagnostics, tune  # noqa: E402
+from eos_core.adapters.jax.tree_ops import TreeOps  # noqa: E402
+
+__all__ = [
+    "CURVATURE_AUTO_CHAIN",
+    "HVP_AUTO_CHAIN",
+    "AdamPreconditioner",
+    "Diagnostics",
+    "RmsPreconditioner",
+    "TreeOps",
+    "TuneState",
+    "curvature",
+    "diagnostics",
+    "find_preconditioner",
+    "finite_difference_step",
+    "hessian_operator",
+    "hvp",
+    "jax_numerics",
+    "resolve_curvature_route",
+    "resolve_hvp_route",
+    "top_eigenvalue",
+    "top_eigenvalues",
+    "tune",
+]

@@ -1,0 +1,151 @@
+"""Vector arithmetic on pytrees of arrays, for the core's spectral estimators (the VectorOps protocol).
+
+A vector is any pytree of floating arrays shaped like the parameters. Scalars are 0-d arrays of
+``numerics.dtype``; inner products accumulate in at least float32 (bf16 / fp16 leaves are upcast), so
+curvature accumulates in fp32 under mixed precision. Every operation is a pure ``jax.numpy``
+function of its inputs: the estimators written against :class:`eos_core.spectral.VectorOps` trace
+under ``jax.jit`` and run under any sharding of the leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_core.adapters.jax.numerics import jax_numerics
+from eos_core.numerics import Numerics
+
+PyTree = Any
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """The dtype an inner product over leaves of ``dtype`` accumulates in (at least float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_dot(x: PyTree, y: PyTree, dtype: Any = None) -> jax.Array:
+    r""":math:`\sum_{\rm leaves} \langle x_i, y_i \rangle`, each leaf accumulated in at least float32."""
+    xs, ys = jax.tree.leaves(x), jax.tree.leaves(y)
+    if len(xs) != len(ys):
+        raise ValueError(f"tree_dot: trees with {len(xs)} and {len(ys)} leaves")
+    parts = []
+    for a, b in zip(xs, ys, strict=True):
+        acc = accumulation_dtype(jnp.result_type(a, b))
+        parts.append(jnp.vdot(jnp.ravel(a).astype(acc), jnp.ravel(b).astype(acc)))
+    out_dtype = dtype if dtype is not None else (jnp.result_type(*parts) if parts else jnp.float32)
+    if not parts:
+        return jnp.zeros((), out_dtype)
+    return sum(p.astype(out_dtype) for p in parts)
+
+
+def tree_norm(x: PyTree, dtype: Any = None) -> jax.Array:
+    """Euclidean norm of the concatenated leaves."""
+    return jnp.sqrt(tree_dot(x, x, dtype))
+
+
+def tree_scale(alpha: Any, x: PyTree) -> PyTree:
+    """``alpha * x`` with ``alpha`` cast to each leaf's dtype (leaves keep their dtype)."""
+    return jax.tree.map(lambda a: jnp.asarray(alpha).astype(a.dtype) * a, x)
+
+
+def tree_axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leaf by leaf, in the leaves' dtype."""
+    return jax.tree.map(lambda a, b: jnp.asarray(alpha).astype(b.dtype) * a.astype(b.dtype) + b, x, y)
+
+
+def tree_all_finite(x: PyTree) -> jax.Array:
+    """Whether every entry of every leaf is finite (a 0-d bool array; True for an empty tree)."""
+    flags = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(x)]
+    out = jnp.asarray(True)
+    for flag in flags:
+        out = out & flag
+    return out
+
+
+def tree_select(pred: Any, x: PyTree, y: PyTree) -> PyTree:
+    """``x`` where the scalar ``pred`` holds, else ``y`` (leafwise ``jnp.where``)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), x, y)
+
+
+def tree_random_normal(x: PyTree, seed: Any) -> PyTree:
+    """A standard normal pytree shaped like ``x``, a deterministic function of the integer ``seed``.
+
+    ``seed`` may be traced (Lanczos draws restart vectors from ``seed + step``).
+    """
+    key = jax.random.PRNGKey(jnp.asarray(seed, dtype=jnp.uint32))
+    leaves, treedef = jax.tree.flatten(x)
+    out = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(a), dtype=jnp.result_type(a))
+           for i, a in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def tree_size(x: PyTree) -> int:
+    """Number of scalar entries (a Python int)."""
+    return int(sum(np.prod(jnp.shape(a), dtype=np.int64) for a in jax.tree.leaves(x)))
+
+
+class TreeOps:
+    """:class:`eos_core.spectral.VectorOps` for pytrees of JAX arrays.
+
+    Scalars are 0-d arrays of ``numerics.dtype`` (float64 with ``jax_enable_x64``, else float32).
+    A Lanczos basis of ``m`` vectors is a pytree whose leaves carry a leading axis of size ``m``.
+    """
+
+    def __init__(self, numerics: Numerics | None = None) -> None:
+        self.numerics = numerics if numerics is not None else jax_numerics()
+
+    def dot(self, x: PyTree, y: PyTree) -> jax.Array:
+        return tree_dot(x, y, self.numerics.dtype)
+
+    def norm(self, x: PyTree) -> jax.Array:
+        return tree_norm(x, self.numerics.dtype)
+
+    def axpy(self, alpha: Any, x: PyTree, y: PyTree) -> PyTree:
+        return tree_axpy(alpha, x, y)
+
+    def scale(self, alpha: Any, x: PyTree) -> PyTree:
+        return tree_scale(alpha, x)
+
+    def multiply(self, x: PyTree, y: PyTree) -> PyTree:
+        return jax.tree.map(lambda a, b: (a * b).astype(jnp.result_type(b)), x, y)
+
+    def rsqrt(self, x: PyTree) -> PyTree:
+        return jax.tree.map(jax.lax.rsqrt, x)
+
+    def random_like(self, x: PyTree, seed: Any, *, rademacher: bool = False) -> PyTree:
+        sample = tree_random_normal(x, seed)
+        if rademacher:
+            return jax.tree.map(lambda a: jnp.where(a >= 0, 1.0, -1.0).astype(a.dtype), sample)
+        return sample
+
+    def select(self, pred: Any, x: PyTree, y: PyTree) -> PyTree:
+        return tree_select(pred, x, y)
+
+    def size(self, x: PyTree) -> int:
+        return tree_size(x)
+
+    def basis_zeros(self, x: PyTree, m: int) -> PyTree:
+        return jax.tree.map(lambda a: jnp.zeros((int(m), *jnp.shape(a)), dtype=jnp.result_type(a)), x)
+
+    def basis_set(self, basis: PyTree, j: Any, x: PyTree) -> PyTree:
+        return jax.tree.map(lambda b, a: b.at[j].set(a.astype(b.dtype)), basis, x)
+
+    def basis_coeffs(self, basis: PyTree, x: PyTree) -> jax.Array:
+        total = None
+        for b, a in zip(jax.tree.leaves(basis), jax.tree.leaves(x), strict=True):
+            acc = accumulation_dtype(jnp.result_type(b, a))
+            part = b.reshape(b.shape[0], -1).astype(acc) @ jnp.ravel(a).astype(acc)
+            part = part.astype(self.numerics.dtype)
+            total = part if total is None else total + part
+        return total
+
+    def basis_combine(self, basis: PyTree, coeffs: Any) -> PyTree:
+        def combine(b: jax.Array) -> jax.Array:
+            acc = accumulation_dtype(b.dtype)
+            c = jnp.asarray(coeffs).astype(acc)
+            return jnp.tensordot(c, b.astype(acc), axes=1).astype(b.dtype)
+
+        return jax.tree.map(combine, basis)

@@ -1,0 +1,338 @@
+"""Overhead of the JAX / Optax curvature tuner: time and memory of a tuned step vs a plain step.
+
+For an MLP, a small CNN and a GPT-2-like transformer written in plain JAX, this script times one
+jitted training step (value_and_grad + optimizer update + apply) of
+
+* the plain base optimizer (``optax.sgd(lr)`` or ``optax.adam(lr)``), and
+* ``tune(base(1.0), CDAT(scale=2.0), route=..., probe_every=...)`` for every curvature route and
+  ``probe_every`` in {1, 10},
+* plus sharpness tracking alone (``tune(base(1.0), Constant(lr), sharpness_every=100)``),
+
+in the same process, and reports the ratios next to the targets of SPEC section 9 (tuned / plain
+<= 2.1 probing every step, <= 1.12 every 10 steps, sharpness tracking every 100 steps <= 1.05,
+peak memory <= 1.3x). Times are medians over ``--repeats`` blocks of ``block`` consecutive steps
+(``block`` = 10, or 100 for sharpness tracking, so that a block holds the same mix of probe and hold
+steps as training), after warm-up, with ``block_until_ready``. Memory is XLA's compiled memory
+analysis of the step (arguments + outputs + temporaries - aliased), available on CPU and GPU; on a GPU
+the device's ``memory_stats()`` peak is printed too. CPU figures are for regressions only: absolute
+times count on a GPU (SPEC section 9).
+
+Examples::
+
+    python benchmarks/jax_overhead.py                      # small CPU sizes, a couple of minutes
+    python benchmarks/jax_overhead.py --models gpt --size gpt2-124m --base adam --json out.json  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eos_core import routes
+from eos_core.adapters.jax import tune
+from eos_core.laws import CDAT, Constant
+
+TIME_TARGET = {1: 2.1, 10: 1.12}
+SHARPNESS_TARGET = 1.05
+MEMORY_TARGET = 1.3
+ROUTES = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_CENTRAL, routes.FD_ONESIDED)
+
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "small": {
+        "mlp": {"sizes": (784, 256, 256, 10), "batch": 512},
+        "cnn": {"channels": (8, 16), "image": 16, "batch": 32, "classes": 10},
+        "gpt": {"layers": 2, "width": 128, "heads": 4, "context": 64, "vocab": 256, "batch": 8},
+    },
+    "gpu": {  # the models of the SPEC section 4 table
+        "mlp": {"sizes": (784, 1024, 1024, 10), "batch": 4096},
+        "cnn": {"channels": (64, 128, 256), "image": 32, "batch": 256, "classes": 10},
+        "gpt": {"layers": 12, "width": 768, "heads": 12, "context": 512, "vocab": 50257, "batch": 8},
+    },
+}
+SIZES["gpt2-124m"] = {**SIZES["small"], "gpt": SIZES["gpu"]["gpt"]}
+
+
+# -- models in plain JAX ------------------------------------------------------------------------------
+def mlp(key: jax.Array, sizes: tuple[int, ...], batch: int, dtype: Any) -> tuple[Any, Callable, tuple]:
+    keys = jax.random.split(key, len(sizes) + 1)
+    params = [{"w": jax.random.normal(k, (a, b), dtype) / math.sqrt(a), "b": jnp.zeros((b,), dtype)}
+              for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=False)]
+    x = jax.random.normal(keys[-1], (batch, sizes[0]), dtype)
+    y = jax.random.randint(keys[-2], (batch,), 0, sizes[-1])
+
+    def loss(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        h = x
+        for i, layer in enumerate(p):
+            h = h @ layer["w"] + layer["b"]
+            if i < len(p) - 1:
+                h = jax.nn.relu(h)
+        return cross_entropy(h, y)
+
+    return params, loss, (x, y)
+
+
+def cnn(key: jax.Array, channels: tuple[int, ...], image: int, batch: int, classes: int, dtype: Any
+        ) -> tuple[Any, Callable, tuple]:
+    keys = jax.random.split(key, len(channels) + 3)
+    params: dict[str, Any] = {"conv": []}
+    c_in = 3
+    for k, c_out in zip(keys, channels, strict=False):
+        params["conv"].append({"w": jax.random.normal(k, (3, 3, c_in, c_out), dtype) / math.sqrt(9 * c_in),
+                               "b": jnp.zeros((c_out,), dtype)})
+        c_in = c_out
+    params["head"] = {"w": jax.random.normal(keys[-3], (c_in, classes), dtype) / math.sqrt(c_in),
+                      "b": jnp.zeros((classes,), dtype)}
+    x = jax.random.normal(keys[-2], (batch, image, image, 3), dtype)
+    y = jax.random.randint(keys[-1], (batch,), 0, classes)
+
+    def loss(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        h = x
+        for layer in p["conv"]:
+            h = jax.lax.conv_general_dilated(h, layer["w"], (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            h = jax.nn.relu(h + layer["b"])
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        h = h.mean(axis=(1, 2))
+        return cross_entropy(h @ p["head"]["w"] + p["head"]["b"], y)
+
+    return params, loss, (x, y)
+
+
+def gpt(key: jax.Array, layers: int, width: int, heads: int, context: int, vocab: int, batch: int, dtype: Any
+        ) -> tuple[Any, Callable, tuple]:
+    """GPT-2-like decoder: learned positions, pre-LN blocks, causal softmax attention, 4x GELU MLP, tied head."""
+    keys = iter(jax.random.split(key, 4 * layers + 4))
+
+    def dense(n_in: int, n_out: int, scale: float = 0.02) -> dict[str, jax.Array]:
+        return {"w": scale * jax.random.normal(next(keys), (n_in, n_out), dtype), "b": jnp.zeros((n_out,), dtype)}
+
+    def norm() -> dict[str, jax.Array]:
+        return {"g": jnp.ones((width,), dtype), "b": jnp.zeros((width,), dtype)}
+
+    residual_scale = 0.02 / math.sqrt(2 * layers)
+    params = {
+        "wte": 0.02 * jax.random.normal(next(keys), (vocab, width), dtype),
+        "wpe": 0.01 * jax.random.normal(next(keys), (context, width), dtype),
+        "blocks": [{"ln1": norm(), "attn": dense(width, 3 * width), "proj": dense(width, width, residual_scale),
+                    "ln2": norm(), "fc": dense(width, 4 * width), "out": dense(4 * width, width, residual_scale)}
+                   for _ in range(layers)],
+        "ln_f": norm(),
+    }
+    tokens = jax.random.randint(next(keys), (batch, context + 1), 0, vocab)
+    mask = jnp.tril(jnp.ones((context, context), bool))
+
+    def layer_norm(p: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+        h32 = h.astype(jnp.float32)
+        mean = h32.mean(-1, keepdims=True)
+        var = ((h32 - mean) ** 2).mean(-1, keepdims=True)
+        return ((h32 - mean) * jax.lax.rsqrt(var + 1e-5)).astype(h.dtype) * p["g"] + p["b"]
+
+    def attention(p: dict[str, Any], h: jax.Array) -> jax.Array:
+        b, t, _ = h.shape
+        q, k, v = jnp.split(h @ p["attn"]["w"] + p["attn"]["b"], 3, axis=-1)
+        q, k, v = (z.reshape(b, t, heads, width // heads).transpose(0, 2, 1, 3) for z in (q, k, v))
+        logits = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) / math.sqrt(width // heads)
+        weights = jax.nn.softmax(jnp.where(mask[:t, :t], logits, -1e9), axis=-1).astype(h.dtype)
+        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, width)
+        return out @ p["proj"]["w"] + p["proj"]["b"]
+
+    def loss(p: Any, tokens: jax.Array) -> jax.Array:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        h = p["wte"][inputs] + p["wpe"][: inputs.shape[1]]
+        for block in p["blocks"]:
+            h = h + attention(block, layer_norm(block["ln1"], h))
+            m = jax.nn.gelu(layer_norm(block["ln2"], h) @ block["fc"]["w"] + block["fc"]["b"])
+            h = h + m @ block["out"]["w"] + block["out"]["b"]
+        logits = layer_norm(p["ln_f"], h) @ p["wte"].T
+        return cross_entropy(logits, targets)
+
+    return params, loss, (tokens,)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
+
+
+# -- measurement ------------------------------------------------------------------------------------
+def make_step(opt: optax.GradientTransformation, loss: Callable, tuned: bool) -> Callable:
+    def step(params: Any, state: Any, *batch: Any) -> tuple[Any, Any, jax.Array]:
+        def value_fn(p: Any) -> jax.Array:
+            return loss(p, *batch)
+
+        value, grads = jax.value_and_grad(value_fn)(params)
+        if tuned:
+            updates, state = opt.update(grads, state, params, value_fn=value_fn, value=value)
+        else:
+            updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def memory_bytes(compiled: Any) -> float:
+    """Arguments + outputs + temporaries - aliased (donated) bytes from XLA's memory analysis; NaN if unknown."""
+    try:
+        m = compiled.memory_analysis()
+        return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                     - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return math.nan
+
+
+class Runner:
+    """A compiled step with its own parameters and optimizer state; ``block()`` times ``steps`` consecutive steps."""
+
+    def __init__(self, opt: optax.GradientTransformation, loss: Callable, params: Any, batch: tuple, *,
+                 tuned: bool, steps: int) -> None:
+        step = make_step(opt, loss, tuned)
+        self.params = jax.tree.map(jnp.array, params)  # a private copy: the step donates its inputs
+        self.state = opt.init(self.params)
+        self.batch, self.steps = batch, steps
+        self.compiled = step.lower(self.params, self.state, *batch).compile()
+        self.memory = memory_bytes(self.compiled)
+        self.value = jnp.nan
+
+    def block(self) -> float:
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            self.params, self.state, self.value = self.compiled(self.params, self.state, *self.batch)
+        jax.block_until_ready((self.params, self.state, self.value))
+        return (time.perf_counter() - start) / self.steps
+
+
+def compare(tuned: Runner, plain: Runner, *, repeats: int, warmup_blocks: int) -> tuple[float, float]:
+    """Median seconds per step of the tuned and the plain runner, timed in alternating blocks (ABAB...) so
+    that both see the same machine load."""
+    for _ in range(warmup_blocks):
+        tuned.block()
+        plain.block()
+    tuned_times, plain_times = [], []
+    for _ in range(repeats):
+        tuned_times.append(tuned.block())
+        plain_times.append(plain.block())
+    return statistics.median(tuned_times), statistics.median(plain_times)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    dtype = jnp.dtype(args.dtype)
+    rows: list[dict[str, Any]] = []
+    sizes = SIZES[args.size]
+    for name in args.models:
+        params, loss, batch = BUILDERS[name](jax.random.PRNGKey(0), **sizes[name], dtype=dtype)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        base = {"sgd": optax.sgd, "adam": optax.adam}[args.base]
+        lr = args.lr if args.lr is not None else (1e-3 if args.base == "adam" else 0.05)
+        plain = Runner(base(lr), loss, params, batch, tuned=False, steps=10)
+        print(f"# {name}: {n_params / 1e6:.2f}M parameters, {args.dtype}, plain {args.base} step "
+              f"{plain.block() * 1e3:.2f} ms", file=sys.stderr)
+
+        def record(route: str, probe_every: int | str, tuned: Runner, reference: Runner, target: float,
+                   name: str = name, n_params: int = n_params) -> None:
+            tuned_s, plain_s = compare(tuned, reference, repeats=args.repeats, warmup_blocks=args.warmup_blocks)
+            ratio = tuned_s / plain_s
+            mem_ratio = tuned.memory / reference.memory
+            rows.append({"model": name, "params": n_params, "base": args.base, "dtype": args.dtype, "warn": args.warn,
+                         "route": route,
+                         "probe_every": probe_every, "tuned_ms": tuned_s * 1e3, "plain_ms": plain_s * 1e3,
+                         "time_ratio": ratio, "time_target": target, "memory_ratio": mem_ratio,
+                         "memory_target": MEMORY_TARGET, "tuned_memory_mb": tuned.memory / 2**20,
+                         "plain_memory_mb": reference.memory / 2**20, "time_ok": ratio <= target,
+                         "memory_ok": bool(mem_ratio <= MEMORY_TARGET), "final_loss": float(tuned.value),
+                         "skipped_steps": int(getattr(tuned.state, "skipped", 0))})
+            print(format_row(rows[-1]), file=sys.stderr)
+
+        for route in args.routes:
+            for probe_every in args.probe_every:
+                opt = tune(base(1.0), CDAT(scale=2.0, lr_max=lr * 10), route=route, probe_every=probe_every,
+                           warn=args.warn)
+                record(route, probe_every, Runner(opt, loss, params, batch, tuned=True, steps=10), plain,
+                       TIME_TARGET.get(probe_every, math.nan))
+        if args.sharpness:
+            plain_100 = Runner(base(lr), loss, params, batch, tuned=False, steps=100)
+            opt = tune(base(1.0), Constant(lr), sharpness_every=100, route=args.sharpness_route, warn=args.warn)
+            record(f"sharpness/100 {args.sharpness_route}", "-",
+                   Runner(opt, loss, params, batch, tuned=True, steps=100), plain_100,
+                   SHARPNESS_TARGET)
+    return rows
+
+
+HEADER = (f"{'model':6} {'params':>8} {'route':22} {'probe':>5} {'tuned ms':>9} {'plain ms':>9} {'time x':>7} "
+          f"{'target':>6} {'mem x':>6} {'target':>6}")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    flag = "" if r["time_ok"] and r["memory_ok"] else "  <-- above target"
+    if r.get("skipped_steps") or not math.isfinite(r.get("final_loss", 0.0)):
+        flag += "  (diverged: skipped steps, timing not representative)"
+    return (f"{r['model']:6} {r['params'] / 1e6:7.2f}M {r['route']:22} {r['probe_every']!s:>5} {r['tuned_ms']:9.2f} "
+            f"{r['plain_ms']:9.2f} {r['time_ratio']:7.2f} {r['time_target']:6.2f} {r['memory_ratio']:6.2f} "
+            f"{r['memory_target']:6.2f}{flag}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,cnn,gpt", type=lambda s: s.split(","),
+                        help="comma-separated subset of mlp,cnn,gpt")
+    parser.add_argument("--size", default="small", choices=sorted(SIZES),
+                        help="small (CPU, default), gpu (SPEC section 4 models), gpt2-124m (GPT-2 124M, others small)")
+    parser.add_argument("--base", default="sgd", choices=("sgd", "adam"))
+    parser.add_argument("--lr", type=float, default=None, help="plain optimizer's learning rate")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--routes", default=",".join(ROUTES), type=lambda s: s.split(","))
+    parser.add_argument("--probe-every", default="1,10", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per configuration")
+    parser.add_argument("--warmup-blocks", type=int, default=1)
+    parser.add_argument("--no-sharpness", dest="sharpness", action="store_false",
+                        help="skip the sharpness-tracking row (blocks of 100 steps)")
+    parser.add_argument("--sharpness-route", default=routes.AUTO, choices=routes.ALL,
+                        help="route of the Hessian-vector products of the sharpness-tracking row")
+    parser.add_argument("--no-warn", dest="warn", action="store_false",
+                        help="tune(..., warn=False): no in-jit warning callback (one conditional less per step)")
+    parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = set(args.models) - set(BUILDERS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}")
+    device = jax.devices()[0]
+    print(f"# jax {jax.__version__}, optax {optax.__version__}, device {device.device_kind} ({device.platform}), "
+          f"{platform.processor() or platform.machine()}", file=sys.stderr)
+    print(HEADER, file=sys.stderr)
+    rows = run(args)
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    peak = None
+    if device.platform == "gpu":
+        stats = device.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        if peak is not None:
+            print(f"# device peak memory over the whole run: {peak / 2**30:.2f} GiB")
+    if args.json:
+        payload = {"jax": jax.__version__, "optax": optax.__version__, "device": device.device_kind,
+                   "platform": device.platform, "size": args.size, "device_peak_bytes": peak,
+                   "targets": {"time_probe_every_1": TIME_TARGET[1], "time_probe_every_10": TIME_TARGET[10],
+                               "sharpness_every_100": SHARPNESS_TARGET, "memory": MEMORY_TARGET},
+                   "rows": rows}
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Data parallel under jit: 2 host devices with a batch-sharded input give the single-device learning rates.
+
+The tox env ``jax`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2``; run elsewhere (one device),
+the test re-runs itself in a subprocess with that flag.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from eos_core.adapters.jax import tune  # noqa: E402
+from eos_core.laws import CDAT  # noqa: E402
+
+FLAG = "--xla_force_host_platform_device_count=2"
+
+
+def _data(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 5)), dtype)
+    y = jnp.asarray(np.tanh(rng.standard_normal((64, 5)) @ rng.standard_normal((5, 2))), dtype)
+    params = {"w0": jnp.asarray(rng.standard_normal((5, 16)) / np.sqrt(5), dtype), "b0": jnp.zeros(16, dtype),
+              "w1": jnp.asarray(rng.standard_normal((16, 2)) / 4.0, dtype), "b1": jnp.zeros(2, dtype)}
+    return params, x, y
+
+
+def loss(p, x, y):
+    return 0.5 * jnp.mean(jnp.sum((jnp.tanh(x @ p["w0"] + p["b0"]) @ p["w1"] + p["b1"] - y) ** 2, axis=-1))
+
+
+def test_two_devices_give_the_single_device_lr(x64, models):
+    if jax.device_count() < 2:
+        if os.environ.get("EOS_SHARDING_CHILD"):
+            pytest.fail("the subprocess still sees one device")
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip(),
+               "EOS_SHARDING_CHILD": "1", "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 f"{__file__}::test_two_devices_give_the_single_device_lr"],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return
+    params, x, y = _data(jnp.float64)
+    opt = tune(optax.sgd(1.0), CDAT(scale=2.0), sharpness_every=2)
+    _, _, single = models.run(opt, loss, params, 8, value_fn_args=lambda t: (x, y))
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+    assert len(xs.addressable_shards) == 2 and xs.addressable_shards[0].data.shape == (32, 5)
+    state = jax.device_put(opt.init(params), replicated)
+    final, _, sharded = models.run(opt, loss, jax.device_put(params, replicated), 8, state=state,
+                                   value_fn_args=lambda t: (xs, ys))
+    assert len(jax.tree.leaves(final)[0].sharding.device_set) == 2
+    single_lr, sharded_lr = np.array([r["lr"] for r in single]), np.array([r["lr"] for r in sharded])
+    np.testing.assert_allclose(sharded_lr, single_lr, rtol=1e-6)
+    np.testing.assert_allclose([r["sharpness"] for r in sharded], [r["sharpness"] for r in single], rtol=1e-6)
+    assert len(set(single_lr)) == len(single_lr)  # the rates do change step to step

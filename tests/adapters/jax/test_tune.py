@@ -1,0 +1,302 @@
+"""``tune``: the on-edge property, probing every k steps, jit, resume, bad input, settings, diagnostics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+from eos_core import routes  # noqa: E402
+from eos_core.adapters.jax import TuneState, diagnostics, tune  # noqa: E402
+from eos_core.laws import CDAT, DCAO, Constant, ExactSharpness  # noqa: E402
+
+
+def quadratic(dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    a = jnp.asarray((q * np.geomspace(0.1, 10.0, dim)) @ q.T)
+    target = jnp.asarray(rng.standard_normal(dim))
+
+    def loss(p):
+        w = jnp.concatenate([p["x"], p["y"]]) - target
+        return 0.5 * w @ a @ w + 1.0
+
+    params = {"x": jnp.asarray(rng.standard_normal(dim // 2)), "y": jnp.asarray(rng.standard_normal(dim - dim // 2))}
+    return params, loss, a
+
+
+@pytest.mark.parametrize("route", routes.ALL)
+def test_cdat_scale_2_keeps_a_quadratic_on_the_edge(x64, models, route):
+    params, loss, a = quadratic()
+    _, _, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), route=route), loss, params, 12)
+    losses = [r["loss"] for r in records]
+    # exact routes and central differences (exact on a quadratic up to rounding eps/h, h ~ eps^(1/3)) to 1e-9;
+    # one-sided differences carry the rounding error eps/h ~ eps^(1/2) = 1.5e-8 of their step
+    tol = 1e-7 if route == routes.FD_ONESIDED else 1e-9
+    for before, after in zip(losses, losses[1:], strict=False):
+        assert abs(after - before) <= tol * abs(before)
+    # and the rate is the one of eq. 8 with u = -g: 2 |g|^2 / g^T A g
+    g = jax.grad(loss)(records[3]["params"])
+    g = ravel_pytree(g)[0]
+    assert records[3]["lr"] == pytest.approx(float(2 * g @ g / (g @ a @ g)), rel=tol)
+    expected_route = {routes.AUTO: routes.JVP_JVP}.get(route, route)
+    assert records[-1]["route"] == expected_route
+
+
+def test_cdat_scale_1_is_the_exact_line_minimiser(x64, models):
+    params, loss, _ = quadratic()
+    _, _, records = models.run(tune(optax.sgd(1.0), CDAT(scale=1.0)), loss, params, 8)
+    for r in records:
+        u, lr, start = r["updates"], r["lr"], r["params"]
+        direction = jax.tree.map(lambda x, lr=lr: x / lr, u)
+
+        def along(eta, start=start, direction=direction):
+            return float(loss(jax.tree.map(lambda w, d: w + eta * d, start, direction)))
+
+        best = along(lr)
+        assert best < along(lr * 0.999) and best < along(lr * 1.001)
+        # first-order condition: the new gradient is orthogonal to the step
+        new_grad = ravel_pytree(jax.grad(loss)(jax.tree.map(jnp.add, start, u)))[0]
+        flat = ravel_pytree(direction)[0]
+        assert abs(float(new_grad @ flat)) <= 1e-9 * float(flat @ flat)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_probe_every_k_probes_at_multiples_of_k_and_holds_in_between(x64, models):
+    params, loss = models.mlp()
+    k = 3
+    _, state, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), probe_every=k), loss, params, 10)
+    for t, r in enumerate(records):
+        assert r["probed"] == (1.0 if t % k == 0 else 0.0)
+        if t % k == 0:  # the rate of eq. 8 at this step, from the explicit Hessian
+            w, _, _, g, h = models.explicit(loss, r["params"])
+            g = np.asarray(g)
+            assert r["lr"] == pytest.approx(2 * (g @ g) / (g @ np.asarray(h) @ g), rel=1e-9)
+        else:
+            assert r["lr"] == records[t - t % k]["lr"]
+            assert math.isnan(r["numerator"])
+    assert len({r["lr"] for r in records}) == 4
+    assert int(state.count) == 10
+
+
+def test_jit_and_eager_give_the_same_trajectory(x64, models):
+    params, loss = models.mlp()
+    opt = tune(optax.sgd(1.0, momentum=0.5), CDAT(scale=2.0, ema=0.5), probe_every=2, sharpness_every=2)
+    # two steps: the first probes and measures the sharpness, the second takes the other branch of both conds
+    p_jit, _, r_jit = models.run(opt, loss, params, 2, jit=True)
+    p_eager, _, r_eager = models.run(opt, loss, params, 2, jit=False)
+    assert [r["probed"] for r in r_eager] == [1.0, 0.0]
+    np.testing.assert_allclose(ravel_pytree(p_jit)[0], ravel_pytree(p_eager)[0], rtol=1e-12)
+    np.testing.assert_allclose([r["lr"] for r in r_jit], [r["lr"] for r in r_eager], rtol=1e-12)
+    np.testing.assert_allclose([r["sharpness"] for r in r_jit], [r["sharpness"] for r in r_eager], rtol=1e-10)
+
+
+def test_resume_from_a_numpy_checkpoint_is_bit_identical(x64, models):
+    params, loss = models.mlp()
+    opt = tune(optax.adam(1.0), CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
+    full_params, full_state, _ = models.run(opt, loss, params, 7)
+    mid_params, mid_state, _ = models.run(opt, loss, params, 4)
+    saved = jax.tree.map(np.asarray, (mid_params, mid_state))  # what a checkpoint holds
+    restored_params, restored_state = jax.tree.map(jnp.asarray, saved)
+    assert isinstance(restored_state, TuneState)
+    resumed_params, resumed_state, _ = models.run(opt, loss, restored_params, 3, state=restored_state)
+    for a, b in zip(jax.tree.leaves((full_params, full_state)), jax.tree.leaves((resumed_params, resumed_state)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("make_base", [lambda: optax.sgd(1.0, momentum=0.9), lambda: optax.adam(1.0)])
+def test_non_finite_loss_or_gradient_skips_the_step(x64, models, make_base):
+    params, clean_loss = models.mlp()
+
+    def loss(p, poison):
+        return clean_loss(p) * jnp.where(poison, jnp.nan, 1.0)
+
+    law = CDAT(scale=2.0) if make_base().init is optax.sgd(1.0).init else CDAT(scale=1.0, lr_max=0.1)
+    opt = tune(make_base(), law, sharpness_every=2)
+    bad_step = 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final, state, records = models.run(opt, loss, params, 8, value_fn_args=lambda t: (jnp.asarray(t == bad_step),))
+        jax.effects_barrier()
+    bad = records[bad_step]
+    assert math.isnan(bad["loss"])
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(bad["updates"]))
+    np.testing.assert_array_equal(ravel_pytree(records[bad_step + 1]["params"])[0], ravel_pytree(bad["params"])[0])
+    assert bad["skipped"] == 1.0 and bad["skipped_steps"] == 1
+    assert bad["step"] == records[bad_step - 1]["step"]  # the step count did not advance
+    assert records[bad_step + 1]["skipped"] == 0.0
+    assert int(state.skipped) == 1 and int(state.count) == 7
+    assert any("skipped" in str(w.message) for w in caught)
+    assert all(np.isfinite(ravel_pytree(final)[0]))
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_skipped_step_leaves_the_base_and_law_state_unchanged(x64, models):
+    params, clean_loss = models.mlp()
+    opt = tune(optax.adam(1.0), CDAT(scale=1.0, ema=0.5, lr_max=0.1))
+    state = opt.init(params)
+    value_fn = clean_loss
+    grads = jax.grad(value_fn)(params)
+    _, state = opt.update(grads, state, params, value_fn=value_fn)
+    nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.inf), grads)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        updates, after = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=value_fn))(nan_grads, state, params)
+        jax.effects_barrier()
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves((state.base_state, state.law_state, state.count)),
+                    jax.tree.leaves((after.base_state, after.law_state, after.count)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(after.skipped) == 1
+
+
+@jax.custom_jvp
+def _square_with_nan_curvature(x, poison):
+    return 0.5 * x**2
+
+
+@_square_with_nan_curvature.defjvp
+def _square_jvp(primals, tangents):
+    x, poison = primals
+    dx, _ = tangents
+    # first derivative x (exact); its own derivative is NaN where poison is set (sqrt'(0) * 0)
+    return 0.5 * x**2, (x + jnp.where(poison, jnp.sqrt(x - x), 0.0)) * dx
+
+
+def test_non_finite_curvature_keeps_the_last_good_lr(x64, models):
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    scales = jnp.asarray([1.0, 2.0, 3.0])
+
+    def loss(p, poison):
+        return jnp.sum(scales * _square_with_nan_curvature(p["w"], poison))
+
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.5), route=routes.JVP_JVP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, records = models.run(opt, loss, params, 5, value_fn_args=lambda t: (jnp.asarray(t == 2),))
+        jax.effects_barrier()
+    assert records[2]["fallback"] == 1.0 and records[1]["fallback"] == 0.0
+    assert records[2]["lr"] == records[1]["lr"]  # the last good rate ...
+    np.testing.assert_allclose(jax.tree.leaves(records[2]["updates"])[0],
+                               -records[1]["lr"] * jax.grad(loss)(records[2]["params"], False)["w"], rtol=1e-12)
+    assert records[3]["fallback"] == 0.0 and records[3]["lr"] != records[2]["lr"]  # ... then measuring again
+    assert any("last learning rate" in str(w.message) for w in caught)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_skips_between_probes_are_reported_at_the_next_probe(x64, models):
+    params, clean_loss = models.regression()
+
+    def loss(p, poison):
+        return clean_loss(p) * jnp.where(poison, jnp.nan, 1.0)
+
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state, records = models.run(opt, loss, params, 6, value_fn_args=lambda t: (jnp.asarray(t in (1, 2)),))
+        jax.effects_barrier()
+    # calls 1 and 2 (holds) are skipped: the count stays at 1 and the next probe is call 5 (count 3), which reports
+    # both skips in one warning; a skipped step's diagnostics repeat the previous step's, with skipped = 1
+    assert [r["skipped"] for r in records] == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [r["probed"] for r in records] == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert int(state.skipped) == 2 and int(state.reported_skips) == 2 and int(state.count) == 4
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("eos_core tune: 2 step(s)")
+    quiet = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3, warn=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state, _ = models.run(quiet, loss, params, 6, value_fn_args=lambda t: (jnp.asarray(t in (1, 2)),))
+        jax.effects_barrier()
+    assert int(state.skipped) == 2 and not [w for w in caught if "eos_core" in str(w.message)]
+
+
+def test_invalid_settings_raise_naming_the_setting():
+    with pytest.raises(ValueError, match="probe_every"):
+        tune(optax.sgd(1.0), CDAT(), probe_every=0)
+    with pytest.raises(ValueError, match="probe_every"):
+        tune(optax.sgd(1.0), CDAT(), probe_every=1.5)
+    with pytest.raises(ValueError, match="route"):
+        tune(optax.sgd(1.0), CDAT(), route="newton")
+    with pytest.raises(ValueError, match="base"):
+        tune(lambda g: g, CDAT())
+    with pytest.raises(ValueError, match="law"):
+        tune(optax.sgd(1.0), "cdat")
+    with pytest.raises(ValueError, match="sharpness_every"):
+        tune(optax.sgd(1.0), CDAT(), sharpness_every=0)
+    with pytest.raises(ValueError, match="sharpness_iters"):
+        tune(optax.sgd(1.0), CDAT(), sharpness_iters=0)
+    with pytest.raises(ValueError, match="lr"):  # a multiplicative law needs lr_init: the base's rate is 1
+        tune(optax.sgd(1.0), DCAO())
+    with pytest.raises(ValueError, match="preconditioned"):  # SGD has no preconditioner
+        tune(optax.sgd(1.0), ExactSharpness(preconditioned=True))
+    with pytest.raises(ValueError, match="scale"):  # the law's own validation
+        tune(optax.sgd(1.0), CDAT(scale=-1.0))
+
+
+def test_update_needs_value_fn_and_params_when_the_law_does(x64, models):
+    params, loss = models.mlp()
+    opt = tune(optax.sgd(1.0), CDAT())
+    state = opt.init(params)
+    grads = jax.grad(loss)(params)
+    with pytest.raises(ValueError, match="value_fn"):
+        opt.update(grads, state, params)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(grads, state, value_fn=loss)
+    constant = tune(optax.sgd(1.0), Constant(0.1))  # no statistics: no value_fn needed
+    updates, _ = constant.update(grads, constant.init(params), params)
+    np.testing.assert_allclose(ravel_pytree(updates)[0], -0.1 * ravel_pytree(grads)[0], rtol=1e-12)
+
+
+def test_diagnostics_report_the_edge_quantities(x64, models):
+    params, loss = models.mlp()
+    _, state, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), sharpness_every=2), loss, params, 4)
+    d = diagnostics(state)
+    for key in ("lr", "numerator", "denominator", "route", "hvp_route", "sharpness", "lr_sharpness",
+                "preconditioned_sharpness", "loss", "grad_norm", "update_norm", "skipped_steps", "step"):
+        assert key in d
+    assert d["route"] == routes.JVP_JVP and d["hvp_route"] == routes.JVP_GRAD
+    assert d["step"] == 4 and d["skipped_steps"] == 0
+    assert math.isnan(d["sharpness"]) and not math.isnan(records[2]["sharpness"])  # measured at steps 0 and 2
+    assert math.isnan(records[2]["preconditioned_sharpness"])  # SGD has no preconditioner
+    r = records[2]
+    w, _, _, g, h = models.explicit(loss, r["params"])
+    eig = np.linalg.eigvalsh(np.asarray(h))
+    assert r["sharpness"] == pytest.approx(eig[-1], rel=5e-3)
+    assert r["lr_sharpness"] == pytest.approx(r["lr"] * r["sharpness"], rel=1e-12)
+    assert r["numerator"] == pytest.approx(float(g @ g), rel=1e-10)
+    assert r["lr"] == pytest.approx(2 * r["numerator"] / r["denominator"], rel=1e-12)
+    assert r["loss"] == pytest.approx(float(loss(r["params"])), rel=1e-12)  # free with jvp-jvp
+    assert r["grad_norm"] == pytest.approx(float(np.linalg.norm(g)), rel=1e-10)
+
+
+def test_auto_route_of_a_custom_vjp_model_is_reported(x64, models):
+    @jax.custom_vjp
+    def act(x):
+        return jnp.tanh(x)
+
+    # the usual custom_vjp pattern: fwd calls the function itself, so no forward mode at all
+    act.defvjp(lambda x: (act(x), x), lambda x, c: (c * (1 - jnp.tanh(x) ** 2),))
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.standard_normal((16, 3))), jnp.asarray(rng.standard_normal(16))
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4))), "v": jnp.asarray(rng.standard_normal(4))}
+
+    def loss(p):
+        return jnp.mean((act(x @ p["w"]) @ p["v"] - y) ** 2)
+
+    def reference(p):
+        return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+
+    _, _, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), sharpness_every=1), loss, params, 3)
+    _, _, expected = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), sharpness_every=1), reference, params, 3)
+    assert records[-1]["route"] == routes.DOUBLE_BACKWARD and records[-1]["hvp_route"] == routes.DOUBLE_BACKWARD
+    assert expected[-1]["route"] == routes.JVP_JVP
+    np.testing.assert_allclose([r["lr"] for r in records], [r["lr"] for r in expected], rtol=1e-10)
+    np.testing.assert_allclose([r["sharpness"] for r in records], [r["sharpness"] for r in expected], rtol=1e-8)
