@@ -1,0 +1,385 @@
+"""Hugging Face ``Trainer`` callback: a curvature-aware tuner on the Trainer's optimizer, with no Trainer subclass.
+
+>>> trainer = Trainer(model, args, train_dataset=data,
+...                   callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])  # doctest: +SKIP
+
+Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trainer_callback.py`` and
+``accelerate`` 1.15):
+
+* **Where the tuner attaches.** In ``on_train_begin``, to the torch optimizer inside accelerate's
+  ``AcceleratedOptimizer`` (``Trainer.optimizer.optimizer``): the Trainer creates the optimizer and the
+  scheduler in ``_prepare_for_training``, which runs before ``on_train_begin`` (callbacks never see the
+  optimizer earlier). ``optimizer.step()`` of the Trainer reaches the inner optimizer, whose step hooks
+  run the tuner; the Trainer calls it once per optimizer step, after the last micro-batch and after
+  gradient clipping (``max_grad_norm``), so the tuner sees the clipped, accumulated gradient.
+* **How the batch and model are obtained.** The callback gets the model as the ``model`` argument of the
+  events (the unwrapped model, not the DDP wrapper). It registers a forward pre-hook with kwargs on it
+  (``register_forward_pre_hook(..., with_kwargs=True)``) and records, between ``on_step_begin`` (fired
+  before the first micro-batch of a step) and ``on_pre_optimizer_step``, the inputs of every training
+  forward call (``module.training`` and grad enabled; evaluation and the probes themselves are not
+  recorded), together with the random state at that moment. In ``on_pre_optimizer_step`` it hands the
+  tuner (``tuner.set_objective``) the loss on those inputs: the model is called again on each recorded
+  micro-batch with the same random state (same dropout masks) and its ``outputs.loss`` is taken, as
+  ``Trainer.compute_loss`` does. Probes call the unwrapped model, so DDP never starts a gradient
+  reduction for them, and accelerate's mixed-precision forward wrapper (autocast) applies as in training.
+* **Gradient accumulation** (``gradient_accumulation_steps = k``). The probe evaluates the function whose
+  gradient the Trainer accumulated: when the Trainer passed ``num_items_in_batch`` to the model (models
+  that accept loss kwargs: each micro-batch's loss is already normalised by the token count of the whole
+  step), the sum of the micro-batch losses (times the world size under ``average_tokens_across_devices``,
+  as ``compute_loss`` does); otherwise their mean (the Trainer divides each loss by the number of
+  micro-batches of the step, ``current_gradient_accumulation_steps``).
+* **Curvature route.** ``route="auto"``: double backward; a model using the flash / memory-efficient SDPA
+  kernels (which cannot be differentiated twice) is retried with the math SDPA kernel, then one-sided
+  finite differences; bf16 parameters are handled by the same chain. The route in use is
+  ``callback.tuner.route`` and is logged once as text (``eos/route``).
+* **Scheduler.** The Trainer steps its scheduler after every optimizer step; the tuner restores the
+  groups' lr after its own step, so the scheduler runs unchanged. ``lr_mode="override"`` (default): the
+  law's lr is applied and the scheduler is ignored (it only sets per-group ratios); the Trainer's own
+  ``learning_rate`` log still shows the scheduler's value, the applied lr is ``eos/lr``.
+  ``lr_mode="multiply"``: the law's lr times the schedule's factor ``lr(t) / base lr`` (the base lr is
+  the group's ``initial_lr``, so a warm-up that starts at 0 starts the tuned lr at 0 too).
+* **Logs.** ``Trainer.log`` appends a copy of the logs to ``state.log_history`` and then calls
+  ``on_log`` on the callbacks in list order; ``Trainer.__init__`` puts the reporting integrations
+  (``report_to``: TensorBoard, W&B, ...) before the callbacks passed in ``callbacks=``. So in
+  ``on_init_end`` and ``on_train_begin`` this callback moves itself right after ``DefaultFlowCallback``
+  in the Trainer's callback list (found as the ``CallbackHandler`` that is calling it), and in
+  ``on_log`` it adds the last step's diagnostics as ``"eos/<name>"`` to the training logs (the ones with
+  ``learning_rate``) and to the entry ``Trainer.log`` just appended to ``state.log_history``: every
+  reporting callback, the progress bar and ``trainer_state.json`` get them. Values not measured on that
+  step (NaN) are left out.
+* **Checkpoints.** ``Trainer._save_checkpoint`` saves ``optimizer.state_dict()`` to ``optimizer.pt``,
+  which carries the tuner's state under ``"eos_core"``. But ``_prepare_for_training`` loads
+  ``optimizer.pt`` *before* ``on_train_begin`` (and torch's ``load_state_dict`` drops the unknown key),
+  so on resume (``state.global_step > 0`` at ``on_train_begin``) the callback reads the tuner's state
+  from the checkpoint itself: from ``args.resume_from_checkpoint`` when set, else from
+  ``<output_dir>/checkpoint-<global_step>`` (where ``resume_from_checkpoint=True`` resumes from). A file
+  is used only if its optimizer state equals the state the Trainer just loaded; if none is found the
+  callback warns and the tuner starts afresh.
+* **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
+  untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr.
+"""
+
+from __future__ import annotations
+
+from eos_core._optional import require
+
+require("transformers", extra="transformers", feature="eos_core.integrations.transformers")
+
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import os  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
+
+from eos_core import stats as S  # noqa: E402
+from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
+from eos_core.integrations._common import (  # noqa: E402
+    STATE_KEY,
+    TunerSettings,
+    capture_rng,
+    loggable,
+    replay_rng,
+    sum_losses,
+    unwrap_optimizer,
+)
+from eos_core.laws.base import Law  # noqa: E402
+
+__all__ = ["EdgeOfStabilityCallback"]
+
+_OWNER = "EdgeOfStabilityCallback"
+_OPTIMIZER_FILE = "optimizer.pt"
+LossFunction = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+_Batch = tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]
+#: statistics the tuner measures from the step's own gradient and update, without evaluating the loss
+_GRADIENT_ONLY = frozenset({S.GRAD_DOT_UPDATE, S.GRAD_NORM_SQ, S.GRAD_PREV_UPDATE_COSINE})
+
+
+class EdgeOfStabilityCallback(TrainerCallback):
+    """Tune the learning rate of a ``transformers.Trainer`` with an eos_core law and log the curvature.
+
+    Args:
+        law: the tuning law (e.g. ``CDAT(scale=2.0, ema=0.9)``), or None to leave the lr alone and only
+            measure (with ``sharpness_every``).
+        probe_every: measure the law's statistics every that many optimizer steps (reuse the lr between).
+        sharpness_every: every that many steps, log ``sharpness`` (lambda_max), ``lr_sharpness`` and, for
+            Adam-like optimizers, ``preconditioned_sharpness``.
+        route: curvature route (``"auto"``: see the module docstring).
+        lr_mode: ``"override"`` or ``"multiply"`` (how the law's lr combines with the Trainer's scheduler).
+        log_prefix: prefix of the logged names (``"eos/"``).
+        loss_fn: ``loss_fn(model, inputs) -> loss`` for the probes, for one micro-batch's ``inputs`` (the
+            keyword arguments the Trainer passed to the model), normalised as the Trainer's loss is before
+            accumulation; default: ``model(**inputs)``'s ``loss``.
+        **tuner_options: more :class:`~eos_core.adapters.torch.CurvatureTuner` settings (``power_iters``,
+            ``fd_eps``, ``skip_nonfinite``, ...).
+
+    Attributes:
+        tuner: the :class:`CurvatureTuner` (None before training starts). It stays attached after
+            ``train()`` until the next ``train()`` replaces it.
+        probing: True while a probe evaluates the model (a forward hook of yours can skip side effects).
+    """
+
+    def __init__(
+        self,
+        law: Law | None,
+        *,
+        probe_every: int = 1,
+        sharpness_every: int | None = None,
+        route: str = "auto",
+        lr_mode: str = "override",
+        log_prefix: str = "eos/",
+        loss_fn: LossFunction | None = None,
+        **tuner_options: Any,
+    ) -> None:
+        self.settings = TunerSettings(_OWNER, law, probe_every=probe_every, sharpness_every=sharpness_every,
+                                      route=route, lr_mode=lr_mode, options=tuner_options)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"{_OWNER}: loss_fn must be callable(model, inputs), got {loss_fn!r}")
+        self.law = law
+        self.log_prefix = str(log_prefix)
+        self.loss_fn = loss_fn
+        self.tuner: CurvatureTuner | None = None
+        self.probing = False
+        self._model: torch.nn.Module | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._recording = False
+        self._batches: list[_Batch] = []
+        self._devices: list[torch.Tensor] = []
+        self._last: dict[str, Any] = {}
+        self._logged_route: str | None = None
+        self._placement_warned = False
+
+    # ---------------------------------------------------------------------------------------------
+    # attach / detach
+    # ---------------------------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        _check_arguments(args)
+        self._place_before_reporters()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        _check_arguments(args)
+        self._place_before_reporters()
+        if model is None or optimizer is None:
+            raise ValueError(f"{_OWNER}: the Trainer passed no model or optimizer to on_train_begin")
+        self._release()
+        if self.tuner is not None:  # from a previous train() call
+            self.tuner.detach()
+            self.tuner = None
+        inner = unwrap_optimizer(optimizer)
+        self.tuner = self.settings.make_tuner(
+            inner, model=model, grad_scaler=getattr(optimizer, "scaler", None),
+            hint="Use a supported optimizer (TrainingArguments(optim='adamw_torch' or 'sgd'), or optimizers=(...)) "
+                 "and do not attach a CurvatureTuner to the Trainer's optimizer yourself (one callback per Trainer).")
+        self._model = model
+        self._devices = list({p.device: p for p in model.parameters()}.values())
+        self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        self._last, self._logged_route = {}, None
+        if state.global_step > 0:
+            self._resume(args, state, inner)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        # The tuner stays attached (a checkpoint saved after train() keeps its state); the hook goes.
+        self._release()
+
+    def _release(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._batches, self._recording = [], False
+
+    def _place_before_reporters(self) -> None:
+        """Move this callback right after ``DefaultFlowCallback`` in the Trainer's callback list.
+
+        The reporting integrations (``report_to``) come first in that list, and ``on_log`` reaches the
+        callbacks in list order: to add its values to the logs they write, this callback must come before
+        them. The list is the ``callbacks`` attribute of the ``CallbackHandler`` now calling this callback
+        (found on the call stack). Moving an element from a later to an earlier position while the
+        handler iterates over the list does not make it skip or repeat any other callback.
+        """
+        handler = _calling_handler(self)
+        if handler is None:
+            if not self._placement_warned:
+                warnings.warn(f"{_OWNER}: could not find the Trainer's callback list; the diagnostics reach "
+                              "trainer.state.log_history and the callbacks after this one, but not reporting "
+                              "callbacks (TensorBoard, ...) that come before it", RuntimeWarning, stacklevel=3)
+                self._placement_warned = True
+            return
+        callbacks = handler.callbacks
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        target = flow[-1] + 1 if flow else 0
+        current = next(i for i, cb in enumerate(callbacks) if cb is self)
+        if current > target:
+            callbacks.insert(target, callbacks.pop(current))
+
+    def _resume(self, args: TrainingArguments, state: TrainerState, optimizer: torch.optim.Optimizer) -> None:
+        assert self.tuner is not None
+        folders = []
+        if isinstance(args.resume_from_checkpoint, str):
+            folders.append(args.resume_from_checkpoint)
+        folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        for folder in folders:
+            path = os.path.join(folder, _OPTIMIZER_FILE)
+            if not os.path.isfile(path):
+                continue
+            saved = _load(path)
+            if STATE_KEY in saved and _same_optimizer_state(saved, optimizer):
+                self.tuner.load_tuner_state(saved[STATE_KEY])
+                return
+        warnings.warn(
+            f"{_OWNER}: training resumes at step {state.global_step}, but no checkpoint matching the optimizer "
+            f"state the Trainer loaded was found in {', '.join(folders)} ({_OPTIMIZER_FILE} with the tuner's state "
+            "under 'eos_core'); the tuner starts afresh. Set TrainingArguments(resume_from_checkpoint=<folder>) "
+            "to the folder you resume from.", RuntimeWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------------------------------------
+    # the step
+    # ---------------------------------------------------------------------------------------------
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        self._batches, self._recording = [], True
+
+    def _record(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._recording and not self.probing and module.training and torch.is_grad_enabled():
+            self._batches.append((args, dict(kwargs), capture_rng(self._devices)))
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> None:
+        self._recording = False
+        if self.tuner is None:
+            return
+        if self._batches:
+            self.tuner.set_objective(functools.partial(self._objective, tuple(self._batches), args))
+        elif self.settings.needs - _GRADIENT_ONLY or self.settings.kwargs["sharpness_every"] is not None:
+            raise RuntimeError(
+                f"{_OWNER}: no training forward call of the model was seen in this step, so the curvature probe "
+                "has no batch to evaluate. The callback records the inputs of the model the Trainer passes to "
+                "callbacks (a forward pre-hook); a compiled model (torch_compile=True) or a Trainer subclass that "
+                "calls another module bypasses it."
+            )
+
+    def _objective(self, batches: tuple[_Batch, ...], args: TrainingArguments) -> torch.Tensor:
+        model = self._model
+        assert model is not None
+        losses = []
+        with self._probing():
+            for positional, inputs, rng in batches:
+                replay_rng(rng)
+                losses.append(self._loss(model, positional, inputs))
+        total = sum_losses(losses)
+        if "num_items_in_batch" in batches[0][1]:
+            # each loss is normalised by the whole step's item count; compute_loss scales by the world size
+            if getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
+                total = total * args.world_size
+            return total
+        return total / len(batches)
+
+    def _loss(self, model: torch.nn.Module, positional: tuple[Any, ...], inputs: dict[str, Any]) -> torch.Tensor:
+        if self.loss_fn is not None:
+            if positional:
+                raise RuntimeError(f"{_OWNER}: loss_fn needs keyword inputs; the model got positional ones")
+            return self.loss_fn(model, inputs)
+        outputs = model(*positional, **inputs)
+        if isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        elif isinstance(outputs, tuple | list) and outputs:
+            loss = outputs[0]
+        else:
+            loss = outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise RuntimeError(
+                f"{_OWNER}: the model returned no loss for the inputs the Trainer passed it (no 'labels', or a "
+                "compute_loss_func / label smoothing that computes the loss outside the model); the curvature "
+                "probe needs the model to return the training loss, or pass loss_fn=..."
+            )
+        return loss
+
+    @contextlib.contextmanager
+    def _probing(self) -> Iterator[None]:
+        self.probing = True
+        try:
+            yield
+        finally:
+            self.probing = False
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        if self.tuner is not None:
+            self._last = dict(self.tuner.diagnostics)
+        self._batches = []
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is None or "learning_rate" not in logs or not self._last:
+            return  # evaluation and end-of-training logs
+        values: dict[str, Any] = loggable(self._last, self.log_prefix)
+        route = self._last.get("route")
+        if isinstance(route, str) and route != self._logged_route and route != "auto":
+            values[self.log_prefix + "route"] = route
+            self._logged_route = route
+        logs.update(values)
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and entry.get("step") == state.global_step and "learning_rate" in entry:
+            entry.update(values)
+
+
+def _check_arguments(args: TrainingArguments) -> None:
+    problems = []
+    if getattr(args, "n_gpu", 1) > 1:
+        problems.append("torch.nn.DataParallel over several GPUs (use DDP: torchrun / accelerate launch)")
+    if getattr(args, "label_smoothing_factor", 0.0):
+        problems.append("label_smoothing_factor (the Trainer computes that loss outside the model; pass loss_fn)")
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        problems.append("DeepSpeed / FSDP (the tuner needs whole parameters)")
+    if problems:
+        raise ValueError(f"{_OWNER} does not support {'; '.join(problems)}")
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip archive: no mmap
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``saved`` is the optimizer state the Trainer just loaded (not a same-numbered checkpoint of
+    another run): same parameter groups, same state keys, equal first and last per-parameter state."""
+    current = optimizer.state_dict()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in current["param_groups"]]
+    saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in saved.get("param_groups", [])]
+    if groups != saved_groups or set(current["state"]) != set(saved.get("state", {})):
+        return False
+    keys = sorted(current["state"])
+    for key in keys[:1] + keys[-1:]:
+        mine, theirs = current["state"][key], saved["state"][key]
+        if set(mine) != set(theirs):
+            return False
+        for name, value in mine.items():
+            other = theirs[name]
+            if isinstance(value, torch.Tensor):
+                if not (isinstance(other, torch.Tensor) and torch.equal(value.cpu(), other.cpu())):
+                    return False
+            elif value != other:
+                return False
+    return True

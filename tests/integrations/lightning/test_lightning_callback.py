@@ -1,0 +1,244 @@
+"""EdgeOfStabilityCallback in a real Lightning Trainer on scikit-learn digits (CPU, no downloads)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_helpers import DigitsMLP, Recorder, digits, full_loss, loader, trainer
+
+from eos_core import CDAT, Constant, Polyak
+from eos_core.adapters.torch import CurvatureTuner
+from eos_core.integrations.lightning import EdgeOfStabilityCallback
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(does not have many workers|LeafSpec|litlogger|GPU available|TPU available).*")
+
+FULL_BATCH = 512
+
+
+def fit(tmp_path, eos, *, model=None, max_steps=12, batch_size=FULL_BATCH, ckpt_path=None, **trainer_kwargs):
+    model = model if model is not None else DigitsMLP()
+    recorder = Recorder(eos)
+    data = digits()
+    run = trainer(tmp_path, [eos, recorder], max_steps=max_steps, **trainer_kwargs)
+    run.fit(model, loader(data, batch_size), ckpt_path=ckpt_path)
+    return run, model, recorder
+
+
+def test_loss_falls_and_every_logger_gets_the_diagnostics(tmp_path):
+    data = digits()
+    model = DigitsMLP()
+    before = full_loss(model, data)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=3)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    run, model, recorder = fit(tmp_path, eos, model=model, logger=loggers)
+
+    assert full_loss(model, data) < 0.5 * before
+    assert all(s["route"] == "double-backward" and s["skipped"] == 0 for s in recorder.steps)
+    assert recorder.lrs()[0] != pytest.approx(0.05)  # the law's lr, not the optimizer's
+
+    # CSV: one row per step with the tuner's values (sharpness only on tracked steps 0, 3, 6, 9)
+    with open(loggers[0].experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eos/lr")]
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    assert [float(r["eos/lr"]) for r in rows] == pytest.approx(recorder.lrs(), rel=1e-6)
+    tracked = [i for i, r in enumerate(rows) if r.get("eos/sharpness")]
+    assert tracked == [0, 3, 6, 9]
+    for i in tracked:
+        assert float(rows[i]["eos/lr_sharpness"]) == pytest.approx(
+            recorder.steps[i]["lr"] * recorder.steps[i]["sharpness"], rel=1e-5)
+    assert {"eos/numerator", "eos/denominator", "eos/grad_norm", "eos/loss"} <= set(rows[0])
+
+    # TensorBoard event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(loggers[1].log_dir)
+    events.Reload()
+    assert {"eos/lr", "eos/sharpness", "eos/lr_sharpness", "eos/denominator"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("eos/lr")] == pytest.approx(recorder.lrs(), rel=1e-6)
+
+    # progress bar
+    assert "eos/lr" in run.progress_bar_metrics
+
+
+def test_probes_do_not_count_in_the_users_logged_metrics(tmp_path):
+    eos = EdgeOfStabilityCallback(CDAT(scale=1.0, ema=0.9), sharpness_every=2)
+    run, model, recorder = fit(tmp_path, eos, max_steps=8, batch_size=128)  # 4 batches per epoch
+    assert model.training_step_calls > 8  # the probes did re-run training_step
+    assert float(run.logged_metrics["batches_seen"]) == 4.0  # but their self.log calls were discarded
+    last_epoch = [s["loss"] for s in recorder.steps[4:]]
+    assert float(run.logged_metrics["train_loss_epoch"]) == pytest.approx(np.mean(last_epoch), rel=1e-5)
+
+
+def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path):
+    def make():
+        # EMA and probe_every=2: the lr depends on the tuner's state, not only on the current weights
+        return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
+
+    def adam():
+        return DigitsMLP(optimizer="adam", lr=1e-3)
+
+    _, _, straight = fit(tmp_path / "a", make(), model=adam(), max_steps=12)
+    first, _, _ = fit(tmp_path / "b", make(), model=adam(), max_steps=5)
+    path = tmp_path / "k.ckpt"
+    first.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["optimizer_states"][0]["eos_core"]["step"] == 5
+    _, _, resumed = fit(tmp_path / "c", make(), model=adam(), max_steps=12, ckpt_path=path)
+
+    assert resumed.lrs() == straight.lrs()[5:]  # bit-identical
+    np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
+
+    # the same resume without the tuner's state (a plain optimizer checkpoint) does not continue it
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["optimizer_states"][0]["eos_core"]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    _, _, restarted = fit(tmp_path / "d", make(), model=adam(), max_steps=12, ckpt_path=tmp_path / "plain.ckpt")
+    assert restarted.lrs() != straight.lrs()[5:]
+
+
+def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path):
+    # 2 micro-batches of 64 (accumulate_grad_batches=2) are one batch of 128: same gradient, same curvature
+    law = dict(scale=1.0, ema=0.5)  # plain SGD at the greedy rule: float rounding is not amplified
+    _, _, big = fit(tmp_path / "big", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2),
+                    model=DigitsMLP(lr=0.01), max_steps=6, batch_size=128)
+    _, _, accumulated = fit(tmp_path / "acc", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2),
+                            model=DigitsMLP(lr=0.01), max_steps=6, batch_size=64,
+                            accumulate_grad_batches=2)
+    assert len(accumulated.steps) == 6
+    for a, b in zip(accumulated.steps, big.steps, strict=True):
+        assert a["denominator"] == pytest.approx(b["denominator"], rel=1e-4)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-4)
+        if "sharpness" in b:
+            assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-3)
+    np.testing.assert_allclose(accumulated.params[-1], big.params[-1], rtol=1e-3, atol=1e-4)
+
+
+def test_accumulation_logs_the_loss_of_the_whole_step(tmp_path):
+    eos = EdgeOfStabilityCallback(CDAT(scale=1.0))
+    run, _, recorder = fit(tmp_path, eos, max_steps=2, batch_size=64, accumulate_grad_batches=2,
+                           logger=CSVLogger(tmp_path))
+    with open(run.logger.experiment.metrics_file_path) as f:
+        logged = [float(r["eos/loss"]) for r in csv.DictReader(f) if r.get("eos/loss")]
+    x, y = digits().tensors
+    model = DigitsMLP()
+    with torch.no_grad():  # the first step's objective: mean of the two micro-batch losses at the initial weights
+        expected = float(torch.nn.functional.cross_entropy(model(x[:128]), y[:128]))
+        last = float(torch.nn.functional.cross_entropy(model(x[64:128]), y[64:128]))
+    assert logged[0] == pytest.approx(expected, rel=1e-5)
+    # what Lightning's closure hands the tuner is only the last micro-batch's loss, divided by 2
+    assert recorder.steps[0]["loss"] == pytest.approx(last / 2, rel=1e-5)
+
+
+def test_gradient_clipping_bounds_the_gradient_the_tuner_sees(tmp_path):
+    _, _, plain = fit(tmp_path / "plain", EdgeOfStabilityCallback(CDAT(scale=2.0)), max_steps=4)
+    assert max(s["grad_norm"] for s in plain.steps) > 0.1
+    _, model, clipped = fit(tmp_path / "clip", EdgeOfStabilityCallback(CDAT(scale=2.0)), max_steps=4,
+                            gradient_clip_val=0.1, gradient_clip_algorithm="norm")
+    assert all(s["grad_norm"] <= 0.1 * (1 + 1e-5) for s in clipped.steps)
+    assert all(math.isfinite(s["lr"]) and s["lr"] > 0 for s in clipped.steps)
+    # the update is the clipped gradient times the law's lr: the first step moved by lr * 0.1
+    first_move = np.linalg.norm(clipped.params[0] - plain_initial_params())
+    assert first_move == pytest.approx(clipped.steps[0]["lr"] * clipped.steps[0]["grad_norm"], rel=1e-4)
+
+
+def plain_initial_params():
+    return torch.cat([p.detach().reshape(-1) for p in DigitsMLP().parameters()]).numpy()
+
+
+def test_multiply_mode_applies_the_lightning_scheduler_shape(tmp_path):
+    _, _, override = fit(tmp_path / "o", EdgeOfStabilityCallback(Constant(0.2)), max_steps=6,
+                         model=DigitsMLP(scheduler="linear"))
+    _, _, multiply = fit(tmp_path / "m", EdgeOfStabilityCallback(Constant(0.2), lr_mode="multiply"), max_steps=6,
+                         model=DigitsMLP(scheduler="linear"))
+    factors = [1.0 - 0.9 * t / 8 for t in range(6)]  # LinearLR(start 1, end 0.1, 8 iterations)
+    assert override.lrs() == pytest.approx([0.2] * 6)
+    assert multiply.lrs() == pytest.approx([0.2 * f for f in factors], rel=1e-6)
+
+
+def test_nonfinite_loss_skips_the_step_without_touching_the_weights(tmp_path):
+    model = DigitsMLP()
+    model.poison_batches = {3}
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0))
+    with pytest.warns(RuntimeWarning, match="step 3 skipped"):
+        run, model, recorder = fit(tmp_path, eos, model=model, max_steps=6, logger=CSVLogger(tmp_path))
+    np.testing.assert_array_equal(recorder.params[3], recorder.params[2])  # step 3 changed nothing
+    assert recorder.steps[3]["skipped"] == 1.0
+    assert not np.array_equal(recorder.params[4], recorder.params[3])  # training went on
+    assert all(np.isfinite(p).all() for p in recorder.params)
+    with open(run.logger.experiment.metrics_file_path) as f:
+        skipped = {int(r["step"]): float(r["eos/skipped"]) for r in csv.DictReader(f) if r.get("eos/skipped")}
+    assert skipped[3] == 1.0 and skipped[2] == 0.0
+
+
+def test_nonfinite_curvature_keeps_the_last_good_lr(tmp_path):
+    def objective(pl_module, batch, batch_idx):  # NaN only when the probes evaluate it, at step 3
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(pl_module(x), y)
+        return loss * float("nan") if pl_module.global_step == 3 else loss
+
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0), loss_fn=objective)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        _, _, recorder = fit(tmp_path, eos, max_steps=6)
+    lrs = recorder.lrs()
+    assert lrs[3] == lrs[2] and recorder.steps[3]["fallback"] == 1.0
+    assert lrs[4] != lrs[3]  # measured again afterwards
+    assert all(np.isfinite(p).all() for p in recorder.params)
+    assert not np.array_equal(recorder.params[3], recorder.params[2])  # the step was taken with the last lr
+
+
+def test_manual_optimization_fails_with_instructions(tmp_path):
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0))
+    with pytest.raises(ValueError, match="automatic optimization.*CurvatureTuner"):
+        fit(tmp_path, eos, model=DigitsMLP(manual=True), max_steps=2)
+
+
+def test_unsupported_optimizer_fails_with_instructions(tmp_path):
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0))
+    with pytest.raises(ValueError, match="EdgeOfStabilityCallback.*linear in the learning rate.*configure_optimizers"):
+        fit(tmp_path, eos, model=DigitsMLP(optimizer="rprop"), max_steps=2)
+
+
+def test_a_second_tuner_on_the_same_optimizer_fails(tmp_path):
+    class Tuned(DigitsMLP):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            self.own_tuner = CurvatureTuner(optimizer, CDAT())
+            return optimizer
+
+    with pytest.raises(ValueError, match="already has a CurvatureTuner.*one EdgeOfStabilityCallback"):
+        fit(tmp_path, EdgeOfStabilityCallback(CDAT(scale=2.0)), model=Tuned(), max_steps=2)
+
+    with pytest.raises(ValueError, match="already has a CurvatureTuner"):
+        model = DigitsMLP()
+        run = trainer(tmp_path, [EdgeOfStabilityCallback(CDAT()), EdgeOfStabilityCallback(CDAT())], max_steps=2)
+        run.fit(model, loader(digits(), FULL_BATCH))
+
+
+def test_a_law_that_needs_the_loss_refuses_accumulation(tmp_path):
+    # Lightning's closure hands the tuner only the last micro-batch's loss: Polyak would use a wrong f(w)
+    with pytest.raises(ValueError, match="Polyak needs the step's loss.*accumulate_grad_batches"):
+        fit(tmp_path, EdgeOfStabilityCallback(Polyak()), max_steps=2, batch_size=64, accumulate_grad_batches=2)
+    _, _, recorder = fit(tmp_path, EdgeOfStabilityCallback(Polyak(lr_max=10.0)), max_steps=2)  # fine without
+    assert recorder.steps[0]["lr"] == pytest.approx(recorder.steps[0]["loss"] / recorder.steps[0]["grad_norm"] ** 2)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"probe_every": 0}, "probe_every"), ({"route": "magic"}, "route"),
+                                          ({"lr_mode": "add"}, "lr_mode"), ({"sharpness_every": -1}, "sharpness_every"),
+                                          ({"model": None}, "model")])
+def test_invalid_settings_fail_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        EdgeOfStabilityCallback(CDAT(), **kwargs)
+    with pytest.raises(ValueError, match="law"):
+        EdgeOfStabilityCallback("cdat")
+
+
+def test_callback_without_law_only_measures(tmp_path):
+    eos = EdgeOfStabilityCallback(None, sharpness_every=2)
+    _, _, recorder = fit(tmp_path, eos, max_steps=4)
+    assert recorder.lrs() == pytest.approx([0.05] * 4)  # the optimizer's own lr
+    assert "sharpness" in recorder.steps[0] and "sharpness" in recorder.steps[2]
+    assert "sharpness" not in recorder.steps[1]
+    assert recorder.steps[2]["lr_sharpness"] == pytest.approx(0.05 * recorder.steps[2]["sharpness"])

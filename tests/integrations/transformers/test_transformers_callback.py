@@ -1,0 +1,263 @@
+"""EdgeOfStabilityCallback in a real transformers.Trainer on tiny GPT-2 / BERT built from configs (CPU, offline)."""
+
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_helpers import (
+    MeanLossModel,
+    StepRecorder,
+    TokenData,
+    arguments,
+    flat,
+    logged,
+    tiny_bert,
+    tiny_gpt2,
+    train,
+)
+from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import DefaultFlowCallback, TrainerCallback
+
+from eos_core import CDAT, Constant
+from eos_core.adapters.torch import CurvatureTuner
+from eos_core.integrations.transformers import EdgeOfStabilityCallback
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(fell back|SDPA|sdpa).*")
+
+
+def tensorboard_scalars(output_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = [p for p in (output_dir / "runs").iterdir() if p.is_dir()]
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+class LogSpy(TrainerCallback):
+    """Stands for a reporting callback (TensorBoard, W&B, ...): records the logs it is shown."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+def test_sdpa_model_trains_and_the_diagnostics_reach_the_logs(tmp_path, build):
+    # lr_max: at a random init u^T H u can be tiny (BERT's first step would otherwise take lr ~ 1 with Adam)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9, lr_max=0.05), sharpness_every=3)
+    spy = LogSpy()
+    recorder = StepRecorder(eos)
+    # the spy comes before the callback, as the Trainer puts its reporting integrations before user callbacks
+    trainer = Trainer(model=build(), args=arguments(tmp_path, max_steps=10), train_dataset=TokenData(),
+                      callbacks=[spy, eos, recorder])
+    trainer.train()
+
+    # the flash SDPA kernel cannot be differentiated twice: the auto route fell back to the math kernel
+    assert eos.tuner.route == "double-backward+sdpa-math"
+    losses = logged(trainer, "loss")
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert all(s["skipped"] == 0 and math.isfinite(s["lr"]) and s["lr"] > 0 for s in recorder.steps)
+
+    # trainer.state.log_history: one training log per step with the tuner's values
+    history = [e for e in trainer.state.log_history if "learning_rate" in e]
+    assert [e["step"] for e in history] == list(range(1, 11))
+    assert [e["eos/lr"] for e in history] == recorder.lrs()
+    assert [e["eos/denominator"] for e in history] == [s["denominator"] for s in recorder.steps]
+    assert [i for i, e in enumerate(history) if "eos/sharpness" in e] == [0, 3, 6, 9]
+    assert history[0]["eos/route"] == "double-backward+sdpa-math" and "eos/route" not in history[1]
+    assert all(e["learning_rate"] == pytest.approx(1e-3) for e in history)  # the Trainer's (scheduler's) lr
+
+    # a callback registered before it saw the values too: the callback moved itself ahead in the list
+    spied = [e for e in spy.seen if "learning_rate" in e]
+    assert [e["eos/lr"] for e in spied] == recorder.lrs()
+    assert [type(cb) for cb in trainer.callback_handler.callbacks][:3] == [DefaultFlowCallback,
+                                                                          EdgeOfStabilityCallback, LogSpy]
+
+
+def test_diagnostics_reach_the_trainers_tensorboard_callback(tmp_path):
+    pytest.importorskip("tensorboard")
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3)
+    trainer, recorder = train(tmp_path, tiny_gpt2(), eos, max_steps=7, report_to=["tensorboard"])
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("EdgeOfStabilityCallback") < names.index("TensorBoardCallback")
+    scalars = tensorboard_scalars(tmp_path, "train/eos/lr")
+    assert [step for step, _ in scalars] == list(range(1, 8))
+    assert [value for _, value in scalars] == pytest.approx(recorder.lrs(), rel=1e-6)
+    sharpness = tensorboard_scalars(tmp_path, "train/eos/lr_sharpness")
+    assert [step for step, _ in sharpness] == [1, 4, 7]
+    assert [v for _, v in sharpness] == pytest.approx([recorder.steps[i]["lr_sharpness"] for i in (0, 3, 6)])
+
+
+def test_a_callback_added_after_construction_still_reaches_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0))
+    trainer = Trainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=3, report_to=["tensorboard"]),
+                      train_dataset=TokenData())
+    trainer.add_callback(eos)  # on_init_end has passed: it moves itself in on_train_begin
+    recorder = StepRecorder(eos)
+    trainer.add_callback(recorder)
+    trainer.train()
+    classes = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert classes[:3] == [DefaultFlowCallback, EdgeOfStabilityCallback, TensorBoardCallback]
+    assert [v for _, v in tensorboard_scalars(tmp_path, "train/eos/lr")] == pytest.approx(recorder.lrs(), rel=1e-6)
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, MeanLossModel], ids=["token-normalised", "mean-of-micro-batches"])
+def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path, build):
+    # 2 micro-batches of 4 are one batch of 8 (sequential sampler): same gradient, same curvature, same lr.
+    # GPT-2 gets num_items_in_batch (losses summed); the plain module's losses are averaged by the Trainer.
+    law = dict(scale=1.0, ema=0.5)
+    _, big = train(tmp_path / "big", build(), EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2), max_steps=6,
+                   per_device_train_batch_size=8, max_grad_norm=0.0)
+    eos = EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2)
+    _, accumulated = train(tmp_path / "acc", build(), eos, max_steps=6, per_device_train_batch_size=4,
+                           gradient_accumulation_steps=2, max_grad_norm=0.0)
+    assert len(accumulated.steps) == 6
+    for a, b in zip(accumulated.steps, big.steps, strict=True):
+        assert a["denominator"] == pytest.approx(b["denominator"], rel=1e-4)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-4)
+        if "sharpness" in b:
+            assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-3)
+    # (elementwise, Adam's normalisation amplifies rounding in parameters whose gradient is ~0)
+    difference = np.linalg.norm(accumulated.params[-1] - big.params[-1]) / np.linalg.norm(big.params[-1])
+    assert difference < 1e-4
+
+
+def test_scheduler_override_ignores_it_and_multiply_applies_its_shape(tmp_path):
+    schedule = dict(lr_scheduler_type="linear", warmup_steps=2, max_steps=8)
+    factors = [t / 2 if t < 2 else (8 - t) / 6 for t in range(8)]  # linear warm-up for 2 steps, then decay to 0
+
+    trainer, override = train(tmp_path / "o", tiny_gpt2(), EdgeOfStabilityCallback(Constant(0.01)), **schedule)
+    assert override.lrs() == pytest.approx([0.01] * 8)
+    assert override.scheduler_lrs == pytest.approx([1e-3 * f for f in factors])  # the scheduler ran as usual
+    assert logged(trainer, "learning_rate") == pytest.approx([1e-3 * f for f in factors])
+
+    _, multiply = train(tmp_path / "m", tiny_gpt2(), EdgeOfStabilityCallback(Constant(0.01), lr_mode="multiply"),
+                        **schedule)
+    assert multiply.lrs() == pytest.approx([0.01 * f for f in factors])
+    np.testing.assert_array_equal(multiply.params[0], multiply.initial)  # warm-up factor 0: no step at all
+
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), lr_mode="multiply")
+    _, cdat = train(tmp_path / "c", tiny_gpt2(), eos, **schedule)
+    expected = [s["law_lr"] * f for s, f in zip(cdat.steps, factors, strict=True)]
+    assert [s["lr"] for s in cdat.steps] == pytest.approx(expected)
+
+
+def test_resume_from_a_trainer_checkpoint_continues_the_lr_trajectory(tmp_path):
+    def callback():  # EMA and probe_every=2: the lr depends on the tuner's state, not only on the weights
+        return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
+
+    run = dict(max_steps=8, save_strategy="steps", save_steps=4)
+    out = tmp_path / "run"
+    _, straight = train(out, tiny_gpt2(), callback(), **run)
+    saved = torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert saved["eos_core"]["step"] == 4
+
+    # resume in the same output_dir (as resume_from_checkpoint=True does): bit-identical continuation
+    _, resumed = train(out, tiny_gpt2(seed=1), callback(), resume=str(out / "checkpoint-4"), **run)
+    assert resumed.lrs() == straight.lrs()[4:]
+    np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
+
+    # a checkpoint copied elsewhere: found through TrainingArguments(resume_from_checkpoint=...)
+    elsewhere = tmp_path / "copied"
+    shutil.copytree(out / "checkpoint-4", elsewhere)
+    _, found = train(tmp_path / "other", tiny_gpt2(seed=1), callback(), resume=str(elsewhere),
+                     resume_from_checkpoint=str(elsewhere), **run)
+    assert found.lrs() == straight.lrs()[4:]
+
+    # ... and without it the callback cannot find the tuner's state: it says so, and the trajectory restarts
+    with pytest.warns(RuntimeWarning, match="no checkpoint matching"):
+        _, lost = train(tmp_path / "lost", tiny_gpt2(seed=1), callback(), resume=str(elsewhere), **run)
+    assert lost.lrs() != straight.lrs()[4:]
+
+
+class Poison(TrainerCallback):
+    """Makes the model's output NaN during optimizer step `at` (during its probes only, if `probes_only`)."""
+
+    def __init__(self, model, eos, at, probes_only):
+        self.eos, self.at, self.probes_only, self.active = eos, at, probes_only, False
+        model.lm_head.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        if self.active and (self.eos.probing or not self.probes_only):
+            return output * float("nan")
+        return None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.active = state.global_step == self.at
+
+
+def poisoned_run(tmp_path, probes_only):
+    model = tiny_gpt2()
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.5))
+    recorder = StepRecorder(eos)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=6), train_dataset=TokenData(),
+                      callbacks=[eos, recorder, Poison(model, eos, 3, probes_only)])
+    trainer.train()
+    return trainer, recorder
+
+
+def test_nonfinite_loss_skips_the_step_without_touching_the_weights(tmp_path):
+    with pytest.warns(RuntimeWarning, match="step 3 skipped"):
+        trainer, recorder = poisoned_run(tmp_path, probes_only=False)
+    np.testing.assert_array_equal(recorder.params[3], recorder.params[2])
+    assert recorder.steps[3]["skipped"] == 1.0 and recorder.steps[2]["skipped"] == 0.0
+    assert not np.array_equal(recorder.params[4], recorder.params[3])
+    assert all(np.isfinite(p).all() for p in recorder.params)
+    assert logged(trainer, "eos/skipped") == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_nonfinite_curvature_keeps_the_last_good_lr(tmp_path):
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        _, recorder = poisoned_run(tmp_path, probes_only=True)
+    lrs = recorder.lrs()
+    assert recorder.steps[3]["fallback"] == 1.0 and lrs[3] == lrs[2]
+    assert lrs[4] != lrs[3]
+    assert not np.array_equal(recorder.params[3], recorder.params[2])  # the step was taken, with the last lr
+    assert all(np.isfinite(p).all() for p in recorder.params)
+
+
+def test_a_second_tuner_on_the_trainers_optimizer_fails_with_instructions(tmp_path):
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    CurvatureTuner(optimizer, CDAT())
+    with pytest.raises(ValueError, match="already has a CurvatureTuner.*one callback per Trainer"):
+        train(tmp_path / "a", model, EdgeOfStabilityCallback(CDAT()), optimizers=(optimizer, None), max_steps=1)
+    with pytest.raises(ValueError, match="already has a CurvatureTuner"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "b", max_steps=1), train_dataset=TokenData(),
+                    callbacks=[EdgeOfStabilityCallback(CDAT()), EdgeOfStabilityCallback(CDAT())]).train()
+
+
+def test_unsupported_optimizer_and_arguments_fail_with_instructions(tmp_path):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="EdgeOfStabilityCallback.*linear in the learning rate.*supported optimizer"):
+        train(tmp_path / "a", model, EdgeOfStabilityCallback(CDAT()),
+              optimizers=(torch.optim.Rprop(model.parameters(), lr=1e-3), None), max_steps=1)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        train(tmp_path / "b", tiny_gpt2(), EdgeOfStabilityCallback(CDAT()), label_smoothing_factor=0.1, max_steps=1)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"probe_every": 0}, "probe_every"), ({"route": "magic"}, "route"),
+                                          ({"lr_mode": "add"}, "lr_mode"), ({"loss_fn": 3}, "loss_fn")])
+def test_invalid_settings_fail_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        EdgeOfStabilityCallback(CDAT(), **kwargs)
+
+
+def test_params_helper_sees_the_trained_model(tmp_path):
+    # guards the recorder the other tests rely on: it must see the weights move
+    model = tiny_gpt2()
+    before = flat(model)
+    _, recorder = train(tmp_path, model, EdgeOfStabilityCallback(CDAT(scale=2.0)), max_steps=2)
+    assert not np.array_equal(recorder.params[-1], before)
+    np.testing.assert_array_equal(recorder.params[-1], flat(model))
