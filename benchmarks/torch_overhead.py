@@ -3,20 +3,35 @@
 For each model (an MLP, a ResNet-18-style CNN with GroupNorm, GPT-2 built from a config) and each
 curvature route, this times the tuned step (``CurvatureTuner`` + ``CDAT(scale=2)``) against the plain
 step of the same optimizer in the same process, for ``probe_every`` in {1, 10}, measures the peak
-GPU memory of both, compares each route's u^T H u with the exact double-backward value at the same
+memory of both, compares each route's u^T H u with the exact double-backward value at the same
 point, and measures the cost of sharpness tracking (warm-started power iteration every
 ``--track-every`` steps) as a fraction of training time. Ratios are the figures that matter (SPEC
 section 9): tuned / plain <= 2.1 probing every step, <= 1.12 every 10 steps, memory <= 1.3x,
 tracking <= 5% of training time. CPU figures are for regressions; absolute times only count on a GPU.
 
-    python benchmarks/torch_overhead.py                          # small models on CPU (a few minutes)
-    python benchmarks/torch_overhead.py --device cuda --size paper --json results.json   # SPEC sizes
+Peak memory of a configuration = the highest memory in use during one (probe) step after warm-up,
+minus the memory in use before its model was built: parameters, gradients, optimizer state and the
+step's transients. On a GPU it comes from ``torch.cuda.max_memory_allocated``; on CPU (Linux, glibc)
+from the process's resident-set high-water mark (``VmHWM`` in /proc/self/status, reset through
+/proc/self/clear_refs) over a step during which blocks above 128 kB are served by mmap and returned on
+free (``mallopt(M_MMAP_THRESHOLD)``; ``malloc_trim`` before each reading), so the resident set follows
+the tensors in use; every code path runs once first (:func:`prime`) so that library pages faulted in by
+a first call are not charged to a configuration. CPU figures agree with a count of the tensors alive
+to within allocator slack (small models: a few MiB). Elsewhere, or with ``--no-cpu-memory``, CPU
+memory is not reported.
+
+    python benchmarks/torch_overhead.py                     # small models on CPU, fp32 (5-10 minutes)
+    python benchmarks/torch_overhead.py --track-every 100 --json torch_cpu.json        # + tracking cost
+    python benchmarks/torch_overhead.py --device cuda --size paper --dtypes fp32,bf16 --track-every 100 \
+        --json torch_gpu.json                                                          # SPEC sizes, GPU
+    python benchmarks/torch_overhead.py --models mlp --steps 2 --warmup 1              # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import statistics
@@ -121,7 +136,7 @@ def workloads(names: list[str], size: str, device: torch.device) -> list[Workloa
             ids = torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device)
             model = transformers.GPT2LMHeadModel(config)
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            out.append(Workload(f"GPT-2 {params:.0f}M SDPA ({batch}x{length})", model,
+            out.append(Workload(f"GPT-2 {params:.3g}M SDPA ({batch}x{length})", model,
                                 lambda m, ids=ids: m(input_ids=ids, labels=ids).loss,
                                 lambda p: torch.optim.AdamW(p, lr=1e-4)))
     return out
@@ -139,6 +154,7 @@ class Row:
     time_ratio: float
     memory_ratio: float | None
     curvature_rel_error: float | None
+    curvature_scaled_error: float | None = None
     resolved_route: str = ""
     note: str = ""
 
@@ -187,21 +203,100 @@ def make_step(work: Workload, model: torch.nn.Module, optimizer: torch.optim.Opt
     return step
 
 
-def peak_memory(step: Callable[[], None], device: torch.device) -> float | None:
-    if device.type != "cuda":
+class MemoryMeter:
+    """Bytes in use now and the peak since :meth:`reset`: CUDA allocator statistics on a GPU, the resident
+    set (current and high-water mark) of this process on Linux CPUs; ``available`` is False elsewhere."""
+
+    def __init__(self, device: torch.device, *, cpu: bool = True) -> None:
+        self.device = device
+        self._libc = None
+        if device.type == "cuda":
+            self.available = True
+            return
+        if not cpu:
+            self.available = False
+            return
+        try:
+            import ctypes
+
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._libc = ctypes.CDLL("libc.so.6")
+            self.available = self._status("VmHWM") is not None and self._mmap_threshold(self.HEAP_THRESHOLD)
+        except (OSError, AttributeError):
+            self.available = False
+
+    #: glibc's M_MMAP_THRESHOLD while a step's memory is measured / otherwise (setting it turns glibc's
+    #: adaptive threshold off; 32 MiB is the adaptive threshold's ceiling, so timed steps reuse heap
+    #: blocks the way they do by default instead of paying page faults for every large tensor)
+    MEASURE_THRESHOLD, HEAP_THRESHOLD = 128 * 1024, 32 * 1024 * 1024
+
+    def _mmap_threshold(self, size: int) -> bool:
+        return self._libc is not None and bool(self._libc.mallopt(-3, size))  # -3: M_MMAP_THRESHOLD
+
+    @staticmethod
+    def _status(field: str) -> int | None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
         return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+
+    def _settle(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+        elif self._libc is not None:
+            self._libc.malloc_trim(0)  # give freed memory back, so the resident set is what is in use
+
+    def current(self) -> float:
+        self._settle()
+        if self.device.type == "cuda":
+            return float(torch.cuda.memory_allocated(self.device))
+        return float(self._status("VmRSS") or 0)
+
+    def reset(self) -> None:
+        """Start measuring a peak. On CPU, blocks above 128 kB are then served by mmap and returned on free,
+        so the resident set follows the tensors in use instead of the heap's history."""
+        if self.device.type != "cuda":
+            self._mmap_threshold(self.MEASURE_THRESHOLD)
+        self._settle()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> float:
+        """The peak since :meth:`reset` (and, on CPU, back to the allocator settings of the timed steps)."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return float(torch.cuda.max_memory_allocated(self.device))
+        value = float(self._status("VmHWM") or 0)
+        self._mmap_threshold(self.HEAP_THRESHOLD)
+        return value
+
+
+def peak_memory(step: Callable[[], None], meter: MemoryMeter, before: float) -> float | None:
+    """Peak memory of one step above ``before`` (the memory in use before the configuration's model existed)."""
+    if not meter.available:
+        return None
+    meter.reset()
     step()
-    synchronize(device)
-    return float(torch.cuda.max_memory_allocated(device))
+    return max(meter.peak() - before, 0.0)
 
 
-def curvature_error(work: Workload, base: torch.nn.Module, route: str, dtype: str, device: torch.device,
-                    reference: dict[str, float]) -> float | None:
-    """Relative error of the route's u^T H u against exact double backward (math SDPA) at the same point,
-    along the gradient-descent direction u = -g (the direction CDAT measures for SGD)."""
-    model = copy.deepcopy(base)
+def curvature_error(work: Workload, point: torch.nn.Module, route: str, dtype: str, device: torch.device,
+                    reference: dict[str, float]) -> tuple[float, float] | None:
+    """Error of the route's u^T H u against exact double backward (math SDPA kernel) at the same point.
+
+    The point is the model after the plain run's steps (not the initialisation, where the curvature
+    along the gradient of a transformer is close to 0 and relative errors say little), the direction
+    the gradient-descent one, u = -g. Returns ``(|d - d_exact| / |d_exact|, |d - d_exact| / (||u|| ||H u||))``:
+    the second is the error on the scale of the curvature along u (|u^T H u| <= ||u|| ||H u||), which stays
+    meaningful when u^T H u itself nearly cancels.
+    """
+    model = copy.deepcopy(point)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = dtype == "bf16"
 
@@ -215,37 +310,69 @@ def curvature_error(work: Workload, base: torch.nn.Module, route: str, dtype: st
         grads = [t.detach() for t in torch.autograd.grad(objective.loss(), params)]
         u = [-g for g in grads]
         if "exact" not in reference:
-            exact = Oracle("double-backward")
             objective.math_sdpa = True
-            reference["exact"] = exact._uhu_double_backward(objective, params, u)
+            with Oracle("double-backward").hessian_operator(objective, params) as hessian:
+                hu = hessian(u)
             objective.math_sdpa = False
+            reference["exact"] = vec.dot(u, hu)
+            reference["scale"] = vec.norm(u) * vec.norm(hu)
         try:
             value = Oracle(route, module=model).curvature(objective, params, u, grad_dot_u=vec.dot(grads, u))
         except Exception:  # noqa: BLE001 - a route that cannot run on this model is reported as such
             return None
-    return abs(value - reference["exact"]) / abs(reference["exact"])
+    error = abs(value - reference["exact"])
+    return error / abs(reference["exact"]), error / reference["scale"]
+
+
+def prime(work: Workload, base: torch.nn.Module, dtype: str, device: torch.device, route_names: list[str]) -> None:
+    """Run every code path once on a throwaway copy, so that one-off allocations of a first call (library
+    pages faulted into the resident set on CPU, cuBLAS/cuDNN workspaces on a GPU) are not charged to
+    whichever configuration happens to run first."""
+    for route in (None, *route_names):
+        model = copy.deepcopy(base)
+        optimizer = work.optimizer(list(model.parameters()))
+        tuner = None if route is None else CurvatureTuner(optimizer, CDAT(scale=2.0), route=route, model=model)
+        step = make_step(work, model, optimizer, dtype, device, tuner)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                step()
+                step()
+            except Exception:  # noqa: BLE001, S110 - a route that cannot run here is reported by the measurement
+                pass
+        if tuner is not None:
+            tuner.detach()
 
 
 def run_model(work: Workload, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    meter = MemoryMeter(device, cpu=args.cpu_memory)
     for dtype in args.dtypes:
         torch.manual_seed(0)
         base = copy.deepcopy(work.model).to(device)
         label = f"{work.name} {dtype}"
 
+        if meter.available:
+            prime(work, base, dtype, device, args.routes)
+        before = meter.current()
         model = copy.deepcopy(base)
         optimizer = work.optimizer(list(model.parameters()))
         plain = make_step(work, model, optimizer, dtype, device, None)
         plain_times = timed_steps(plain, device, args.warmup, args.steps)
         plain_median = statistics.median(plain_times)
         plain_mean = statistics.fmean(plain_times)
-        plain_memory = peak_memory(plain, device)
+        plain_memory = peak_memory(plain, meter, before)
+        trained = copy.deepcopy(model)  # the point where route accuracy is measured
+        del model, optimizer, plain
         report.plain_ms[label] = plain_median * 1e3
         print(f"\n{label}: plain step {plain_median * 1e3:.1f} ms"
-              + (f", peak {plain_memory / 2**30:.2f} GiB" if plain_memory else ""), flush=True)
+              + (f", peak {plain_memory / 2**20:.0f} MiB" if plain_memory else ""), flush=True)
         reference: dict[str, float] = {}
         for route in args.routes:
-            error = curvature_error(work, base, route, dtype, device, reference)
+            errors = curvature_error(work, trained, route, dtype, device, reference)
+            error, scaled_error = errors if errors is not None else (None, None)
             for probe_every in args.probe_every:
+                model = optimizer = tuner = tuned = None  # free the previous configuration before measuring
+                before = meter.current()
                 model = copy.deepcopy(base)
                 optimizer = work.optimizer(list(model.parameters()))
                 tuner = CurvatureTuner(optimizer, CDAT(scale=2.0), route=route, probe_every=probe_every,
@@ -256,10 +383,10 @@ def run_model(work: Workload, args: argparse.Namespace, device: torch.device, re
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         times = timed_steps(tuned, device, args.warmup, max(args.steps, 2 * probe_every))
-                        memory = peak_memory(tuned, device) if probe_every == 1 else None
+                        memory = peak_memory(tuned, meter, before) if probe_every == 1 else None
                 except Exception as exc:  # noqa: BLE001 - report routes that cannot run here
                     note = f"fails: {str(exc).splitlines()[0][:80]}"
-                    row = Row(work.name, dtype, route, probe_every, math.nan, None, error, note=note)
+                    row = Row(work.name, dtype, route, probe_every, math.nan, None, error, scaled_error, note=note)
                     report.rows.append(row)
                     print(f"  {route:16s} probe_every={probe_every:<3d} {note}", flush=True)
                     continue
@@ -269,13 +396,15 @@ def run_model(work: Workload, args: argparse.Namespace, device: torch.device, re
                 ratio = (statistics.median(times) / plain_median if probe_every == 1
                          else statistics.fmean(times) / plain_mean)
                 memory_ratio = memory / plain_memory if memory and plain_memory else None
-                row = Row(work.name, dtype, route, probe_every, ratio, memory_ratio, error, tuner.route, note)
+                row = Row(work.name, dtype, route, probe_every, ratio, memory_ratio, error, scaled_error, tuner.route,
+                          note)
                 report.rows.append(row)
                 target = TARGETS["every_step"] if probe_every == 1 else TARGETS["every_10"]
                 flag = "ok" if ratio <= target else "over"
                 print(f"  {route:16s} probe_every={probe_every:<3d} time x{ratio:5.2f} ({flag} vs {target})"
                       + (f"  memory x{memory_ratio:4.2f}" if memory_ratio else "")
-                      + (f"  |d - d_exact|/d_exact {error:.1e}" if error is not None else "")
+                      + (f"  |d - d_exact|/|d_exact| {error:.1e} (/(|u||Hu|) {scaled_error:.1e})"
+                         if error is not None else "")
                       + f"  [{tuner.route}]", flush=True)
         if args.track_every:
             report.tracking[label] = measure_tracking(work, base, dtype, device, args)
@@ -322,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--track-every", type=int, default=0, help="also measure sharpness tracking every m steps")
+    parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
+                        help="on CPU, do not measure memory (leaves glibc's allocator settings alone)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
     try:

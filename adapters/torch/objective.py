@@ -29,13 +29,22 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+#: machine epsilon of the reduced-precision float types autocast computes in
+_LOW_PRECISION_EPS = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: torch.finfo(torch.float16).eps}
+
 
 class BackwardCapture(TorchFunctionMode):
-    """Records the tensor a closure calls ``backward`` on, without running the backward pass."""
+    """Records the tensor a closure calls ``backward`` on, without running the backward pass.
+
+    It also notes the largest machine epsilon of a bf16/fp16 result along the way (``low_precision_eps``,
+    0 when every op computed in fp32 or better): under autocast the gradient is only that precise, and
+    finite-difference steps must be sized for it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.captured: list[torch.Tensor] = []
+        self.low_precision_eps = 0.0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -48,7 +57,12 @@ class BackwardCapture(TorchFunctionMode):
                 tensors = tensors[0]
             self.captured.append(tensors)
             return None
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            eps = _LOW_PRECISION_EPS.get(result.dtype)
+            if eps is not None and eps > self.low_precision_eps:
+                self.low_precision_eps = eps
+        return result
 
 
 def math_sdpa() -> contextlib.AbstractContextManager:
@@ -99,6 +113,9 @@ class Objective:
         self.module = module
         self.scale = float(loss_scale)
         self.math_sdpa = False
+        #: largest bf16/fp16 machine epsilon among the results of the evaluations so far (0: none seen;
+        #: None: not evaluated yet). Autocast shows up here; see :class:`BackwardCapture`.
+        self.low_precision_eps: float | None = None
 
     @contextlib.contextmanager
     def _isolated(self) -> Iterator[None]:
@@ -144,6 +161,7 @@ class Objective:
         capture = BackwardCapture()
         with capture:
             returned = self.fn()
+        self.low_precision_eps = max(self.low_precision_eps or 0.0, capture.low_precision_eps)
         loss = capture.captured[-1] if capture.captured else returned
         if not isinstance(loss, torch.Tensor):
             raise TypeError(

@@ -51,16 +51,57 @@ def momentum_key(group: dict[str, Any]) -> str | None:
     return None
 
 
+def _read(group: dict[str, Any], name: str) -> float | None:
+    """A group's ``momentum`` (its ``betas[0]`` for Adam-style optimizers) or ``weight_decay``; None if absent."""
+    if name == "momentum":
+        key = momentum_key(group)
+        if key is None:
+            return None
+        return float(group["betas"][0]) if key == "betas" else float(group["momentum"])
+    return float(group[name]) if name in group else None
+
+
+def _reference_group(optimizer: torch.optim.Optimizer, name: str) -> int:
+    """The group whose setting a law tracks: the first with a non-zero value (else the first group).
+
+    Laws such as DCAO change momentum and weight decay multiplicatively, so a setting that starts at
+    0 stays 0; reading it from a no-decay group (biases, norms) listed first would switch weight
+    decay off everywhere.
+    """
+    for index, group in enumerate(optimizer.param_groups):
+        value = _read(group, name)
+        if value is not None and value != 0.0:
+            return index
+    return 0
+
+
 def read_hyperparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    group = optimizer.param_groups[0]
+    """The momentum and weight decay a law starts from (each from its :func:`_reference_group`)."""
     out: dict[str, float] = {}
-    key = momentum_key(group)
-    if key == "betas":
-        out["momentum"] = float(group["betas"][0])
-    elif key == "momentum":
-        out["momentum"] = float(group["momentum"])
-    if "weight_decay" in group:
-        out["weight_decay"] = float(group["weight_decay"])
+    for name in ("momentum", "weight_decay"):
+        value = _read(optimizer.param_groups[_reference_group(optimizer, name)], name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def hyperparam_ratios(optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
+    """Each group's momentum and weight decay relative to the reference group's (0 where a group has none).
+
+    :func:`write_hyperparams` sets a group's value to ``law value * ratio``, so per-group settings keep
+    their proportions the way per-group learning rates keep theirs (a no-decay group stays at 0).
+    """
+    out: dict[str, list[float]] = {}
+    for name in ("momentum", "weight_decay"):
+        reference = _read(optimizer.param_groups[_reference_group(optimizer, name)], name)
+        if reference is None:
+            continue
+        ratios = []
+        for group in optimizer.param_groups:
+            value = _read(group, name)
+            ratios.append(1.0 if reference == 0.0 and value is not None
+                          else 0.0 if value is None else value / reference)
+        out[name] = ratios
     return out
 
 
@@ -76,17 +117,31 @@ def check_knobs(optimizer: torch.optim.Optimizer, names: tuple[str, ...]) -> Non
             )
 
 
-def write_hyperparams(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
-    """Apply a law's momentum / weight-decay decisions to every param group."""
-    for group in optimizer.param_groups:
-        if "momentum" in values:
-            key = momentum_key(group)
-            if key == "betas":
-                group["betas"] = (float(values["momentum"]), group["betas"][1])
-            elif key == "momentum":
-                group["momentum"] = float(values["momentum"])
-        if "weight_decay" in values and "weight_decay" in group:
-            group["weight_decay"] = float(values["weight_decay"])
+def write_hyperparams(optimizer: torch.optim.Optimizer, values: dict[str, float],
+                      ratios: dict[str, list[float]] | None = None, *, momentum_max: float = 0.999999) -> None:
+    """Apply a law's momentum / weight-decay decisions: group g gets ``value * ratios[name][g]``.
+
+    Without ``ratios`` every group gets the law's value. A group's momentum stays at most
+    ``max(law value, momentum_max)`` (a group whose momentum was above the reference group's could
+    otherwise reach 1). Groups added after the ratios were taken get the law's value.
+    """
+    ratios = ratios or {}
+    for index, group in enumerate(optimizer.param_groups):
+        for name, value in values.items():
+            if name not in ("momentum", "weight_decay"):
+                continue
+            group_ratios = ratios.get(name, [])
+            ratio = group_ratios[index] if index < len(group_ratios) else 1.0
+            target = float(value) * ratio
+            if name == "momentum":
+                key = momentum_key(group)
+                target = min(target, max(float(value), momentum_max))
+                if key == "betas":
+                    group["betas"] = (target, group["betas"][1])
+                elif key == "momentum":
+                    group["momentum"] = target
+            elif "weight_decay" in group:
+                group["weight_decay"] = target
 
 
 def preconditioner(optimizer: torch.optim.Optimizer, params_by_group: list[list[torch.Tensor]],

@@ -78,7 +78,7 @@ class _Step:
     eta_probe: float = 1.0
     saved: Vector | None = None
     output: LawOutput | None = None
-    norms: tuple[float, float] = (0.0, 0.0)  #: ||w||, ||D|| on instrumented steps
+    norms: tuple[float, float] = (0.0, 0.0)  #: sum |w| |D| / ||D||, ||D|| on instrumented steps
     grad_sq: float = 0.0
 
 
@@ -102,17 +102,26 @@ class CurvatureTuner:
         model: the model; needed by the ``jvp-*`` routes, lets probes restore buffers (BatchNorm
             running statistics) and run a DDP model under ``no_sync()``.
         grad_scaler: the ``torch.amp.GradScaler`` in use, so probes scale their own backward passes.
-        fd_eps: machine epsilon for finite-difference steps (default: the parameters' dtype's);
-            under autocast pass the autocast dtype's.
+        fd_eps: machine epsilon for finite-difference steps (default: that of the lowest precision the
+            loss is computed in: the parameters' dtype, or bf16/fp16 under autocast, detected).
         skip_nonfinite: skip steps whose loss or gradient is NaN/Inf (default True).
+        clipped_gradients: set True when the gradient the optimizer steps with is not the objective's
+            own (clipped between ``backward`` and ``step``): finite-difference routes then evaluate g(w)
+            again instead of reusing the step's gradient (one more gradient per probe). The numerator
+            g.u still uses the step's (clipped) gradient. Also an attribute, read at every step.
         linear_in_lr: set True to drive an optimizer not in the list above whose step is linear in lr.
         power_iters, power_tol: power iteration settings for ``sharpness_every``.
         lanczos_steps: Lanczos steps for laws that need top-k eigenvalues, unless the law sets its own.
         process_group: the data-parallel group (default: the world, when torch.distributed is initialised).
         reference_lr: ``lr_0(attach)`` of ``lr_mode="multiply"``, the first group's lr that means a schedule
-            factor of 1 (default: its lr when the tuner attaches). Pass the scheduler's base lr (the
-            group's ``"initial_lr"``) when the tuner attaches after a scheduler whose factor at step 0 is
-            not 1 (a warm-up starting at 0).
+            factor of 1, and the law's initial lr. Default: the group's ``"initial_lr"`` (the base lr every
+            torch scheduler records, so a warm-up scheduler created before the tuner, whose factor at step
+            0 is not 1, is applied correctly), else its lr when the tuner attaches.
+
+    Laws that decide momentum and weight decay (DCAO) track the first param group that has a non-zero
+    value and write ``value * ratio_g`` into group g, where ``ratio_g`` is the group's setting relative
+    to that group's when the tuner attaches (so a no-decay group for biases and norms stays at 0).
+    Momentum is SGD/RMSprop ``momentum`` or Adam-style ``betas[0]``.
 
     After each step :attr:`diagnostics` holds ``lr``, ``route``, ``loss``, ``grad_norm``,
     ``update_norm`` (of u, the update for lr = 1), the law's measurements (``numerator``,
@@ -133,6 +142,7 @@ class CurvatureTuner:
         grad_scaler: Any | None = None,
         fd_eps: float | None = None,
         skip_nonfinite: bool = True,
+        clipped_gradients: bool = False,
         linear_in_lr: bool | None = None,
         power_iters: int = 20,
         power_tol: float = 1e-3,
@@ -166,6 +176,7 @@ class CurvatureTuner:
         self.model = model
         self.grad_scaler = grad_scaler
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.clipped_gradients = bool(clipped_gradients)
         self.reducer = Reducer(process_group)
         if fd_above is not None:
             check.positive_int(owner, "fd_above", fd_above)
@@ -180,12 +191,25 @@ class CurvatureTuner:
                     f"{owner}: {type(law).__name__}(preconditioned=True) needs an adaptive optimizer with a "
                     f"diagonal preconditioner (Adam, AdamW, RMSprop, Adagrad), got {type(optimizer).__name__}"
                 )
-            self.law_state = law.init(float(optimizer.param_groups[0]["lr"]),
+        first_group = optimizer.param_groups[0]
+        if reference_lr is None:
+            # A scheduler created before the tuner keeps the base lr in "initial_lr" (its factor may not
+            # start at 1: a warm-up from 0 sets the group's lr to 0).
+            base = first_group.get("initial_lr", first_group["lr"])
+            reference_lr = float(base) if float(base) > 0 else float(first_group["lr"])
+        else:
+            reference_lr = check.positive(owner, "reference_lr", reference_lr)
+        self._reference_lr = float(reference_lr)
+        #: per-group momentum / weight-decay proportions kept when a law (DCAO) decides them
+        self._hyperparam_ratios: dict[str, list[float]] = {}
+        if law is not None:
+            if law.decides:
+                self._hyperparam_ratios = opt_info.hyperparam_ratios(optimizer)
+            # The law starts from the base lr (a warm-up scheduler may have set the group's lr to 0).
+            self.law_state = law.init(self._reference_lr if self._reference_lr > 0 else float(first_group["lr"]),
                                       hyperparams=opt_info.read_hyperparams(optimizer))
         else:
             self.law_state = None
-        self._reference_lr = float(optimizer.param_groups[0]["lr"] if reference_lr is None
-                                   else check.positive(owner, "reference_lr", reference_lr))
         self._step_count = 0
         self._objective_fn: Callable[[], Any] | None = None
         self._pending: _Step | None = None
@@ -329,8 +353,11 @@ class CurvatureTuner:
         groups = optimizer.param_groups
         pending.group_lrs = [float(g["lr"]) for g in groups]
         first = pending.group_lrs[0]
-        reference = first if first > 0 else 1.0
-        pending.ratios = [lr / reference for lr in pending.group_lrs]
+        if first > 0:
+            pending.ratios = [lr / first for lr in pending.group_lrs]
+        else:  # a schedule at 0 (a warm-up's first step): the groups' base proportions, so the probe still moves
+            bases = [float(g.get("initial_lr", lr)) for g, lr in zip(groups, pending.group_lrs, strict=True)]
+            pending.ratios = [b / bases[0] if bases[0] > 0 else 1.0 for b in bases]
         if self.lr_mode == "multiply" and self._reference_lr > 0:
             pending.schedule = first / self._reference_lr
         law = self.law
@@ -384,7 +411,8 @@ class CurvatureTuner:
             diagnostics["law_lr"] = float(output.lr)
             diagnostics["lr"] = float(output.lr) * pending.schedule
             if output.hyperparams:
-                opt_info.write_hyperparams(self.optimizer, {k: float(v) for k, v in output.hyperparams.items()})
+                opt_info.write_hyperparams(self.optimizer, {k: float(v) for k, v in output.hyperparams.items()},
+                                           self._hyperparam_ratios)
                 diagnostics.update({k: float(v) for k, v in output.hyperparams.items()})
         else:
             diagnostics["lr"] = pending.group_lrs[0]
@@ -404,9 +432,10 @@ class CurvatureTuner:
             torch._foreach_sub_(params, delta)  # back to w (exact when w and w + D are within a factor 2)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         objective = pending.objective
-        grad_dot_delta, grad_sq, delta_sq, param_sq = vec.dots(
-            [(grads, delta), (grads, grads), (delta, delta), (params, params)])
-        pending.norms = (math.sqrt(max(param_sq, 0.0)), math.sqrt(max(delta_sq, 0.0)))
+        grad_dot_delta, grad_sq, delta_sq, weighted = vec.dots(
+            [(grads, delta), (grads, grads), (delta, delta), (params, delta)], absolute=(False, False, False, True))
+        delta_norm = math.sqrt(max(delta_sq, 0.0))
+        pending.norms = (weighted / delta_norm if delta_norm > 0 else 0.0, delta_norm)  # vec.scale_along
         pending.grad_sq = grad_sq
         extra: dict[str, Any] = {
             "grad_norm": math.sqrt(max(grad_sq, 0.0)),
@@ -475,7 +504,9 @@ class CurvatureTuner:
             out[S.GRAD_NORM_SQ] = pending.grad_sq
         if S.CURVATURE in needs:
             objective = self._require_objective(pending, "u^T H u")
-            curvature = self.oracle.curvature(objective, params, delta, grad_dot_u=grad_dot_delta,
+            # one-sided finite differences subtract g(w).u: the step's own only when it is the objective's
+            exact = None if self.clipped_gradients else grad_dot_delta
+            curvature = self.oracle.curvature(objective, params, delta, grad_dot_u=exact,
                                               norms=pending.norms)
             out[S.CURVATURE] = curvature / eta_probe**2
         if S.LOSS in needs:
@@ -520,7 +551,8 @@ class CurvatureTuner:
 
     def _operator(self, objective: Objective, params: Vector, grads: Vector,
                   precond: Vector | None) -> tuple[Any, Callable[[Vector], Vector]]:
-        hessian = self.oracle.hessian_operator(objective, params, base_grad=grads)
+        hessian = self.oracle.hessian_operator(objective, params,
+                                               base_grad=None if self.clipped_gradients else grads)
         if precond is None:
             return hessian, hessian
         return hessian, preconditioned_operator(hessian, precond, ops=self._ops)
@@ -582,6 +614,7 @@ class CurvatureTuner:
             "step": self._step_count,
             "route": self.oracle.resolved,
             "reference_lr": self._reference_lr,
+            "hyperparam_ratios": {k: list(v) for k, v in self._hyperparam_ratios.items()},
             "eigenvector": tensors(self._eigenvector),
             "preconditioned_eigenvector": tensors(self._preconditioned_eigenvector),
             "previous_update": tensors(self._previous_update),
@@ -611,6 +644,8 @@ class CurvatureTuner:
         if saved.get("route") is not None:
             self.oracle.resolved = saved["route"]
         self._reference_lr = float(saved["reference_lr"])
+        if "hyperparam_ratios" in saved:
+            self._hyperparam_ratios = {k: [float(r) for r in v] for k, v in saved["hyperparam_ratios"].items()}
         params = self._params()
 
         def tensors(x: list[torch.Tensor] | None) -> Vector | None:

@@ -8,6 +8,7 @@ mixed precision. ``torch._foreach_*`` kernels do the elementwise work.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,11 +28,19 @@ def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> float:
     return float(torch.stack([p.to(parts[0].device) for p in parts]).sum())
 
 
-def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> list[float]:
-    """Several inner products (float64 accumulation) with a single host synchronisation."""
+def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+         absolute: Sequence[bool] | None = None) -> list[float]:
+    """Several inner products (float64 accumulation) with a single host synchronisation.
+
+    ``absolute[i]`` makes the i-th one ``sum |x| |y|`` (see :func:`scale_along`).
+    """
     totals = []
-    for x, y in pairs:
-        parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
+    for index, (x, y) in enumerate(pairs):
+        if absolute is not None and absolute[index]:
+            parts = [torch.sum(a.detach().abs() * b.detach().abs(), dtype=torch.float64)
+                     for a, b in zip(x, y, strict=True)]
+        else:
+            parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
         totals.append(torch.stack([p.to(parts[0].device) for p in parts]).sum() if parts else None)
     devices = [t.device for t in totals if t is not None]
     if not devices:
@@ -58,6 +67,19 @@ def loss_and_finite(loss: torch.Tensor | None, grads: Sequence[torch.Tensor | No
         values.append(loss.detach().reshape(-1)[0].to(device=device, dtype=torch.float64))
     host = torch.stack(values).tolist()
     return (host[1] if loss is not None else None), bool(host[0])
+
+
+def scale_along(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """``(sum_i |w_i| |u_i| / ||u||, ||u||)``: the size of the parameters where ``u`` points, and ``||u||``.
+
+    The parameter scale of a finite-difference step along ``u`` (Dennis and Schnabel's ``typx^T |u|``
+    rule, section 5.6): it is ``||w||`` when ``u`` is spread evenly, but much smaller when ``u``
+    concentrates on small weights, where a step sized by the whole vector's norm (on a transformer,
+    dominated by the normalisation layers' unit gains) would be far into the nonlinear range.
+    """
+    weighted, squared = dots([(params, direction), (direction, direction)], absolute=(True, False))
+    norm = math.sqrt(max(squared, 0.0))
+    return (weighted / norm if norm > 0 else 0.0), norm
 
 
 def squared_norm(x: Sequence[torch.Tensor]) -> float:

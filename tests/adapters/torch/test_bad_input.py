@@ -19,7 +19,7 @@ def make(law=None, **kwargs):
     return model, optimizer, tuner, x, y
 
 
-@pytest.mark.parametrize("poison", ["loss-nan", "loss-inf", "grad-inf"])
+@pytest.mark.parametrize("poison", ["loss-nan", "loss-inf", "grad-inf", "grad-nan"])
 def test_non_finite_loss_or_gradient_skips_the_step(poison):
     model, optimizer, tuner, x, y = make()
     state = {"poison": False}
@@ -34,6 +34,8 @@ def test_non_finite_loss_or_gradient_skips_the_step(poison):
         loss.backward()
         if state["poison"] and poison == "grad-inf":
             next(model.parameters()).grad[0, 0] = float("inf")
+        if state["poison"] and poison == "grad-nan":
+            list(model.parameters())[-1].grad[0] = float("nan")
         return loss
 
     for _ in range(3):
@@ -56,8 +58,9 @@ def test_non_finite_loss_or_gradient_skips_the_step(poison):
     assert good_lr > 0
 
 
-def test_non_finite_curvature_keeps_the_last_good_lr():
-    model, optimizer, tuner, x, y = make(law=CDAT(scale=2.0), route="fd-onesided")
+@pytest.mark.parametrize("route", ["fd-onesided", "double-backward"])
+def test_non_finite_curvature_keeps_the_last_good_lr(route):
+    model, optimizer, tuner, x, y = make(law=CDAT(scale=2.0), route=route)
     state = {"probe_calls": 0, "poison": False}
 
     def closure():
@@ -94,3 +97,37 @@ def test_nothing_to_skip_when_disabled():
         warnings.simplefilter("error")
         tuner.step(closure)
     assert tuner.diagnostics["skipped"] == 0.0
+
+
+def test_a_non_finite_sharpness_does_not_poison_the_warm_start():
+    """A NaN Hessian-vector product on one tracking step gives a NaN sharpness for that step only: the
+    next power iteration restarts and measures the same value as a run that never saw the NaN."""
+    histories = []
+    for poisoned_step in (None, 2):
+        model, _, other, x, y = make()
+        other.detach()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        tuner = CurvatureTuner(optimizer, None, sharpness_every=1, power_iters=200, power_tol=1e-10)  # only measures
+        state = {"calls": 0, "poison": False}
+
+        def closure(model=model, optimizer=optimizer, state=state, x=x, y=y):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            state["calls"] += 1
+            if state["poison"] and state["calls"] > 1:  # only the probes see NaN
+                loss = loss * float("nan")
+            loss.backward()
+            return loss
+
+        sharpness = []
+        for step in range(5):
+            state.update(calls=0, poison=step == poisoned_step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                tuner.step(closure)
+            sharpness.append(tuner.diagnostics["sharpness"])
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+        histories.append(sharpness)
+    clean, poisoned = histories
+    assert math.isnan(poisoned[2])
+    assert poisoned[3:] == pytest.approx(clean[3:], rel=1e-6)

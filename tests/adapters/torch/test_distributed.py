@@ -1,5 +1,6 @@
 """Data parallel: two gloo processes agree with each other and with one process on the union batch."""
 
+import gc
 import json
 import os
 
@@ -43,20 +44,40 @@ def run(model, optimizer, tuner, x, y):
 LAWS = {"cdat": lambda: CDAT(scale=2.0), "adaeos": lambda: AdaEoS(gamma=0.5, lr_init=0.05)}
 
 
+def train_shard(rank, law_name, route):
+    x, y = data()
+    shard = slice(rank * 16, (rank + 1) * 16)
+    model, optimizer = build(law_name)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, model=ddp, sharpness_every=2,
+                           power_iters=50, power_tol=1e-9)
+    return run(ddp, optimizer, tuner, x[shard], y[shard])
+
+
+def close_process_group(finished):
+    """Tear gloo down while every rank is alive and idle.
+
+    Destroying the group while the other rank is still in a collective, or leaving it (or a DDP reducer
+    that holds it) to the interpreter's exit, can kill a rank with SIGABRT ("terminate called without an
+    active exception"). So: free the DDP objects first (reference cycles), meet at a barrier when this
+    rank finished (after an error the other rank may never arrive), then destroy the group.
+    """
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def worker(rank, world, init_file, out_dir, law_name, route):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    finished = False
     try:
-        x, y = data()
-        shard = slice(rank * 16, (rank + 1) * 16)
-        model, optimizer = build(law_name)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, model=ddp, sharpness_every=2,
-                               power_iters=50, power_tol=1e-9)
-        history = run(ddp, optimizer, tuner, x[shard], y[shard])
+        history = train_shard(rank, law_name, route)  # the DDP model and the tuner die with its frame
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(history, f)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(finished)
 
 
 @pytest.mark.parametrize("law_name,route", [("cdat", "double-backward"), ("cdat", "fd-onesided"),

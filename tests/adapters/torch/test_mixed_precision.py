@@ -80,3 +80,32 @@ def test_grad_scaler_skipped_steps_are_skipped_by_the_tuner():
 
     ref_tuner.step(closure)
     assert scaled_lr == pytest.approx(ref_tuner.diagnostics["lr"], rel=1e-5)
+
+
+def test_finite_differences_under_autocast_use_the_autocast_precision():
+    """Under bf16 autocast the gradient is only bf16-precise: the oracle notices the bf16 results while the
+    loss runs and sizes finite-difference steps for bf16 (as if fd_eps were bf16's epsilon), which keeps
+    the one-sided curvature close to the exact route's; fp32-sized steps would drown in rounding."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+    lrs = {}
+    for name, route, fd_eps in (("exact", "double-backward", None), ("detected", "fd-onesided", None),
+                                ("given", "fd-onesided", torch.finfo(torch.bfloat16).eps)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        tuner = CurvatureTuner(optimizer, CDAT(scale=2.0), route=route, fd_eps=fd_eps)
+
+        def closure(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        lrs[name] = []
+        for _ in range(3):
+            tuner.step(closure)
+            lrs[name].append(tuner.diagnostics["lr"])
+    assert lrs["detected"] == lrs["given"]  # the same steps as with fd_eps = bf16's epsilon
+    assert lrs["detected"] == pytest.approx(lrs["exact"], rel=0.1)

@@ -155,6 +155,28 @@ def test_multiply_mode_applies_the_schedulers_shape(quadratic, make_closure):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5**4)  # the scheduler's own value
 
 
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_multiply_mode_follows_a_warm_up_created_before_or_after_the_tuner(quadratic, make_closure, scheduler_first):
+    """A warm-up scheduler created first sets the group's lr to 0 at attach time; the tuner reads the base
+    lr from the group's "initial_lr", so the schedule's factor (not 0 / 0) multiplies the law's lr."""
+    w, loss, _, _ = quadratic
+    optimizer = torch.optim.SGD([w], lr=0.5)
+
+    def warm_up():
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+
+    scheduler = warm_up() if scheduler_first else None
+    tuner = CurvatureTuner(optimizer, Constant(0.2), lr_mode="multiply")
+    scheduler = scheduler or warm_up()
+    closure = make_closure(optimizer, loss)
+    applied = []
+    for _ in range(6):
+        tuner.step(closure)
+        applied.append(tuner.diagnostics["lr"])
+        scheduler.step()
+    assert applied == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2])
+
+
 def test_set_objective_path_and_missing_objective_error(quadratic):
     w, loss, _, _ = quadratic
     optimizer = torch.optim.SGD([w], lr=0.1)
