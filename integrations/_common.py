@@ -17,7 +17,8 @@ from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
 from eos_core.adapters.torch.objective import capture_rng
 from eos_core.laws.base import Law
 
-__all__ = ["STATE_KEY", "TunerSettings", "loggable", "replay_rng", "capture_rng", "unwrap_optimizer"]
+__all__ = ["STATE_KEY", "TunerSettings", "UnwrittenDiagnostics", "capture_rng", "loggable", "replay_rng",
+           "unwrap_optimizer"]
 
 #: Diagnostics that are not logged as numbers: the step index (the trainers log their own) and the route (a name).
 _NOT_LOGGED = ("step", "route")
@@ -50,19 +51,24 @@ class TunerSettings:
                                            lr_mode=lr_mode, **options)
 
     def make_tuner(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None,
-                   grad_scaler: Any | None, hint: str) -> CurvatureTuner:
+                   grad_scaler: Any | None, clipped_gradients: bool, hint: str) -> CurvatureTuner:
         """Attach a tuner to ``optimizer``; the tuner's own ValueErrors get the callback's name and ``hint``.
 
         ``reference_lr`` is the scheduler's base lr (the group's ``initial_lr``, set by every torch
         scheduler) so that ``lr_mode="multiply"`` applies the schedule's factor even when it does not
         start at 1 (a warm-up from 0): both trainers create the scheduler before the callback attaches.
+        ``clipped_gradients``: the trainer clips the gradient before the step, so finite-difference
+        curvature must not reuse the step's gradient as g(w) (the user's ``clipped_gradients=True``
+        option, for clipping the trainer does not know about, is kept).
         """
         group = optimizer.param_groups[0]
         base = group.get("initial_lr", group["lr"])
         reference = float(base) if isinstance(base, int | float) and base > 0 else None
+        kwargs = dict(self.kwargs)
+        kwargs["clipped_gradients"] = bool(clipped_gradients or kwargs.get("clipped_gradients", False))
         try:
             return CurvatureTuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, reference_lr=reference,
-                                  **self.kwargs)
+                                  **kwargs)
         except ValueError as error:
             raise ValueError(f"{self.owner}: {error}. {hint}") from error
 
@@ -98,6 +104,34 @@ def loggable(diagnostics: Mapping[str, Any], prefix: str) -> dict[str, float]:
         if math.isfinite(number):
             out[prefix + key] = number
     return out
+
+
+class UnwrittenDiagnostics:
+    """The diagnostics of the steps since the trainer last wrote its logs, merged for the next write.
+
+    Trainers write logs every few steps (Lightning's ``log_every_n_steps``, the HF Trainer's
+    ``logging_steps``, 50 and 500 by default) while the tuner measures some values only every few steps
+    (``sharpness_every``, ``probe_every``). Logging only the last step's values would lose every
+    measurement made between two writes (a sharpness tracked every 100 steps would never reach a logger
+    that writes at steps 50, 100, ... one step later). So each write gets, per name, the latest value
+    measured since the previous write; ``skipped`` and ``fallback`` are summed (the number of such steps
+    since the previous write). When the trainer writes at every step this is exactly that step's values.
+    """
+
+    COUNTED = ("skipped", "fallback")
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, diagnostics: Mapping[str, Any]) -> None:
+        values = loggable(diagnostics, "")
+        for name in self.COUNTED:
+            if name in values:
+                values[name] += self.values.get(name, 0.0)
+        self.values.update(values)
+
+    def clear(self) -> None:
+        self.values = {}
 
 
 def replay_rng(state: Mapping[str, Any]) -> None:

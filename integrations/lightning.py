@@ -30,7 +30,10 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
   curvature and the gradient describe the same objective (CDAT's ratio is not scale-free in the
   objective). The ``eos/loss`` value logged under accumulation is that sum as well.
 * **Gradient clipping** runs inside the closure, so ``g`` (in ``g.u`` and ``grad_norm``) and the update
-  ``u`` are the clipped ones: clipping shrinks the step as it does with a fixed lr.
+  ``u`` are the clipped ones: clipping shrinks the step as it does with a fixed lr. The clipped
+  gradient is not the objective's, so when clipping is on (``gradient_clip_val`` or an overridden
+  ``configure_gradient_clipping``) finite-difference curvature evaluates g(w) again instead of reusing
+  it (``clipped_gradients=True`` on the tuner; pass it yourself if ``on_before_optimizer_step`` clips).
 * **The user's logging during probes.** ``training_step`` usually calls ``self.log``. Each probe
   evaluation would log again (on-epoch means would count probes), so the values logged during a probe
   are discarded (the trainer's result collection is restored after each evaluation). Side effects
@@ -40,6 +43,9 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
   (``on_step=True``), named ``"eos/<name>"`` (``eos/lr``, ``eos/sharpness``, ``eos/lr_sharpness``, ...),
   so every Lightning logger (TensorBoard, CSV, ...) records them at Lightning's ``log_every_n_steps``
   cadence, and ``eos/lr`` shows in the progress bar. Values not measured on a step (NaN) are left out.
+  Loggers write every ``log_every_n_steps`` steps (50 by default): each write gets, per name, the
+  latest value measured since the previous write (a sharpness tracked at step 100 is written at step
+  149, not lost), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous write.
   The applied lr is ``eos/lr``; Lightning's ``LearningRateMonitor`` shows the scheduler's lr, which
   the tuner restores after each step.
 * **Schedulers.** ``lr_mode="override"`` (default): the law's lr is applied, the scheduler's only
@@ -73,14 +79,15 @@ from lightning.pytorch.strategies import (  # noqa: E402
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature  # noqa: E402
 
 from eos_core import stats as S  # noqa: E402
 from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
     TunerSettings,
+    UnwrittenDiagnostics,
     capture_rng,
-    loggable,
     replay_rng,
     sum_losses,
 )
@@ -143,7 +150,8 @@ class EdgeOfStabilityCallback(pl.Callback):
         self.probing = False
         self._window: list[tuple[Any, int, dict[str, Any]]] = []
         self._window_loss = 0.0
-        self._steps_seen = 0
+        self._last_step: int | None = None
+        self._unwritten = UnwrittenDiagnostics()
         self._devices: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------------------------------------
@@ -162,12 +170,15 @@ class EdgeOfStabilityCallback(pl.Callback):
         if self.tuner is not None:  # from a previous fit
             self.tuner.detach()
             self.tuner = None
+        clipping = bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)
         self.tuner = self.settings.make_tuner(
             optimizers[0], model=pl_module, grad_scaler=getattr(precision, "scaler", None),
+            clipped_gradients=clipping,
             hint="Return a supported optimizer from configure_optimizers and do not attach a CurvatureTuner to it "
                  "yourself (use one EdgeOfStabilityCallback per Trainer).")
         self._window, self._window_loss = [], 0.0
-        self._steps_seen = trainer.global_step
+        self._last_step = None  # the tuner's step index of the last step whose diagnostics were logged
+        self._unwritten.clear()
         # one tensor per device: what capture_rng needs to know which CUDA generators to record
         self._devices = list({p.device: p for p in pl_module.parameters()}.values())
 
@@ -255,18 +266,33 @@ class EdgeOfStabilityCallback(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):  # already divided by accumulate_grad_batches by Lightning
             self._window_loss += float(loss.detach())
-        if trainer.global_step == self._steps_seen:
-            return  # still accumulating
-        self._steps_seen = trainer.global_step
+        # The tuner's step index tells whether the optimizer stepped in this batch: not while accumulating, nor
+        # when a GradScaler skipped the step (inf gradients under 16-mixed), although Lightning counts it. (Not
+        # trainer.global_step: on resume with ckpt_path=... Lightning restores it only after on_fit_start.)
+        step = self.tuner.diagnostics.get("step")
+        if step is None or step == self._last_step:
+            return
+        self._last_step = step
         diagnostics = dict(self.tuner.diagnostics)
         if trainer.accumulate_grad_batches > 1 and not diagnostics.get("skipped"):
             diagnostics["loss"] = self._window_loss
         self._window, self._window_loss = [], 0.0
+        self._unwritten.add(diagnostics)
         if trainer.barebones:
+            self._unwritten.clear()
             return
-        for name, value in loggable(diagnostics, "").items():
+        for name, value in self._unwritten.values.items():
             pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False,
                           prog_bar=name in self.prog_bar, batch_size=1)
+        if _loggers_write_now(trainer):
+            self._unwritten.clear()
+
+
+def _loggers_write_now(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this step's logged values to its loggers (every ``log_every_n_steps`` steps
+    and at the last step); called from ``on_train_batch_end``, as Lightning's own check is, right after."""
+    flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    return flag if isinstance(flag, bool) else True
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trai
   scheduler in ``_prepare_for_training``, which runs before ``on_train_begin`` (callbacks never see the
   optimizer earlier). ``optimizer.step()`` of the Trainer reaches the inner optimizer, whose step hooks
   run the tuner; the Trainer calls it once per optimizer step, after the last micro-batch and after
-  gradient clipping (``max_grad_norm``), so the tuner sees the clipped, accumulated gradient.
+  gradient clipping (``max_grad_norm``, 1.0 by default), so the tuner sees the clipped, accumulated
+  gradient (in ``g.u``, ``grad_norm`` and the update). The clipped gradient is not the objective's,
+  so with ``max_grad_norm > 0`` finite-difference curvature evaluates g(w) again instead of reusing
+  it (one more gradient per probe; set ``max_grad_norm=0`` to save it).
 * **How the batch and model are obtained.** The callback gets the model as the ``model`` argument of the
   events (the unwrapped model, not the DDP wrapper). It registers a forward pre-hook with kwargs on it
   (``register_forward_pre_hook(..., with_kwargs=True)``) and records, between ``on_step_begin`` (fired
@@ -45,8 +48,10 @@ Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trai
   in the Trainer's callback list (found as the ``CallbackHandler`` that is calling it), and in
   ``on_log`` it adds the last step's diagnostics as ``"eos/<name>"`` to the training logs (the ones with
   ``learning_rate``) and to the entry ``Trainer.log`` just appended to ``state.log_history``: every
-  reporting callback, the progress bar and ``trainer_state.json`` get them. Values not measured on that
-  step (NaN) are left out.
+  reporting callback, the progress bar and ``trainer_state.json`` get them. The Trainer logs every
+  ``logging_steps`` steps; each log gets, per name, the latest value measured since the previous log
+  (so a sharpness tracked at step 101 appears in the log of step 500 with the default
+  ``logging_steps=500``), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous log.
 * **Checkpoints.** ``Trainer._save_checkpoint`` saves ``optimizer.state_dict()`` to ``optimizer.pt``,
   which carries the tuner's state under ``"eos_core"``. But ``_prepare_for_training`` loads
   ``optimizer.pt`` *before* ``on_train_begin`` (and torch's ``load_state_dict`` drops the unknown key),
@@ -82,8 +87,8 @@ from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
     STATE_KEY,
     TunerSettings,
+    UnwrittenDiagnostics,
     capture_rng,
-    loggable,
     replay_rng,
     sum_losses,
     unwrap_optimizer,
@@ -150,7 +155,9 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._recording = False
         self._batches: list[_Batch] = []
         self._devices: list[torch.Tensor] = []
-        self._last: dict[str, Any] = {}
+        self._unwritten = UnwrittenDiagnostics()
+        self._last_step: int | None = None  # the tuner's step index of the last step added to the logs
+        self._route: str | None = None
         self._logged_route: str | None = None
         self._placement_warned = False
 
@@ -175,12 +182,14 @@ class EdgeOfStabilityCallback(TrainerCallback):
         inner = unwrap_optimizer(optimizer)
         self.tuner = self.settings.make_tuner(
             inner, model=model, grad_scaler=getattr(optimizer, "scaler", None),
+            clipped_gradients=bool(args.max_grad_norm and args.max_grad_norm > 0),
             hint="Use a supported optimizer (TrainingArguments(optim='adamw_torch' or 'sgd'), or optimizers=(...)) "
                  "and do not attach a CurvatureTuner to the Trainer's optimizer yourself (one callback per Trainer).")
         self._model = model
         self._devices = list({p.device: p for p in model.parameters()}.values())
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
-        self._last, self._logged_route = {}, None
+        self._unwritten.clear()
+        self._route, self._logged_route, self._last_step = None, None, None
         if state.global_step > 0:
             self._resume(args, state, inner)
 
@@ -311,16 +320,21 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:
-        if self.tuner is not None:
-            self._last = dict(self.tuner.diagnostics)
+        diagnostics = self.tuner.diagnostics if self.tuner is not None else {}
+        # a new step index: the tuner ran (not when a GradScaler skipped optimizer.step on inf gradients)
+        if diagnostics.get("step") is not None and diagnostics.get("step") != self._last_step:
+            self._last_step = diagnostics["step"]
+            self._unwritten.add(diagnostics)
+            self._route = diagnostics.get("route")
         self._batches = []
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs is None or "learning_rate" not in logs or not self._last:
+        if logs is None or "learning_rate" not in logs or not self._unwritten.values:
             return  # evaluation and end-of-training logs
-        values: dict[str, Any] = loggable(self._last, self.log_prefix)
-        route = self._last.get("route")
+        values: dict[str, Any] = {self.log_prefix + k: v for k, v in self._unwritten.values.items()}
+        self._unwritten.clear()
+        route = self._route
         if isinstance(route, str) and route != self._logged_route and route != "auto":
             values[self.log_prefix + "route"] = route
             self._logged_route = route

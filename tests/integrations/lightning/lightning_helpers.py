@@ -7,11 +7,11 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def digits(n: int = 512) -> TensorDataset:
+def digits(n: int = 512, dtype: torch.dtype = torch.float32) -> TensorDataset:
     """scikit-learn's 8x8 digits (ships with the package), standardised per pixel."""
     x, y = load_digits(return_X_y=True)
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return TensorDataset(torch.tensor(x[:n], dtype=torch.float32), torch.tensor(y[:n]))
+    return TensorDataset(torch.tensor(x[:n], dtype=dtype), torch.tensor(y[:n]))
 
 
 def loader(dataset: TensorDataset, batch_size: int = 64) -> DataLoader:
@@ -22,10 +22,11 @@ class DigitsMLP(pl.LightningModule):
     """A plain LightningModule the callback must not need to know about (logs its loss like users do)."""
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.05, hidden: int = 32, scheduler: str | None = None,
-                 dropout: float = 0.0, manual: bool = False):
+                 dropout: float = 0.0, manual: bool = False, batch_norm: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+        norm = torch.nn.BatchNorm1d(hidden) if batch_norm else torch.nn.Identity()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, hidden), norm, torch.nn.Tanh(), torch.nn.Dropout(dropout),
                                        torch.nn.Linear(hidden, 10))
         self.optimizer_name, self.lr, self.scheduler = optimizer, lr, scheduler
         self.automatic_optimization = not manual
@@ -60,6 +61,9 @@ class DigitsMLP(pl.LightningModule):
         if self.scheduler == "linear":
             scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=8)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if self.scheduler == "warmup":  # factor t / 2 for 2 steps, from 0, then 1
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(t / 2, 1.0))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return optimizer
 
 
@@ -70,25 +74,40 @@ def full_loss(model: torch.nn.Module, dataset: TensorDataset) -> float:
 
 
 class Recorder(pl.Callback):
-    """Records the tuner's diagnostics and the parameters after every optimizer step."""
+    """Records the tuner's diagnostics, the parameters and the gradient of every optimizer step."""
 
     def __init__(self, eos):
         self.eos = eos
         self.steps: list[dict] = []
         self.params: list[np.ndarray] = []
+        self.grads: list[np.ndarray] = []  # the (clipped, accumulated) gradient the step used
+        self.initial: np.ndarray | None = None
         self._seen = None
 
     def on_train_start(self, trainer, pl_module):
         self._seen = trainer.global_step
+        self.initial = flat(pl_module.parameters())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self._seen:
             self._seen = trainer.global_step
             self.steps.append(dict(self.eos.tuner.diagnostics))
-            self.params.append(torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).numpy().copy())
+            self.params.append(flat(pl_module.parameters()))
+            self.grads.append(flat(p.grad if p.grad is not None else torch.zeros_like(p)
+                                   for p in pl_module.parameters()))
 
     def lrs(self) -> list[float]:
         return [s["lr"] for s in self.steps]
+
+    def applied_lrs(self) -> list[float]:
+        """The lr each SGD step (no momentum, no weight decay) applied: w' - w = -lr g, so lr = -(w' - w).g / g.g."""
+        before = [self.initial, *self.params[:-1]]
+        return [float(-np.dot(after - start, g) / np.dot(g, g))
+                for start, after, g in zip(before, self.params, self.grads, strict=True)]
+
+
+def flat(tensors) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype(np.float64)
 
 
 def trainer(tmp_path, callbacks, *, max_steps: int = 16, logger=None, **kwargs) -> pl.Trainer:

@@ -14,15 +14,17 @@ from eos_core.adapters.torch import CurvatureTuner
 from eos_core.integrations.lightning import EdgeOfStabilityCallback
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*(does not have many workers|LeafSpec|litlogger|GPU available|TPU available).*")
+    "ignore:.*(does not have many workers|LeafSpec|litlogger|GPU available|TPU available|smaller than the logging "
+    "interval).*")
 
 FULL_BATCH = 512
 
 
-def fit(tmp_path, eos, *, model=None, max_steps=12, batch_size=FULL_BATCH, ckpt_path=None, **trainer_kwargs):
+def fit(tmp_path, eos, *, model=None, max_steps=12, batch_size=FULL_BATCH, ckpt_path=None, data=None,
+        **trainer_kwargs):
     model = model if model is not None else DigitsMLP()
     recorder = Recorder(eos)
-    data = digits()
+    data = data if data is not None else digits()
     run = trainer(tmp_path, [eos, recorder], max_steps=max_steps, **trainer_kwargs)
     run.fit(model, loader(data, batch_size), ckpt_path=ckpt_path)
     return run, model, recorder
@@ -64,6 +66,24 @@ def test_loss_falls_and_every_logger_gets_the_diagnostics(tmp_path):
     assert "eos/lr" in run.progress_bar_metrics
 
 
+def test_loggers_writing_every_few_steps_get_the_measurements_in_between(tmp_path):
+    # Lightning writes at steps 3, 7, 11 (log_every_n_steps=4); sharpness is tracked at 0, 3, 6, 9 and the
+    # step 5 loss is NaN (skipped): each write carries the latest measurement since the previous one
+    model = DigitsMLP()
+    model.poison_batches = {5}
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=3)
+    with pytest.warns(RuntimeWarning, match="step 5 skipped"):
+        _, _, recorder = fit(tmp_path, eos, model=model, logger=CSVLogger(tmp_path), log_every_n_steps=4)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("eos/lr")}
+    assert sorted(rows) == [3, 7, 11]
+    sharpness = [recorder.steps[i]["sharpness"] for i in (3, 6, 9)]
+    assert [float(rows[t]["eos/sharpness"]) for t in (3, 7, 11)] == pytest.approx(sharpness, rel=1e-6)
+    assert [float(rows[t]["eos/lr"]) for t in (3, 7, 11)] == pytest.approx(
+        [recorder.steps[t]["lr"] for t in (3, 7, 11)], rel=1e-6)
+    assert [float(rows[t]["eos/skipped"]) for t in (3, 7, 11)] == [0.0, 1.0, 0.0]  # steps skipped since the last
+
+
 def test_probes_do_not_count_in_the_users_logged_metrics(tmp_path):
     eos = EdgeOfStabilityCallback(CDAT(scale=1.0, ema=0.9), sharpness_every=2)
     run, model, recorder = fit(tmp_path, eos, max_steps=8, batch_size=128)  # 4 batches per epoch
@@ -73,7 +93,8 @@ def test_probes_do_not_count_in_the_users_logged_metrics(tmp_path):
     assert float(run.logged_metrics["train_loss_epoch"]) == pytest.approx(np.mean(last_epoch), rel=1e-5)
 
 
-def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumulate):
     def make():
         # EMA and probe_every=2: the lr depends on the tuner's state, not only on the current weights
         return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
@@ -81,22 +102,32 @@ def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path):
     def adam():
         return DigitsMLP(optimizer="adam", lr=1e-3)
 
-    _, _, straight = fit(tmp_path / "a", make(), model=adam(), max_steps=12)
-    first, _, _ = fit(tmp_path / "b", make(), model=adam(), max_steps=5)
+    # With accumulation: 2 micro-batches of 128 per step, 2 steps per epoch, the checkpoint at the end of epoch 2
+    # (the resumed fit must probe both micro-batches of its first step, though Lightning restores global_step
+    # late). These fits stop by max_epochs: Lightning 2.6 resumes an end-of-epoch checkpoint under max_steps
+    # with one extra batch of the finished epoch, which would shift the accumulation windows.
+    if accumulate == 1:
+        setup, stop, until, total = dict(batch_size=FULL_BATCH), 5, dict(max_steps=5), dict(max_steps=12)
+    else:
+        setup = dict(batch_size=128, accumulate_grad_batches=2, max_steps=-1)
+        stop, until, total = 4, dict(max_epochs=2), dict(max_epochs=6)
+    _, _, straight = fit(tmp_path / "a", make(), model=adam(), **total, **setup)
+    first, _, _ = fit(tmp_path / "b", make(), model=adam(), **until, **setup)
     path = tmp_path / "k.ckpt"
     first.save_checkpoint(path)
-    assert torch.load(path, weights_only=True)["optimizer_states"][0]["eos_core"]["step"] == 5
-    _, _, resumed = fit(tmp_path / "c", make(), model=adam(), max_steps=12, ckpt_path=path)
+    assert torch.load(path, weights_only=True)["optimizer_states"][0]["eos_core"]["step"] == stop
+    _, _, resumed = fit(tmp_path / "c", make(), model=adam(), ckpt_path=path, **total, **setup)
+    assert len(resumed.steps) == len(straight.steps) - stop
 
-    assert resumed.lrs() == straight.lrs()[5:]  # bit-identical
+    assert resumed.lrs() == straight.lrs()[stop:]  # bit-identical
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
 
     # the same resume without the tuner's state (a plain optimizer checkpoint) does not continue it
     checkpoint = torch.load(path, weights_only=True)
     del checkpoint["optimizer_states"][0]["eos_core"]
     torch.save(checkpoint, tmp_path / "plain.ckpt")
-    _, _, restarted = fit(tmp_path / "d", make(), model=adam(), max_steps=12, ckpt_path=tmp_path / "plain.ckpt")
-    assert restarted.lrs() != straight.lrs()[5:]
+    _, _, restarted = fit(tmp_path / "d", make(), model=adam(), ckpt_path=tmp_path / "plain.ckpt", **total, **setup)
+    assert restarted.lrs() != straight.lrs()[stop:]
 
 
 def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path):
@@ -144,18 +175,84 @@ def test_gradient_clipping_bounds_the_gradient_the_tuner_sees(tmp_path):
     assert first_move == pytest.approx(clipped.steps[0]["lr"] * clipped.steps[0]["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_finite_differences_do_not_reuse_a_clipped_gradient(tmp_path, algorithm):
+    # the clipped gradient is not the objective's: one-sided finite differences must evaluate g(w) again
+    # (float64, so they agree with double backward to ~1e-7)
+    runs = {}
+    for route in ("double-backward", "fd-onesided"):
+        eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=2, route=route)
+        _, _, runs[route] = fit(tmp_path / route, eos, model=DigitsMLP().double(), data=digits(dtype=torch.float64),
+                                max_steps=3, gradient_clip_val=0.05, gradient_clip_algorithm=algorithm)
+    for a, b in zip(runs["fd-onesided"].steps, runs["double-backward"].steps, strict=True):
+        assert a["denominator"] == pytest.approx(b["denominator"], rel=1e-5)
+        assert a.get("sharpness", 0.0) == pytest.approx(b.get("sharpness", 0.0), rel=1e-5)
+
+
+def test_bf16_mixed_precision_measures_the_same_curvature(tmp_path):
+    # precision="bf16-mixed": training_step runs under CPU autocast, and so do the probes (the precision
+    # plugin's train_step_context); the curvature agrees with the float32 run's to bf16 accuracy
+    class Spy(DigitsMLP):
+        """Records whether each forward pass of a probe ran under bf16 autocast."""
+
+        def forward(self, x):
+            if eos.probing:
+                probes.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return super().forward(x)
+
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        probes: list[bool] = []
+        eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=2)
+        _, _, runs[precision] = fit(tmp_path / precision, eos, model=Spy(), max_steps=4, precision=precision)
+    assert probes and all(probes)
+    full, mixed = runs["32-true"].steps, runs["bf16-mixed"].steps
+    assert all(s["skipped"] == 0 and math.isfinite(s["lr"]) for s in mixed)
+    assert mixed[0]["denominator"] == pytest.approx(full[0]["denominator"], rel=0.05)
+    assert mixed[0]["sharpness"] == pytest.approx(full[0]["sharpness"], rel=0.05)
+
+
 def plain_initial_params():
     return torch.cat([p.detach().reshape(-1) for p in DigitsMLP().parameters()]).numpy()
 
 
-def test_multiply_mode_applies_the_lightning_scheduler_shape(tmp_path):
+@pytest.mark.parametrize("scheduler", ["linear", "warmup"])
+def test_override_ignores_the_lightning_scheduler_and_multiply_applies_its_shape(tmp_path, scheduler):
+    # LinearLR(start 1, end 0.1, 8 iterations), or a warm-up from 0 (factor t / 2 for 2 steps, then 1)
+    factors = [1.0 - 0.9 * t / 8 if scheduler == "linear" else min(t / 2, 1.0) for t in range(6)]
     _, _, override = fit(tmp_path / "o", EdgeOfStabilityCallback(Constant(0.2)), max_steps=6,
-                         model=DigitsMLP(scheduler="linear"))
+                         model=DigitsMLP(scheduler=scheduler))
     _, _, multiply = fit(tmp_path / "m", EdgeOfStabilityCallback(Constant(0.2), lr_mode="multiply"), max_steps=6,
-                         model=DigitsMLP(scheduler="linear"))
-    factors = [1.0 - 0.9 * t / 8 for t in range(6)]  # LinearLR(start 1, end 0.1, 8 iterations)
+                         model=DigitsMLP(scheduler=scheduler))
     assert override.lrs() == pytest.approx([0.2] * 6)
     assert multiply.lrs() == pytest.approx([0.2 * f for f in factors], rel=1e-6)
+    # the logged lr is the one the SGD steps applied (a scheduler at 0 must not zero an override step)
+    assert override.applied_lrs() == pytest.approx(override.lrs(), rel=1e-4)
+    assert multiply.applied_lrs() == pytest.approx(multiply.lrs(), rel=1e-4, abs=1e-7)
+
+
+def test_the_logged_lr_is_the_applied_lr_under_clipping_and_accumulation(tmp_path):
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=2)
+    _, _, recorder = fit(tmp_path, eos, max_steps=6, batch_size=128, accumulate_grad_batches=2,
+                         gradient_clip_val=0.5, model=DigitsMLP(scheduler="warmup"))
+    lrs = recorder.lrs()
+    assert len(set(lrs)) == 6  # the law's lr, a new one at every step
+    assert recorder.applied_lrs() == pytest.approx(lrs, rel=1e-4)
+
+
+def test_probes_leave_the_batch_norm_statistics_alone(tmp_path):
+    # every training forward pass updates BatchNorm's running statistics; probes (power iteration: dozens of
+    # evaluations) must not, or evaluation-mode predictions would drift with the probe count
+    def run(eos, name):
+        model = DigitsMLP(batch_norm=True)
+        fit(tmp_path / name, eos, model=model, max_steps=4, batch_size=128, accumulate_grad_batches=2)
+        return model.net[1]
+
+    norm = run(EdgeOfStabilityCallback(Constant(0.05), sharpness_every=1, power_iters=10), "probed")
+    assert int(norm.num_batches_tracked) == 8  # 4 steps of 2 micro-batches
+    plain = run(EdgeOfStabilityCallback(None), "plain")  # same lr (the optimizer's 0.05), no probes
+    torch.testing.assert_close(norm.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_loss_skips_the_step_without_touching_the_weights(tmp_path):

@@ -64,6 +64,7 @@ class StepRecorder(TrainerCallback):
         self.steps: list[dict] = []
         self.scheduler_lrs: list[float] = []
         self.params: list[np.ndarray] = []
+        self.grads: list[np.ndarray] = []  # the (clipped, accumulated) gradient each step used
         self.initial: np.ndarray | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -75,13 +76,25 @@ class StepRecorder(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.steps.append(dict(self.eos.tuner.diagnostics))
         self.params.append(flat(model))
+        self.grads.append(flat_tensors(p.grad if p.grad is not None else torch.zeros_like(p)
+                                       for p in model.parameters()))
 
     def lrs(self) -> list[float]:
         return [s["lr"] for s in self.steps]
 
+    def applied_lrs(self) -> list[float]:
+        """The lr each SGD step (no momentum, no weight decay) applied: w' - w = -lr g, so lr = -(w' - w).g / g.g."""
+        before = [self.initial, *self.params[:-1]]
+        return [float(-np.dot(after - start, g) / np.dot(g, g))
+                for start, after, g in zip(before, self.params, self.grads, strict=True)]
+
+
+def flat_tensors(tensors) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype(np.float64)
+
 
 def flat(model: torch.nn.Module) -> np.ndarray:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+    return flat_tensors(model.parameters())
 
 
 def arguments(tmp_path, **overrides) -> TrainingArguments:

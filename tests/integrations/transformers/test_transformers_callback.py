@@ -82,6 +82,18 @@ def test_sdpa_model_trains_and_the_diagnostics_reach_the_logs(tmp_path, build):
                                                                           EdgeOfStabilityCallback, LogSpy]
 
 
+def test_logs_every_few_steps_carry_the_measurements_in_between(tmp_path):
+    # the Trainer logs after steps 4, 8, 12 (logging_steps=4); the tuner tracks sharpness at its steps 0, 3, 6, 9
+    # (global steps 1, 4, 7, 10): each log carries the latest measurement since the previous one
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3)
+    trainer, recorder = train(tmp_path, tiny_gpt2(), eos, max_steps=12, logging_steps=4)
+    history = [e for e in trainer.state.log_history if "learning_rate" in e]
+    assert [e["step"] for e in history] == [4, 8, 12]
+    assert [e["eos/sharpness"] for e in history] == [recorder.steps[i]["sharpness"] for i in (3, 6, 9)]
+    assert [e["eos/lr"] for e in history] == [recorder.steps[i]["lr"] for i in (3, 7, 11)]
+    assert [e["eos/skipped"] for e in history] == [0.0, 0.0, 0.0]
+
+
 def test_diagnostics_reach_the_trainers_tensorboard_callback(tmp_path):
     pytest.importorskip("tensorboard")
     eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3)
@@ -131,24 +143,70 @@ def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path, build)
     assert difference < 1e-4
 
 
+def test_bf16_mixed_precision_measures_the_same_curvature(tmp_path):
+    # bf16=True: the Trainer's forward runs under CPU autocast; the probes run the same forward, SDPA falls
+    # back to the math kernel, and the curvature agrees with the float32 run's to bf16 accuracy
+    runs, probes = {}, []
+
+    def spy(module, args):  # whether each forward pass of a probe ran under bf16 autocast
+        if eos.probing:
+            probes.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+    for bf16 in (False, True):
+        eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3)
+        model = tiny_gpt2()
+        model.transformer.register_forward_pre_hook(spy)
+        probes.clear()
+        trainer, runs[bf16] = train(tmp_path / str(bf16), model, eos, max_steps=6, bf16=bf16)
+        assert eos.tuner.route == "double-backward+sdpa-math"
+    assert probes and all(probes)
+    full, mixed = runs[False].steps, runs[True].steps
+    assert all(s["skipped"] == 0 and math.isfinite(s["lr"]) for s in mixed)
+    assert mixed[0]["denominator"] == pytest.approx(full[0]["denominator"], rel=0.05)
+    assert mixed[0]["sharpness"] == pytest.approx(full[0]["sharpness"], rel=0.05)
+    assert logged(trainer, "eos/lr") == [s["lr"] for s in mixed]
+
+
+def test_finite_differences_do_not_reuse_a_clipped_gradient(tmp_path):
+    # max_grad_norm clips the gradient before the step: the tuner's one-sided finite differences must take
+    # g(w) of the objective, not the clipped one (whose difference to g(w + h u) is ~ g / h, not H u).
+    # float64 end to end, so finite differences agree with double backward to ~1e-8.
+    runs = {}
+    for route in ("double-backward", "fd-onesided"):
+        eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=2, route=route)
+        _, runs[route] = train(tmp_path / route, MeanLossModel().double(), eos, max_steps=3, max_grad_norm=0.05)
+    exact, approximate = runs["double-backward"].steps, runs["fd-onesided"].steps
+    assert all(s["grad_norm"] == pytest.approx(0.05, rel=1e-3) for s in exact)  # every step was clipped
+    for a, b in zip(approximate, exact, strict=True):
+        assert a["denominator"] == pytest.approx(b["denominator"], rel=1e-5)
+        assert a.get("sharpness", 0.0) == pytest.approx(b.get("sharpness", 0.0), rel=1e-5)
+
+
 def test_scheduler_override_ignores_it_and_multiply_applies_its_shape(tmp_path):
     schedule = dict(lr_scheduler_type="linear", warmup_steps=2, max_steps=8)
     factors = [t / 2 if t < 2 else (8 - t) / 6 for t in range(8)]  # linear warm-up for 2 steps, then decay to 0
 
-    trainer, override = train(tmp_path / "o", tiny_gpt2(), EdgeOfStabilityCallback(Constant(0.01)), **schedule)
+    sgd = dict(optim="sgd", weight_decay=0.0)  # w' - w = -lr g: the applied lr can be read off the parameters
+
+    trainer, override = train(tmp_path / "o", tiny_gpt2(), EdgeOfStabilityCallback(Constant(0.01)), **schedule, **sgd)
     assert override.lrs() == pytest.approx([0.01] * 8)
+    assert override.applied_lrs() == pytest.approx([0.01] * 8, rel=1e-4)  # also where the warm-up is at 0
     assert override.scheduler_lrs == pytest.approx([1e-3 * f for f in factors])  # the scheduler ran as usual
     assert logged(trainer, "learning_rate") == pytest.approx([1e-3 * f for f in factors])
 
     _, multiply = train(tmp_path / "m", tiny_gpt2(), EdgeOfStabilityCallback(Constant(0.01), lr_mode="multiply"),
-                        **schedule)
+                        **schedule, **sgd)
     assert multiply.lrs() == pytest.approx([0.01 * f for f in factors])
+    assert multiply.applied_lrs()[1:] == pytest.approx([0.01 * f for f in factors[1:]], rel=1e-4)
     np.testing.assert_array_equal(multiply.params[0], multiply.initial)  # warm-up factor 0: no step at all
 
     eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), lr_mode="multiply")
-    _, cdat = train(tmp_path / "c", tiny_gpt2(), eos, **schedule)
+    _, cdat = train(tmp_path / "c", tiny_gpt2(), eos, **schedule, **sgd)
     expected = [s["law_lr"] * f for s, f in zip(cdat.steps, factors, strict=True)]
     assert [s["lr"] for s in cdat.steps] == pytest.approx(expected)
+    assert cdat.applied_lrs()[1:] == pytest.approx(expected[1:], rel=1e-4)
+    # the first probe (warm-up factor 0) still measured the curvature along a real update
+    assert cdat.steps[0]["denominator"] > 1e-6 and cdat.steps[0]["numerator"] > 0
 
 
 def test_resume_from_a_trainer_checkpoint_continues_the_lr_trajectory(tmp_path):

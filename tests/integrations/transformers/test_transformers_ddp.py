@@ -15,7 +15,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 SCRIPT = """
-import contextlib, io, json, logging, os, sys, warnings
+import contextlib, gc, io, json, logging, os, sys, warnings
+import torch.distributed as dist
 warnings.simplefilter("ignore")
 logging.disable(logging.WARNING)
 sys.path.insert(0, {helpers!r})
@@ -33,6 +34,13 @@ record = {{"lr": recorder.lrs(), "sharpness": [s.get("sharpness") for s in recor
            "loss": [s.get("loss") for s in recorder.steps], "params": recorder.params[-1][:64].tolist()}}
 with open({out!r} + f"/world{{world}}-rank{{os.environ.get('RANK', '0')}}.json", "w") as f:
     json.dump(record, f)
+# The Trainer leaves a gloo group to the interpreter's exit, where it can abort a rank ("terminate called
+# without an active exception"): free the trainer (and its DDP reducer), meet, then destroy the group.
+del trainer, recorder, eos
+gc.collect()
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
