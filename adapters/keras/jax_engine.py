@@ -1,0 +1,174 @@
+r"""The JAX backend: the Keras optimizer as an optax transformation, tuned by :func:`eos_core.adapters.jax.tune`.
+
+Everything the JAX adapter does (probes, routes and their ``auto`` resolution at trace time, spectra,
+skipping non-finite steps inside ``jit``, warnings through ``jax.debug.callback``) is reused unchanged:
+
+1. :func:`keras_direction` turns the wrapped Keras optimizer into an ``optax.GradientTransformation``
+   whose update is ``u``, the Keras update for learning rate 1 (see :mod:`.optimizers`): the Keras
+   optimizer runs inside a ``keras.StatelessScope`` that maps its variables to the optax state (a list
+   of the optimizer variables' values) and the model's trainable variables to zeros.
+2. ``tune(keras_direction(...), law, ...)`` is the transformation the tuner applies in
+   ``stateless_apply``, with ``value_fn`` the loss on the batch that the wrapped ``train_step`` publishes
+   (:mod:`.train_step`). New weights are ``w + lr * u`` (then the variables' constraints).
+3. The ``TuneState`` pytree is stored in Keras variables: its ``base_state`` *is* the wrapped optimizer's
+   own variables, every other leaf (law state, step and skip counters, warm-start eigenvectors, previous
+   update, the diagnostics vector) is one variable of the tuner. ``model.save`` / ``load_model`` and
+   Keras's checkpoint callbacks therefore save and restore all of it.
+
+Preconditioned sharpness (``sharpness_every``, ``ExactSharpness(preconditioned=True)``,
+``AdaEoS(preconditioned=True)``) is available for Adam, AdamW (``amsgrad`` too) and RMSprop without
+momentum: with lr = 1 Keras's Adam takes ``u = -P^{-1} m`` with
+``P = (sqrt(v) + epsilon) (1 - beta_1^t) / sqrt(1 - beta_2^t)`` and RMSprop ``u = -P^{-1} g`` with
+``P = sqrt(v + epsilon)`` (centred: ``sqrt(v - gbar^2 + epsilon)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+
+from eos_core.adapters.jax import tune
+from eos_core.adapters.jax.transform import ROUTE_NAMES, TuneState
+from eos_core.adapters.keras.optimizers import decay_rates
+from eos_core.laws.base import Law
+
+
+def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTransformation:
+    """``optimizer`` (built on ``trainable``, learning rate 1) as an optax transformation whose update is ``u``.
+
+    The optax state is the list of ``optimizer.variables``' values.
+    """
+    trainable = list(trainable)
+    shapes = [tuple(v.shape) for v in trainable]
+    decay = decay_rates(optimizer, trainable)
+
+    def check(params: Any) -> list[Any]:
+        params = list(params) if isinstance(params, list | tuple) else None
+        if params is None or [tuple(jnp.shape(p)) for p in params] != shapes:
+            raise ValueError("keras_direction: params must be the list of the model's trainable values")
+        return params
+
+    def init_fn(params: Any) -> list[Any]:
+        check(params)
+        return [jnp.asarray(v.value) for v in optimizer.variables]
+
+    def update_fn(grads: Any, state: Any, params: Any = None) -> tuple[list[Any], list[Any]]:
+        params = check(params)
+        zeros = [jnp.zeros_like(p) for p in params]
+        mapping = list(zip(trainable, zeros, strict=True)) + list(zip(optimizer.variables, state, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            optimizer._backend_apply_gradients(list(grads), trainable)
+            optimizer._iterations.assign_add(1)
+        u = [scope.get_current_value(v) for v in trainable]
+        u = [d - jnp.asarray(rate, d.dtype) * p if rate else d for d, p, rate in zip(u, params, decay, strict=True)]
+        return u, [scope.get_current_value(v) for v in optimizer.variables]
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keras_preconditioner(optimizer: Any, trainable: Sequence[Any]) -> Callable[[list[Any]], list[Any]] | None:
+    """``base_state -> P`` (a list like the weights) for Adam / AdamW / RMSprop without momentum, else None."""
+    index = {id(v): i for i, v in enumerate(optimizer.variables)}
+    position = [optimizer._get_variable_index(v) for v in trainable]
+    count = index[id(optimizer._iterations)]
+    if isinstance(optimizer, keras.optimizers.Adam):  # AdamW too
+        second = optimizer._velocity_hats if optimizer.amsgrad else optimizer._velocities
+        slots = [index[id(second[i])] for i in position]
+        beta_1, beta_2, epsilon = float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)
+
+        def adam(state: list[Any]) -> list[Any]:
+            out = []
+            for slot in slots:
+                v = state[slot]
+                t = state[count].astype(v.dtype)
+                out.append((jnp.sqrt(v) + epsilon) * (1.0 - beta_1**t) / jnp.sqrt(1.0 - beta_2**t))
+            return out
+
+        return adam
+    if isinstance(optimizer, keras.optimizers.RMSprop) and float(optimizer.momentum) == 0.0:
+        slots = [index[id(optimizer._velocities[i])] for i in position]
+        means = [index[id(optimizer._average_gradients[i])] for i in position] if optimizer.centered else None
+        epsilon = float(optimizer.epsilon)
+
+        def rms(state: list[Any]) -> list[Any]:
+            if means is None:
+                return [jnp.sqrt(state[s] + epsilon) for s in slots]
+            return [jnp.sqrt(state[s] - state[m] ** 2 + epsilon) for s, m in zip(slots, means, strict=True)]
+
+        return rms
+    return None
+
+
+class JaxEngine:
+    """Runs the tuner's step on the JAX backend (see the module docstring)."""
+
+    def __init__(self, tuner: Any, law: Law) -> None:
+        self.tuner = tuner
+        self.law = law
+        self.transform: Any = None
+        self.treedef: Any = None
+        self.state_variables: list[Any] = []
+        self.keys: tuple[str, ...] = ()
+        self.offsets: dict[str, int] = {}
+
+    # -- build -----------------------------------------------------------------------------------
+    def build(self, trainable: Sequence[Any]) -> None:
+        tuner, optimizer = self.tuner, self.tuner.inner_optimizer
+        self.trainable = list(trainable)
+        base = keras_direction(optimizer, self.trainable)
+        precond = keras_preconditioner(optimizer, self.trainable)
+        self.has_preconditioner = precond is not None
+        self.transform = tune(base, self.law, probe_every=tuner.probe_every, route=tuner.route,
+                              sharpness_every=tuner.sharpness_every, sharpness_iters=tuner.sharpness_iters,
+                              sharpness_tol=tuner.sharpness_tol, preconditioner=precond, seed=tuner.seed,
+                              warn=tuner.warn)
+        # one compiled program instead of one per eager operation and shape (random warm-start vectors, ...)
+        state = jax.jit(self.transform.init)([jnp.asarray(v.value) for v in self.trainable])
+        offset = 0
+        for field in TuneState._fields:
+            if field == "base_state":
+                continue
+            self.offsets[field] = offset
+            offset += len(jax.tree.leaves(getattr(state, field)))
+        leaves, self.treedef = jax.tree.flatten(state._replace(base_state=None))
+        for i, leaf in enumerate(leaves):
+            variable = tuner.add_variable(shape=tuple(leaf.shape), dtype=str(leaf.dtype), name=f"eos_core_state_{i}")
+            variable.assign(leaf)
+            self.state_variables.append(variable)
+        self.keys = state.diagnostics.keys
+
+    # -- step --------------------------------------------------------------------------------------
+    def update(self, state_values: list[Any], optimizer_values: list[Any], grads: list[Any], params: list[Any],
+               value_fn: Callable[[list[Any]], Any] | None) -> tuple[list[Any], list[Any], list[Any], Any]:
+        """New ``(weights, tuner state values, optimizer values, lr)`` from the current ones."""
+        state = self.treedef.unflatten(list(state_values))._replace(base_state=list(optimizer_values))
+        updates, new_state = self.transform.update(list(grads), state, list(params), value_fn=value_fn)
+        weights = [(p + u.astype(p.dtype)).astype(p.dtype) for p, u in zip(params, updates, strict=True)]
+        leaves = jax.tree.leaves(new_state._replace(base_state=None))
+        leaves = [jnp.asarray(new).astype(old.dtype) for new, old in zip(leaves, state_values, strict=True)]
+        return weights, leaves, list(new_state.base_state), new_state.diagnostics["lr"]
+
+    # -- reading ----------------------------------------------------------------------------------
+    @property
+    def diagnostics_variable(self) -> Any:
+        return self.state_variables[self.offsets["diagnostics"]]
+
+    def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:
+        """The diagnostics, reading each variable's current value with ``read``."""
+        values = np.asarray(read(self.diagnostics_variable), dtype=np.float64).tolist()
+        host = dict(zip(self.keys, values, strict=True))
+        out: dict[str, Any] = {k: v for k, v in host.items() if not k.endswith("_code")}
+        out["route"] = ROUTE_NAMES[int(host["route_code"])]
+        out["hvp_route"] = ROUTE_NAMES[int(host["hvp_route_code"])]
+        out["step"] = int(read(self.state_variables[self.offsets["count"]]))
+        out["skipped_steps"] = int(read(self.state_variables[self.offsets["skipped"]]))
+        return out
+
+    def mark_loaded(self) -> None:
+        """Nothing to do: the variables are the state."""

@@ -1,0 +1,81 @@
+r"""What the tuner needs from a Keras optimizer: its update direction ``u`` for learning rate 1.
+
+Notation of the CDAT paper (SPEC section 3): ``w_{t+1} = w_t + eta_t u_t``, ``u`` the base optimizer's
+update **for learning rate 1**. The tuner sets the wrapped optimizer's ``learning_rate`` to 1 and obtains
+``u`` by running the optimizer's own update (``_backend_apply_gradients``: gradient clipping, then
+``update_step`` for every variable) on variables whose value is 0, so that ``0 + u`` is read off exactly,
+without the cancellation of ``(w + u) - w``:
+
+* the optimizers accepted here (:data:`SUPPORTED`) never read the variable's value in ``update_step``
+  (they only ``assign_add`` to it), so the update computed at 0 is the update at ``w``;
+* decoupled weight decay (``weight_decay=`` on any Keras optimizer, AdamW's default 0.004) is the one
+  term that depends on ``w``: Keras applies ``w <- w - lr * wd * w`` before the update, so for lr = 1
+  it contributes ``-wd * w`` to ``u`` (for the variables ``exclude_from_weight_decay`` does not exclude),
+  which the tuner adds itself;
+* variable constraints (``kernel_constraint=...``) are applied to ``w + eta * u``, after the step, as
+  Keras applies them after its own update.
+
+The optimizer's state (momentum, second moments, its iteration count) advances exactly as in a plain
+Keras step with learning rate 1, so with a constant learning rate eta the tuned run is the plain run
+at learning rate eta: for SGD with momentum Keras keeps ``m <- mu m - lr g`` and ``w <- w + m``, i.e.
+``m = eta m_1`` where ``m_1 <- mu m_1 - g`` is the state at lr = 1, and ``u = m_1`` is the heavy-ball
+direction (the same as ``torch.optim.SGD``'s and ``optax.sgd``'s with momentum). For Adam,
+``u = -sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+
+#: Keras optimizers whose ``update_step`` is ``w += lr * (direction independent of w and lr)``.
+SUPPORTED: tuple[type, ...] = (
+    keras.optimizers.SGD,
+    keras.optimizers.Adam,
+    keras.optimizers.AdamW,
+    keras.optimizers.RMSprop,
+    keras.optimizers.Adagrad,
+    keras.optimizers.Adamax,
+    keras.optimizers.Nadam,
+    keras.optimizers.Adadelta,
+    keras.optimizers.Lion,
+)
+
+
+def check_supported(owner: str, optimizer: Any) -> None:
+    """Raise ValueError, naming the setting, for an optimizer the tuner cannot take ``u`` from."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            f"{owner}: optimizer must be a plain Keras optimizer, got a LossScaleOptimizer; wrap the tuner instead "
+            "(keras.optimizers.LossScaleOptimizer(CurvatureTuner(...)), which model.compile does by itself under "
+            "the mixed_float16 policy)")
+    if not isinstance(optimizer, SUPPORTED):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED)
+        raise ValueError(
+            f"{owner}: optimizer must be one of the Keras optimizers {names} (their update does not depend on the "
+            f"weights, so the update for learning rate 1 is well defined), got {type(optimizer).__name__}")
+    lr = optimizer._learning_rate
+    if not isinstance(lr, keras.Variable):
+        raise ValueError(
+            f"{owner}: the optimizer's learning_rate must be a number (the law decides the learning rate; it "
+            f"starts from this one), got {type(lr).__name__}. For a schedule use the WarmupCosine / Constant laws.")
+    for name, bad in (("use_ema", bool(optimizer.use_ema)),
+                      ("gradient_accumulation_steps", bool(optimizer.gradient_accumulation_steps)),
+                      ("loss_scale_factor", optimizer.loss_scale_factor is not None)):
+        if bad:
+            raise ValueError(f"{owner}: the optimizer's {name} is not supported (got {getattr(optimizer, name)!r}); "
+                             "create the optimizer without it")
+    if optimizer.built:
+        raise ValueError(f"{owner}: the optimizer is already built (it has stepped or was compiled into a model); "
+                         "pass a freshly created optimizer")
+
+
+def decay_rates(optimizer: Any, variables: Sequence[Any]) -> list[float]:
+    """``wd`` per variable (0 where the optimizer has no weight decay or excludes the variable)."""
+    wd = optimizer.weight_decay
+    if wd is None or float(wd) == 0.0:
+        return [0.0] * len(variables)
+    return [float(wd) if optimizer._use_weight_decay(v) else 0.0 for v in variables]
+

@@ -1,0 +1,31 @@
+"""Keras adapter tests run on the backend named by KERAS_BACKEND (jax or torch; jax when unset).
+
+The tox environments ``keras-jax`` and ``keras-torch`` set it; every test here must pass on both. Shared
+helpers live in ``keras_helpers.py`` beside this file (pytest runs with --import-mode=importlib).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+if os.environ["KERAS_BACKEND"] not in ("jax", "torch"):
+    collect_ignore_glob = ["test_*.py"]  # the backend guard itself is tested in a subprocess (test_settings.py)
+else:
+    pytest.importorskip("keras")
+    pytest.importorskip(os.environ["KERAS_BACKEND"])
+    pytest.importorskip("sklearn")
+    if os.environ["KERAS_BACKEND"] == "jax":
+        pytest.importorskip("optax")
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+
+def pytest_configure(config):
+    # Keras 3 converts its variables with np.array(x, copy=False) semantics that NumPy 2 deprecates; noise only
+    config.addinivalue_line("filterwarnings",
+                            "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")

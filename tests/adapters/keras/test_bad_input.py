@@ -1,0 +1,61 @@
+"""SPEC section 10 on Keras: a non-finite step is skipped with a warning and never corrupts the weights."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras_helpers import WeightRecorder, compile_tuned, digits, mlp
+
+from eos_core import CDAT
+from eos_core.adapters.keras import CurvatureTuner
+from eos_core.integrations.keras import EdgeOfStabilityCallback
+
+
+def test_nan_batch_is_skipped_weights_and_optimizer_state_untouched():
+    x, y = digits(256)
+    x = x.copy()
+    x[130, 5] = np.nan  # batch 2 of 4 (batch size 64): its loss and gradient are NaN
+    model = compile_tuned(mlp(hidden=16, seed=5),
+                          CurvatureTuner(keras.optimizers.SGD(0.05, momentum=0.9), CDAT(scale=2.0, ema=0.5)))
+    recorder, callback = WeightRecorder(), EdgeOfStabilityCallback()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0, callbacks=[callback, recorder])
+
+    history = callback.history
+    assert history["skipped"] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    for bad in (2, 6):
+        for before, after in zip(recorder.before[bad], recorder.before[bad + 1], strict=True):
+            np.testing.assert_array_equal(after, before)  # the weights did not move
+        # a skipped step reports the previous step's values (and skipped = 1)
+        assert history["lr"][bad] == history["lr"][bad - 1]
+    assert all(np.isfinite(w).all() for w in recorder.after)
+    assert all(math.isfinite(v) and v > 0 for i, v in enumerate(history["lr"]))
+    tuner = model.optimizer
+    assert tuner.diagnostics["skipped_steps"] == 2
+    # the wrapped optimizer's state did not advance on the skipped steps (its momentum is not NaN either)
+    assert int(tuner.inner_optimizer.iterations.numpy()) == 6
+    assert all(np.isfinite(v.numpy()).all() for v in tuner.inner_optimizer.variables)
+    # training continued: the last clean batches train the model
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_curvature_probe_without_the_train_step_wrapper_says_what_to_do():
+    x, y = digits(64)
+    model = compile_tuned(mlp(hidden=8), CurvatureTuner(keras.optimizers.SGD(0.1), CDAT(scale=2.0)))
+    with pytest.raises(RuntimeError, match="EdgeOfStabilityCallback"):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    if keras.backend.backend() == "torch":  # no step was taken (on JAX the error comes while tracing the first step,
+        # after Keras has moved the values out of the variables; Keras does not put them back after an exception)
+        for now, start in zip(model.get_weights(), mlp(hidden=8).get_weights(), strict=True):
+            np.testing.assert_array_equal(now, start)
+
+
+def test_callback_refuses_a_model_without_a_tuner():
+    x, y = digits(64)
+    model = mlp(hidden=8)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="CurvatureTuner"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[EdgeOfStabilityCallback()])
