@@ -15,7 +15,19 @@ peak memory <= 1.3x). Times are medians over ``--repeats`` blocks of ``block`` c
 steps as training), after warm-up, with ``block_until_ready``. Memory is XLA's compiled memory
 analysis of the step (arguments + outputs + temporaries - aliased), available on CPU and GPU; on a GPU
 the device's ``memory_stats()`` peak is printed too. CPU figures are for regressions only: absolute
-times count on a GPU (SPEC section 9).
+times count on a GPU (SPEC section 9). On CPU the CNN's rows that take a gradient inside ``lax.cond`` or
+a loop (``probe_every=10`` with any route but ``jvp-jvp``, and the sharpness row) are dominated by an
+XLA:CPU slow path for convolution gradients in nested computations (jax-ml/jax#12868, see
+:mod:`eos_core.adapters.jax.transform`), not by the tuner. The sharpness row also reports how many
+warm-started power iterations a measurement took after 100 steps (``power_iterations``).
+
+**Host allocator.** XLA:CPU allocates each step's temporary buffer with ``malloc``; glibc serves blocks
+above its mmap threshold with fresh ``mmap`` pages, so every step pays page faults in proportion to the
+temporary buffer's size. A tuned step's buffer is larger (its probe branch needs room even when not
+taken), which alone made a GPT-like tuned step 40% slower on CPU with the probe branch never taken. The
+script therefore re-executes itself once with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+raised (plain and tuned steps alike get reused heap pages); ``--default-malloc`` keeps glibc's defaults.
+GPU device memory comes from XLA's own allocator and is unaffected.
 
 Examples::
 
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -35,13 +48,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
+#: glibc settings of the re-executed run (see "Host allocator" above): 4 GiB thresholds keep freed blocks on the heap.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
-from eos_core import routes
-from eos_core.adapters.jax import tune
-from eos_core.laws import CDAT, Constant
+if __name__ == "__main__" and "--default-malloc" not in sys.argv and any(k not in os.environ for k in MALLOC_ENV):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from eos_core import routes  # noqa: E402
+from eos_core.adapters.jax import diagnostics, tune  # noqa: E402
+from eos_core.laws import CDAT, Constant  # noqa: E402
 
 TIME_TARGET = {1: 2.1, 10: 1.12}
 SHARPNESS_TARGET = 1.05
@@ -51,7 +70,7 @@ ROUTES = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_CEN
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "mlp": {"sizes": (784, 256, 256, 10), "batch": 512},
-        "cnn": {"channels": (8, 16), "image": 16, "batch": 32, "classes": 10},
+        "cnn": {"channels": (16, 32), "image": 16, "batch": 64, "classes": 10},
         "gpt": {"layers": 2, "width": 128, "heads": 4, "context": 64, "vocab": 256, "batch": 8},
     },
     "gpu": {  # the models of the SPEC section 4 table
@@ -239,7 +258,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = {"sgd": optax.sgd, "adam": optax.adam}[args.base]
         lr = args.lr if args.lr is not None else (1e-3 if args.base == "adam" else 0.05)
         plain = Runner(base(lr), loss, params, batch, tuned=False, steps=10)
-        print(f"# {name}: {n_params / 1e6:.2f}M parameters, {args.dtype}, plain {args.base} step "
+        print(f"# {name}: {_count(n_params)} parameters, {args.dtype}, plain {args.base} step "
               f"{plain.block() * 1e3:.2f} ms", file=sys.stderr)
 
         def record(route: str, probe_every: int | str, tuned: Runner, reference: Runner, target: float,
@@ -266,10 +285,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.sharpness:
             plain_100 = Runner(base(lr), loss, params, batch, tuned=False, steps=100)
             opt = tune(base(1.0), Constant(lr), sharpness_every=100, route=args.sharpness_route, warn=args.warn)
-            record(f"sharpness/100 {args.sharpness_route}", "-",
-                   Runner(opt, loss, params, batch, tuned=True, steps=100), plain_100,
-                   SHARPNESS_TARGET)
+            tracked = Runner(opt, loss, params, batch, tuned=True, steps=100)
+            record(f"sharpness/100 {args.sharpness_route}", "-", tracked, plain_100, SHARPNESS_TARGET)
+            # blocks hold 100 steps, so the next step measures: how many warm-started iterations did it take?
+            tracked.params, tracked.state, tracked.value = tracked.compiled(tracked.params, tracked.state,
+                                                                            *tracked.batch)
+            found = diagnostics(tracked.state)
+            rows[-1].update(power_iterations=found["power_iterations"], sharpness=found["sharpness"])
+            print(f"#   warm-started power iteration after 100 steps: {found['power_iterations']:.0f} Hessian-vector "
+                  f"products (of at most 20), sharpness {found['sharpness']:.4g}", file=sys.stderr)
     return rows
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
 HEADER = (f"{'model':6} {'params':>8} {'route':22} {'probe':>5} {'tuned ms':>9} {'plain ms':>9} {'time x':>7} "
@@ -280,7 +309,7 @@ def format_row(r: dict[str, Any]) -> str:
     flag = "" if r["time_ok"] and r["memory_ok"] else "  <-- above target"
     if r.get("skipped_steps") or not math.isfinite(r.get("final_loss", 0.0)):
         flag += "  (diverged: skipped steps, timing not representative)"
-    return (f"{r['model']:6} {r['params'] / 1e6:7.2f}M {r['route']:22} {r['probe_every']!s:>5} {r['tuned_ms']:9.2f} "
+    return (f"{r['model']:6} {_count(r['params']):>8} {r['route']:22} {r['probe_every']!s:>5} {r['tuned_ms']:9.2f} "
             f"{r['plain_ms']:9.2f} {r['time_ratio']:7.2f} {r['time_target']:6.2f} {r['memory_ratio']:6.2f} "
             f"{r['memory_target']:6.2f}{flag}")
 
@@ -305,13 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warn", dest="warn", action="store_false",
                         help="tune(..., warn=False): no in-jit warning callback (one conditional less per step)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc thresholds (no re-execution; see 'Host allocator' above)")
     args = parser.parse_args(argv)
     unknown = set(args.models) - set(BUILDERS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")
     device = jax.devices()[0]
+    malloc = "glibc defaults" if args.default_malloc else ", ".join(f"{k}={os.environ.get(k)}" for k in MALLOC_ENV)
     print(f"# jax {jax.__version__}, optax {optax.__version__}, device {device.device_kind} ({device.platform}), "
-          f"{platform.processor() or platform.machine()}", file=sys.stderr)
+          f"{platform.processor() or platform.machine()}, malloc: {malloc}", file=sys.stderr)
     print(HEADER, file=sys.stderr)
     rows = run(args)
     print(HEADER)
@@ -324,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         if peak is not None:
             print(f"# device peak memory over the whole run: {peak / 2**30:.2f} GiB")
     if args.json:
-        payload = {"jax": jax.__version__, "optax": optax.__version__, "device": device.device_kind,
+        payload = {"jax": jax.__version__, "optax": optax.__version__, "device": device.device_kind, "malloc": malloc,
                    "platform": device.platform, "size": args.size, "device_peak_bytes": peak,
                    "targets": {"time_probe_every_1": TIME_TARGET[1], "time_probe_every_10": TIME_TARGET[10],
                                "sharpness_every_100": SHARPNESS_TARGET, "memory": MEMORY_TARGET},

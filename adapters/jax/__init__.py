@@ -34,7 +34,13 @@ from eos_core.adapters.jax.spectral import (  # noqa: E402
     top_eigenvalue,
     top_eigenvalues,
 )
-from eos_core.adapters.jax.transform import Diagnostics, TuneState, diagnostics, tune  # noqa: E402
+from eos_core.adapters.jax.transform import (  # noqa: E402
+    Diagnostics,
+    TuneState,
+    diagnostics,
+    find_tune_state,
+    tune,
+)
 from eos_core.adapters.jax.tree_ops import TreeOps  # noqa: E402
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "curvature",
     "diagnostics",
     "find_preconditioner",
+    "find_tune_state",
     "finite_difference_step",
     "hessian_operator",
     "hvp",

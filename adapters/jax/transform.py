@@ -31,6 +31,15 @@ Design
   direction kept in the state (0 on the first step).
 * **Probing every k steps.** ``lax.cond(count % probe_every == 0, probe, hold)``: between probes
   ``law.hold`` reuses the last learning rate; probes happen at steps 0, k, 2k, ...
+  **Convolutions on CPU:** XLA:CPU runs the *gradient* convolutions of a conv net 30-100x slower inside a
+  ``lax.cond`` branch or a loop body than at the top level of the program (jax-ml/jax#12868; measured
+  with jax 0.10 on a small CNN: a gradient 6 ms at top level, 480 ms inside a ``cond``; forward
+  convolutions are unaffected). On CPU a conv net therefore pays that price for every probe that takes a
+  gradient inside the ``cond`` (``probe_every > 1`` with a finite-difference, ``jvp-grad`` or
+  ``double-backward`` route) and for every power-iteration / Lanczos step (spectral laws,
+  ``sharpness_every``); the default ``jvp-jvp`` probe is forward-mode only and keeps its cost. The
+  slow path is XLA:CPU's (on a GPU, convolutions in nested computations still go to cuDNN; not
+  measured in this repository's CI).
 * **Routes.** ``route`` picks the u^T H u oracle; ``auto`` resolves at trace time to the first of
   jvp-jvp, jvp-grad, double-backward, fd-onesided that ``value_fn`` can be traced through (a
   ``custom_vjp`` function has no forward mode). Hessian-vector products for spectra use the same
@@ -65,6 +74,26 @@ Design
   **Cost of the warning on a GPU:** a host callback anywhere in the program slows every step, not
   only the ones that call it (GPT-2 124M on an H100: +12% per step probing every 10 steps, +9%
   probing every step). ``warn=False`` removes it; the counts stay in the state.
+* **Composition with other optax transformations.** ``tune`` must receive the raw gradient of
+  ``value_fn``: it is ``g`` in ``g.u`` (CDAT's numerator), ``|g|^2`` (Polyak), the base point of
+  one-sided finite differences and the cosine of HyperGradient. Put gradient transformations
+  *inside* ``base``, which then forms ``u`` from them::
+
+      opt = tune(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), CDAT(scale=2.0))
+
+  rather than ``optax.chain(optax.clip_by_global_norm(1.0), tune(...))``, where ``g`` would be the
+  clipped gradient (the numerator shrinks with the clipping factor and one-sided differences
+  subtract the wrong gradient). CDAT's rate scales as ``1 / |u|``, so a global-norm clip inside
+  ``base`` leaves SGD's step ``lr * u`` unchanged (it does change Adam's moments); bound the step
+  with the law's ``lr_max`` instead. A transformation chained *after* ``tune`` sees ``lr * u``.
+  :func:`diagnostics` finds the ``TuneState`` inside a chained or wrapped state
+  (``optax.chain``, ``optax.named_chain``, ``optax.apply_if_finite``, ...).
+* **Data parallel** (SPEC section 10). Every statistic is a function of ``value_fn`` and ``grads`` on
+  the whole batch, so every device computes the same learning rate when those are global: under
+  ``jax.jit`` with a batch-sharded input (``NamedSharding(mesh, P("data"))``) XLA inserts the
+  reductions itself (the lr equals the single-device run's, tested with 2 host devices); under
+  ``shard_map`` ``value_fn`` must return the global loss (``lax.pmean(loss(p, local_batch), "data")``)
+  and ``grads`` its gradient.
 * **State.** :class:`TuneState` is a NamedTuple of arrays (and ``None`` for unused slots): it
   checkpoints with the parameters, and resuming from a saved copy continues bit-identically (all
   randomness comes from a fixed seed at ``init``).
@@ -72,6 +101,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -109,7 +139,7 @@ ROUTE_NAMES: tuple[str, ...] = ("none", *routes.EXACT, *routes.FINITE_DIFFERENCE
 #: Diagnostics the adapter reports besides the law's own (``lr``, ``probed``, ``fallback``, measurements).
 ADAPTER_KEYS: tuple[str, ...] = (
     "loss", "grad_norm", "update_norm", "numerator", "denominator", "sharpness", "lr_sharpness",
-    "preconditioned_sharpness", "skipped",
+    "preconditioned_sharpness", "power_iterations", "skipped",
 )
 
 _SPECTRAL_NEEDS = frozenset(S.SPECTRAL)
@@ -169,7 +199,10 @@ def _law_numerics(law_state: Any) -> Numerics:
     return jax_numerics(jnp.result_type(leaves[0]) if leaves else None)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _unit_random(params: PyTree, seed: int) -> PyTree:
+    """A unit-norm standard normal pytree shaped like ``params`` (one compiled program: eager, the draw and the
+    normalisation would compile one small program per leaf shape, seconds in all for a small model)."""
     v = tree_random_normal(params, seed)
     return tree_scale(1.0 / tree_dot(v, v) ** 0.5, v)
 
@@ -203,8 +236,11 @@ def tune(
 
     The returned transformation's update is
     ``update(grads, state, params, *, value_fn=None, value=None, **extra) -> (lr * u, state)`` where
-    ``u`` is ``base``'s update, ``value_fn(params)`` the loss on the current batch (needed for
-    curvature, spectra and line searches) and ``value`` optionally its value at ``params``. For CDAT
+    ``u`` is ``base``'s update, ``value_fn(params)`` the loss on the current batch as a scalar (needed
+    for curvature, spectra and line searches; for a loss with auxiliary outputs pass
+    ``lambda p: loss_and_aux(p)[0]``) and ``value`` optionally its value at ``params``. ``grads`` must be
+    the raw gradient of ``value_fn`` at ``params``: chain gradient transformations (clipping, ...) inside
+    ``base``, not before ``tune`` (see the module docstring). For CDAT
     the learning rate is eq. 8 of the CDAT paper,
     :math:`\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)`.
 
@@ -212,7 +248,9 @@ def tune(
         base: an ``optax.GradientTransformation`` with learning rate 1.
         law: a tuning law from :mod:`eos_core.laws`.
         probe_every: measure the statistics every ``probe_every`` steps (steps 0, k, 2k, ...) and
-            reuse the learning rate in between.
+            reuse the learning rate in between. Meant for laws whose rate changes slowly (CDAT with
+            an EMA, AdaEoS, DCAO, ExactSharpness); the Polyak step is a property of the current point
+            only, and holding it for several steps can diverge.
         route: u^T H u oracle: ``auto``, ``jvp-jvp``, ``jvp-grad``, ``double-backward``, ``fd-central``,
             ``fd-onesided`` (see :mod:`eos_core.adapters.jax.oracles`).
         sharpness_every: every ``m`` steps, estimate lambda_max(H) (and, for an adaptive base, of the
@@ -232,7 +270,9 @@ def tune(
         ValueError: naming the setting, for an invalid ``base``, ``law``, ``probe_every``, ``route``,
             ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``, or a law that cannot start
             (e.g. a multiplicative law without ``lr_init``: the base's learning rate is 1 by contract,
-            so no initial rate is taken from it).
+            so no initial rate is taken from it), or a law that decides a hyperparameter ``base`` cannot
+            take (DCAO on a base not built with ``optax.inject_hyperparams``; checked on a synthetic
+            parameter vector, or at ``init`` for a base that needs the real parameter structure).
     """
     owner = "tune"
     if not isinstance(base, optax.GradientTransformation):
@@ -265,6 +305,10 @@ def tune(
     needs_previous = S.GRAD_PREV_UPDATE_COSINE in needs
     hvp_route = route if route in HVP_ROUTES else routes.AUTO
     decides = tuple(law.decides)
+    if decides:  # the knobs the law sets must exist in base: check now, on a synthetic parameter vector
+        synthetic_state = _synthetic_state(base)
+        if synthetic_state is not None:
+            _init_law(law, synthetic_state, NUMPY)
 
     def precond_of(base_state: Any) -> PyTree:
         if isinstance(spec, AdamPreconditioner | RmsPreconditioner):
@@ -396,28 +440,29 @@ def tune(
         lr = out.lr
 
         # -- sharpness tracking -----------------------------------------------------------------
-        sharp, psharp = nan, nan
+        sharp, psharp, iterations = nan, nan, nan
         if sharpness_every is not None:
-            def measure(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any]:
+            def measure(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any, Any]:
                 v, pv = carry
                 matvec, _ = hessian_operator(value_fn, params, route=ROUTE_NAMES[hvp_code], grads=grads, ops=ops)
                 top = top_eigenvalue(matvec, v, tol=sharpness_tol, max_iters=sharpness_iters, ops=ops)
                 v = tree_select(ok, top.eigenvector, v)
+                used = numerics.scalar(top.iterations)
                 if pv is None:
-                    return top.eigenvalue, nan, v, pv
+                    return top.eigenvalue, nan, used, v, pv
                 pmatvec, _ = hessian_operator(value_fn, params, route=ROUTE_NAMES[hvp_code], grads=grads,
                                               precond=precond, ops=ops)
                 ptop = top_eigenvalue(pmatvec, pv, tol=sharpness_tol, max_iters=sharpness_iters, ops=ops)
-                return top.eigenvalue, ptop.eigenvalue, v, tree_select(ok, ptop.eigenvector, pv)
+                return top.eigenvalue, ptop.eigenvalue, used, v, tree_select(ok, ptop.eigenvector, pv)
 
-            def skip(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any]:
-                return nan, nan, carry[0], carry[1]
+            def skip(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any, Any]:
+                return nan, nan, nan, carry[0], carry[1]
 
             if sharpness_every == 1:
-                sharp, psharp, eigvec, peigvec = measure((eigvec, peigvec))
+                sharp, psharp, iterations, eigvec, peigvec = measure((eigvec, peigvec))
             else:
-                sharp, psharp, eigvec, peigvec = lax.cond(state.count % sharpness_every == 0, measure, skip,
-                                                          (eigvec, peigvec))
+                sharp, psharp, iterations, eigvec, peigvec = lax.cond(state.count % sharpness_every == 0, measure,
+                                                                      skip, (eigvec, peigvec))
             sharp, psharp = numerics.scalar(sharp), numerics.scalar(psharp)
 
         # -- apply what the law decided ----------------------------------------------------------
@@ -436,6 +481,7 @@ def tune(
         diag["sharpness"] = jnp.where(jnp.isnan(sharp), law_sharpness, sharp)
         diag["lr_sharpness"] = numerics.scalar(lr) * diag["sharpness"]
         diag["preconditioned_sharpness"] = psharp
+        diag["power_iterations"] = numerics.scalar(iterations)
         diag.update({name: numerics.scalar(out.hyperparams[name]) for name in decides})
         measured = jnp.stack([diag[k] for k in keys])
         kept = state.diagnostics.values.at[keys.index("skipped")].set(1.0)
@@ -483,6 +529,15 @@ def _spectral(law: Law, matvec: Callable[[PyTree], PyTree], v0: PyTree, ops: Tre
     return v0, stats
 
 
+def _synthetic_state(base: optax.GradientTransformation) -> Any:
+    """``base.init`` of a small float32 vector, or None when the base needs the real parameter structure
+    (``optax.masked``, ``optax.multi_transform``, ...); then the checks of :func:`_init_law` run at ``init``."""
+    try:
+        return base.init(jnp.zeros((4,), jnp.float32))
+    except Exception:  # noqa: BLE001 - any failure means "checked at init instead"
+        return None
+
+
 def _init_law(law: Law, base_state: Any, numerics: Numerics) -> Any:
     """The law's initial state; for a law that decides hyperparameters, seeded with the base's values."""
     decides = tuple(law.decides)
@@ -518,19 +573,47 @@ def _init_law(law: Law, base_state: Any, numerics: Numerics) -> Any:
     return state._replace(**{k: jnp.array(v, dtype=numerics.dtype, copy=True) for k, v in values.items()})
 
 
-def diagnostics(state: TuneState) -> dict[str, float | int | str]:
+def find_tune_state(state: Any) -> TuneState:
+    """The :class:`TuneState` in an optax state: ``state`` itself, or the one inside a chain or wrapper
+    (``optax.chain`` tuples, ``optax.named_chain`` dicts, ``optax.apply_if_finite`` / ``inject_hyperparams``
+    NamedTuples). Raises ValueError when there is none or more than one."""
+    found: list[TuneState] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, TuneState):
+            found.append(node)
+        elif isinstance(node, dict):
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list | tuple):
+            for child in node:
+                walk(child)
+
+    walk(state)
+    if len(found) != 1:
+        raise ValueError(f"diagnostics: expected one TuneState (the state of a tune(...) transformation) in the "
+                         f"optimizer state, found {len(found)}")
+    return found[0]
+
+
+def diagnostics(state: Any) -> dict[str, float | int | str]:
     """The last step's diagnostics as host values.
+
+    ``state`` is the state of a :func:`tune` transformation, or any optax state that holds exactly one
+    (see :func:`find_tune_state`).
 
     Keys: ``lr`` (the rate applied to the last step), ``probed``, ``fallback`` and the law's own
     measurements (CDAT: ``numerator``, ``denominator`` and their EMAs; DCAO: ``lambda_1``, ``lambda_2``,
     ``gap``), the other hyperparameters the law decides (DCAO: ``momentum``, ``weight_decay``),
     ``loss`` (when known: the ``value`` argument or computed by the oracle), ``grad_norm`` and
     ``update_norm`` (of ``u``, the update for lr = 1; every step), ``sharpness``, ``lr_sharpness``
-    (lr * sharpness, 2 at the edge), ``preconditioned_sharpness``, ``skipped`` (1 when the last step was
+    (lr * sharpness, 2 at the edge), ``preconditioned_sharpness``, ``power_iterations`` (Hessian-vector
+    products the last ``sharpness_every`` estimate of lambda_max(H) used), ``skipped`` (1 when the last step was
     skipped; the other values are then the previous step's), ``route`` / ``hvp_route`` (the oracles
     used, ``none`` when not needed), ``step`` (steps taken) and ``skipped_steps``. NaN marks a value
     not measured on the last step.
     """
+    state = find_tune_state(state)
     values = np.asarray(jax.device_get(state.diagnostics.values), dtype=np.float64)
     host = dict(zip(state.diagnostics.keys, values.tolist(), strict=True))
     out: dict[str, float | int | str] = {k: float(v) for k, v in host.items() if not k.endswith("_code")}

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from eos_core import stats as S  # noqa: E402
-from eos_core.adapters.jax import tune  # noqa: E402
+from eos_core.adapters.jax import diagnostics, tune  # noqa: E402
 from eos_core.laws import (  # noqa: E402
     CDAT,
     DCAO,
@@ -192,10 +192,18 @@ def test_dcao_sets_momentum_and_weight_decay_of_the_base(x64, models):
                                [float(o.hyperparams["weight_decay"]) for o in expected], rtol=1e-8)
     np.testing.assert_allclose([r["lambda_1"] for r in records if r["probed"]], [s[S.TOP_EIGENVALUES][0] for s, p
                                in zip(stats, probes, strict=True) if p], rtol=1e-8)
-    # applied: the base optimizer's injected hyperparameters are the law's
+    # applied: the base optimizer's injected hyperparameters are the law's ...
     for r in records:
         assert float(r["state"].base_state.hyperparams["momentum"]) == pytest.approx(r["momentum"], rel=1e-12)
         assert float(r["state"].base_state.hyperparams["weight_decay"]) == pytest.approx(r["weight_decay"], rel=1e-12)
+    # ... and the steps taken are heavy-ball SGD with coupled weight decay under those values, each acting from the
+    # step after the one that decided it (this step's u was formed before the law saw this step's curvature)
+    trace, momentum, weight_decay = 0.0, 0.5, 1e-3
+    for r in records:
+        w = np.asarray(ravel_pytree(r["params"])[0])
+        trace = momentum * trace + ref(r["params"])[1] + weight_decay * w
+        np.testing.assert_allclose(ravel_pytree(r["updates"])[0], -r["lr"] * trace, rtol=1e-9)
+        momentum, weight_decay = r["momentum"], r["weight_decay"]
     assert len({r["momentum"] for r in records}) > 2
     # the clips hold
     rates = lrs(records)
@@ -208,18 +216,25 @@ def test_dcao_sets_momentum_and_weight_decay_of_the_base(x64, models):
 
 def test_dcao_refuses_a_base_whose_knobs_it_cannot_set(x64, models):
     params, _ = models.mlp()
+    # at construction (checked on a synthetic parameter vector) ...
     with pytest.raises(ValueError, match="inject_hyperparams"):
-        tune(optax.sgd(1.0, momentum=0.9), DCAO(lr_init=0.1)).init(params)
+        tune(optax.sgd(1.0, momentum=0.9), DCAO(lr_init=0.1))
     no_momentum = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)  # momentum=None: there is no knob
     tune(no_momentum, DCAO(lr_init=0.1)).init(params)  # fine: a momentum of 0 stays 0 under DCAO's rule
     with pytest.raises(ValueError, match="momentum"):
-        tune(no_momentum, DCAO(lr_init=0.1, momentum_bounds=(0.1, 0.9))).init(params)
+        tune(no_momentum, DCAO(lr_init=0.1, momentum_bounds=(0.1, 0.9)))
     scheduled = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=optax.constant_schedule(0.9))
     with pytest.raises(ValueError, match="schedule"):
-        tune(scheduled, DCAO(lr_init=0.1)).init(params)
+        tune(scheduled, DCAO(lr_init=0.1))
     adam = optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=0.8)
     state = tune(adam, DCAO(lr_init=0.1)).init(params)
     assert float(state.law_state.momentum) == pytest.approx(0.8)  # Adam's b1 is the momentum
+    # ... or at init, for a base whose init needs the real parameter structure (a mask given as a tree)
+    masked = optax.chain(optax.masked(optax.add_decayed_weights(1e-3), {k: k.startswith("w") for k in params}),
+                         optax.sgd(1.0, momentum=0.9))
+    opt = tune(masked, DCAO(lr_init=0.1))
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        opt.init(params)
 
 
 def test_armijo(x64, models):
@@ -281,18 +296,17 @@ def test_hypergradient(x64, models):
     assert trains(records)
 
 
-@pytest.mark.parametrize("law", [Constant(0.5), WarmupCosine(peak_lr=1.0, total_steps=10, warmup_steps=3)])
-def test_schedules_need_no_statistics(x64, models, law):
+@pytest.mark.parametrize("law,probe_every", [(Constant(0.5), 1),
+                                              (WarmupCosine(peak_lr=1.0, total_steps=10, warmup_steps=3), 3)])
+def test_schedules_need_no_statistics(x64, models, law, probe_every):
     params, loss = models.regression()
-    opt = tune(optax.sgd(1.0), law)
-    state = opt.init(params)
-    records = []
-    for _ in range(10):
-        grads = jax.grad(loss)(params)
-        updates, state = opt.update(grads, state, params)  # no value_fn needed
-        records.append({"lr": float(state.diagnostics["lr"]), "loss": float(loss(params))})
-        params = optax.apply_updates(params, updates)
-    expected = [float(law.lr_at(t)) for t in range(10)]
+    _, state, records = models.run(tune(optax.sgd(1.0), law, probe_every=probe_every), loss, params, 10)
+    expected = [float(law.lr_at(t)) for t in range(10)]  # hold steps advance the schedule as probes do
     np.testing.assert_allclose(lrs(records), expected, rtol=1e-12)
+    ref = Reference(loss, params)
+    for r in records:  # the step applied is -lr * g
+        np.testing.assert_allclose(ravel_pytree(r["updates"])[0], -r["lr"] * ref(r["params"])[1], rtol=1e-12)
+    assert [r["probed"] for r in records] == [float(t % probe_every == 0) for t in range(10)]
     assert trains(records)
     assert math.isnan(float(state.diagnostics["numerator"]))
+    assert diagnostics(state)["route"] == "none"

@@ -231,22 +231,30 @@ def test_preconditioned_spectrum_matches_explicit(x64, models):
     params, loss = models.mlp()
     _, _, _, _, h = models.explicit(loss, params)
     opt = optax.adam(1.0, b1=0.8, b2=0.95)
-    state = opt.init(params)
-    for seed in range(3):  # a few steps so that nu and the bias corrections are not trivial
-        grads = jax.grad(loss)(jax.tree.map(lambda x, s=seed: x + 0.1 * s, params))
-        u, state = opt.update(grads, state, params)
-    spec = AdamPreconditioner(b1=0.8, b2=0.95)
-    precond = find_preconditioner(state, spec)
+
+    @jax.jit
+    def three_steps(p):  # a few steps so that nu and the bias corrections are not trivial
+        state = opt.init(p)
+        for seed in range(3):
+            grads = jax.grad(loss)(jax.tree.map(lambda x, s=seed: x + 0.1 * s, p))
+            u, state = opt.update(grads, state, p)
+        return u, state, find_preconditioner(state, AdamPreconditioner(b1=0.8, b2=0.95))
+
+    u, state, precond = three_steps(params)
     # the step is exactly -P^{-1} m
     np.testing.assert_allclose(ravel_pytree(u)[0], -ravel_pytree(state[0].mu)[0] / ravel_pytree(precond)[0],
                                rtol=1e-12)
     p = np.asarray(ravel_pytree(precond)[0])
     explicit_matrix = h / np.sqrt(np.outer(p, p))
     eig = np.linalg.eigh(explicit_matrix)[0]
-    matvec, _ = hessian_operator(loss, params, precond=precond)
-    lan = jax.jit(lambda v: top_eigenvalues(matvec, v, 2).eigenvalues)(_direction(params, 1))
+
+    @jax.jit
+    def spectra(p, pre, v1, v2):  # one program for both estimators
+        matvec, _ = hessian_operator(loss, p, precond=pre)
+        return top_eigenvalues(matvec, v1, 2).eigenvalues, top_eigenvalue(matvec, v2, tol=0.0, max_iters=3000)
+
+    lan, top = spectra(params, precond, _direction(params, 1), _direction(params, 2))
     np.testing.assert_allclose(lan, eig[::-1][:2], rtol=1e-8)
-    top = top_eigenvalue(matvec, _direction(params, 2), tol=0.0, max_iters=3000)
     assert float(top.eigenvalue) == pytest.approx(eig[np.argmax(np.abs(eig))], rel=1e-6)
 
 

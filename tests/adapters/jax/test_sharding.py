@@ -1,4 +1,5 @@
-"""Data parallel under jit: 2 host devices with a batch-sharded input give the single-device learning rates.
+"""Data parallel: 2 host devices with a batch-sharded input under jit, and under shard_map with a pmean'd loss,
+give the single-device learning rates.
 
 The tox env ``jax`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2``; run elsewhere (one device),
 the test re-runs itself in a subprocess with that flag.
@@ -21,6 +22,11 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from eos_core.adapters.jax import tune  # noqa: E402
+
+try:
+    from jax import shard_map  # jax >= 0.7
+except ImportError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map
 from eos_core.laws import CDAT  # noqa: E402
 
 FLAG = "--xla_force_host_platform_device_count=2"
@@ -66,3 +72,18 @@ def test_two_devices_give_the_single_device_lr(x64, models):
     np.testing.assert_allclose(sharded_lr, single_lr, rtol=1e-6)
     np.testing.assert_allclose([r["sharpness"] for r in sharded], [r["sharpness"] for r in single], rtol=1e-6)
     assert len(set(single_lr)) == len(single_lr)  # the rates do change step to step
+
+    # shard_map: each device sees its half of the batch; value_fn returns the global (pmean'd) loss
+    def step(p, s, xb, yb):
+        def value_fn(q):
+            return jax.lax.pmean(loss(q, xb, yb), "data")
+
+        updates, s = opt.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn)
+        return optax.apply_updates(p, updates), s
+
+    mapped = jax.jit(shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())))
+    p, s, mapped_lr = params, opt.init(params), []
+    for _ in range(8):
+        p, s = mapped(p, s, xs, ys)
+        mapped_lr.append(float(s.diagnostics["lr"]))
+    np.testing.assert_allclose(mapped_lr, single_lr, rtol=1e-6)

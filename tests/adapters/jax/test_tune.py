@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from eos_core import routes  # noqa: E402
-from eos_core.adapters.jax import TuneState, diagnostics, tune  # noqa: E402
+from eos_core.adapters.jax import TuneState, diagnostics, find_tune_state, tune  # noqa: E402
 from eos_core.laws import CDAT, DCAO, Constant, ExactSharpness  # noqa: E402
 
 
@@ -266,6 +266,7 @@ def test_diagnostics_report_the_edge_quantities(x64, models):
     assert d["step"] == 4 and d["skipped_steps"] == 0
     assert math.isnan(d["sharpness"]) and not math.isnan(records[2]["sharpness"])  # measured at steps 0 and 2
     assert math.isnan(records[2]["preconditioned_sharpness"])  # SGD has no preconditioner
+    assert 1 <= records[2]["power_iterations"] <= 20 and math.isnan(records[1]["power_iterations"])
     r = records[2]
     w, _, _, g, h = models.explicit(loss, r["params"])
     eig = np.linalg.eigvalsh(np.asarray(h))
@@ -300,3 +301,19 @@ def test_auto_route_of_a_custom_vjp_model_is_reported(x64, models):
     assert expected[-1]["route"] == routes.JVP_JVP
     np.testing.assert_allclose([r["lr"] for r in records], [r["lr"] for r in expected], rtol=1e-10)
     np.testing.assert_allclose([r["sharpness"] for r in records], [r["sharpness"] for r in expected], rtol=1e-8)
+
+
+def test_clipping_belongs_inside_base_and_diagnostics_find_a_chained_state(x64, models):
+    params, loss = models.mlp()
+    _, _, plain = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0)), loss, params, 4)
+    clip = 1e-3  # far below the gradient norm: every step is clipped
+    inner = tune(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(1.0)), CDAT(scale=2.0))
+    _, state, clipped = models.run(optax.chain(inner, optax.identity()), loss, params, 4)  # diagnostics of a chain
+    assert find_tune_state(state) is state[0]
+    for a, b in zip(plain, clipped, strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-12)  # tune saw the raw gradient ...
+        assert b["update_norm"] == pytest.approx(clip, rel=1e-9)  # ... and the clipped direction u
+        assert b["lr"] == pytest.approx(a["lr"] * a["grad_norm"] / clip, rel=1e-9)  # the rate scales as 1 / |u| ...
+        np.testing.assert_allclose(ravel_pytree(b["updates"])[0], ravel_pytree(a["updates"])[0], rtol=1e-9)  # same step
+    with pytest.raises(ValueError, match="TuneState"):
+        diagnostics(optax.sgd(1.0).init(params))
