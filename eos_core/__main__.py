@@ -1,0 +1,5 @@
+"""``python -m eos_core``: the ``eos-core`` command line (:mod:`eos_core.cli`)."""
+
+from eos_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,181 @@
+r"""The SPEC's full-batch claims B1-B3 (section 8) as checks on a set of demo runs.
+
+Each check returns a :class:`Verdict`: PASS/FAIL, the figures it rests on, and one line per run.
+The thresholds below are this module's reading of the claims' words; they are stated here so the
+figures in ``benchmarks/README.md`` can be checked against them.
+
+* **B1** (Cohen et al. 2021), constant lr eta: *progressive sharpening, then lambda_max within 10% of
+  2/eta*. Per grid lr that does not diverge and starts below the edge (lambda_0 < 2/eta):
+  sharpening = lambda_max rises to at least 0.9 * 2/eta (:data:`EDGE_REACHED`); at the edge = the
+  median of lambda_max over the second half lies within 10% of 2/eta (:data:`B1_TOLERANCE`). PASS
+  when at least one lr reaches the edge and every lr that reaches it stays within 10%; a small lr
+  that has not reached 2/eta within the run's steps is listed, not counted against the claim.
+* **B2** (CDAT paper Fig. 1, 3): Armijo and CDAT(scale=1) *undershoot the edge*: the lr falls by at
+  least :data:`B2_LR_FALL` (10x, one order of magnitude) from its early peak (first 10% of steps) to
+  its end (geometric mean of the last 10 steps: the greedy rule alternates between two values);
+  the sharpness keeps rising (:func:`sharpness_growth`, the ratio of its medians over the last and
+  the first fifth of the second half, >= :data:`B2_STILL_RISING`); the final train loss is worse
+  than the best constant lr of the grid.
+* **B3** (CDAT paper Fig. 5, 6): CDAT scale 2 and 2.0625: final train loss <= the best constant
+  lr's; the lr rises early like a warm-up (its peak over the first quarter of the steps is at least
+  :data:`B3_WARMUP` x its first value); the sharpness does not run away (:func:`sharpness_growth`
+  <= :data:`B3_NO_RUNAWAY`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eos_core.demo.results import Trajectory, best_constant
+
+EDGE_REACHED = 0.9
+B1_TOLERANCE = 0.10
+B2_LR_FALL = 10.0
+B2_STILL_RISING = 1.1
+B3_WARMUP = 1.1
+B3_NO_RUNAWAY = 1.25
+
+
+@dataclass
+class Verdict:
+    claim: str
+    passed: bool
+    lines: list[str] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> str:
+        head = f"{self.claim}: {'PASS' if self.passed else 'FAIL'}"
+        return "\n".join([head, *("  " + line for line in self.lines)])
+
+
+def _window(run: Trajectory, values: np.ndarray, start: float, stop: float) -> np.ndarray:
+    """Finite entries of ``values`` over the steps [start, stop) x planned steps."""
+    n = run.planned_steps
+    keep = (run.step >= int(start * n)) & (run.step < max(int(stop * n), int(start * n) + 1))
+    out = values[keep]
+    return out[np.isfinite(out)]
+
+
+def sharpness_growth(run: Trajectory) -> float:
+    """Growth of lambda_max over the second half of the steps.
+
+    Among the sharpness measurements of the second half, the median of the last fifth over the median
+    of the first fifth (at least one measurement each).
+    """
+    values = run.second_half(run.sharpness)
+    if values.size < 2:
+        return math.nan
+    k = max(1, values.size // 5)
+    return float(np.median(values[-k:]) / np.median(values[:k]))
+
+
+def lr_fall(run: Trajectory) -> float:
+    """Early peak of the lr (first 10% of steps) / geometric mean of its last 10 values."""
+    early = _window(run, run.lr, 0.0, 0.1)
+    late = run.lr[np.isfinite(run.lr) & (run.lr > 0)][-10:]
+    if not early.size or not late.size:
+        return math.nan
+    return float(early.max() / np.exp(np.mean(np.log(late))))
+
+
+def warmup_factor(run: Trajectory) -> float:
+    """Peak lr over the first quarter of the steps / the first step's lr."""
+    early = _window(run, run.lr, 0.0, 0.25)
+    return float(early.max() / run.lr[0]) if early.size and run.lr[0] > 0 else math.nan
+
+
+def check_b1(runs: Sequence[Trajectory]) -> Verdict:
+    verdict = Verdict("B1 constant lr: progressive sharpening, then lambda_max within 10% of 2/lr", False)
+    reached_any, all_within = False, True
+    for run in (r for r in runs if r.method.kind == "gd"):
+        eta = run.method.value
+        edge = 2.0 / eta
+        if run.diverged:
+            verdict.lines.append(f"lr={eta:g}: diverged (excluded)")
+            continue
+        sharp = run.sharpness[np.isfinite(run.sharpness)]
+        start = float(sharp[0]) if sharp.size else math.nan
+        if not start < edge:
+            verdict.lines.append(f"lr={eta:g}: starts above the edge (lambda_0 = {start:.3g} >= 2/lr = {edge:.3g}; "
+                                 "excluded)")
+            continue
+        peak = float(sharp.max())
+        if peak < EDGE_REACHED * edge:
+            verdict.lines.append(f"lr={eta:g}: lambda_max rose {start:.3g} -> {peak:.3g} but did not reach "
+                                 f"0.9 * 2/lr = {EDGE_REACHED * edge:.3g} in {run.planned_steps} steps (not counted)")
+            continue
+        reached_any = True
+        first = int(run.step[np.isfinite(run.sharpness)][np.argmax(sharp >= EDGE_REACHED * edge)])
+        median = run.median_sharpness
+        ratio = median / edge
+        within = abs(ratio - 1.0) <= B1_TOLERANCE
+        all_within &= within
+        verdict.figures[f"lr={eta:g} median sharpness / (2/lr)"] = ratio
+        verdict.lines.append(f"lr={eta:g}: lambda_max {start:.3g} -> 0.9*2/lr at step {first}; median over the "
+                             f"second half {median:.3g} = {ratio:.3f} x 2/lr ({'within' if within else 'outside'} "
+                             f"10%)  [median lr*lambda = {run.median_lr_sharpness:.3f}]")
+    verdict.passed = reached_any and all_within
+    if not reached_any:
+        verdict.lines.append("no constant lr reached the edge")
+    return verdict
+
+
+def check_b2(runs: Sequence[Trajectory]) -> Verdict:
+    verdict = Verdict("B2 Armijo and CDAT(scale=1): lr falls, sharpness keeps rising, loss worse than best constant",
+                      False)
+    best = best_constant(runs)
+    subjects = [r for r in runs if r.method.kind == "armijo" or (r.method.kind == "cdat" and r.method.value == 1.0)]
+    if best is None or not subjects:
+        verdict.lines.append("needs a non-diverged constant lr and Armijo / CDAT(scale=1) runs")
+        return verdict
+    verdict.lines.append(f"best constant: lr={best.method.value:g}, final loss {best.final_loss:.4g}")
+    passed = True
+    for run in subjects:
+        fall, growth = lr_fall(run), sharpness_growth(run)
+        worse = run.final_loss > best.final_loss
+        ok = fall >= B2_LR_FALL and growth >= B2_STILL_RISING and worse
+        passed &= ok
+        verdict.figures[f"{run.label} lr fall"] = fall
+        verdict.figures[f"{run.label} sharpness growth"] = growth
+        verdict.figures[f"{run.label} loss / best constant"] = run.final_loss / best.final_loss
+        verdict.lines.append(
+            f"{run.label}: lr falls {fall:.3g}x (needs >= {B2_LR_FALL:g}) to {run.final_lr:.3g}; sharpness "
+            f"{run.median_sharpness:.3g} (median, second half), growth {growth:.3f}x over the second half "
+            f"(needs >= {B2_STILL_RISING:g}); final loss {run.final_loss:.4g} = "
+            f"{run.final_loss / best.final_loss:.3f} x best constant (needs > 1)  [{'ok' if ok else 'FAILS'}]")
+    verdict.passed = passed
+    return verdict
+
+
+def check_b3(runs: Sequence[Trajectory]) -> Verdict:
+    verdict = Verdict("B3 CDAT scale 2 / 2.0625: loss <= best constant, warm-up, sharpness does not run away", False)
+    best = best_constant(runs)
+    subjects = [r for r in runs if r.method.kind == "cdat" and r.method.value >= 2.0]
+    if best is None or not subjects:
+        verdict.lines.append("needs a non-diverged constant lr and CDAT(scale>=2) runs")
+        return verdict
+    verdict.lines.append(f"best constant: lr={best.method.value:g}, final loss {best.final_loss:.4g}")
+    passed = True
+    for run in subjects:
+        ratio = run.final_loss / best.final_loss
+        warm, growth = warmup_factor(run), sharpness_growth(run)
+        ok = (not run.diverged) and ratio <= 1.0 and warm >= B3_WARMUP and growth <= B3_NO_RUNAWAY
+        passed &= ok
+        verdict.figures[f"{run.label} loss / best constant"] = ratio
+        verdict.figures[f"{run.label} warm-up"] = warm
+        verdict.figures[f"{run.label} sharpness growth"] = growth
+        verdict.lines.append(
+            f"{run.label}: final loss {run.final_loss:.4g} = {ratio:.3f} x best constant (needs <= 1); lr "
+            f"{run.lr[0]:.3g} at step 0, peak {warm:.3g}x in the first quarter (needs >= {B3_WARMUP:g}), "
+            f"{run.final_lr:.3g} at the end; sharpness growth over the second half {growth:.3f}x (needs <= "
+            f"{B3_NO_RUNAWAY:g}); median lr*lambda {run.median_lr_sharpness:.3f}  [{'ok' if ok else 'FAILS'}]")
+    verdict.passed = passed
+    return verdict
+
+
+def check_all(runs: Sequence[Trajectory]) -> list[Verdict]:
+    return [check_b1(runs), check_b2(runs), check_b3(runs)]

@@ -1,0 +1,195 @@
+"""Run the demo: every method on one backend, then the summary table, the figure and the CSV files.
+
+The backend module (:mod:`.torch_backend` or :mod:`.jax_backend`) is imported here, only when asked
+for, after checking that its packages are installed (a missing one raises :class:`MissingDependency`
+naming the extra to install).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TextIO
+
+import numpy as np
+
+from eos_core.demo.claims import lr_fall
+from eos_core.demo.data import Dataset, MissingDependency, load_dataset
+from eos_core.demo.methods import DEFAULT_GRID, DEFAULT_METHODS, Method, parse_methods
+from eos_core.demo.models import ModelSpec, init_params, num_params
+from eos_core.demo.progress import ProgressBar
+from eos_core.demo.results import (
+    Trajectory,
+    best_constant,
+    format_table,
+    write_summary_csv,
+    write_trajectories_csv,
+)
+
+BACKENDS = ("torch", "jax")
+FIGURE_NAME = "edge_of_stability.png"
+TRAJECTORIES_NAME = "trajectories.csv"
+SUMMARY_NAME = "summary.csv"
+
+#: (import name, what to install) for each backend; the demo's figure and dataset need the rest of ``[demo]``.
+_REQUIREMENTS = {
+    "torch": (("torch", "'eos-core[demo]'"), ("sklearn", "'eos-core[demo]'"), ("matplotlib", "'eos-core[demo]'")),
+    "jax": (("jax", "'eos-core[jax]'"), ("optax", "'eos-core[jax]'"), ("sklearn", "'eos-core[demo]'"),
+            ("matplotlib", "'eos-core[demo]'")),
+}
+
+
+@dataclass
+class DemoConfig:
+    """What ``eos-core demo`` runs (the CLI's options)."""
+
+    backend: str = "torch"
+    dataset: str = "digits"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    steps: int = 600
+    seed: int = 0
+    sharpness_every: int = 5
+    methods: list[Method] = field(default_factory=lambda: parse_methods(DEFAULT_METHODS))
+    grid: tuple[float, ...] = DEFAULT_GRID
+    num_samples: int | None = None
+    dtype: str = "float32"
+    out: Path = Path("eos-demo")
+    progress: bool = True
+    figure: bool = True
+    threads: int | None = 1  #: torch intra-op threads (torch backend; None: torch's default)
+
+
+@dataclass
+class DemoResult:
+    runs: list[Trajectory]
+    best: Trajectory | None
+    files: dict[str, Path]
+    table: str
+    wall_s: float
+
+
+def check_requirements(backend: str, dataset: str = "digits") -> None:
+    """Raise :class:`MissingDependency` naming the ``pip install`` that provides a missing package."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dataset == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
+        raise MissingDependency("--dataset mnist1d needs the mnist1d package, which is not installed. "
+                                "Install it with: pip install mnist1d (or use the default --dataset digits)")
+    for module, install in _REQUIREMENTS[backend]:
+        if module == "sklearn" and dataset != "digits":
+            continue
+        if importlib.util.find_spec(module) is None:
+            name = {"sklearn": "scikit-learn"}.get(module, module)
+            raise MissingDependency(f"the {backend} backend of the demo needs {name}, which is not installed. "
+                                    f"Install it with: pip install {install}")
+
+
+def load_backend(backend: str) -> ModuleType:
+    """Import ``eos_core.demo.<backend>_backend`` (after :func:`check_requirements`)."""
+    check_requirements(backend)
+    try:
+        return importlib.import_module(f"eos_core.demo.{backend}_backend")
+    except ImportError as error:
+        install = "'eos-core[jax]'" if backend == "jax" else "'eos-core[demo]'"
+        raise MissingDependency(f"the {backend} backend of the demo could not be imported ({error}). "
+                                f"Install it with: pip install {install}") from error
+
+
+def describe(config: DemoConfig, data: Dataset) -> str:
+    spec = config.model
+    size = num_params(init_params(spec, data.num_features, data.num_classes, seed=0, image_shape=data.image_shape))
+    if spec.arch == "mlp":
+        arch = f"MLP {data.num_features}-{spec.width}-{spec.width}-{data.num_classes} tanh"
+    else:
+        arch = f"CNN 2x(conv 3x3 x{spec.width}, tanh, avg pool 2), dense"
+    loss = "squared error" if spec.loss == "mse" else "cross-entropy"
+    return (f"{data.name} ({data.x.shape[0]} examples, {data.num_features} features), {arch} ({size} parameters), "
+            f"{loss}, full batch, {config.steps} steps, {config.backend} backend, {config.dtype}")
+
+
+def reading(runs: list[Trajectory], best: Trajectory | None) -> list[str]:
+    """What the table says, in words: where each method sits relative to the edge and to the best constant."""
+    lines = []
+    if best is not None and math.isfinite(best.median_lr_sharpness):
+        lines.append(f"- GD at lr={best.method.value:g}: median lr*sharpness {best.median_lr_sharpness:.2f} over the "
+                     f"second half; a constant lr trains at the edge of stability (2), sharpness ~ 2/lr.")
+    for run in runs:
+        if run.method.kind == "gd" or run.diverged:
+            continue
+        compared = f"final loss {run.final_loss / best.final_loss:.2f}x the best constant's" if best else ""
+        if run.method.kind == "cdat" and run.method.value >= 2.0:
+            edge = " (on the edge)" if 1.8 <= run.median_lr_sharpness <= 2.3 else ""
+            lines.append(f"- {run.label}: {compared}, lr*sharpness {run.median_lr_sharpness:.2f}{edge}, lr "
+                         f"{run.lr[0]:.3g} -> peak {float(np.nanmax(run.lr)):.3g} -> {run.final_lr:.3g}.")
+        else:
+            reference = f" vs {best.median_sharpness:.3g} at the best constant" if best else ""
+            lines.append(f"- {run.label}: {compared}; its lr fell {lr_fall(run):.1f}x from its early peak while the "
+                         f"sharpness rose to {run.median_sharpness:.3g}{reference} (the tuner shrinks its lr "
+                         "instead of letting the edge stabilise the sharpness).")
+    return [textwrap.fill(line, 110, subsequent_indent="  ") for line in lines]
+
+
+def run_demo(config: DemoConfig, *, stream: TextIO | None = None, progress_stream: TextIO | None = None) -> DemoResult:
+    """Train every method, print the table, write the figure and CSV files into ``config.out``."""
+    stream = stream if stream is not None else sys.stdout
+    progress_stream = progress_stream if progress_stream is not None else sys.stderr
+    check_requirements(config.backend, config.dataset)
+    backend = load_backend(config.backend)
+    data = load_dataset(config.dataset, num_samples=config.num_samples)
+    if config.model.arch == "cnn" and data.image_shape is None:
+        raise ValueError(f"--model cnn needs an image dataset (digits); {config.dataset} has no image shape")
+    config.out.mkdir(parents=True, exist_ok=True)
+    stream.write(f"eos-core demo: {describe(config, data)}\n")
+    stream.flush()
+
+    start = time.perf_counter()
+    runs: list[Trajectory] = []
+    for i, method in enumerate(config.methods):
+        bar = ProgressBar(method.label, config.steps, position=f"[{i + 1}/{len(config.methods)}]",
+                          stream=progress_stream, enabled=config.progress)
+        options = {"threads": config.threads} if config.backend == "torch" else {}
+        run = backend.train(method, data, config.model, steps=config.steps, seed=config.seed,
+                            sharpness_every=config.sharpness_every, dtype=config.dtype, progress=bar.update, **options)
+        outcome = "diverged" if run.diverged else f"final loss {run.final_loss:.4g}"
+        bar.close(f"{outcome}  lr {run.final_lr:.3g}")
+        runs.append(run)
+    wall = time.perf_counter() - start
+
+    best = best_constant(runs)
+    table = format_table(runs)
+    stream.write("\n" + table + "\n\n")
+    gd = [r for r in runs if r.method.kind == "gd"]
+    if gd:
+        grid = ", ".join(f"{r.method.value:g}" for r in gd)
+        if best is None:
+            stream.write(f"Every constant learning rate of the grid ({grid}) diverged.\n")
+        else:
+            stream.write(f"Best constant learning rate of the grid ({grid}): {best.method.value:g}; "
+                         f"the figure shows it with the other methods.\n")
+    for line in reading(runs, best):
+        stream.write(line + "\n")
+    files = {
+        "trajectories": write_trajectories_csv(runs, config.out / TRAJECTORIES_NAME),
+        "summary": write_summary_csv(runs, config.out / SUMMARY_NAME),
+    }
+    if config.figure:
+        from eos_core.plotting import plot_edge_of_stability
+
+        shown = {r.label: r.as_history() for r in runs if r.method.kind != "gd" or r is best}
+        if shown:
+            files["figure"] = config.out / FIGURE_NAME
+            plot_edge_of_stability(shown, path=files["figure"],
+                                   title=textwrap.fill(f"eos-core demo: {describe(config, data)}", 120))
+    files = dict(sorted(files.items(), key=lambda item: item[0] != "figure"))  # the figure first
+    stream.write(f"Total training time {wall:.1f}s. Wrote:\n")
+    for name, path in files.items():
+        stream.write(f"  {name:<13}{path}\n")
+    stream.flush()
+    return DemoResult(runs=runs, best=best, files=files, table=table, wall_s=wall)
