@@ -44,6 +44,19 @@ def test_installed_layout_has_no_top_level_adapters_or_integrations():
     assert result.stdout.split() == ["eos_core.adapters", "eos_core.integrations"]
 
 
+def test_a_source_checkout_imports_like_the_installed_package():
+    # Python started in the repository root imports ./eos_core, not the installed copy: the layers that an
+    # install maps into eos_core (adapters/, integrations/ at the root) must still be found
+    code = ("import sys, eos_core, eos_core.adapters, eos_core.integrations, eos_core.laws\n"
+            "print(eos_core.__file__); print(eos_core.adapters.__file__); print(eos_core.integrations.__file__)\n"
+            "assert 'adapters' not in sys.modules and 'integrations' not in sys.modules  # nothing top-level")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    files = [Path(line) for line in result.stdout.split()]
+    assert files == [ROOT / "eos_core" / "__init__.py", ROOT / "adapters" / "__init__.py",
+                     ROOT / "integrations" / "__init__.py"]
+
+
 @pytest.mark.parametrize(
     "module,framework,extra",
     [

@@ -1,97 +1,38 @@
 """Data parallel: two gloo processes agree with each other and with one process on the union batch."""
 
-import gc
 import json
-import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eos_core import CDAT, AdaEoS
-from eos_core.adapters.torch import CurvatureTuner
-
-STEPS = 6
+HERE = Path(__file__).resolve().parent
 
 
-def data():
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+@pytest.fixture
+def workers(monkeypatch):
+    """The worker module, importable by name here and in the spawned ranks (they inherit ``sys.path``)."""
+    monkeypatch.syspath_prepend(str(HERE))
+    import distributed_worker
 
-
-def build(law):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    return model, optimizer
-
-
-def run(model, optimizer, tuner, x, y):
-    out = []
-    for _ in range(STEPS):
-        def closure():
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        tuner.step(closure)
-        out.append({k: tuner.diagnostics[k] for k in ("lr", "sharpness") if k in tuner.diagnostics})
-    return out
-
-
-LAWS = {"cdat": lambda: CDAT(scale=2.0), "adaeos": lambda: AdaEoS(gamma=0.5, lr_init=0.05)}
-
-
-def train_shard(rank, law_name, route):
-    x, y = data()
-    shard = slice(rank * 16, (rank + 1) * 16)
-    model, optimizer = build(law_name)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, model=ddp, sharpness_every=2,
-                           power_iters=50, power_tol=1e-9)
-    return run(ddp, optimizer, tuner, x[shard], y[shard])
-
-
-def close_process_group(finished):
-    """Tear gloo down while every rank is alive and idle.
-
-    Destroying the group while the other rank is still in a collective, or leaving it (or a DDP reducer
-    that holds it) to the interpreter's exit, can kill a rank with SIGABRT ("terminate called without an
-    active exception"). So: free the DDP objects first (reference cycles), meet at a barrier when this
-    rank finished (after an error the other rank may never arrive), then destroy the group.
-    """
-    gc.collect()
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def worker(rank, world, init_file, out_dir, law_name, route):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    finished = False
-    try:
-        history = train_shard(rank, law_name, route)  # the DDP model and the tuner die with its frame
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(history, f)
-        finished = True
-    finally:
-        close_process_group(finished)
+    yield distributed_worker
+    sys.modules.pop("distributed_worker", None)
 
 
 @pytest.mark.parametrize("law_name,route", [("cdat", "double-backward"), ("cdat", "fd-onesided"),
                                             ("adaeos", "double-backward")])
-def test_two_process_ddp_matches_single_process_on_the_union_batch(tmp_path, law_name, route):
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), law_name, route), nprocs=2, join=True)
+def test_two_process_ddp_matches_single_process_on_the_union_batch(tmp_path, workers, law_name, route):
+    mp.spawn(workers.worker, args=(2, str(tmp_path / "init"), str(tmp_path), law_name, route), nprocs=2,
+             join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank used exactly the same learning rate
 
-    x, y = data()
-    model, optimizer = build(law_name)
-    tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, sharpness_every=2, power_iters=50,
-                           power_tol=1e-9)
-    single = run(model, optimizer, tuner, x, y)
+    x, y = workers.data()
+    model, optimizer = workers.build(law_name)
+    tuner = workers.CurvatureTuner(optimizer, workers.LAWS[law_name](), route=route, sharpness_every=2,
+                                   power_iters=50, power_tol=1e-9)
+    single = workers.run(model, optimizer, tuner, x, y)
     tolerance = 1e-9 if route == "double-backward" else 1e-4
     for a, b in zip(ranks[0], single, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=tolerance)

@@ -1,0 +1,83 @@
+"""The training both sides of tests/adapters/torch/test_distributed.py run: a spawned rank and the single process.
+
+A module of its own, imported by its plain name from this folder (the test puts the folder on
+``sys.path``), so that ``torch.multiprocessing.spawn`` can pickle :func:`worker` by reference and the
+child processes can import it, whatever pytest's import mode and however pytest was started.
+"""
+
+import gc
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from eos_core import CDAT, AdaEoS
+from eos_core.adapters.torch import CurvatureTuner
+
+STEPS = 6
+
+
+def data():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(32, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+
+
+def build(law):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    return model, optimizer
+
+
+def run(model, optimizer, tuner, x, y):
+    out = []
+    for _ in range(STEPS):
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        tuner.step(closure)
+        out.append({k: tuner.diagnostics[k] for k in ("lr", "sharpness") if k in tuner.diagnostics})
+    return out
+
+
+LAWS = {"cdat": lambda: CDAT(scale=2.0), "adaeos": lambda: AdaEoS(gamma=0.5, lr_init=0.05)}
+
+
+def train_shard(rank, law_name, route):
+    x, y = data()
+    shard = slice(rank * 16, (rank + 1) * 16)
+    model, optimizer = build(law_name)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, model=ddp, sharpness_every=2,
+                           power_iters=50, power_tol=1e-9)
+    return run(ddp, optimizer, tuner, x[shard], y[shard])
+
+
+def close_process_group(finished):
+    """Tear gloo down while every rank is alive and idle.
+
+    Destroying the group while the other rank is still in a collective, or leaving it (or a DDP reducer
+    that holds it) to the interpreter's exit, can kill a rank with SIGABRT ("terminate called without an
+    active exception"). So: free the DDP objects first (reference cycles), meet at a barrier when this
+    rank finished (after an error the other rank may never arrive), then destroy the group.
+    """
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker(rank, world, init_file, out_dir, law_name, route):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    finished = False
+    try:
+        history = train_shard(rank, law_name, route)  # the DDP model and the tuner die with its frame
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(history, f)
+        finished = True
+    finally:
+        close_process_group(finished)
