@@ -40,19 +40,33 @@ def validate_route(route: str, *, owner: str, supported: tuple[str, ...] = ALL) 
     return route
 
 
-def finite_difference_step(param_norm: float, direction_norm: float, eps: float, *, central: bool) -> float:
+def parameter_scale_along(abs_param_dot_abs_direction: float, direction_norm: float) -> float:
+    """``sum_i |w_i| |u_i| / ||u||``: the size of the parameters where ``u`` points.
+
+    Dennis and Schnabel's ``typx^T |u|`` rule (Numerical Methods for Unconstrained Optimization, section
+    5.6). It equals ``||w||`` when ``|u|`` is proportional to ``|w|`` and is much smaller when ``u``
+    concentrates on small weights, where a step sized by the whole vector's norm (on a transformer,
+    dominated by the normalisation layers' unit gains) would reach far into the nonlinear range.
+    Adapters pass it the two reductions; 0 when ``u = 0``.
+    """
+    return abs_param_dot_abs_direction / direction_norm if direction_norm > 0 else 0.0
+
+
+def finite_difference_step(param_scale: float, direction_norm: float, eps: float, *, central: bool) -> float:
     """Step ``h`` for differencing gradients along a direction ``u``.
 
-    The perturbation ``h u`` is given the norm ``eps**(1/2) * max(||w||, 1)`` (one-sided) or
-    ``eps**(1/3) * max(||w||, 1)`` (central), so that, coordinate by coordinate, it sits at the square
-    (cube) root of the working precision relative to the parameters: the classical balance between
+    The perturbation ``h u`` is given the norm ``eps**(1/2) * max(s, 1)`` (one-sided) or
+    ``eps**(1/3) * max(s, 1)`` (central), where ``s`` is the parameter scale along ``u``
+    (:func:`parameter_scale_along`), so that, coordinate by coordinate, it sits at the square (cube)
+    root of the working precision relative to the parameters: the classical balance between
     truncation error (O(h) one-sided, O(h^2) central) and cancellation error (O(eps / h)). ``eps`` is
     the machine epsilon of the lowest precision the gradient is computed in (the autocast dtype
-    under mixed precision).
+    under mixed precision). Every adapter uses this rule, so the ``fd-*`` routes agree across
+    frameworks.
 
     Returns 0 when the direction is zero or any input is not finite: there is nothing to difference.
     """
-    if not (math.isfinite(param_norm) and math.isfinite(direction_norm) and direction_norm > 0):
+    if not (math.isfinite(param_scale) and math.isfinite(direction_norm) and direction_norm > 0):
         return 0.0
     root = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
-    return root * max(param_norm, 1.0) / direction_norm
+    return root * max(param_scale, 1.0) / direction_norm

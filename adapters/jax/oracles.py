@@ -13,8 +13,10 @@ from :mod:`eos_core.routes`):
 * ``fd-onesided``: :math:`Hu \approx (\nabla f(w + hu) - g) / h` reusing the step's gradient ``g``,
   one extra gradient. ``g`` must be the gradient of ``value_fn`` at ``params``.
 
-The step ``h`` follows :func:`eos_core.routes.finite_difference_step` (``||h u|| = eps^{1/2}`` or
-``eps^{1/3}`` times ``max(||w||, 1)``, ``eps`` the machine epsilon of the lowest-precision leaf).
+The step ``h`` follows :func:`eos_core.routes.finite_difference_step`, as in the PyTorch adapter:
+``||h u|| = eps^{1/2}`` or ``eps^{1/3}`` times ``max(s, 1)`` with ``s = sum_i |w_i| |u_i| / ||u||`` the
+parameter scale along ``u`` (:func:`eos_core.routes.parameter_scale_along`) and ``eps`` the machine
+epsilon of the lowest-precision leaf.
 
 ``auto`` is resolved **at trace time**: each candidate route is traced abstractly
 (``jax.make_jaxpr``, no FLOPs) and the first one that traces to an evaluable program is used. A
@@ -84,17 +86,21 @@ def lowest_precision_eps(params: PyTree) -> float:
 
 
 def finite_difference_step(params: PyTree, direction: PyTree, *, central: bool) -> jax.Array:
-    r"""Traceable :func:`eos_core.routes.finite_difference_step`: :math:`h = r \max(\|w\|, 1) / \|u\|`.
+    r"""Traceable :func:`eos_core.routes.finite_difference_step`: :math:`h = r \max(s, 1) / \|u\|`.
 
-    ``r = eps^{1/2}`` (one-sided) or ``eps^{1/3}`` (central) is taken from the core function itself;
-    the norms are traced arrays, so the scaling is redone here with ``jnp`` (0 when ``u = 0`` or a
-    norm is not finite, as in the core).
+    ``s = sum_i |w_i| |u_i| / ||u||`` is the parameter scale along ``u``
+    (:func:`eos_core.routes.parameter_scale_along`) and ``r = eps^{1/2}`` (one-sided) or ``eps^{1/3}``
+    (central) is taken from the core function itself; the reductions are traced arrays, so the scaling
+    is redone here with ``jnp`` (0 when ``u = 0`` or a value is not finite, as in the core).
     """
     root = routes.finite_difference_step(1.0, 1.0, lowest_precision_eps(params), central=central)
-    w_norm, u_norm = tree_norm(params), tree_norm(direction)
-    acc = jnp.result_type(w_norm, u_norm)
-    ok = jnp.isfinite(w_norm) & jnp.isfinite(u_norm) & (u_norm > 0)
-    h = root * jnp.maximum(w_norm, 1.0) / jnp.where(ok, u_norm, 1.0)
+    u_norm = tree_norm(direction)
+    weighted = tree_dot(jax.tree.map(jnp.abs, params), jax.tree.map(jnp.abs, direction))
+    acc = jnp.result_type(weighted, u_norm)
+    ok = jnp.isfinite(weighted) & jnp.isfinite(u_norm) & (u_norm > 0)
+    safe_norm = jnp.where(ok, u_norm, 1.0)
+    scale = weighted / safe_norm
+    h = root * jnp.maximum(scale, 1.0) / safe_norm
     return jnp.where(ok, h, 0.0).astype(acc)
 
 

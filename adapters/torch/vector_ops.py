@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.routes import parameter_scale_along
 
 Vector = list[torch.Tensor]
 
@@ -70,16 +71,14 @@ def loss_and_finite(loss: torch.Tensor | None, grads: Sequence[torch.Tensor | No
 
 
 def scale_along(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """``(sum_i |w_i| |u_i| / ||u||, ||u||)``: the size of the parameters where ``u`` points, and ``||u||``.
+    """``(sum_i |w_i| |u_i| / ||u||, ||u||)``: :func:`eos_core.routes.parameter_scale_along` and ``||u||``.
 
     The parameter scale of a finite-difference step along ``u`` (Dennis and Schnabel's ``typx^T |u|``
-    rule, section 5.6): it is ``||w||`` when ``u`` is spread evenly, but much smaller when ``u``
-    concentrates on small weights, where a step sized by the whole vector's norm (on a transformer,
-    dominated by the normalisation layers' unit gains) would be far into the nonlinear range.
+    rule), with a single host synchronisation.
     """
     weighted, squared = dots([(params, direction), (direction, direction)], absolute=(True, False))
     norm = math.sqrt(max(squared, 0.0))
-    return (weighted / norm if norm > 0 else 0.0), norm
+    return parameter_scale_along(weighted, norm), norm
 
 
 def squared_norm(x: Sequence[torch.Tensor]) -> float:

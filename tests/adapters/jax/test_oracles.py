@@ -102,8 +102,10 @@ def test_finite_differences_in_float32(x64, models, model):
 def test_finite_difference_step_matches_core_rule(x64, models):
     params, _ = models.mlp()
     u = _direction(params, 5)
-    w_norm = float(jnp.linalg.norm(ravel_pytree(params)[0]))
-    u_norm = float(jnp.linalg.norm(ravel_pytree(u)[0]))
+    w, flat_u = np.asarray(ravel_pytree(params)[0]), np.asarray(ravel_pytree(u)[0])
+    u_norm = float(np.linalg.norm(flat_u))
+    # the parameter scale along u (Dennis-Schnabel), the same rule as the PyTorch adapter's
+    w_norm = routes.parameter_scale_along(float(np.abs(w) @ np.abs(flat_u)), u_norm)
     for central in (True, False):
         expected = routes.finite_difference_step(w_norm, u_norm, float(jnp.finfo(jnp.float64).eps), central=central)
         got = jax.jit(functools.partial(finite_difference_step, central=central))(params, u)
