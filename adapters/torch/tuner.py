@@ -94,8 +94,8 @@ class CurvatureTuner:
             between (Sophia-style amortisation).
         route: curvature route (:mod:`eos_core.routes`); ``"auto"`` picks double backward and falls
             back to the math SDPA kernel, then to one-sided finite differences; on models with at least
-            ``fd_above`` parameters it keeps one-sided finite differences when they agree with double
-            backward to 1% on the first probe (``fd_above=None`` never switches).
+            ``fd_above`` parameters it keeps one-sided finite differences once they agree with double
+            backward to 1% (checked at the 1st, 10th, 100th, ... probe; ``fd_above=None`` never switches).
         sharpness_every: every that many steps, track lambda_max (warm-started power iteration),
             ``lr * lambda_max`` and, for Adam/RMSprop/Adagrad, the preconditioned sharpness.
         lr_mode: ``"override"`` or ``"multiply"`` (see the module docstring).
@@ -396,6 +396,8 @@ class CurvatureTuner:
                                     "route": self.route}
             elif not pending.instrumented:
                 self._commit(pending.output, step, pending, extra={})
+            elif self.skip_nonfinite and not vec.all_finite(self._params()):
+                self._undo_non_finite_update(pending, step)
             else:
                 self._instrumented_step(pending, step)
         finally:
@@ -421,6 +423,18 @@ class CurvatureTuner:
             diagnostics.setdefault("loss", pending.loss)
         diagnostics.update(extra)
         self.diagnostics = diagnostics
+
+    def _undo_non_finite_update(self, pending: _Step, step: int) -> None:
+        """The optimizer produced a NaN/Inf update from a finite gradient (e.g. Adam with ``eps=0`` where the
+        second moment is 0): put the parameters back to ``w`` (the copy every instrumented step keeps) and
+        report the step as skipped. The optimizer's moments have advanced as for any step it took."""
+        with torch.no_grad():
+            for p, w in zip(self._params(), pending.saved, strict=True):
+                p.copy_(w)
+        warnings.warn(f"eos_core: step {step} skipped: the optimizer's update is not finite (the gradient is); "
+                      "parameters left unchanged", RuntimeWarning, stacklevel=4)
+        self.diagnostics = {"step": step, "lr": 0.0, "skipped": 1.0, "probed": 0.0,
+                            "loss": pending.loss if pending.loss is not None else math.nan, "route": self.route}
 
     def _instrumented_step(self, pending: _Step, step: int) -> None:
         params = self._params()
@@ -613,6 +627,7 @@ class CurvatureTuner:
             "law_state": law_state,
             "step": self._step_count,
             "route": self.oracle.resolved,
+            "exact_probes": self.oracle.exact_probes,
             "reference_lr": self._reference_lr,
             "hyperparam_ratios": {k: list(v) for k, v in self._hyperparam_ratios.items()},
             "eigenvector": tensors(self._eigenvector),
@@ -643,6 +658,7 @@ class CurvatureTuner:
         self._step_count = int(saved["step"])
         if saved.get("route") is not None:
             self.oracle.resolved = saved["route"]
+        self.oracle.exact_probes = int(saved.get("exact_probes", 0))
         self._reference_lr = float(saved["reference_lr"])
         if "hyperparam_ratios" in saved:
             self._hyperparam_ratios = {k: [float(r) for r in v] for k, v in saved["hyperparam_ratios"].items()}

@@ -131,3 +131,25 @@ def test_a_non_finite_sharpness_does_not_poison_the_warm_start():
     clean, poisoned = histories
     assert math.isnan(poisoned[2])
     assert poisoned[3:] == pytest.approx(clean[3:], rel=1e-6)
+
+
+def test_a_non_finite_update_from_a_finite_gradient_leaves_the_parameters():
+    # Adam with eps=0: a weight whose gradient is exactly 0 (its input feature is always 0) gets 0/0 = NaN
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    tuner = CurvatureTuner(torch.optim.Adam(model.parameters(), lr=1e-2, eps=0.0), CDAT(scale=2.0))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    x[:, 2] = 0.0
+
+    def closure():
+        tuner.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="update is not finite"):
+        tuner.step(closure)
+    assert tuner.diagnostics["skipped"] == 1.0
+    for p, saved in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), saved)

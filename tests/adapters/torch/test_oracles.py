@@ -236,3 +236,26 @@ def test_auto_stays_exact_where_finite_differences_disagree():
     oracle.curvature(objective, params, u, grad_dot_u=gu)
     # ReLU kinks: finite differences see gradient jumps that autograd's Hessian does not
     assert oracle.resolved == routes.DOUBLE_BACKWARD and oracle.verification is None
+
+
+def test_auto_checks_finite_differences_again_at_the_10th_and_100th_exact_probe(monkeypatch):
+    objective, params, u, gu = _mlp_objective(torch.nn.GELU)
+    oracle = Oracle(routes.AUTO, fd_above=1000)
+    oracle.fd_tolerance = 0.0  # finite differences "disagree" until the test relaxes the tolerance
+    checks = []
+    original = oracle._uhu_finite_differences
+
+    def counting(*args, **kwargs):
+        checks.append(oracle.exact_probes)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(oracle, "_uhu_finite_differences", counting)
+    for _ in range(12):
+        oracle.curvature(objective, params, u, grad_dot_u=gu)
+    assert checks == [1, 10] and oracle.resolved == routes.DOUBLE_BACKWARD
+    oracle.fd_tolerance = 1e-2
+    for _ in range(100 - 12):
+        oracle.curvature(objective, params, u, grad_dot_u=gu)
+    assert checks == [1, 10, 100] and oracle.resolved == routes.FD_ONESIDED  # agreed at the 100th probe
+    oracle.curvature(objective, params, u, grad_dot_u=gu)
+    assert checks == [1, 10, 100, 100]  # now the route itself: no more exact probes, no more checks
