@@ -8,7 +8,9 @@ jitted training step (value_and_grad + optimizer update + apply) of
   ``probe_every`` in {1, 10},
 * plus sharpness tracking alone (``tune(base(1.0), Constant(lr), sharpness_every=100)``),
 
-in the same process, and reports the ratios next to the targets of SPEC section 9 (tuned / plain
+in the same process, with ``tune``'s ``warn`` set by ``--warn`` (default ``true``, the library's default: no
+host callback in the step; ``jit`` measures the in-jit warning callback, which slows every step, probe or
+not), and reports the ratios next to the targets of SPEC section 9 (tuned / plain
 <= 2.1 probing every step, <= 1.12 every 10 steps, sharpness tracking every 100 steps <= 1.05,
 peak memory <= 1.3x). Times are medians over ``--repeats`` blocks of ``block`` consecutive steps
 (``block`` = 10, or 100 for sharpness tracking, so that a block holds the same mix of probe and hold
@@ -33,6 +35,7 @@ Examples::
 
     python benchmarks/jax_overhead.py                      # small CPU sizes, a couple of minutes
     python benchmarks/jax_overhead.py --models gpt --size gpt2-124m --base adam --json out.json  # GPU
+    python benchmarks/jax_overhead.py --models gpt --routes jvp-jvp --no-sharpness --warn jit  # the callback's cost
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ from eos_core.adapters.jax import diagnostics, tune  # noqa: E402
 from eos_core.laws import CDAT, Constant  # noqa: E402
 
 TIME_TARGET = {1: 2.1, 10: 1.12}
+#: ``--warn`` choices and the ``tune(..., warn=...)`` value each one measures.
+WARN_MODES: dict[str, bool | str] = {"true": True, "jit": "jit", "false": False}
 SHARPNESS_TARGET = 1.05
 MEMORY_TARGET = 1.3
 ROUTES = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_CENTRAL, routes.FD_ONESIDED)
@@ -331,12 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the sharpness-tracking row (blocks of 100 steps)")
     parser.add_argument("--sharpness-route", default=routes.AUTO, choices=routes.ALL,
                         help="route of the Hessian-vector products of the sharpness-tracking row")
-    parser.add_argument("--no-warn", dest="warn", action="store_false",
-                        help="tune(..., warn=False): no in-jit warning callback (one conditional less per step)")
+    parser.add_argument("--warn", default="true", choices=sorted(WARN_MODES),
+                        help="tune(..., warn=...): true (the library's default: warnings raised by diagnostics(), "
+                             "no host callback in the step), jit (in-jit warnings through jax.debug.callback, "
+                             "which slow every step) or false (no warnings)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc thresholds (no re-execution; see 'Host allocator' above)")
     args = parser.parse_args(argv)
+    args.warn = WARN_MODES[args.warn]
     unknown = set(args.models) - set(BUILDERS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")

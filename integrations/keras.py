@@ -15,11 +15,11 @@ Design (Keras 3 on the JAX and torch backends):
   to that batch's ``logs`` as ``"eos/<name>"``: ``lr`` (the learning rate applied), ``numerator`` and
   ``denominator`` (CDAT's n = max(-g.u, 0) and d = |u^T H u| + eps), ``sharpness`` (lambda_max, with
   ``sharpness_every``), ``lr_sharpness`` (lr * lambda_max, 2 at the edge), ``loss``, ``grad_norm``,
-  ``update_norm``, ``probed``, ``fallback``, ``skipped``, the law's other measurements and
-  ``skipped_steps``. At the end of each epoch the same names go into the epoch's ``logs``, so
-  ``History`` (``history.history["eos/lr"]``, one value per epoch), ``CSVLogger`` and ``TensorBoard``
-  record them (Keras's TensorBoard callback writes through ``tf.summary``, so it needs TensorFlow installed,
-  whatever the backend), and the progress bar shows them.
+  ``update_norm``, ``probed``, ``fallback``, ``skipped``, the law's other measurements,
+  ``skipped_steps`` and (JAX) ``fallback_steps``. At the end of each epoch the same names go into the
+  epoch's ``logs``, so ``History`` (``history.history["eos/lr"]``, one value per epoch), ``CSVLogger`` and
+  ``TensorBoard`` record them (Keras's TensorBoard callback writes through ``tf.summary``, so it needs
+  TensorFlow installed, whatever the backend), and the progress bar shows them.
 * **Values not measured on a step** (``sharpness`` between power iterations, ``numerator`` between probes
   with ``probe_every > 1``) carry the latest measurement forward, and are NaN until the first one, so
   every epoch has every column (CSVLogger fixes its columns at the first epoch) and the progress bar is not
@@ -29,6 +29,11 @@ Design (Keras 3 on the JAX and torch backends):
   the trajectories of the CDAT paper's figures at step resolution.
 * **Order.** Keras calls the callbacks in list order with one ``logs`` dict, then its own History and
   progress bar: list this callback *before* a ``CSVLogger`` or ``TensorBoard`` you pass yourself.
+* **Warnings.** On JAX with the tuner's default ``warn=True`` the jitted step has no host callback; each
+  read here (through :func:`~eos_core.adapters.keras.current_diagnostics`) raises a RuntimeWarning for the
+  steps skipped (non-finite loss or gradient) and the law fallbacks since the previous read, so a bad
+  step is reported at the batch it happened in (with ``log_every > 1``: at the next read, none missed).
+  On torch the step warns by itself.
 * **Cost.** Reading the diagnostics synchronises with the device once per batch (the JAX step otherwise
   runs ahead asynchronously); ``log_every`` reads them every that many batches instead (the per-step
   history then has those steps only).

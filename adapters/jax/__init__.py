@@ -40,6 +40,7 @@ from eos_core.adapters.jax.transform import (  # noqa: E402
     diagnostics,
     find_tune_state,
     tune,
+    warn_bad_steps,
 )
 from eos_core.adapters.jax.tree_ops import TreeOps  # noqa: E402
 
@@ -64,4 +65,5 @@ __all__ = [
     "top_eigenvalue",
     "top_eigenvalues",
     "tune",
+    "warn_bad_steps",
 ]

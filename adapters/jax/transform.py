@@ -65,15 +65,31 @@ Design
 * **Bad input** (SPEC section 10). A non-finite gradient, update ``u`` or loss (when the loss is
   known: the ``value`` argument or a route that computed it) skips the step inside ``jit``: the
   update is 0 and the base state, law state, warm-start vectors and step count are left unchanged,
-  as ``optax.apply_if_finite`` does; ``skipped`` counts such steps in the state and a warning is
-  raised through ``jax.debug.callback`` (on the next probe step, so that steps between probes carry
-  no host callback). Non-finite or degenerate curvature is handled by the law:
-  it keeps its last good learning rate (``fallback = 1``), again with a warning. The grad and update
-  squared norms serve as the finiteness test (one dot product per tree; a squared norm that
-  overflows the float range counts as non-finite too) and are reported every step.
-  **Cost of the warning on a GPU:** a host callback anywhere in the program slows every step, not
-  only the ones that call it (GPT-2 124M on an H100: +12% per step probing every 10 steps, +9%
-  probing every step). ``warn=False`` removes it; the counts stay in the state.
+  as ``optax.apply_if_finite`` does. Non-finite or degenerate curvature is handled by the law: it
+  keeps its last good learning rate (``fallback = 1``). The state counts both, cumulatively
+  (``skipped``, ``fallbacks``; :func:`diagnostics` reports them as ``skipped_steps`` and
+  ``fallback_steps``). The grad and update squared norms serve as the finiteness test (one dot
+  product per tree; a squared norm that overflows the float range counts as non-finite too) and are
+  reported every step.
+* **Warnings** (``warn``). With ``warn=True`` (the default) the compiled update contains no host
+  callback: the RuntimeWarning is raised on the host by :func:`diagnostics` when the last step was
+  skipped or fell back, with the cumulative counts in its message (a training loop that reads the
+  diagnostics every step therefore warns at every bad step; one that reads them every ``n`` steps
+  warns only when the step it reads was bad, and the counts tell how many there were in all; such a
+  loop can pass the counts' increase since its last read to :func:`warn_bad_steps`, as the Keras
+  adapter does). ``warn="jit"`` warns from inside ``jit`` instead, through ``jax.debug.callback`` in
+  a ``lax.cond`` on probe steps (steps skipped between probes are reported at the next probe,
+  ``reported_skips`` keeps track), without any call to :func:`diagnostics`. ``warn=False`` warns
+  nowhere; the counts stay in the state and in :func:`diagnostics`. :func:`diagnostics` learns the
+  mode from the state: its :class:`Diagnostics` carries it as static pytree data (not an array, so
+  nothing is added to the step or the checkpoint's arrays), written by ``init`` and by every
+  ``update``, so after one step a restored state reports with the running transformation's mode.
+  **Cost of the in-jit warning:** a host callback anywhere in the program slows every step, not only
+  the ones that call it. GPT-2 124M on an H100: +12% per step probing every 10 steps, +9% probing
+  every step. The 2-layer GPT-like model of ``benchmarks/jax_overhead.py`` on CPU (jax 0.10, routes
+  jvp-jvp and fd-onesided), probing every 10 steps: 1.23-1.26x a plain step with ``warn="jit"``,
+  1.12-1.14x with ``warn=True`` or ``False`` (identical programs). That is why ``warn=True`` leaves it out
+  (``--warn jit`` measures it).
 * **Composition with other optax transformations.** ``tune`` must receive the raw gradient of
   ``value_fn``: it is ``g`` in ``g.u`` (CDAT's numerator), ``|g|^2`` (Polyak), the base point of
   one-sided finite differences and the cosine of HyperGradient. Put gradient transformations
@@ -104,7 +120,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -149,22 +165,26 @@ _VALUE_FN_NEEDS = frozenset({S.CURVATURE, S.TRIAL_LOSS}) | _SPECTRAL_NEEDS
 
 @jax.tree_util.register_pytree_node_class
 class Diagnostics:
-    """The last step's diagnostics: a fixed tuple of names (static) and one vector of values (a pytree leaf).
+    """The last step's diagnostics: a fixed tuple of names and the transformation's ``warn`` mode (static) and
+    one vector of values (a pytree leaf).
 
     One array keeps the per-step bookkeeping to a single select; ``d["lr"]`` reads one value and
-    :func:`diagnostics` converts all of them to host floats.
+    :func:`diagnostics` converts all of them to host floats (and, when ``warn`` is True, raises the
+    warnings of a skipped or fallen-back last step).
     """
 
-    def __init__(self, keys: tuple[str, ...], values: Any) -> None:
+    def __init__(self, keys: tuple[str, ...], values: Any, warn: bool | str = True) -> None:
         self.keys = tuple(keys)
         self.values = values
+        self.warn = warn
 
-    def tree_flatten(self) -> tuple[tuple[Any], tuple[str, ...]]:
-        return (self.values,), self.keys
+    def tree_flatten(self) -> tuple[tuple[Any], tuple[tuple[str, ...], bool | str]]:
+        return (self.values,), (self.keys, self.warn)
 
     @classmethod
-    def tree_unflatten(cls, keys: tuple[str, ...], children: tuple[Any, ...]) -> Diagnostics:
-        return cls(keys, children[0])
+    def tree_unflatten(cls, aux: tuple[tuple[str, ...], bool | str], children: tuple[Any, ...]) -> Diagnostics:
+        keys, warn = aux
+        return cls(keys, children[0], warn)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[self.keys.index(key)]
@@ -183,7 +203,8 @@ class TuneState(NamedTuple):
     law_state: Any  #: the law's state (a NamedTuple of 0-d arrays)
     count: jax.Array  #: int32, steps taken (skipped steps excluded); probes when ``count % probe_every == 0``
     skipped: jax.Array  #: int32, steps skipped because of a non-finite loss, gradient or update
-    reported_skips: jax.Array  #: int32, skipped steps already reported by a warning
+    fallbacks: jax.Array  #: int32, probe steps where the law kept its last learning rate (``fallback = 1``)
+    reported_skips: jax.Array  #: int32, skipped steps counted up to the last probe (reported there by ``warn="jit"``)
     eigenvector: PyTree | None  #: warm start of power iteration / Lanczos on H (unit norm)
     preconditioned_eigenvector: PyTree | None  #: warm start on P^{-1/2} H P^{-1/2}
     previous_update: PyTree | None  #: u_{t-1}, for cos(g_t, u_{t-1}) (HyperGradient)
@@ -207,8 +228,21 @@ def _unit_random(params: PyTree, seed: int) -> PyTree:
     return tree_scale(1.0 / tree_dot(v, v) ** 0.5, v)
 
 
+#: Accepted values of ``tune``'s ``warn`` (see the module docstring).
+WARN_MODES: tuple[bool | str, ...] = (True, "jit", False)
+
+
+def _warn_mode(owner: str, warn: Any) -> bool | str:
+    if isinstance(warn, bool | np.bool_):
+        return bool(warn)
+    if isinstance(warn, str) and warn == "jit":
+        return "jit"
+    raise ValueError(f"{owner}: warn must be True (warnings raised by diagnostics(), no host callback in the step), "
+                     f"'jit' (warnings from inside jit through jax.debug.callback) or False (none), got {warn!r}")
+
+
 def _warn(count: Any, unreported: Any, fallback: Any) -> None:
-    """Host side of the in-jit warning (``jax.debug.callback`` on a probe step)."""
+    """Host side of the in-jit warning of ``warn="jit"`` (``jax.debug.callback`` on a probe step)."""
     if int(unreported) > 0:
         warnings.warn(
             f"eos_core tune: {int(unreported)} step(s) with a non-finite loss, gradient or update were skipped "
@@ -217,6 +251,38 @@ def _warn(count: Any, unreported: Any, fallback: Any) -> None:
         warnings.warn(
             f"eos_core tune: the law could not use this step's statistics (non-finite or degenerate curvature) at "
             f"step {int(count)}; it keeps its last learning rate", RuntimeWarning, stacklevel=2)
+
+
+def warn_bad_steps(found: Mapping[str, Any], *, new_skips: int | None = None, new_fallbacks: int | None = None,
+                   stacklevel: int = 1) -> None:
+    """Raise the host-side RuntimeWarnings of ``warn=True`` from host diagnostics (:func:`diagnostics`' dict).
+
+    By default they describe the last step: skipped (``skipped`` = 1), or else fell back (``fallback`` = 1).
+    A caller that remembers the counts it saw last (the Keras callback, reading every ``log_every`` steps)
+    passes ``new_skips`` / ``new_fallbacks``, the increase of ``skipped_steps`` / ``fallback_steps`` since
+    then. Steps are numbered by update call from ``init`` (0-based, skipped steps included), so the index of
+    the last one is ``step + skipped_steps - 1``. ``stacklevel`` as in ``warnings.warn``: 1 points the warning
+    at the caller of this function.
+    """
+    skipped_steps, fallback_steps = int(found["skipped_steps"]), int(found.get("fallback_steps", 0))
+    last = int(found["step"]) + skipped_steps - 1
+    last_skipped = float(found.get("skipped", 0.0)) > 0
+    if new_skips is None:
+        new_skips = int(last_skipped)
+    if new_fallbacks is None:
+        new_fallbacks = int(not last_skipped and float(found.get("fallback", 0.0)) > 0)
+    if new_skips > 0:
+        what = (f"step {last} was skipped" if new_skips == 1 and last_skipped
+                else f"{new_skips} step(s) up to step {last} were skipped")
+        warnings.warn(f"eos_core tune: {what} (non-finite loss, gradient or update); {skipped_steps} step(s) "
+                      "skipped so far; parameters and optimizer state unchanged", RuntimeWarning,
+                      stacklevel=stacklevel + 1)
+    if new_fallbacks > 0:
+        what = (f"at step {last}" if new_fallbacks == 1 and not last_skipped
+                else f"on {new_fallbacks} probe step(s) up to step {last}")
+        warnings.warn(f"eos_core tune: {what} the law could not use the statistics (non-finite or degenerate "
+                      f"curvature) and kept its last learning rate; {fallback_steps} such step(s) so far",
+                      RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def tune(
@@ -230,7 +296,7 @@ def tune(
     sharpness_tol: float = 1e-3,
     preconditioner: AdamPreconditioner | RmsPreconditioner | Callable[[Any], PyTree] | None = None,
     seed: int = 0,
-    warn: bool = True,
+    warn: bool | str = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap ``base`` (an optax optimizer with learning rate 1) so that its update is scaled by ``law``.
 
@@ -261,14 +327,19 @@ def tune(
             (:class:`AdamPreconditioner`, :class:`RmsPreconditioner`) or a callable
             ``base_state -> P`` (a pytree like the parameters, entrywise positive).
         seed: seed of the initial warm-start vectors.
-        warn: warn from inside ``jit`` through ``jax.debug.callback``, in a ``lax.cond`` on probe steps
-            taken only when steps were skipped since the last report or the law fell back. Steps skipped
-            between probes are reported at the next probe. ``warn=False`` removes the callback (the
-            counts stay in the state and in :func:`diagnostics`).
+        warn: how a skipped step (non-finite loss, gradient or update) and a law fallback (non-finite or
+            degenerate curvature) are reported. ``True`` (default): on the host, by :func:`diagnostics`, when
+            the last step was skipped or fell back (the message has the cumulative counts); the compiled
+            update holds no host callback. ``"jit"``: from inside ``jit`` through ``jax.debug.callback``, in a
+            ``lax.cond`` on probe steps taken only when steps were skipped since the last report or the law
+            fell back (steps skipped between probes are reported at the next probe); the callback costs
+            about 10% on every step (see the module docstring). ``False``: never. In every mode the counts
+            are in the state (``skipped``, ``fallbacks``) and in :func:`diagnostics` (``skipped_steps``,
+            ``fallback_steps``).
 
     Raises:
         ValueError: naming the setting, for an invalid ``base``, ``law``, ``probe_every``, ``route``,
-            ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``, or a law that cannot start
+            ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``, ``warn``, or a law that cannot start
             (e.g. a multiplicative law without ``lr_init``: the base's learning rate is 1 by contract,
             so no initial rate is taken from it), or a law that decides a hyperparameter ``base`` cannot
             take (DCAO on a base not built with ``optax.inject_hyperparams``; checked on a synthetic
@@ -288,6 +359,7 @@ def tune(
     sharpness_tol = check.non_negative(owner, "sharpness_tol", sharpness_tol)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"{owner}: seed must be an integer, got {seed!r}")
+    warn = _warn_mode(owner, warn)
     unknown = set(law.needs) - set(S.ALL)
     if unknown:
         raise ValueError(f"{owner}: law {law!r} needs statistics this adapter does not know: {sorted(unknown)}")
@@ -333,11 +405,12 @@ def tune(
             law_state=law_state,
             count=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
+            fallbacks=jnp.zeros((), jnp.int32),
             reported_skips=jnp.zeros((), jnp.int32),
             eigenvector=_unit_random(params, seed) if needs_eigenvector else None,
             preconditioned_eigenvector=_unit_random(params, seed + 1) if needs_precond_eigenvector else None,
             previous_update=jax.tree.map(jnp.zeros_like, params) if needs_previous else None,
-            diagnostics=Diagnostics(keys, jnp.stack(values)),
+            diagnostics=Diagnostics(keys, jnp.stack(values), warn),
         )
 
     # -- update ----------------------------------------------------------------------------------
@@ -378,7 +451,7 @@ def tune(
             hvp_code = _route_code(resolve_hvp_route(value_fn, params, hvp_route))
 
         # -- probe: the statistics the law needs, then law.update -------------------------------
-        def probe(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any]:
+        def probe(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any, Any]:
             stats: dict[str, Any] = {}
             loss = None if value is None else jnp.asarray(value)
             eigvec, peigvec = state.eigenvector, state.preconditioned_eigenvector
@@ -414,28 +487,26 @@ def tune(
             if S.GRAD_PREV_UPDATE_COSINE in needs:
                 stats[S.GRAD_PREV_UPDATE_COSINE] = _cosine(grads, state.previous_update, grad_sq, numerics)
             out = law.update(state.law_state, stats, numerics=numerics)
-            # Warnings are raised here, on probe steps only, so that a hold step carries no host callback:
-            # skipped steps since the last report (this one included) and a law fallback.
-            skipped_through = state.skipped + (~ok_here).astype(jnp.int32)
-            if warn:
-                fallback = ok_here & (out.diagnostics["fallback"] > 0) if needs else jnp.asarray(False)
+            skipped_through = state.skipped + (~ok_here).astype(jnp.int32)  # skips up to this probe, this one too
+            fell_back = ok_here & (out.diagnostics["fallback"] > 0) if needs else jnp.asarray(False)
+            if warn == "jit":  # raised here, on probe steps only, so that a hold step carries no host callback
                 unreported = skipped_through - state.reported_skips
-                lax.cond((unreported > 0) | fallback,
-                         lambda: jax.debug.callback(_warn, state.count, unreported, fallback), lambda: None)
+                lax.cond((unreported > 0) | fell_back,
+                         lambda: jax.debug.callback(_warn, state.count, unreported, fell_back), lambda: None)
             loss_out = nan if loss is None else numerics.scalar(loss)
-            return out, loss_out, jnp.asarray(loss is not None), eigvec, peigvec, skipped_through
+            return out, loss_out, jnp.asarray(loss is not None), eigvec, peigvec, skipped_through, fell_back
 
-        def hold(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any]:
+        def hold(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any, Any]:
             out = law.hold(state.law_state, numerics=numerics)
             loss = nan if value is None else numerics.scalar(value)
             return (out, loss, jnp.asarray(value is not None), state.eigenvector, state.preconditioned_eigenvector,
-                    state.reported_skips)
+                    state.reported_skips, jnp.asarray(False))
 
         if probe_every == 1:
-            out, loss, loss_known, eigvec, peigvec, reported = probe(None)
+            out, loss, loss_known, eigvec, peigvec, reported, fell_back = probe(None)
         else:
-            out, loss, loss_known, eigvec, peigvec, reported = lax.cond(state.count % probe_every == 0, probe, hold,
-                                                                        None)
+            out, loss, loss_known, eigvec, peigvec, reported, fell_back = lax.cond(
+                state.count % probe_every == 0, probe, hold, None)
         ok = ok_inputs & (~loss_known | jnp.isfinite(loss))
         lr = out.lr
 
@@ -492,11 +563,12 @@ def tune(
             law_state=tree_select(ok, out.state, state.law_state),
             count=state.count + ok.astype(jnp.int32),
             skipped=state.skipped + (~ok).astype(jnp.int32),
+            fallbacks=state.fallbacks + (ok & fell_back).astype(jnp.int32),
             reported_skips=reported,
             eigenvector=eigvec,  # already guarded where it was measured
             preconditioned_eigenvector=peigvec,
             previous_update=tree_select(ok, u, state.previous_update) if needs_previous else None,
-            diagnostics=Diagnostics(keys, jnp.where(ok, measured, kept)),
+            diagnostics=Diagnostics(keys, jnp.where(ok, measured, kept), warn),
         )
         return new_updates, new_state
 
@@ -610,8 +682,14 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
     (lr * sharpness, 2 at the edge), ``preconditioned_sharpness``, ``power_iterations`` (Hessian-vector
     products the last ``sharpness_every`` estimate of lambda_max(H) used), ``skipped`` (1 when the last step was
     skipped; the other values are then the previous step's), ``route`` / ``hvp_route`` (the oracles
-    used, ``none`` when not needed), ``step`` (steps taken) and ``skipped_steps``. NaN marks a value
-    not measured on the last step.
+    used, ``none`` when not needed), ``step`` (steps taken), ``skipped_steps`` and ``fallback_steps``
+    (cumulative counts of skipped steps and of probe steps where the law kept its last learning rate). NaN
+    marks a value not measured on the last step.
+
+    For a transformation built with ``warn=True`` (the default) this is where the warnings are raised: a
+    RuntimeWarning when the last step was skipped, or else when the law fell back on it, with the cumulative
+    counts in the message (:func:`warn_bad_steps`). ``warn="jit"`` (warned inside ``jit`` already) and
+    ``warn=False`` read silently.
     """
     state = find_tune_state(state)
     values = np.asarray(jax.device_get(state.diagnostics.values), dtype=np.float64)
@@ -621,4 +699,7 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
     out["hvp_route"] = ROUTE_NAMES[int(host["hvp_route_code"])]
     out["step"] = int(jax.device_get(state.count))
     out["skipped_steps"] = int(jax.device_get(state.skipped))
+    out["fallback_steps"] = int(jax.device_get(state.fallbacks))
+    if state.diagnostics.warn is True:
+        warn_bad_steps(out, stacklevel=2)
     return out

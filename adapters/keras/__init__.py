@@ -68,8 +68,13 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
     them from the live training state. Keys: ``lr`` (the rate applied to the last step), ``probed``,
     ``fallback``, the law's measurements (CDAT: ``numerator``, ``denominator``, their EMAs), ``loss``,
     ``grad_norm``, ``update_norm`` (of u), ``sharpness``, ``lr_sharpness``, ``preconditioned_sharpness``,
-    ``skipped``, ``route``, ``step``, ``skipped_steps`` (torch adds ``alignment``, ``power_iterations``, ...).
-    NaN marks a value not measured on the last step.
+    ``skipped``, ``route``, ``step``, ``skipped_steps`` (JAX adds ``fallback_steps``, the count of law
+    fallbacks; torch adds ``alignment``, ``power_iterations``, ...). NaN marks a value not measured on the
+    last step.
+
+    On JAX with the tuner's ``warn=True`` (the default), this read raises a RuntimeWarning for the steps
+    skipped and the law fallbacks since the previous read (the jitted step itself holds no host callback;
+    see :class:`CurvatureTuner`'s ``warn``).
     """
     tuner = find_tuner(model)
     if tuner is None:
@@ -84,8 +89,11 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
         def read(variable: Any) -> Any:
             return live[position[id(variable)]]
 
-        return tuner._engine.decode(read)
-    return tuner.diagnostics
+        found = tuner._engine.decode(read)
+    else:
+        found = tuner.diagnostics
+    tuner._engine.report(found, stacklevel=2)
+    return found
 
 
 __all__ = [

@@ -1,7 +1,8 @@
 r"""The JAX backend: the Keras optimizer as an optax transformation, tuned by :func:`eos_core.adapters.jax.tune`.
 
 Everything the JAX adapter does (probes, routes and their ``auto`` resolution at trace time, spectra,
-skipping non-finite steps inside ``jit``, warnings through ``jax.debug.callback``) is reused unchanged:
+skipping non-finite steps inside ``jit``, counting skipped steps and law fallbacks in the state) is reused
+unchanged:
 
 1. :func:`keras_direction` turns the wrapped Keras optimizer into an ``optax.GradientTransformation``
    whose update is ``u``, the Keras update for learning rate 1 (see :mod:`.optimizers`): the Keras
@@ -14,6 +15,14 @@ skipping non-finite steps inside ``jit``, warnings through ``jax.debug.callback`
    own variables, every other leaf (law state, step and skip counters, warm-start eigenvectors, previous
    update, the diagnostics vector) is one variable of the tuner. ``model.save`` / ``load_model`` and
    Keras's checkpoint callbacks therefore save and restore all of it.
+
+Warnings (the tuner's ``warn``, passed to ``tune``): with ``warn=True`` the jitted step holds no host
+callback (one would cost about 10% on every step); :meth:`JaxEngine.report` raises the RuntimeWarnings on
+the host when :func:`~eos_core.adapters.keras.current_diagnostics` reads the diagnostics (the Keras
+callback calls it after every logged batch), for the skipped steps and fallbacks counted since the previous
+report, so each bad step is reported once and reading every few batches misses none. The counts of a
+loaded checkpoint are the baseline of the next report (:meth:`JaxEngine.mark_loaded`). ``warn="jit"``
+warns from inside the step instead (``jax.debug.callback``), ``False`` never.
 
 Preconditioned sharpness (``sharpness_every``, ``ExactSharpness(preconditioned=True)``,
 ``AdaEoS(preconditioned=True)``) is available for Adam, AdamW (``amsgrad`` too) and RMSprop without
@@ -33,7 +42,7 @@ import keras
 import numpy as np
 import optax
 
-from eos_core.adapters.jax import tune
+from eos_core.adapters.jax import tune, warn_bad_steps
 from eos_core.adapters.jax.transform import ROUTE_NAMES, TuneState
 from eos_core.adapters.keras.optimizers import decay_rates
 from eos_core.laws.base import Law
@@ -116,6 +125,8 @@ class JaxEngine:
         self.state_variables: list[Any] = []
         self.keys: tuple[str, ...] = ()
         self.offsets: dict[str, int] = {}
+        #: (skipped_steps, fallback_steps) at the last report; None: unknown (the next read sets it silently)
+        self.reported: tuple[int, int] | None = (0, 0)
 
     # -- build -----------------------------------------------------------------------------------
     def build(self, trainable: Sequence[Any]) -> None:
@@ -168,7 +179,27 @@ class JaxEngine:
         out["hvp_route"] = ROUTE_NAMES[int(host["hvp_route_code"])]
         out["step"] = int(read(self.state_variables[self.offsets["count"]]))
         out["skipped_steps"] = int(read(self.state_variables[self.offsets["skipped"]]))
+        out["fallback_steps"] = int(read(self.state_variables[self.offsets["fallbacks"]]))
         return out
 
+    def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
+        """With ``warn=True``: RuntimeWarnings for the steps skipped and the law fallbacks since the last report,
+        from diagnostics just read (``stacklevel`` as in ``warnings.warn``, 1 being the caller)."""
+        if self.tuner.warn is not True or not found:
+            return
+        seen = (int(found["skipped_steps"]), int(found["fallback_steps"]))
+        before, self.reported = self.reported, seen
+        if before is None:
+            return
+        warn_bad_steps(found, new_skips=max(seen[0] - before[0], 0), new_fallbacks=max(seen[1] - before[1], 0),
+                       stacklevel=stacklevel + 1)
+
     def mark_loaded(self) -> None:
-        """Nothing to do: the variables are the state."""
+        """The variables are the state; a loaded checkpoint's counts become the baseline of the next report."""
+        if not self.state_variables:
+            return
+        counters = [self.state_variables[self.offsets[k]] for k in ("skipped", "fallbacks")]
+        if any(v._value is None for v in counters):  # values held outside the variables (inside fit)
+            self.reported = None
+        else:
+            self.reported = (int(np.asarray(counters[0].value)), int(np.asarray(counters[1].value)))

@@ -18,6 +18,10 @@ parameter lists, non-finite skipping, law fallbacks) drives the step unchanged:
    ``keras.models.load_model``, ``model.load_weights`` and the checkpoint callbacks call), so a checkpoint
    restores it and the resumed run continues bit-identically.
 
+Warnings: the PyTorch tuner raises its RuntimeWarnings (skipped step, non-finite curvature) from the step
+itself, on the host, so ``warn=True`` and ``warn="jit"`` behave alike here and :meth:`TorchEngine.report`
+has nothing to add; ``warn=False`` filters those warnings out around the step.
+
 Routes: ``auto`` (double backward, falling back to one-sided finite differences), ``double-backward``,
 ``fd-central``, ``fd-onesided``. ``jvp-jvp`` / ``jvp-grad`` need ``torch.func.functional_call`` to swap the
 parameters, which Keras layers do not read through their module attributes, so they are refused.
@@ -27,7 +31,9 @@ that *need* the preconditioned Hessian (``preconditioned=True``) run on the JAX 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +64,8 @@ EXTRA_KEYS: tuple[str, ...] = (
 )
 _COUNTERS = ("step", "route_code", "has_eigenvector", "has_previous_update", "skipped_steps")
 _NEEDS_OBJECTIVE = frozenset({S.CURVATURE, S.TRIAL_LOSS, S.LOSS}) | S.SPECTRAL
+#: The PyTorch tuner's warnings about a skipped step or a law fallback (what ``warn=False`` silences).
+_BAD_STEP_WARNING = r"eos_core: step \d+"
 
 
 def _host(variable: Any) -> np.ndarray:
@@ -197,7 +205,10 @@ class TorchEngine:
 
                     def closure() -> torch.Tensor:  # the step's loss, already back-propagated by Keras
                         return step_loss
-            with torch.enable_grad():
+            quiet = warnings.catch_warnings() if self.tuner.warn is False else contextlib.nullcontext()
+            with torch.enable_grad(), quiet:
+                if self.tuner.warn is False:
+                    warnings.filterwarnings("ignore", message=_BAD_STEP_WARNING, category=RuntimeWarning)
                 self.torch_tuner.step(closure)
         finally:
             if batch is not None:
@@ -258,6 +269,9 @@ class TorchEngine:
     def mark_loaded(self) -> None:
         """The variables were overwritten (a checkpoint was loaded): read them before the next step."""
         self.dirty = True
+
+    def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
+        """Nothing to report on a read: the PyTorch tuner warned during the step (see the module docstring)."""
 
     # -- reading ----------------------------------------------------------------------------------
     def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:

@@ -103,13 +103,25 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         sharpness_iters, sharpness_tol: power-iteration budget and relative stopping tolerance.
         initial_lr: the learning rate the law starts from; default: the wrapped optimizer's.
         seed: seed of the warm-start vectors (JAX backend; the torch backend's are fixed).
-        warn: raise RuntimeWarnings for skipped steps and law fallbacks (JAX: through ``jax.debug.callback``).
+        warn: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts ``skipped_steps``
+            and, on JAX, ``fallback_steps`` are in the diagnostics whatever the setting). ``True`` (default):
+            on torch the step warns as it runs. On JAX the jitted step holds no host callback (one costs about
+            10% on every step); the warnings are raised on the host by
+            :func:`~eos_core.adapters.keras.current_diagnostics`, for every step skipped and every fallback
+            since its previous call, and :class:`~eos_core.integrations.keras.EdgeOfStabilityCallback` calls
+            it after each batch it logs. The callback, which the curvature laws need anyway, therefore warns at
+            the batch where a step was skipped; a ``fit`` without it raises none until
+            ``current_diagnostics(model)`` is called (the :attr:`diagnostics` property reports nothing: Keras's
+            saving reads it). ``"jit"``: on JAX, warnings from inside
+            the jitted step (``jax.debug.callback``, with its per-step cost) without any read; on torch the
+            same as True. ``False``: no warnings.
         name: the optimizer's name.
 
     Bad input (SPEC section 10): a step whose loss or gradient is NaN/Inf is skipped (weights and optimizer
-    state unchanged, ``skipped`` = 1, a RuntimeWarning) and training continues; a non-finite or degenerate
-    curvature keeps the last good learning rate (``fallback`` = 1, a RuntimeWarning). Invalid settings raise
-    ValueError here, naming the setting.
+    state unchanged, ``skipped`` = 1, a RuntimeWarning as ``warn`` says) and training continues; a non-finite
+    or degenerate curvature keeps the last good learning rate (``fallback`` = 1, a RuntimeWarning: on torch
+    for non-finite statistics, on JAX for degenerate ones too). Invalid settings raise ValueError here, naming
+    the setting.
 
     State: everything (law state, counters, warm-start vectors, the wrapped optimizer's slots, the last
     step's diagnostics) lives in Keras variables, so ``model.save`` / ``keras.models.load_model`` and the
@@ -131,7 +143,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         sharpness_tol: float = 1e-3,
         initial_lr: float | None = None,
         seed: int = 0,
-        warn: bool = True,
+        warn: bool | str = True,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -163,6 +175,9 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         sharpness_tol = check.non_negative(_OWNER, "sharpness_tol", sharpness_tol)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{_OWNER}: seed must be an integer, got {seed!r}")
+        if not (isinstance(warn, bool | np.bool_) or (isinstance(warn, str) and warn == "jit")):
+            raise ValueError(f"{_OWNER}: warn must be True (warnings on the host), 'jit' (JAX: from inside the jitted "
+                             f"step) or False (none), got {warn!r}")
         start = float(optimizer._learning_rate.value) if initial_lr is None else initial_lr
         start = check.non_negative(_OWNER, "initial_lr", start)
         law.init(start)  # a law that cannot start raises its ValueError here, at construction
@@ -176,7 +191,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         self.sharpness_iters = sharpness_iters
         self.sharpness_tol = sharpness_tol
         self.seed = int(seed)
-        self.warn = bool(warn)
+        self.warn: bool | str = "jit" if isinstance(warn, str) else bool(warn)
         self.initial_lr = start
         self.inner_optimizer = optimizer
         optimizer.learning_rate = 1.0
@@ -292,7 +307,11 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     # -- reading -----------------------------------------------------------------------------------
     @property
     def diagnostics(self) -> dict[str, Any]:
-        """The last step's diagnostics from the variables (outside ``fit`` on JAX; any time on torch)."""
+        """The last step's diagnostics from the variables (outside ``fit`` on JAX; any time on torch).
+
+        A plain read: it reports nothing (Keras's saving visits every attribute of the optimizer, this one
+        too). :func:`eos_core.adapters.keras.current_diagnostics` is the read that raises ``warn=True``'s
+        warnings on JAX."""
         if not self.built:
             return {}
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from eos_core import routes  # noqa: E402
-from eos_core.adapters.jax import TuneState, diagnostics, find_tune_state, tune  # noqa: E402
+from eos_core.adapters.jax import TuneState, diagnostics, find_tune_state, tune, warn_bad_steps  # noqa: E402
 from eos_core.laws import CDAT, DCAO, Constant, ExactSharpness  # noqa: E402
 
 
@@ -148,9 +148,9 @@ def test_skipped_step_leaves_the_base_and_law_state_unchanged(x64, models):
     grads = jax.grad(value_fn)(params)
     _, state = opt.update(grads, state, params, value_fn=value_fn)
     nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.inf), grads)
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        updates, after = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=value_fn))(nan_grads, state, params)
-        jax.effects_barrier()
+    updates, after = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=value_fn))(nan_grads, state, params)
+    with pytest.warns(RuntimeWarning, match="step 1 was skipped"):  # warn=True: raised when the host reads it
+        assert diagnostics(after)["skipped"] == 1.0
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(updates))
     for a, b in zip(jax.tree.leaves((state.base_state, state.law_state, state.count)),
                     jax.tree.leaves((after.base_state, after.law_state, after.count)), strict=True):
@@ -192,13 +192,111 @@ def test_non_finite_curvature_keeps_the_last_good_lr(x64, models):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_skips_between_probes_are_reported_at_the_next_probe(x64, models):
+def _poisoned_quadratic():
+    """A separable quadratic whose loss is NaN where ``nan_loss`` is set and whose curvature (not its gradient)
+    is NaN where ``nan_curvature`` is set."""
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    scales = jnp.asarray([1.0, 2.0, 3.0])
+
+    def loss(p, nan_curvature, nan_loss):
+        return jnp.sum(scales * _square_with_nan_curvature(p["w"], nan_curvature)) * jnp.where(nan_loss, jnp.nan, 1.0)
+
+    return params, loss
+
+
+def _jitted_step(opt, loss):
+    def step(p, s, *args):
+        def value_fn(q):
+            return loss(q, *args)
+
+        grads = jax.grad(value_fn)(p)
+        updates, s = opt.update(grads, s, p, value_fn=value_fn)
+        return optax.apply_updates(p, updates), s
+
+    return step
+
+
+def _eos_warnings(caught):
+    return [str(w.message) for w in caught if "eos_core" in str(w.message)]
+
+
+@pytest.mark.parametrize("warn", [True, "jit", False])
+def test_only_warn_jit_puts_a_host_callback_into_the_compiled_step(x64, warn):
+    params, loss = _poisoned_quadratic()
+    # every branch that could hold a callback: probe and hold steps, sharpness tracking on and off
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.5), probe_every=2, sharpness_every=2, warn=warn)
+    step = _jitted_step(opt, loss)
+    args = (params, opt.init(params), jnp.asarray(False), jnp.asarray(False))
+    jaxpr = str(jax.make_jaxpr(step)(*args))  # nested jaxprs (cond branches, loops) included
+    hlo = jax.jit(step).lower(*args).as_text()
+    assert ("debug_callback" in jaxpr) == (warn == "jit")
+    assert ("callback" in hlo) == (warn == "jit")
+
+
+def test_warn_true_raises_on_the_host_from_diagnostics_with_the_counts(x64):
+    params, loss = _poisoned_quadratic()
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.5), route=routes.JVP_JVP)
+    step = jax.jit(_jitted_step(opt, loss))
+    bad_curvature, bad_loss = {1, 4}, {2, 3}
+    state, p = opt.init(params), params
+    messages, found = [], []
+    for t in range(6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p, state = step(p, state, jnp.asarray(t in bad_curvature), jnp.asarray(t in bad_loss))
+            jax.effects_barrier()
+        assert not _eos_warnings(caught)  # nothing from inside jit ...
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found.append(diagnostics(state))  # ... the host read raises them, pointing at its caller
+        assert all(w.filename == __file__ for w in caught)
+        messages.append(_eos_warnings(caught))
+    assert messages[0] == [] and messages[5] == []
+    assert messages[1] == ["eos_core tune: at step 1 the law could not use the statistics (non-finite or degenerate "
+                           "curvature) and kept its last learning rate; 1 such step(s) so far"]
+    assert messages[2] == ["eos_core tune: step 2 was skipped (non-finite loss, gradient or update); 1 step(s) "
+                           "skipped so far; parameters and optimizer state unchanged"]
+    assert messages[3] == [messages[2][0].replace("step 2", "step 3").replace("; 1 step(s)", "; 2 step(s)")]
+    assert len(messages[4]) == 1 and "at step 4" in messages[4][0] and "2 such step(s) so far" in messages[4][0]
+    assert [d["skipped_steps"] for d in found] == [0, 0, 1, 2, 2, 2]
+    assert [d["fallback_steps"] for d in found] == [0, 1, 1, 1, 2, 2]  # a skipped step is no fallback
+    assert int(state.skipped) == 2 and int(state.fallbacks) == 2 and int(state.count) == 4
+    # a reader that remembers the counts it saw reports what happened since then (the Keras callback's way)
+    with pytest.warns(RuntimeWarning) as caught:
+        warn_bad_steps(found[5], new_skips=2, new_fallbacks=2)
+    assert [str(w.message) for w in caught] == [
+        "eos_core tune: 2 step(s) up to step 5 were skipped (non-finite loss, gradient or update); 2 step(s) skipped "
+        "so far; parameters and optimizer state unchanged",
+        "eos_core tune: on 2 probe step(s) up to step 5 the law could not use the statistics (non-finite or "
+        "degenerate curvature) and kept its last learning rate; 2 such step(s) so far"]
+
+
+@pytest.mark.parametrize("warn", ["jit", False])
+def test_warn_jit_and_false_read_the_diagnostics_silently_with_the_same_counts(x64, models, warn):
+    params, loss = _poisoned_quadratic()
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.5), route=routes.JVP_JVP, warn=warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state, records = models.run(opt, loss, params, 6, value_fn_args=lambda t: (
+            jnp.asarray(t in (1, 4)), jnp.asarray(t in (2, 3))))
+        jax.effects_barrier()
+    assert [d["skipped_steps"] for d in records] == [0, 0, 1, 2, 2, 2]
+    assert [d["fallback_steps"] for d in records] == [0, 1, 1, 1, 2, 2]
+    messages = _eos_warnings(caught)
+    if warn is False:
+        assert messages == []
+    else:  # the in-jit messages only (at each probe: every step here), none from diagnostics()
+        assert len(messages) == 4 and all(m.startswith("eos_core tune: 1 step(s) with a non-finite") or
+                                          "it keeps its last learning rate" in m for m in messages)
+
+
+def test_warn_jit_reports_skips_between_probes_at_the_next_probe(x64, models):
     params, clean_loss = models.regression()
 
     def loss(p, poison):
         return clean_loss(p) * jnp.where(poison, jnp.nan, 1.0)
 
-    opt = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3)
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3, warn="jit")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, state, records = models.run(opt, loss, params, 6, value_fn_args=lambda t: (jnp.asarray(t in (1, 2)),))
@@ -210,12 +308,13 @@ def test_skips_between_probes_are_reported_at_the_next_probe(x64, models):
     assert int(state.skipped) == 2 and int(state.reported_skips) == 2 and int(state.count) == 4
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("eos_core tune: 2 step(s)")
-    quiet = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3, warn=False)
+    # warn=True reports each skipped step when its diagnostics are read, hold steps included
+    hosted = tune(optax.sgd(1.0), CDAT(scale=1.0), probe_every=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, state, _ = models.run(quiet, loss, params, 6, value_fn_args=lambda t: (jnp.asarray(t in (1, 2)),))
-        jax.effects_barrier()
-    assert int(state.skipped) == 2 and not [w for w in caught if "eos_core" in str(w.message)]
+        models.run(hosted, loss, params, 6, value_fn_args=lambda t: (jnp.asarray(t in (1, 2)),))
+    assert [m.split(" (")[0] for m in _eos_warnings(caught)] == ["eos_core tune: step 1 was skipped",
+                                                                 "eos_core tune: step 2 was skipped"]
 
 
 def test_invalid_settings_raise_naming_the_setting():
@@ -233,6 +332,9 @@ def test_invalid_settings_raise_naming_the_setting():
         tune(optax.sgd(1.0), CDAT(), sharpness_every=0)
     with pytest.raises(ValueError, match="sharpness_iters"):
         tune(optax.sgd(1.0), CDAT(), sharpness_iters=0)
+    for bad in ("yes", "host", 1, None):
+        with pytest.raises(ValueError, match="warn"):
+            tune(optax.sgd(1.0), CDAT(), warn=bad)
     with pytest.raises(ValueError, match="lr"):  # a multiplicative law needs lr_init: the base's rate is 1
         tune(optax.sgd(1.0), DCAO())
     with pytest.raises(ValueError, match="preconditioned"):  # SGD has no preconditioner
@@ -260,10 +362,11 @@ def test_diagnostics_report_the_edge_quantities(x64, models):
     _, state, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), sharpness_every=2), loss, params, 4)
     d = diagnostics(state)
     for key in ("lr", "numerator", "denominator", "route", "hvp_route", "sharpness", "lr_sharpness",
-                "preconditioned_sharpness", "loss", "grad_norm", "update_norm", "skipped_steps", "step"):
+                "preconditioned_sharpness", "loss", "grad_norm", "update_norm", "skipped_steps", "fallback_steps",
+                "step"):
         assert key in d
     assert d["route"] == routes.JVP_JVP and d["hvp_route"] == routes.JVP_GRAD
-    assert d["step"] == 4 and d["skipped_steps"] == 0
+    assert d["step"] == 4 and d["skipped_steps"] == 0 and d["fallback_steps"] == 0
     assert math.isnan(d["sharpness"]) and not math.isnan(records[2]["sharpness"])  # measured at steps 0 and 2
     assert math.isnan(records[2]["preconditioned_sharpness"])  # SGD has no preconditioner
     assert 1 <= records[2]["power_iterations"] <= 20 and math.isnan(records[1]["power_iterations"])

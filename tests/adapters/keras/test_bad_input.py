@@ -6,14 +6,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from keras_helpers import WeightRecorder, compile_tuned, digits, mlp
+from keras_helpers import BACKEND, WeightRecorder, compile_tuned, digits, mlp
 
 from eos_core import CDAT
-from eos_core.adapters.keras import CurvatureTuner
+from eos_core.adapters.keras import CurvatureTuner, current_diagnostics
 from eos_core.integrations.keras import EdgeOfStabilityCallback
 
 
-def test_nan_batch_is_skipped_weights_and_optimizer_state_untouched():
+def test_nan_batch_is_skipped_weights_and_optimizer_state_untouched(tmp_path):
     x, y = digits(256)
     x = x.copy()
     x[130, 5] = np.nan  # batch 2 of 4 (batch size 64): its loss and gradient are NaN
@@ -39,6 +39,42 @@ def test_nan_batch_is_skipped_weights_and_optimizer_state_untouched():
     assert all(np.isfinite(v.numpy()).all() for v in tuner.inner_optimizer.variables)
     # training continued: the last clean batches train the model
     assert history["loss"][-1] < history["loss"][0]
+    # the skips were reported during fit: reading again, or reading a restored copy, reports nothing more
+    model.save_weights(tmp_path / "run.weights.h5")
+    fresh = compile_tuned(mlp(hidden=16, seed=5),
+                          CurvatureTuner(keras.optimizers.SGD(0.05, momentum=0.9), CDAT(scale=2.0, ema=0.5)))
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(tmp_path / "run.weights.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert current_diagnostics(model)["skipped_steps"] == 2 and current_diagnostics(fresh)["skipped_steps"] == 2
+
+
+@pytest.mark.parametrize("warn", [True, "jit", False])
+def test_every_skipped_step_is_reported_once_also_when_reading_every_other_batch(warn):
+    x, y = digits(256)
+    x = x.copy()
+    x[70, 5] = np.nan  # batch 1 of 4: steps 1 and 5 are skipped; log_every=2 reads after steps 0, 2, 4, 6
+    model = compile_tuned(mlp(hidden=16, seed=5),
+                          CurvatureTuner(keras.optimizers.SGD(0.05), CDAT(scale=2.0), warn=warn))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[EdgeOfStabilityCallback(log_every=2)])
+        if BACKEND == "jax":
+            import jax
+
+            jax.effects_barrier()  # warn="jit": the in-jit callbacks have run
+    skips = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "skipped" in str(w.message)]
+    assert model.optimizer.diagnostics["skipped_steps"] == 2
+    if warn is False:
+        assert skips == []
+        return
+    assert len(skips) == 2  # one warning per skipped step (torch and warn="jit": from the step itself)
+    if BACKEND == "jax" and warn is True:  # from the reads after steps 2 and 6, with the running count
+        assert [m.split(" (")[0] for m in skips] == ["eos_core tune: 1 step(s) up to step 2 were skipped",
+                                                     "eos_core tune: 1 step(s) up to step 6 were skipped"]
+        assert "2 step(s) skipped so far" in skips[1]
 
 
 def test_curvature_probe_without_the_train_step_wrapper_says_what_to_do():

@@ -32,6 +32,8 @@ def built_sgd():
     (lambda: CurvatureTuner(sgd(), CDAT(), sharpness_tol=-1.0), "sharpness_tol"),
     (lambda: CurvatureTuner(sgd(), CDAT(), initial_lr=-0.1), "initial_lr"),
     (lambda: CurvatureTuner(sgd(), CDAT(), seed="zero"), "seed"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), warn="yes"), "warn"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), warn=None), "warn"),
     (lambda: CurvatureTuner(sgd(), CDAT(), probe_evry=2), "probe_evry"),
     (lambda: CurvatureTuner(sgd(), "cdat"), "law"),
     (lambda: CurvatureTuner(sgd(), DCAO()), "DCAO decides momentum, weight_decay"),
@@ -72,6 +74,12 @@ def test_preconditioned_laws_need_jax_and_an_adaptive_optimizer():
         with pytest.raises(ValueError, match="adaptive optimizer"):
             CurvatureTuner(sgd(), ExactSharpness(preconditioned=True))
         CurvatureTuner(keras.optimizers.Adam(0.01), ExactSharpness(preconditioned=True))
+
+
+def test_every_warn_mode_is_accepted_and_survives_the_config():
+    for warn in (True, "jit", False):
+        tuner = CurvatureTuner(sgd(), CDAT(), warn=warn)
+        assert tuner.warn == warn and CurvatureTuner.from_config(tuner.get_config()).warn == warn
 
 
 def test_every_route_of_the_backend_is_accepted():
