@@ -5,8 +5,9 @@ Not public. Imports torch and the PyTorch adapter, so only the framework integra
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
 from eos_core.adapters.torch.objective import capture_rng
 from eos_core.laws.base import Law
 
-__all__ = ["STATE_KEY", "TunerSettings", "UnwrittenDiagnostics", "capture_rng", "loggable", "replay_rng",
+__all__ = ["STATE_KEY", "TunerSettings", "UnwrittenDiagnostics", "capture_rng", "loggable", "probing", "replay_rng",
            "unwrap_optimizer"]
 
 #: Diagnostics that are not logged as numbers: the step index (the trainers log their own) and the route (a name).
@@ -149,3 +150,13 @@ def sum_losses(losses: Iterable[torch.Tensor]) -> torch.Tensor:
     if total is None:
         raise RuntimeError("eos_core: no batch was recorded for this step's curvature probe")
     return total
+
+
+@contextlib.contextmanager
+def probing(callback: Any) -> Iterator[None]:
+    """Set ``callback.probing`` while a probe re-runs the user's loss, so side effects can be guarded by it."""
+    callback.probing = True
+    try:
+        yield
+    finally:
+        callback.probing = False

@@ -88,6 +88,7 @@ from eos_core.integrations._common import (  # noqa: E402
     TunerSettings,
     UnwrittenDiagnostics,
     capture_rng,
+    probing,
     replay_rng,
     sum_losses,
 )
@@ -229,7 +230,7 @@ class EdgeOfStabilityCallback(pl.Callback):
     def _objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                    window: tuple[tuple[Any, int, dict[str, Any]], ...]) -> torch.Tensor:
         losses = []
-        with self._probing(), _discarding_logs(trainer), trainer.precision_plugin.train_step_context():
+        with probing(self), _discarding_logs(trainer), trainer.precision_plugin.train_step_context():
             for batch, batch_idx, rng in window:
                 replay_rng(rng)
                 losses.append(self._loss(pl_module, batch, batch_idx))
@@ -250,14 +251,6 @@ class EdgeOfStabilityCallback(pl.Callback):
                 "must return the loss (or a dict with 'loss') on every batch, or pass loss_fn=..."
             )
         return output
-
-    @contextlib.contextmanager
-    def _probing(self) -> Iterator[None]:
-        self.probing = True
-        try:
-            yield
-        finally:
-            self.probing = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

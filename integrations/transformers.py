@@ -70,12 +70,11 @@ from eos_core._optional import require
 
 require("transformers", extra="transformers", feature="eos_core.integrations.transformers")
 
-import contextlib  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
 import os  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Callable, Iterator, Mapping  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -89,6 +88,7 @@ from eos_core.integrations._common import (  # noqa: E402
     TunerSettings,
     UnwrittenDiagnostics,
     capture_rng,
+    probing,
     replay_rng,
     sum_losses,
     unwrap_optimizer,
@@ -278,7 +278,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         model = self._model
         assert model is not None
         losses = []
-        with self._probing():
+        with probing(self):
             for positional, inputs, rng in batches:
                 replay_rng(rng)
                 losses.append(self._loss(model, positional, inputs))
@@ -309,14 +309,6 @@ class EdgeOfStabilityCallback(TrainerCallback):
                 "probe needs the model to return the training loss, or pass loss_fn=..."
             )
         return loss
-
-    @contextlib.contextmanager
-    def _probing(self) -> Iterator[None]:
-        self.probing = True
-        try:
-            yield
-        finally:
-            self.probing = False
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:

@@ -54,6 +54,7 @@ from eos_core.adapters.torch.distributed import Reducer
 from eos_core.adapters.torch.objective import Objective, capture_rng, shifted
 from eos_core.adapters.torch.oracles import Oracle
 from eos_core.laws.base import Law, LawOutput
+from eos_core.routes import parameter_scale_along
 from eos_core.spectral import lanczos, power_iteration, preconditioned_operator
 
 Vector = list[torch.Tensor]
@@ -391,9 +392,7 @@ class CurvatureTuner:
         step = self._step_count
         try:
             if pending.skipped:
-                self.diagnostics = {"step": step, "lr": 0.0, "skipped": 1.0, "probed": 0.0,
-                                    "loss": pending.loss if pending.loss is not None else math.nan,
-                                    "route": self.route}
+                self._report_skipped(pending, step)
             elif not pending.instrumented:
                 self._commit(pending.output, step, pending, extra={})
             elif self.skip_nonfinite and not vec.all_finite(self._params()):
@@ -433,6 +432,9 @@ class CurvatureTuner:
                 p.copy_(w)
         warnings.warn(f"eos_core: step {step} skipped: the optimizer's update is not finite (the gradient is); "
                       "parameters left unchanged", RuntimeWarning, stacklevel=4)
+        self._report_skipped(pending, step)
+
+    def _report_skipped(self, pending: _Step, step: int) -> None:
         self.diagnostics = {"step": step, "lr": 0.0, "skipped": 1.0, "probed": 0.0,
                             "loss": pending.loss if pending.loss is not None else math.nan, "route": self.route}
 
@@ -449,7 +451,7 @@ class CurvatureTuner:
         grad_dot_delta, grad_sq, delta_sq, weighted = vec.dots(
             [(grads, delta), (grads, grads), (delta, delta), (params, delta)], absolute=(False, False, False, True))
         delta_norm = math.sqrt(max(delta_sq, 0.0))
-        pending.norms = (weighted / delta_norm if delta_norm > 0 else 0.0, delta_norm)  # vec.scale_along
+        pending.norms = (parameter_scale_along(weighted, delta_norm), delta_norm)  # as vec.scale_along
         pending.grad_sq = grad_sq
         extra: dict[str, Any] = {
             "grad_norm": math.sqrt(max(grad_sq, 0.0)),
