@@ -17,7 +17,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__))
 ):
     __path__.append(_ROOT)  # noqa: F821 (the package's own __path__)
 
-from eos_core import routes, stats  # noqa: E402
+from eos_core import diagnostics, request, routes, settings, stats  # noqa: E402
 from eos_core.laws import (  # noqa: E402
     CDAT,
     DCAO,
@@ -32,6 +32,8 @@ from eos_core.laws import (  # noqa: E402
     WarmupCosine,
 )
 from eos_core.numerics import NUMPY, Numerics  # noqa: E402
+from eos_core.request import StatsRequest  # noqa: E402
+from eos_core.settings import TunerSettings  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -48,8 +50,13 @@ __all__ = [
     "LawOutput",
     "Numerics",
     "Polyak",
+    "StatsRequest",
+    "TunerSettings",
     "WarmupCosine",
     "__version__",
+    "diagnostics",
+    "request",
     "routes",
+    "settings",
     "stats",
 ]

@@ -50,6 +50,8 @@ class Numerics(NamedTuple):
         index_update: ``index_update(array, i, value)``, a functional ``array.at[i].set(value)``.
         eager: True when scalars are concrete (numpy, eager torch); False under tracing (``jax.jit``),
             where an algorithm may not branch on a value (it then uses fixed iteration counts).
+        int_dtype: integer dtype of the counters a law keeps (steps, measurements): exact to 2^31 steps at
+            least, where a float32 counter would stop counting at 2^24.
     """
 
     xp: Any
@@ -58,10 +60,15 @@ class Numerics(NamedTuple):
     fori_loop: Callable[..., Any]
     index_update: Callable[[Any, Any, Any], Any]
     eager: bool = True
+    int_dtype: Any = np.int64
 
     def scalar(self, value: Any) -> Any:
         """``value`` as a 0-d array of :attr:`dtype`."""
         return self.xp.asarray(value, dtype=self.dtype)
+
+    def counter(self, value: Any = 0) -> Any:
+        """``value`` as a 0-d integer array of :attr:`int_dtype` (a step or measurement count)."""
+        return self.xp.asarray(value, dtype=self.int_dtype)
 
     def clip(self, value: Any, low: Any, high: Any) -> Any:
         """``min(max(value, low), high)`` that keeps infinite bounds exact."""

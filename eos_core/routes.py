@@ -1,7 +1,7 @@
 """Curvature routes: the ways an adapter measures u^T H u and H v, and the finite-difference step rule.
 
 Route names are shared by every adapter, so a diagnostics ``route`` entry means the same thing in
-PyTorch, JAX and Keras. Measured costs (SPEC section 4, multiples of one training step on an H100):
+PyTorch, JAX and Keras. Measured costs (multiples of one training step on an H100):
 forward-over-forward is 4-11x in PyTorch but 1.2-2.1x in JAX; one extra gradient (one-sided finite
 differences) is about 1.0-1.1x everywhere in fp32.
 """
@@ -9,6 +9,7 @@ differences) is about 1.0-1.1x everywhere in fp32.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 AUTO = "auto"
 """Let the adapter pick per model and dtype, falling back when an op cannot be differentiated twice."""
@@ -40,19 +41,31 @@ def validate_route(route: str, *, owner: str, supported: tuple[str, ...] = ALL) 
     return route
 
 
-def parameter_scale_along(abs_param_dot_abs_direction: float, direction_norm: float) -> float:
+def parameter_scale_along(abs_param_dot_abs_direction: Any, direction_norm: Any, *, xp: Any = None) -> Any:
     """``sum_i |w_i| |u_i| / ||u||``: the size of the parameters where ``u`` points.
 
     Dennis and Schnabel's ``typx^T |u|`` rule (Numerical Methods for Unconstrained Optimization, section
     5.6). It equals ``||w||`` when ``|u|`` is proportional to ``|w|`` and is much smaller when ``u``
     concentrates on small weights, where a step sized by the whole vector's norm (on a transformer,
     dominated by the normalisation layers' unit gains) would reach far into the nonlinear range.
-    Adapters pass it the two reductions; 0 when ``u = 0``.
+
+    Args:
+        abs_param_dot_abs_direction: ``sum_i |w_i| |u_i|``, reduced by the adapter.
+        direction_norm: ``||u||``.
+        xp: array namespace (``numpy``, ``jax.numpy``) for array inputs, traced ones included; None for
+            Python floats.
+
+    Returns:
+        The scale (0 when ``u = 0``).
     """
-    return abs_param_dot_abs_direction / direction_norm if direction_norm > 0 else 0.0
+    if xp is None:
+        return abs_param_dot_abs_direction / direction_norm if direction_norm > 0 else 0.0
+    positive = direction_norm > 0
+    return xp.where(positive, abs_param_dot_abs_direction / xp.where(positive, direction_norm, 1.0), 0.0)
 
 
-def finite_difference_step(param_scale: float, direction_norm: float, eps: float, *, central: bool) -> float:
+def finite_difference_step(param_scale: Any, direction_norm: Any, eps: float, *, central: bool,
+                           xp: Any = None) -> Any:
     """Step ``h`` for differencing gradients along a direction ``u``.
 
     The perturbation ``h u`` is given the norm ``eps**(1/2) * max(s, 1)`` (one-sided) or
@@ -61,12 +74,24 @@ def finite_difference_step(param_scale: float, direction_norm: float, eps: float
     root of the working precision relative to the parameters: the classical balance between
     truncation error (O(h) one-sided, O(h^2) central) and cancellation error (O(eps / h)). ``eps`` is
     the machine epsilon of the lowest precision the gradient is computed in (the autocast dtype
-    under mixed precision). Every adapter uses this rule, so the ``fd-*`` routes agree across
-    frameworks.
+    under mixed precision). Every adapter uses this function (the JAX adapter passes ``xp=jax.numpy``
+    and traced reductions), so the ``fd-*`` routes agree across frameworks.
 
-    Returns 0 when the direction is zero or any input is not finite: there is nothing to difference.
+    Args:
+        param_scale: ``s``, from :func:`parameter_scale_along`.
+        direction_norm: ``||u||``.
+        eps: machine epsilon (a Python float).
+        central: central (True) or one-sided (False) differences.
+        xp: array namespace for array inputs (traced ones included); None for Python floats.
+
+    Returns:
+        ``h``; 0 when the direction is zero or an input is not finite: there is nothing to difference.
     """
-    if not (math.isfinite(param_scale) and math.isfinite(direction_norm) and direction_norm > 0):
-        return 0.0
     root = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
-    return root * max(param_scale, 1.0) / direction_norm
+    if xp is None:
+        if not (math.isfinite(param_scale) and math.isfinite(direction_norm) and direction_norm > 0):
+            return 0.0
+        return root * max(param_scale, 1.0) / direction_norm
+    ok = xp.isfinite(param_scale) & xp.isfinite(direction_norm) & (direction_norm > 0)
+    safe_norm = xp.where(ok, direction_norm, 1.0)
+    return xp.where(ok, root * xp.maximum(xp.where(ok, param_scale, 1.0), 1.0) / safe_norm, 0.0)

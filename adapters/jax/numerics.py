@@ -35,4 +35,5 @@ def jax_numerics(dtype: Any = None) -> Numerics:
         fori_loop=lax.fori_loop,
         index_update=_index_update,
         eager=False,
+        int_dtype=jnp.int32,
     )

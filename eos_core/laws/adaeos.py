@@ -11,12 +11,13 @@ from eos_core import stats as S
 from eos_core.ema import bias_correction, ema_update
 from eos_core.laws.base import Law, LawOutput, finite, safe
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.request import StatsRequest
 
 
 class AdaEoSState(NamedTuple):
     lr: Any  #: eta_k
     sharpness_ema: Any  #: EMA of lambda_hat (0 before the first measurement)
-    count: Any  #: number of measurements folded into the EMA
+    count: Any  #: number of measurements folded into the EMA (an integer)
 
 
 class AdaEoS(Law):
@@ -35,12 +36,16 @@ class AdaEoS(Law):
     clipped to [1/max_change, max_change] and the EMA (bias-corrected, since it is used on its own)
     smooths lambda_hat.
 
+    Reports ``sharpness`` (``preconditioned_sharpness`` with ``preconditioned=True``): this probe's
+    lambda_hat; ``smoothed_sharpness``: the bias-corrected EMA; ``lr_smoothed_sharpness``: the new lr
+    times it, the quantity the rule drives to ``target``.
+
     Defined outcomes: lambda_hat <= 0 or non-finite keeps the learning rate and the EMA unchanged
     (``fallback = 1``). The initial learning rate must be positive (a multiplicative rule cannot
     leave 0).
     """
 
-    measurements = ("sharpness", "smoothed_sharpness", "lr_sharpness")
+    measurements = ("sharpness", "smoothed_sharpness", "lr_smoothed_sharpness")
 
     def __init__(
         self,
@@ -72,13 +77,19 @@ class AdaEoS(Law):
         self.power_iters = check.positive_int(name, "power_iters", power_iters)
         self.power_tol = 0.0  # a fixed number of warm-started iterations, as the proposal describes
         self.needs = frozenset({S.PRECONDITIONED_SHARPNESS if self.preconditioned else S.SHARPNESS})
+        self.measurements = (self.sharpness_key, "smoothed_sharpness", "lr_smoothed_sharpness")
         self._record(target=self.target, gamma=self.gamma, sharpness_ema=self.sharpness_ema,
                      max_change=self.max_change, preconditioned=self.preconditioned, lr_min=self.lr_min,
                      lr_max=self.lr_max, lr_init=self.lr_init, power_iters=self.power_iters)
 
     @property
     def sharpness_key(self) -> str:
+        """The statistic it consumes: ``sharpness`` or ``preconditioned_sharpness``."""
         return next(iter(self.needs))
+
+    def request(self) -> StatsRequest:
+        """lambda_max by exactly ``power_iters`` warm-started power-iteration steps (tolerance 0)."""
+        return StatsRequest.build(self.needs, power_iters=self.power_iters, power_tol=0.0, owner="AdaEoS")
 
     def init(
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
@@ -87,7 +98,7 @@ class AdaEoS(Law):
         lr0 = self._initial_lr(self.lr_init, lr, required=True)
         if not lr0 > 0:
             raise ValueError("AdaEoS: the initial learning rate must be > 0 (a multiplicative rule cannot leave 0)")
-        return AdaEoSState(lr=numerics.scalar(lr0), sharpness_ema=numerics.scalar(0.0), count=numerics.scalar(0.0))
+        return AdaEoSState(lr=numerics.scalar(lr0), sharpness_ema=numerics.scalar(0.0), count=numerics.counter(0))
 
     def update(self, state: AdaEoSState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
         xp = numerics.xp
@@ -95,7 +106,7 @@ class AdaEoS(Law):
         usable = finite(numerics, sharpness) & (sharpness > 0)
         lam = safe(numerics, sharpness, usable, fill=1.0)
         ema = xp.where(usable, ema_update(state.sharpness_ema, lam, self.sharpness_ema), state.sharpness_ema)
-        count = xp.where(usable, state.count + 1.0, state.count)
+        count = xp.where(usable, state.count + 1, state.count)
         smoothed = ema / xp.where(count > 0, bias_correction(self.sharpness_ema, count), numerics.scalar(1.0))
         # (target / x)^gamma <= max_change  <=>  x >= target * max_change^(-1/gamma): flooring x there
         # keeps the power finite without changing the clipped factor.
@@ -103,9 +114,9 @@ class AdaEoS(Law):
         product = xp.maximum(state.lr * xp.where(smoothed > 0, smoothed, numerics.scalar(1.0)), floor)
         factor = numerics.clip((self.target / product) ** self.gamma, 1.0 / self.max_change, self.max_change)
         lr = xp.where(usable, numerics.clip(state.lr * factor, self.lr_min, self.lr_max), state.lr)
+        reported = xp.where(count > 0, smoothed, numerics.scalar(math.nan))
         diagnostics = self.diagnostics(
-            numerics, lr=lr, probed=True, fallback=~usable, sharpness=sharpness,
-            smoothed_sharpness=xp.where(count > 0, smoothed, numerics.scalar(math.nan)),
-            lr_sharpness=lr * xp.where(count > 0, smoothed, numerics.scalar(math.nan)),
+            numerics, lr=lr, probed=True, fallback=~usable, smoothed_sharpness=reported,
+            lr_smoothed_sharpness=lr * reported, **{self.sharpness_key: sharpness},
         )
         return LawOutput(lr=lr, state=AdaEoSState(lr=lr, sharpness_ema=ema, count=count), diagnostics=diagnostics)

@@ -27,7 +27,8 @@ class Armijo(Law):
     holds, for at most ``max_tries`` trial losses (the paper's mini-batch cap is 30; in full batch it
     searches until the criterion holds, which ``max_tries`` large enough reproduces). The result is
     the largest trial step that satisfies the condition. ``c_plus = inf`` restarts every search at
-    ``lr_max`` (the paper's guess 1). A non-finite trial loss counts as a failed trial.
+    ``lr_max`` (the paper's guess 1), and so does a previous rate of 0 (a warm-up scheduler at its
+    first step), which would otherwise accept 0 forever. A non-finite trial loss counts as a failed trial.
 
     Defined outcomes: when no trial satisfies the condition within ``max_tries`` the smallest trial
     step is taken and ``accepted = 0`` is reported; non-finite f(w) or g.u keeps the last learning
@@ -70,15 +71,22 @@ class Armijo(Law):
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
         numerics: Numerics = NUMPY,
     ) -> ArmijoState:
-        # The first search starts from the law's lr_init, else the wrapped optimizer's lr, else lr_max.
+        # The first search starts from the law's lr_init, else the wrapped optimizer's lr, else lr_max. A
+        # zero rate (a warm-up scheduler at its first step) is no previous step to grow from: start at lr_max.
         previous = self.lr_init if self.lr_init is not None else lr
-        lr0 = self.lr_max if previous is None else min(float(previous), self.lr_max)
+        if previous is not None:
+            check.non_negative(type(self).__name__, "initial learning rate", previous)
+        lr0 = self.lr_max if previous is None or not float(previous) > 0 else min(float(previous), self.lr_max)
         return ArmijoState(lr=numerics.scalar(lr0))
 
     def initial_guess(self, state: ArmijoState, *, numerics: Numerics = NUMPY) -> Any:
+        """The first trial step ``min(c_plus * lr_prev, lr_max)``; ``lr_max`` when ``lr_prev`` is not positive
+        (no previous step to grow from: a search started at 0 would accept 0 forever)."""
         if math.isinf(self.c_plus):
             return numerics.scalar(self.lr_max)
-        return numerics.xp.minimum(self.c_plus * state.lr, self.lr_max)
+        xp = numerics.xp
+        grown = xp.minimum(self.c_plus * state.lr, self.lr_max)
+        return xp.where(state.lr > 0, grown, numerics.scalar(self.lr_max))
 
     def satisfied(self, trial: Any, lr: Any, loss: Any, grad_dot_update: Any, *, numerics: Numerics = NUMPY) -> Any:
         """The sufficient-decrease condition at step ``lr`` (False for a non-finite trial loss)."""

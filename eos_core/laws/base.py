@@ -19,8 +19,11 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from eos_core import _validation as check
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.request import StatsRequest
 
 
 class LawOutput(NamedTuple):
@@ -69,6 +72,55 @@ class Law(abc.ABC):
         """One probe step: consume ``stats`` (keys ``self.needs``) and decide the learning rate."""
 
     # -- shared -----------------------------------------------------------------------------------
+    def request(self) -> StatsRequest:
+        """What an adapter must measure on a probe step (:class:`~eos_core.request.StatsRequest`).
+
+        Laws that need eigenvalues override this to pass their power-iteration or Lanczos settings; every
+        default is in :mod:`eos_core.request`.
+
+        Returns:
+            The request: ``needs`` and the spectral estimators' settings.
+        """
+        return StatsRequest.build(self.needs, owner=type(self).__name__)
+
+    def state_to_host(self, state: Any) -> dict[str, Any]:
+        """The law's state as plain Python numbers (``{field: float or int}``), for checkpoints.
+
+        Args:
+            state: a state of this law (numpy, JAX or other 0-d arrays).
+
+        Returns:
+            ``{field: value}`` with integer counters kept as ``int``.
+        """
+        out: dict[str, Any] = {}
+        for name, value in state._asdict().items():
+            array = np.asarray(value)
+            out[name] = array.tolist() if array.ndim else (int(array) if array.dtype.kind in "iu" else float(array))
+        return out
+
+    def state_from_host(self, template: Any, saved: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> Any:
+        """Rebuild a state from :meth:`state_to_host`'s output, each field in the dtype ``template`` has.
+
+        Args:
+            template: a state of this law (its field dtypes are kept: counters stay integers).
+            saved: ``{field: value}``.
+            numerics: the array namespace the state lives in.
+
+        Returns:
+            The restored state.
+
+        Raises:
+            ValueError: when ``saved`` lacks a field of the state.
+        """
+        missing = [f for f in template._fields if f not in saved]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the saved law state lacks {missing}")
+        values = []
+        for name in template._fields:
+            dtype = np.asarray(getattr(template, name)).dtype
+            values.append(numerics.xp.asarray(np.asarray(saved[name]).astype(dtype), dtype=dtype))
+        return type(template)(*values)
+
     def hold(self, state: Any, *, numerics: Numerics = NUMPY) -> LawOutput:
         """A step without a probe: reuse the last learning rate (``probe_every > 1``)."""
         return LawOutput(

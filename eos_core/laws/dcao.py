@@ -10,6 +10,7 @@ from eos_core import _validation as check
 from eos_core import stats as S
 from eos_core.laws.base import Law, LawOutput, finite, safe
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.request import StatsRequest
 
 
 class DCAOState(NamedTuple):
@@ -40,10 +41,13 @@ class DCAO(Law):
     Defined outcomes: lambda_1 <= 0 means no curvature limits the step: the learning-rate factor is
     ``gamma_up`` and r is taken as 0 in the momentum and weight-decay rules. Non-finite eigenvalues
     keep every setting unchanged (``fallback = 1``).
+
+    ``lanczos_steps`` defaults to 20 (:data:`eos_core.request.LANCZOS_STEPS`; the proposal ablates 5, 10 and
+    20), at least ``num_eigenvalues``. ``lr_lambda_1`` reports r, with the lr before this probe's update.
     """
 
     decides = ("momentum", "weight_decay")
-    measurements = ("lambda_1", "lambda_2", "gap", "lr_sharpness")
+    measurements = ("lambda_1", "lambda_2", "gap", "lr_lambda_1")
 
     def __init__(
         self,
@@ -96,7 +100,13 @@ class DCAO(Law):
 
     @property
     def eigenvalues_key(self) -> str:
+        """The statistic it consumes: ``top_eigenvalues`` or ``preconditioned_top_eigenvalues``."""
         return next(iter(self.needs))
+
+    def request(self) -> StatsRequest:
+        """Top-``num_eigenvalues`` Lanczos, ``lanczos_steps`` steps (default :data:`eos_core.request.LANCZOS_STEPS`)."""
+        return StatsRequest.build(self.needs, num_eigenvalues=self.num_eigenvalues, lanczos_steps=self.lanczos_steps,
+                                  owner="DCAO")
 
     def init(
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
@@ -136,7 +146,7 @@ class DCAO(Law):
         )
         diagnostics = self.diagnostics(
             numerics, lr=new_state.lr, probed=True, fallback=~usable, lambda_1=lambda_1, lambda_2=lambda_2,
-            gap=lambda_1 - lambda_2, lr_sharpness=state.lr * lambda_1,
+            gap=lambda_1 - lambda_2, lr_lambda_1=state.lr * lambda_1,
         )
         return LawOutput(lr=new_state.lr, state=new_state, diagnostics=diagnostics,
                          hyperparams={"momentum": new_state.momentum, "weight_decay": new_state.weight_decay})

@@ -10,6 +10,7 @@ from eos_core import _validation as check
 from eos_core import stats as S
 from eos_core.laws.base import Law, LawOutput, finite, safe
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.request import POWER_ITERS, POWER_TOL, StatsRequest
 
 
 class ExactSharpnessState(NamedTuple):
@@ -40,8 +41,8 @@ class ExactSharpness(Law):
         lr_min: float = 0.0,
         lr_max: float = math.inf,
         lr_init: float | None = None,
-        power_iters: int = 20,
-        power_tol: float = 1e-3,
+        power_iters: int = POWER_ITERS,
+        power_tol: float = POWER_TOL,
         **unknown: Any,
     ) -> None:
         name = type(self).__name__
@@ -55,13 +56,20 @@ class ExactSharpness(Law):
         self.power_iters = check.positive_int(name, "power_iters", power_iters)
         self.power_tol = check.positive(name, "power_tol", power_tol)
         self.needs = frozenset({S.PRECONDITIONED_SHARPNESS if self.preconditioned else S.SHARPNESS})
+        self.measurements = (self.sharpness_key,)
         self._record(scale=self.scale, preconditioned=self.preconditioned, lr_min=self.lr_min,
                      lr_max=self.lr_max, lr_init=self.lr_init, power_iters=self.power_iters,
                      power_tol=self.power_tol)
 
     @property
     def sharpness_key(self) -> str:
+        """The statistic it consumes and reports: ``sharpness`` or ``preconditioned_sharpness``."""
         return next(iter(self.needs))
+
+    def request(self) -> StatsRequest:
+        """lambda_max by warm-started power iteration to ``power_tol``, at most ``power_iters`` products."""
+        return StatsRequest.build(self.needs, power_iters=self.power_iters, power_tol=self.power_tol,
+                                  owner="ExactSharpness")
 
     def init(
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
@@ -79,5 +87,6 @@ class ExactSharpness(Law):
                                   self.lr_max)
         usable = positive & xp.isfinite(candidate)
         lr = xp.where(usable, candidate, state.lr)
-        diagnostics = self.diagnostics(numerics, lr=lr, probed=True, fallback=~usable, sharpness=sharpness)
+        diagnostics = self.diagnostics(numerics, lr=lr, probed=True, fallback=~usable,
+                                       **{self.sharpness_key: sharpness})
         return LawOutput(lr=lr, state=ExactSharpnessState(lr=lr), diagnostics=diagnostics)

@@ -13,7 +13,7 @@ from eos_core.numerics import NUMPY, Numerics
 
 class ScheduleState(NamedTuple):
     lr: Any  #: learning rate of the current step
-    count: Any  #: steps taken so far
+    count: Any  #: steps taken so far (an integer)
 
 
 class _Schedule(Law):
@@ -28,8 +28,8 @@ class _Schedule(Law):
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
         numerics: Numerics = NUMPY,
     ) -> ScheduleState:
-        zero = numerics.scalar(0.0)
-        return ScheduleState(lr=self.lr_at(zero, numerics=numerics), count=zero)
+        zero = numerics.counter(0)
+        return ScheduleState(lr=numerics.scalar(self.lr_at(zero, numerics=numerics)), count=zero)
 
     def update(self, state: ScheduleState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
         return self._advance(state, numerics=numerics, probed=True)
@@ -39,7 +39,7 @@ class _Schedule(Law):
 
     def _advance(self, state: ScheduleState, *, numerics: Numerics, probed: bool) -> LawOutput:
         lr = numerics.scalar(self.lr_at(state.count, numerics=numerics))
-        new_state = ScheduleState(lr=lr, count=state.count + 1.0)
+        new_state = ScheduleState(lr=lr, count=state.count + 1)
         return LawOutput(lr=lr, state=new_state, diagnostics=self.diagnostics(numerics, lr=lr, probed=probed))
 
 

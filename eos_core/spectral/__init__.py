@@ -7,6 +7,7 @@ from eos_core.spectral.density import SpectralDensity, hutchinson_trace, spectra
 from eos_core.spectral.lanczos import LanczosResult, default_num_steps, lanczos, lanczos_tridiagonal
 from eos_core.spectral.operators import preconditioned_operator, shifted_operator
 from eos_core.spectral.power_iteration import PowerIterationResult, power_iteration
+from eos_core.spectral.start import random_start
 from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "lanczos_tridiagonal",
     "power_iteration",
     "preconditioned_operator",
+    "random_start",
     "shifted_operator",
     "spectral_density",
 ]
