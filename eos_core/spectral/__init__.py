@@ -8,13 +8,23 @@ from eos_core.spectral.lanczos import LanczosResult, default_num_steps, lanczos,
 from eos_core.spectral.operators import preconditioned_operator, shifted_operator
 from eos_core.spectral.power_iteration import PowerIterationResult, power_iteration
 from eos_core.spectral.start import random_start
+from eos_core.spectral.tracking import (
+    MonitorBudget,
+    TrackerState,
+    tracker_age,
+    tracker_init,
+    tracker_step,
+    tracker_vector,
+)
 from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 
 __all__ = [
     "LanczosResult",
+    "MonitorBudget",
     "NumpyOps",
     "PowerIterationResult",
     "SpectralDensity",
+    "TrackerState",
     "VectorOps",
     "default_num_steps",
     "hutchinson_trace",
@@ -25,4 +35,8 @@ __all__ = [
     "random_start",
     "shifted_operator",
     "spectral_density",
+    "tracker_age",
+    "tracker_init",
+    "tracker_step",
+    "tracker_vector",
 ]

@@ -81,7 +81,8 @@ class NumpyOps:
         return rng.standard_normal(shape).astype(self.numerics.dtype)
 
     def select(self, pred: Any, x: Any, y: Any) -> Any:
-        return self._vec(x) if bool(pred) else self._vec(y)
+        chosen = x if bool(pred) else y  # a vector or a basis: keep its shape
+        return np.asarray(chosen, dtype=self.numerics.dtype)
 
     def size(self, x: Any) -> int:
         return int(self._vec(x).size)

@@ -1,0 +1,227 @@
+r"""Streaming lambda_max: a top-eigenvalue tracker that spends one Hessian-vector product at a time.
+
+A training run's Hessian changes little between steps, so the top eigenpair need not be recomputed from
+scratch every time it is wanted. :func:`tracker_step` advances a *restarted Lanczos* iteration by one
+operator application and returns an estimate after every application:
+
+* a cycle starts from the current estimate :math:`x` of the top eigenvector;
+* application :math:`j` (:math:`0 \le j < m`) multiplies the newest Lanczos vector :math:`q_j`, extends the
+  tridiagonal matrix :math:`T_{j+1} = Q_{j+1}^\top H Q_{j+1}` by one row (three-term recurrence, full
+  reorthogonalisation against the cycle's basis) and reports its top Ritz value :math:`\theta` with the
+  Lanczos residual estimate :math:`|\beta_{j+1} s_{j+1}|` of :math:`\|H y - \theta y\|` (an absolute bound on the
+  distance of :math:`\theta` to the spectrum, and :math:`\approx r^2 / \text{gap}` the actual error once converged);
+* after :math:`m` applications (``restart``) the cycle restarts from the top Ritz vector, which becomes the
+  new :math:`x`.
+
+With ``restart=2`` each cycle maximises the Rayleigh quotient over :math:`\mathrm{span}\{x, Hx\}`, at least as
+good per product as power iteration (whose next iterate lies in that span) and, unlike power iteration, it
+converges to the largest *algebraic* eigenvalue whatever the sign of the smallest. Larger ``restart`` values
+converge faster per product on clustered spectra, at the memory cost of ``restart`` parameter-sized vectors.
+The products of one cycle are taken at successive training steps, so they belong to slightly different
+Hessians; the tracker follows the Hessian as it moves and the residual says how well the estimate fits.
+
+Written against :class:`~eos_core.spectral.VectorOps` and :class:`~eos_core.numerics.Numerics` with fixed
+shapes and no value-dependent Python branching, so the same code runs on numpy arrays, torch parameter
+lists and JAX pytrees under ``jit``. The adapters decide *when* to call it (every ``k`` steps, ``k`` chosen
+from a time budget, see :class:`MonitorBudget`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from eos_core import _validation as check
+from eos_core.spectral.power_iteration import normalized
+from eos_core.spectral.vector_ops import NumpyOps, VectorOps
+
+
+class TrackerState(NamedTuple):
+    """State of the streaming tracker (checkpoint it with the run: resuming is then bit-identical)."""
+
+    basis: Any  #: the cycle's Lanczos vectors (a VectorOps basis of ``restart`` vectors; slot 0 is ``x``)
+    alpha: Any  #: diagonal of T, shape (restart,)
+    beta: Any  #: off-diagonal of T, shape (restart,); beta[j] couples q_j and q_{j+1}
+    position: Any  #: j, the application within the cycle (int, 0 <= j < restart)
+    eigenvalue: Any  #: the latest estimate theta of lambda_max (NaN before the first application)
+    residual: Any  #: the latest residual estimate |beta s| of ||H y - theta y|| (NaN before the first)
+    products: Any  #: operator applications so far (int)
+    age: Any  #: training steps since the latest application (int; advanced by :func:`tracker_age`)
+
+
+def tracker_init(v0: Any, *, restart: int = 2, ops: VectorOps | None = None) -> TrackerState:
+    """A tracker starting from ``v0`` (normalised; a random vector when ``v0`` is zero).
+
+    Args:
+        v0: the start vector, e.g. :func:`eos_core.spectral.random_start` or a previous eigenvector.
+        restart: m, applications per restarted-Lanczos cycle (>= 2); m parameter-sized vectors are kept.
+        ops: vector operations for ``v0``'s type (default: numpy).
+
+    Returns:
+        The initial state (no application made yet).
+
+    Raises:
+        ValueError: when ``restart`` < 2.
+    """
+    m = check.positive_int("tracker_init", "restart", restart)
+    if m < 2:
+        raise ValueError(f"tracker_init: restart must be >= 2 (a cycle of one application cannot move x), got {m}")
+    ops = ops if ops is not None else NumpyOps()
+    numerics = ops.numerics
+    xp = numerics.xp
+    x = normalized(ops, v0)
+    basis = ops.basis_set(ops.basis_zeros(x, m), 0, x)
+    zeros = xp.zeros((m,), dtype=numerics.dtype)
+    nan = numerics.scalar(math.nan)
+    return TrackerState(basis=basis, alpha=zeros, beta=zeros, position=numerics.counter(0), eigenvalue=nan,
+                        residual=nan, products=numerics.counter(0), age=numerics.counter(0))
+
+
+def _top_ritz(alpha: Any, beta: Any, j: Any, numerics: Any) -> tuple[Any, Any]:
+    """Top eigenpair of the leading (j+1) x (j+1) block of the tridiagonal matrix, with fixed shapes.
+
+    Entries past ``j`` are masked: their diagonal is pushed below every active Ritz value and their coupling
+    to the active block is 0, so the top eigenpair of the full matrix is the active block's (padded by zeros).
+    """
+    xp = numerics.xp
+    m = alpha.shape[0]
+    index = xp.arange(m)
+    active = index <= j
+    spread = xp.max(xp.abs(xp.where(active, alpha, 0.0))) + 2.0 * xp.max(xp.abs(beta)) + 1.0
+    diagonal = xp.where(active, alpha, -4.0 * spread)
+    off = xp.where(index[: m - 1] < j, beta[: m - 1], 0.0)
+    matrix = xp.diag(diagonal) + xp.diag(off, 1) + xp.diag(off, -1)
+    values, vectors = xp.linalg.eigh(matrix)
+    top = vectors[:, m - 1]
+    return values[m - 1], xp.where(active, top, 0.0)
+
+
+def tracker_step(state: TrackerState, matvec: Callable[[Any], Any], *, ops: VectorOps | None = None
+                 ) -> TrackerState:
+    r"""One operator application: extend the cycle's Krylov basis by one vector and update the estimate.
+
+    Args:
+        state: the tracker's state.
+        matvec: ``v -> H v`` (or the preconditioned operator) at the current parameters.
+        ops: vector operations (default: numpy).
+
+    Returns:
+        The new state: ``eigenvalue`` is the top Ritz value of the cycle so far, ``residual`` its Lanczos
+        residual estimate, ``age`` reset to 0; after ``restart`` applications the cycle restarts from the top
+        Ritz vector. A breakdown (an invariant subspace) restarts early from the Ritz vector, which is then an
+        eigenvector.
+    """
+    ops = ops if ops is not None else NumpyOps()
+    numerics = ops.numerics
+    xp = numerics.xp
+    m = state.alpha.shape[0]
+    j = state.position
+    onehot = (xp.arange(m) == j).astype(numerics.dtype)
+    previous = (xp.arange(m) == j - 1).astype(numerics.dtype)
+    q = ops.basis_combine(state.basis, onehot)
+    w = matvec(q)
+    a = ops.dot(q, w)
+    beta_prev = xp.where(j > 0, state.beta[xp.maximum(j - 1, 0)], numerics.scalar(0.0))
+    w = ops.axpy(-a, q, w)
+    w = ops.axpy(-beta_prev, ops.basis_combine(state.basis, previous), w)
+    for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+        w = ops.axpy(-1.0, ops.basis_combine(state.basis, ops.basis_coeffs(state.basis, w)), w)
+    b = ops.norm(w)
+    alpha = numerics.index_update(state.alpha, j, a)
+    beta = numerics.index_update(state.beta, j, b)
+    theta, s = _top_ritz(alpha, beta, j, numerics)
+    residual = xp.abs(b * s[j])
+    scale = xp.maximum(xp.abs(theta), xp.max(xp.abs(alpha)))
+    breakdown = b <= 64.0 * float(xp.finfo(numerics.dtype).eps) * xp.where(scale > 0, scale, 1.0)
+    restart = (j + 1 >= m) | breakdown
+    ritz = normalized(ops, ops.basis_combine(state.basis, s))
+    fresh = ops.basis_set(ops.basis_zeros(ritz, m), 0, ritz)
+    grown = ops.basis_set(state.basis, xp.minimum(j + 1, m - 1), ops.scale(1.0 / xp.where(breakdown, 1.0, b), w))
+    zeros = xp.zeros((m,), dtype=numerics.dtype)
+    return TrackerState(
+        basis=ops.select(restart, fresh, grown),
+        alpha=xp.where(restart, zeros, alpha),
+        beta=xp.where(restart, zeros, beta),
+        position=xp.where(restart, numerics.counter(0), j + 1).astype(numerics.int_dtype),
+        eigenvalue=theta,
+        residual=residual,
+        products=state.products + 1,
+        age=numerics.counter(0),
+    )
+
+
+def tracker_age(state: TrackerState, steps: int = 1) -> TrackerState:
+    """``state`` with ``steps`` more training steps since its latest application (the staleness counter)."""
+    return state._replace(age=state.age + steps)
+
+
+def tracker_vector(state: TrackerState, *, ops: VectorOps | None = None) -> Any:
+    """The current estimate ``x`` of the top eigenvector (the start of the current cycle, unit norm)."""
+    ops = ops if ops is not None else NumpyOps()
+    m = state.alpha.shape[0]
+    first = (ops.numerics.xp.arange(m) == 0).astype(ops.numerics.dtype)
+    return ops.basis_combine(state.basis, first)
+
+
+class MonitorBudget:
+    """Chooses how often the tracker may apply the operator so that monitoring costs ``budget`` of training time.
+
+    The adapter reports the wall time of each training step (:meth:`record_step`, the interval between two
+    optimizer steps, everything included) and of each operator application (:meth:`record_product`); both
+    are smoothed (EMA). The tracker then applies the operator every
+
+    .. math:: k = \\max(1, \\lceil t_{\\rm product} / (\\text{budget} \\cdot t_{\\rm step}) \\rceil)
+
+    steps, so its share of the time is at most ``budget`` (e.g. 0.05). Before both times are known the first
+    application happens at the first step and :attr:`every` is ``initial_every``.
+
+    Args:
+        budget: the fraction of training time monitoring may take, in (0, 1].
+        initial_every: ``k`` before the first measurements (default ``ceil(1 / budget)``: one extra gradient
+            costs about one step).
+        smoothing: EMA weight of the past for both times.
+
+    Raises:
+        ValueError: for a budget outside (0, 1], ``initial_every`` < 1 or ``smoothing`` outside [0, 1).
+    """
+
+    def __init__(self, budget: float, *, initial_every: int | None = None, smoothing: float = 0.9) -> None:
+        self.budget = check.in_interval("MonitorBudget", "budget", budget, 0.0, 1.0, closed_low=False,
+                                        closed_high=True)
+        default = math.ceil(1.0 / self.budget - 1e-9)
+        self.initial_every = default if initial_every is None else check.positive_int(
+            "MonitorBudget", "initial_every", initial_every)
+        self.smoothing = check.in_interval("MonitorBudget", "smoothing", smoothing, 0.0, 1.0, closed_low=True,
+                                           closed_high=False)
+        self.step_time: float | None = None
+        self.product_time: float | None = None
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else self.smoothing * old + (1.0 - self.smoothing) * new
+
+    def record_step(self, seconds: float) -> None:
+        """The wall time of one training step (without monitoring)."""
+        if math.isfinite(seconds) and seconds > 0:
+            self.step_time = self._smooth(self.step_time, float(seconds))
+
+    def record_product(self, seconds: float) -> None:
+        """The wall time of one operator application."""
+        if math.isfinite(seconds) and seconds > 0:
+            self.product_time = self._smooth(self.product_time, float(seconds))
+
+    @property
+    def every(self) -> int:
+        """``k``: steps between two operator applications."""
+        if self.step_time is None or self.product_time is None:
+            return self.initial_every
+        return max(1, math.ceil(self.product_time / (self.budget * self.step_time) - 1e-9))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measured times, for checkpoints."""
+        return {"step_time": self.step_time, "product_time": self.product_time}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.step_time = saved.get("step_time")
+        self.product_time = saved.get("product_time")

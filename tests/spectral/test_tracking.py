@@ -1,0 +1,121 @@
+"""The streaming top-eigenvalue tracker (restarted Lanczos, one application at a time) and the monitor budget."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+
+from eos_core.spectral import power_iteration
+from eos_core.spectral.tracking import MonitorBudget, tracker_age, tracker_init, tracker_step, tracker_vector
+
+N = 80
+
+
+def moving_operator(seed: int = 0, speed: float = 0.005):
+    """H(t) = Q(t) diag(lambda(t)) Q(t)^T: a slowly rotating basis, top eigenvalues rescaled by 1 + 0.2 sin(t/40),
+    and a most-negative eigenvalue larger in magnitude than lambda_max (power iteration's failure case)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((N, N))
+    a = (a - a.T) / 2.0
+    a /= np.linalg.norm(a, 2)
+    q0, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    base = np.concatenate([[10.0, 8.5, 8.0], np.linspace(-15.0, 6.0, N - 3)])
+
+    def at(t: int):
+        q = sl.expm(speed * t * a) @ q0
+        lam = base.copy()
+        lam[:3] *= 1.0 + 0.2 * np.sin(t / 40.0)
+        return (q * lam) @ q.T, lam[0]
+
+    return at
+
+
+def test_tracks_a_rotating_and_rescaling_operator_with_one_product_per_step():
+    at = moving_operator()
+    state = tracker_init(np.random.default_rng(1).standard_normal(N), restart=2)
+    errors = []
+    for t in range(400):
+        h, top = at(t)
+        state = tracker_step(state, lambda v, h=h: h @ v)
+        if t >= 200:
+            errors.append(abs(float(state.eigenvalue) - top) / top)
+    assert np.median(errors) < 1e-3 and max(errors) < 0.02
+    assert int(state.products) == 400
+
+
+def test_finds_the_largest_algebraic_eigenvalue_where_power_iteration_finds_the_most_negative():
+    h, top = moving_operator(speed=0.0)(0)
+    start = np.random.default_rng(2).standard_normal(N)
+    assert float(power_iteration(lambda v: h @ v, start, tol=0.0, max_iters=60).eigenvalue) < 0
+    state = tracker_init(start, restart=2)
+    for _ in range(200):
+        state = tracker_step(state, lambda v: h @ v)
+    assert float(state.eigenvalue) == pytest.approx(top, rel=1e-9)
+    x = tracker_vector(state)
+    assert abs(float(x @ np.linalg.eigh(h)[1][:, -1])) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("restart", [2, 3, 5])
+def test_the_residual_bounds_the_distance_to_the_spectrum(restart):
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    spectrum = np.linspace(-3.0, 9.0, N)
+    h = (q * spectrum) @ q.T
+    state = tracker_init(rng.standard_normal(N), restart=restart)
+    for _ in range(40):
+        state = tracker_step(state, lambda v: h @ v)
+        distance = np.min(np.abs(spectrum - float(state.eigenvalue)))
+        assert distance <= float(state.residual) * (1 + 1e-8) + 1e-12
+
+
+def test_age_counts_steps_since_the_last_product_and_a_product_resets_it():
+    h = np.diag(np.arange(1.0, 6.0))
+    state = tracker_init(np.ones(5))
+    state = tracker_age(tracker_age(state), 3)
+    assert int(state.age) == 4 and math.isnan(float(state.eigenvalue))
+    state = tracker_step(state, lambda v: h @ v)
+    assert int(state.age) == 0 and int(state.products) == 1
+
+
+def test_an_invariant_start_vector_restarts_cleanly():
+    h = np.diag([5.0, 1.0, 1.0, -2.0])
+    state = tracker_init(np.array([1.0, 0.0, 0.0, 0.0]), restart=3)
+    for _ in range(4):
+        state = tracker_step(state, lambda v: h @ v)
+        assert float(state.eigenvalue) == pytest.approx(5.0) and np.all(np.isfinite(state.basis))
+
+
+def test_a_copied_state_continues_bit_identically():
+    at = moving_operator(seed=4)
+    state = tracker_init(np.random.default_rng(5).standard_normal(N), restart=3)
+    for t in range(7):
+        h = at(t)[0]
+        state = tracker_step(state, lambda v, h=h: h @ v)
+    copy = type(state)(*[np.array(x, copy=True) for x in state])
+    for t in range(7, 20):
+        h = at(t)[0]
+        state = tracker_step(state, lambda v, h=h: h @ v)
+        copy = tracker_step(copy, lambda v, h=h: h @ v)
+    assert all(np.array_equal(a, b) for a, b in zip(state, copy, strict=True))
+
+
+def test_restart_must_be_at_least_two():
+    with pytest.raises(ValueError, match="restart"):
+        tracker_init(np.ones(3), restart=1)
+
+
+def test_budget_spaces_products_to_the_budget():
+    budget = MonitorBudget(0.05)
+    assert budget.every == 20  # one extra gradient costs about one step
+    budget.record_step(0.1)
+    budget.record_product(0.08)
+    assert budget.every == math.ceil(0.08 / (0.05 * 0.1))
+    budget.record_product(1.0)  # smoothed
+    assert budget.every == math.ceil((0.9 * 0.08 + 0.1 * 1.0) / (0.05 * 0.1))
+    copy = MonitorBudget(0.05)
+    copy.load_state_dict(budget.state_dict())
+    assert copy.every == budget.every
+    for bad in (0.0, 1.5, -0.1, math.nan):
+        with pytest.raises(ValueError, match="budget"):
+            MonitorBudget(bad)
