@@ -414,7 +414,7 @@ def measure_tracking(work: Workload, base: torch.nn.Module, dtype: str, device: 
                      args: argparse.Namespace) -> float:
     """Extra time of sharpness tracking every m steps (warm-started power iteration), as a fraction.
 
-    Steady state: the first measurement (a cold start from a random vector, up to ``power_iters``
+    Steady state: the first measurement (a cold start from a random vector, up to ``sharpness_iters``
     iterations) happens in the untimed warm-up; the timed ``2 m`` steps hold two warm-started ones.
     """
     m = args.track_every
@@ -433,7 +433,7 @@ def measure_tracking(work: Workload, base: torch.nn.Module, dtype: str, device: 
             start = time.perf_counter()
             for _ in range(2 * m):  # two warm-started measurements
                 step()
-                if tuner is not None and "power_iterations" in tuner.diagnostics:
+                if tuner is not None and math.isfinite(tuner.diagnostics["power_iterations"]):  # NaN: not tracked
                     iterations.append(tuner.diagnostics["power_iterations"])
             synchronize(device)
             results[tracked] = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""What the Lightning and Hugging Face callbacks share: settings, tuner creation, random-state replay, logging keys.
+"""What the Lightning and Hugging Face callbacks share: settings, tuner creation, step detection, random-state
+replay, the lr shown to the trainers' own lr logs, logging keys.
 
 Not public. Imports torch and the PyTorch adapter, so only the framework integrations import it.
 """
@@ -6,50 +7,73 @@ Not public. Imports torch and the PyTorch adapter, so only the framework integra
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from eos_core import _validation as check
-from eos_core import routes
 from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
 from eos_core.adapters.torch.objective import capture_rng
 from eos_core.laws.base import Law
+from eos_core.settings import TunerSettings
 
-__all__ = ["STATE_KEY", "TunerSettings", "UnwrittenDiagnostics", "capture_rng", "loggable", "probing", "replay_rng",
-           "unwrap_optimizer"]
+__all__ = ["STATE_KEY", "TunerSpec", "UnwrittenDiagnostics", "applied_group_lrs", "capture_rng", "loggable",
+           "probing", "replay_rng", "tuner_calls", "unwrap_optimizer"]
 
 #: Diagnostics that are not logged as numbers: the step index (the trainers log their own) and the route (a name).
 _NOT_LOGGED = ("step", "route")
+#: Tuner arguments the callbacks set themselves (``initial_lr`` is the deprecated name of ``reference_lr``).
+SET_BY_CALLBACK = ("optimizer", "model", "grad_scaler", "reference_lr", "initial_lr")
 
 
-class TunerSettings:
-    """The :class:`CurvatureTuner` settings a callback forwards, checked when the callback is built.
+class TunerSpec:
+    """The law and the validated :class:`~eos_core.settings.TunerSettings` of the tuner a callback will attach.
 
-    Checking at construction (not when training starts) makes a bad setting fail in the line that
-    wrote it, with the ValueError naming the setting, as every eos_core constructor does.
+    The options are checked when the callback is built (not when training starts), by the core's
+    :meth:`TunerSettings.from_options <eos_core.settings.TunerSettings.from_options>`, the check every
+    adapter uses: a bad setting fails in the line that wrote it with a ValueError naming the setting, and the
+    deprecated names (``power_iters``, ``power_tol``) keep working with a DeprecationWarning.
+
+    Args:
+        owner: the callback's name, for error messages.
+        law: the law, or None to only measure.
+        options: the tuner options the user gave the callback (core names).
+        stacklevel: of the DeprecationWarning for an old option name, counted from the caller of this
+            constructor (1: that caller's line).
+
+    Raises:
+        ValueError: ``law`` is not a law; an option the callback sets itself (``optimizer``, ``model``,
+            ``grad_scaler``, ``reference_lr``) was given; an unknown or invalid option; ``warn="jit"``
+            (JAX only).
     """
 
-    def __init__(self, owner: str, law: Law | None, *, probe_every: int, sharpness_every: int | None, route: str,
-                 lr_mode: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, owner: str, law: Law | None, options: Mapping[str, Any], *, stacklevel: int = 1) -> None:
         if law is not None and not isinstance(law, Law):
             raise ValueError(f"{owner}: law must be an eos_core law (e.g. CDAT(scale=2.0)) or None to only "
                              f"measure, got {law!r}")
-        check.positive_int(owner, "probe_every", probe_every)
-        if sharpness_every is not None:
-            check.positive_int(owner, "sharpness_every", sharpness_every)
-        routes.validate_route(route, owner=owner)
-        if lr_mode not in ("override", "multiply"):
-            raise ValueError(f"{owner}: lr_mode must be 'override' or 'multiply', got {lr_mode!r}")
-        reserved = {"optimizer", "model", "grad_scaler", "reference_lr"} & set(options)
+        reserved = set(SET_BY_CALLBACK) & set(options)
         if reserved:
             raise ValueError(f"{owner}: {', '.join(sorted(reserved))} is set by the callback itself")
+        # stacklevel of from_options counts from its caller (this constructor) with 2 meaning "that caller's caller"
+        settings = TunerSettings.from_options(owner, options, stacklevel=stacklevel + 2)
+        if settings.warn == "jit":
+            raise ValueError(f"{owner}: warn='jit' is for JAX's compiled step; the PyTorch tuner warns on the host "
+                             "(warn=True) or not at all (warn=False)")
         self.owner = owner
         self.law = law
-        self.kwargs: dict[str, Any] = dict(probe_every=probe_every, sharpness_every=sharpness_every, route=route,
-                                           lr_mode=lr_mode, **options)
+        self.settings = settings
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The statistics the law needs (empty when only measuring)."""
+        return self.law.needs if self.law is not None else frozenset()
+
+    @property
+    def overrides_lr(self) -> bool:
+        """Whether the applied lr replaces the scheduler's (a law in ``lr_mode="override"``)."""
+        return self.law is not None and self.settings.lr_mode == "override"
 
     def make_tuner(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None,
                    grad_scaler: Any | None, clipped_gradients: bool, hint: str) -> CurvatureTuner:
@@ -61,21 +85,58 @@ class TunerSettings:
         ``clipped_gradients``: the trainer clips the gradient before the step, so finite-difference
         curvature must not reuse the step's gradient as g(w) (the user's ``clipped_gradients=True``
         option, for clipping the trainer does not know about, is kept).
+
+        Raises:
+            ValueError: the tuner refused the optimizer or the settings (message prefixed and completed).
         """
         group = optimizer.param_groups[0]
         base = group.get("initial_lr", group["lr"])
         reference = float(base) if isinstance(base, int | float) and base > 0 else None
-        kwargs = dict(self.kwargs)
-        kwargs["clipped_gradients"] = bool(clipped_gradients or kwargs.get("clipped_gradients", False))
+        settings = self.settings.replace(self.owner, reference_lr=reference,
+                                         clipped_gradients=bool(clipped_gradients or self.settings.clipped_gradients))
         try:
-            return CurvatureTuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, reference_lr=reference,
-                                  **kwargs)
+            return _new_tuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, settings=settings)
         except ValueError as error:
             raise ValueError(f"{self.owner}: {error}. {hint}") from error
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return self.law.needs if self.law is not None else frozenset()
+
+def _new_tuner(optimizer: torch.optim.Optimizer, law: Law | None, *, model: torch.nn.Module | None,
+               grad_scaler: Any | None, settings: TunerSettings) -> CurvatureTuner:
+    if "settings" in inspect.signature(CurvatureTuner).parameters:
+        return CurvatureTuner(optimizer, law, model=model, grad_scaler=grad_scaler, settings=settings)
+    # TRANSITION (issue 12): adapters/torch before its refactor takes its own option names and has no seed or
+    # warn option. Remove this branch once CurvatureTuner takes settings=.
+    options = settings.as_dict()
+    options["power_iters"] = options.pop("sharpness_iters")
+    options["power_tol"] = options.pop("sharpness_tol")
+    del options["seed"], options["warn"]
+    return CurvatureTuner(optimizer, law, model=model, grad_scaler=grad_scaler, **options)
+
+
+def tuner_calls(tuner: CurvatureTuner) -> int:
+    """How many optimizer steps ``tuner`` has processed, skipped ones included (``tuner.calls``).
+
+    Compared before and after a trainer's step, it tells whether the optimizer stepped: not while a trainer
+    accumulates micro-batches, nor when a GradScaler skipped ``optimizer.step`` on inf gradients. (The
+    diagnostics' ``step`` cannot tell: a skipped step reports the index the next real step will have.)
+    """
+    calls = getattr(tuner, "calls", None)
+    if calls is None:  # TRANSITION (issue 12): adapters/torch before its refactor counted every step in _step_count
+        calls = tuner._step_count
+    return int(calls)
+
+
+def applied_group_lrs(lr: float, groups: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Each param group's share of ``lr`` applied to the first group, as the tuner applies it.
+
+    ``lr * ratio_g``, with ``ratio_g`` the group's lr over the first group's (the per-group ratios a scheduler
+    keeps) or, while the first group's lr is 0 (a warm-up's first step), the ratio of their ``initial_lr``.
+    """
+    current = [float(g["lr"]) for g in groups]
+    if current[0] > 0:
+        return [lr * value / current[0] for value in current]
+    bases = [float(g.get("initial_lr", value)) for g, value in zip(groups, current, strict=True)]
+    return [lr * (base / bases[0] if bases[0] > 0 else 1.0) for base in bases]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

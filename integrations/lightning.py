@@ -21,8 +21,36 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
   ``training_step`` re-run on the step's batches (not Lightning's closure, which would run the hooks,
   zero the gradients and backpropagate again). Probes call ``pl_module.training_step`` directly, under
   the precision plugin's ``train_step_context()`` (autocast as in the real step), never through the DDP
-  wrapper (so no gradient reduction starts), with the random state each batch had when it was fetched
-  (same dropout masks as the real step).
+  wrapper (so no gradient reduction starts). The callback tells that the optimizer stepped by
+  ``tuner.calls`` (steps processed, skipped ones included) changing during the batch.
+* **Random state (dropout masks).** Each probe evaluation replays, for every micro-batch of the step, the
+  random state its ``training_step`` started from, so the probe sees the masks of the real step. The
+  state is recorded where that micro-batch's computation starts, not in this callback's
+  ``on_train_batch_start``: Lightning runs every callback's ``on_train_batch_start`` (in list order),
+  then the module's, then the strategy's, then the closure, and each of them may draw random numbers.
+
+  - The micro-batch that steps: the callback's own step pre-hook on the optimizer, registered before the
+    tuner's, records the state when ``optimizer.step(closure)`` starts; the tuner's pre-hook then calls
+    the closure, which reaches ``training_step`` without drawing random numbers (precision plugin
+    wrapper, ``Closure``, ``strategy.training_step``). This is exact, even for random numbers
+    ``training_step`` draws before calling a module.
+  - The micro-batches before it under ``accumulate_grad_batches = k`` (Lightning calls their closure
+    itself, without ``optimizer.step``), and the stepping one under ``precision="16-mixed"`` with a
+    GradScaler (the precision plugin calls the closure before ``scaler.step``): a forward pre-hook on
+    every submodule of the LightningModule, armed in ``on_train_batch_start`` and removed at its first
+    call, records the state at the first module call made while Lightning runs ``training_step``
+    (``pl_module._current_fx_name``; a forward call from a later callback's or the module's
+    ``on_train_batch_start``, or from ``optimizer_step``, is ignored). Arming and removing the hooks
+    costs about a microsecond per submodule and micro-batch; the rest of the forward pass and the probes
+    run without them. Under DDP the strategy routes ``training_step`` through the wrapped module's
+    ``forward``, so that first call is the start of ``training_step``: exact. On a single device it is
+    the first module call inside ``training_step``. **Not covered:** random numbers drawn inside
+    ``training_step`` before its first module call (``torch.randn`` noise added to the input, a random
+    crop done there), on a single device, for these micro-batches: their probe sees other values than
+    the real step did. Draw such numbers in a module's ``forward`` (or in the data pipeline) to have
+    them replayed.
+  - A micro-batch whose ``training_step`` calls no module of the LightningModule and does not step
+    falls back to the state at this callback's ``on_train_batch_start``.
 * **Gradient accumulation** (``accumulate_grad_batches = k``). Lightning divides each micro-batch's loss
   by ``k`` before ``backward`` and zeroes the gradients at batches with ``batch_idx % k == 0``, so the
   step's gradient is that of ``sum_i loss_i / k`` over the micro-batches since the last zeroing (a short
@@ -46,11 +74,31 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
   Loggers write every ``log_every_n_steps`` steps (50 by default): each write gets, per name, the
   latest value measured since the previous write (a sharpness tracked at step 100 is written at step
   149, not lost), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous write.
-  The applied lr is ``eos/lr``; Lightning's ``LearningRateMonitor`` shows the scheduler's lr, which
-  the tuner restores after each step.
-* **Schedulers.** ``lr_mode="override"`` (default): the law's lr is applied, the scheduler's only
-  keeps the per-group lr ratios. ``lr_mode="multiply"``: the law's lr times the schedule's factor
-  ``lr(t) / base lr`` (the group's ``initial_lr``).
+* **Schedulers and the lr curves.** ``lr_mode="override"`` (default): the law's lr is applied, the
+  scheduler's only keeps the per-group lr ratios. ``lr_mode="multiply"``: the law's lr times the
+  schedule's factor ``lr(t) / base lr`` (the group's ``initial_lr``). The tuner restores the groups'
+  lr after each step, so the scheduler steps from its own values (chainable schedulers such as
+  ``LinearLR`` multiply the group's current lr) and checkpoints hold them.
+
+  ``LearningRateMonitor`` reads ``param_group["lr"]`` in its ``on_train_batch_start`` (and
+  ``on_train_epoch_start``) and logs it at the step about to run, before the law has decided that
+  step's lr. In override mode the groups hold the scheduler's lr, which the tuner ignores, so its
+  ``lr-<Optimizer>`` curve would contradict ``eos/lr``. The callback therefore places, in ``setup``, a
+  pair of stateless helper callbacks around each ``LearningRateMonitor`` in ``trainer.callbacks`` (a
+  new list is assigned, as Lightning's own callback connector does, so no hook iteration in progress
+  is disturbed; they are removed at ``teardown``): the one before it writes the lr the tuner applied
+  last (times the groups' ratios) into the groups, the one after it puts the scheduler's values back.
+  Nothing but the monitor runs in between, so the module, the scheduler, the tuner and checkpoints
+  never see the written values. What each curve means:
+
+  - override: ``eos/lr`` at step t is the lr step t applied; ``lr-<Optimizer>`` at step t is the lr the
+    previous step applied (the lr in effect when step t starts; at the first step of a fit, the law's
+    current lr: its initial lr, or the resumed one), i.e. ``eos/lr`` one step later. The monitor cannot
+    show step t's own lr: it logs before step t runs, and the law decides that lr during the step, from
+    the curvature measured there.
+  - multiply: ``lr-<Optimizer>`` is the scheduler's lr ``lr(t)``, left alone; ``eos/lr`` = ``eos/law_lr``
+    x ``lr(t) / base lr`` is the applied lr, and ``eos/law_lr`` the law's part of it.
+  - ``law=None`` (measuring only): the optimizer's own lr is applied; both curves are the scheduler's.
 * **Data parallel** (``strategy="ddp"``): DDP averages the gradient; every rank probes its own shard
   and the tuner averages the measurements over ``torch.distributed``, so all ranks apply the same lr.
   Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: the tuner needs whole parameters.
@@ -66,12 +114,15 @@ from eos_core._optional import require
 require("lightning", extra="lightning", feature="eos_core.integrations.lightning")
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import math  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.strategies import (  # noqa: E402
     DDPStrategy,
     DeepSpeedStrategy,
@@ -85,12 +136,15 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from eos_core import stats as S  # noqa: E402
 from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
-    TunerSettings,
+    TunerSpec,
     UnwrittenDiagnostics,
+    applied_group_lrs,
     capture_rng,
     probing,
     replay_rng,
     sum_losses,
+    tuner_calls,
+    unwrap_optimizer,
 )
 from eos_core.laws.base import Law  # noqa: E402
 
@@ -98,6 +152,17 @@ __all__ = ["EdgeOfStabilityCallback"]
 
 _OWNER = "EdgeOfStabilityCallback"
 LossFunction = Callable[[pl.LightningModule, Any, int], torch.Tensor]
+#: ``LightningModule._current_fx_name`` while Lightning runs ``training_step`` (set by its strategy-hook caller)
+_TRAINING_STEP = "training_step"
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    """One micro-batch of the step, and the random state its ``training_step`` started from."""
+
+    batch: Any
+    batch_idx: int
+    rng: dict[str, Any]
 
 
 class EdgeOfStabilityCallback(pl.Callback):
@@ -116,10 +181,17 @@ class EdgeOfStabilityCallback(pl.Callback):
         prog_bar: diagnostics (names without the prefix) also shown in the progress bar.
         loss_fn: ``loss_fn(pl_module, batch, batch_idx) -> loss`` for the probes, one micro-batch's loss as
             ``training_step`` returns it; default: ``training_step`` itself (its loss, or the dict's ``"loss"``).
-        **tuner_options: more :class:`~eos_core.adapters.torch.CurvatureTuner` settings (``power_iters``,
-            ``fd_eps``, ``skip_nonfinite``, ``linear_in_lr``, ...).
+        **tuner_options: more tuner options, by the names of :class:`eos_core.settings.TunerSettings`
+            (``sharpness_iters``, ``sharpness_tol``, ``seed``, ``fd_eps``, ``fd_above``, ``skip_nonfinite``,
+            ``warn`` (True or False), ``clipped_gradients``, ``linear_in_lr``); ``power_iters`` /
+            ``power_tol`` still work, with a DeprecationWarning. ``reference_lr`` is set by the callback (the
+            scheduler's base lr).
+
+    Raises:
+        ValueError: an invalid law, option or ``loss_fn``, named in the message (at construction).
 
     Attributes:
+        settings: the validated :class:`~eos_core.settings.TunerSettings`.
         tuner: the :class:`CurvatureTuner` (None before ``fit`` starts). It stays attached after ``fit`` (so a
             ``trainer.save_checkpoint`` after ``fit`` saves its state) until the next ``fit`` replaces it.
         probing: True while a probe evaluates the objective (so ``training_step`` can skip side effects).
@@ -139,21 +211,28 @@ class EdgeOfStabilityCallback(pl.Callback):
         **tuner_options: Any,
     ) -> None:
         super().__init__()
-        self.settings = TunerSettings(_OWNER, law, probe_every=probe_every, sharpness_every=sharpness_every,
-                                      route=route, lr_mode=lr_mode, options=tuner_options)
+        options = dict(probe_every=probe_every, sharpness_every=sharpness_every, route=route, lr_mode=lr_mode,
+                       **tuner_options)
+        self._spec = TunerSpec(_OWNER, law, options, stacklevel=2)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{_OWNER}: loss_fn must be callable(pl_module, batch, batch_idx), got {loss_fn!r}")
         self.law = law
+        self.settings = self._spec.settings
         self.log_prefix = str(log_prefix)
         self.prog_bar = frozenset(prog_bar)
         self.loss_fn = loss_fn
         self.tuner: CurvatureTuner | None = None
         self.probing = False
-        self._window: list[tuple[Any, int, dict[str, Any]]] = []
+        self._module: pl.LightningModule | None = None
+        self._window: list[_MicroBatch] = []
         self._window_loss = 0.0
-        self._last_step: int | None = None
+        self._calls: int | None = None  # tuner.calls when the current batch started
         self._unwritten = UnwrittenDiagnostics()
         self._devices: list[torch.Tensor] = []
+        self._step_hook: Any | None = None  # the optimizer step pre-hook (a RemovableHandle)
+        self._forward_hooks: list[Any] = []  # forward pre-hooks, while armed
+        self._applied_lr: float | None = None  # the lr the last (not skipped) step applied, in this fit
+        self._scheduler_lrs: list[Any] | None = None  # the groups' own lr while LearningRateMonitor reads
 
     # ---------------------------------------------------------------------------------------------
     # attach / detach
@@ -161,6 +240,7 @@ class EdgeOfStabilityCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check(trainer, pl_module)
+            self._surround_lr_monitors(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(trainer, pl_module)
@@ -168,17 +248,26 @@ class EdgeOfStabilityCallback(pl.Callback):
         if len(optimizers) != 1:
             raise ValueError(f"{_OWNER} tunes exactly one optimizer; configure_optimizers returned {len(optimizers)}")
         precision = trainer.precision_plugin
+        self._release()
         if self.tuner is not None:  # from a previous fit
             self.tuner.detach()
             self.tuner = None
+        optimizer = unwrap_optimizer(optimizers[0])
+        # registered before the tuner's own pre-hook, so it runs first (hooks run in registration order)
+        self._step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         clipping = bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)
-        self.tuner = self.settings.make_tuner(
-            optimizers[0], model=pl_module, grad_scaler=getattr(precision, "scaler", None),
-            clipped_gradients=clipping,
-            hint="Return a supported optimizer from configure_optimizers and do not attach a CurvatureTuner to it "
-                 "yourself (use one EdgeOfStabilityCallback per Trainer).")
-        self._window, self._window_loss = [], 0.0
-        self._last_step = None  # the tuner's step index of the last step whose diagnostics were logged
+        try:
+            self.tuner = self._spec.make_tuner(
+                optimizer, model=pl_module, grad_scaler=getattr(precision, "scaler", None),
+                clipped_gradients=clipping,
+                hint="Return a supported optimizer from configure_optimizers and do not attach a CurvatureTuner to "
+                     "it yourself (use one EdgeOfStabilityCallback per Trainer).")
+        except ValueError:
+            self._release()
+            raise
+        self._module = pl_module
+        self._window, self._window_loss, self._calls = [], 0.0, None
+        self._applied_lr = None
         self._unwritten.clear()
         # one tensor per device: what capture_rng needs to know which CUDA generators to record
         self._devices = list({p.device: p for p in pl_module.parameters()}.values())
@@ -198,7 +287,7 @@ class EdgeOfStabilityCallback(pl.Callback):
                 f"{_OWNER} supports single-device and DDP strategies (strategy='auto', 'ddp', 'ddp_spawn', ...); "
                 f"{type(strategy).__name__} shards or replaces the parameters the tuner has to read whole"
             )
-        if (self.settings.needs & {S.LOSS} and trainer.accumulate_grad_batches > 1):
+        if (self._spec.needs & {S.LOSS} and trainer.accumulate_grad_batches > 1):
             raise ValueError(
                 f"{_OWNER}: {type(self.law).__name__} needs the step's loss, but with accumulate_grad_batches > 1 "
                 "Lightning's closure returns only the last micro-batch's loss; use accumulate_grad_batches=1 or a "
@@ -207,7 +296,21 @@ class EdgeOfStabilityCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The tuner stays attached after fit, so that trainer.save_checkpoint(...) after fit still saves its
-        # state; the next fit's on_fit_start detaches it. Only the batch references are dropped here.
+        # state; the next fit's on_fit_start detaches it. The hooks, helpers and batch references go.
+        if stage == "fit":
+            self._release()
+            self._remove_lr_monitor_helpers(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+        self._remove_lr_monitor_helpers(trainer)
+
+    def _release(self) -> None:
+        self._disarm()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._restore_scheduler_lrs()
         self._window = []
 
     # ---------------------------------------------------------------------------------------------
@@ -218,22 +321,56 @@ class EdgeOfStabilityCallback(pl.Callback):
         tuner = self.tuner
         if tuner is None:
             return
-        # Lightning zeroes the gradients before the first micro-batch of a window (batch_idx % k == 0):
-        # the accumulated gradient is that of the micro-batches since then.
+        # Lightning zeroes the gradients at the first micro-batch of a window (batch_idx % k == 0): the
+        # accumulated gradient is that of the micro-batches since then.
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._window, self._window_loss = [], 0.0
-        self._window.append((batch, batch_idx, capture_rng(self._devices)))
+        self._calls = tuner_calls(tuner)
+        # the state now is only a fallback: later hooks may still draw random numbers before training_step
+        self._window.append(_MicroBatch(batch, batch_idx, capture_rng(self._devices)))
+        self._arm(pl_module)
         # The objective of the optimizer step that ends this window: set at every micro-batch, the last one
         # set before the step (this batch's, if it steps) is the one the tuner uses.
         tuner.set_objective(functools.partial(self._objective, trainer, pl_module, tuple(self._window)))
 
+    def _arm(self, pl_module: pl.LightningModule) -> None:
+        """Record the random state at the first module call of this micro-batch's ``training_step``."""
+        self._disarm()
+        for module in pl_module.modules():
+            try:
+                self._forward_hooks.append(module.register_forward_pre_hook(self._at_first_forward))
+            except RuntimeError:  # a TorchScript submodule takes no hooks: its calls are not watched
+                continue
+
+    def _disarm(self) -> None:
+        for handle in self._forward_hooks:
+            handle.remove()
+        self._forward_hooks = []
+
+    def _at_first_forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if self.probing or not self._window:
+            return
+        running = getattr(self._module, "_current_fx_name", None)
+        if running is not None and running != _TRAINING_STEP:
+            return  # a forward call from another hook (a later callback's on_train_batch_start, ...)
+        self._window[-1].rng = capture_rng(self._devices)
+        self._disarm()
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                               kwargs: dict[str, Any]) -> None:
+        # runs right before the tuner's own pre-hook, which calls the closure (training_step) next
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is not None and self._window and not self.probing:
+            self._window[-1].rng = capture_rng(self._devices)
+            self._disarm()
+
     def _objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                   window: tuple[tuple[Any, int, dict[str, Any]], ...]) -> torch.Tensor:
+                   window: tuple[_MicroBatch, ...]) -> torch.Tensor:
         losses = []
         with probing(self), _discarding_logs(trainer), trainer.precision_plugin.train_step_context():
-            for batch, batch_idx, rng in window:
-                replay_rng(rng)
-                losses.append(self._loss(pl_module, batch, batch_idx))
+            for micro in window:
+                replay_rng(micro.rng)
+                losses.append(self._loss(pl_module, micro.batch, micro.batch_idx))
         return sum_losses(losses) / trainer.accumulate_grad_batches
 
     def _loss(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -256,19 +393,22 @@ class EdgeOfStabilityCallback(pl.Callback):
                            batch_idx: int) -> None:
         if self.tuner is None:
             return
+        self._disarm()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):  # already divided by accumulate_grad_batches by Lightning
             self._window_loss += float(loss.detach())
-        # The tuner's step index tells whether the optimizer stepped in this batch: not while accumulating, nor
-        # when a GradScaler skipped the step (inf gradients under 16-mixed), although Lightning counts it. (Not
-        # trainer.global_step: on resume with ckpt_path=... Lightning restores it only after on_fit_start.)
-        step = self.tuner.diagnostics.get("step")
-        if step is None or step == self._last_step:
+        # Whether the optimizer stepped in this batch: not while accumulating, nor when a GradScaler skipped the
+        # step (inf gradients under 16-mixed), although Lightning counts it. (Not trainer.global_step: on resume
+        # with ckpt_path=... Lightning restores it only after on_fit_start.)
+        calls, self._calls = self._calls, None
+        if calls is None or tuner_calls(self.tuner) == calls:
             return
-        self._last_step = step
         diagnostics = dict(self.tuner.diagnostics)
-        if trainer.accumulate_grad_batches > 1 and not diagnostics.get("skipped"):
-            diagnostics["loss"] = self._window_loss
+        if not diagnostics.get("skipped"):
+            lr = float(diagnostics.get("lr", math.nan))
+            self._applied_lr = lr if math.isfinite(lr) else self._applied_lr
+            if trainer.accumulate_grad_batches > 1:
+                diagnostics["loss"] = self._window_loss
         self._window, self._window_loss = [], 0.0
         self._unwritten.add(diagnostics)
         if trainer.barebones:
@@ -279,6 +419,73 @@ class EdgeOfStabilityCallback(pl.Callback):
                           prog_bar=name in self.prog_bar, batch_size=1)
         if _loggers_write_now(trainer):
             self._unwritten.clear()
+
+    # ---------------------------------------------------------------------------------------------
+    # what LearningRateMonitor shows (see the module docstring)
+    # ---------------------------------------------------------------------------------------------
+    def _surround_lr_monitors(self, trainer: pl.Trainer) -> None:
+        if not self._spec.overrides_lr:
+            return
+        callbacks: list[pl.Callback] = []
+        for callback in trainer.callbacks:
+            if isinstance(callback, _LearningRateShown) and callback.owner is self:
+                continue  # from a fit that ended without teardown
+            if isinstance(callback, LearningRateMonitor):
+                callbacks += [_LearningRateShown(self, show=True), callback, _LearningRateShown(self, show=False)]
+            else:
+                callbacks.append(callback)
+        # A new list: the hook iteration in progress (setup) goes on over the old one undisturbed.
+        trainer.callbacks = callbacks
+
+    def _remove_lr_monitor_helpers(self, trainer: pl.Trainer) -> None:
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, _LearningRateShown) and cb.owner is self]
+        if mine:
+            trainer.callbacks = [cb for cb in trainer.callbacks if not any(cb is m for m in mine)]
+
+    def _show_applied_lr(self) -> None:
+        """Write the lr the tuner applied last (times the groups' ratios) into the groups, saving theirs."""
+        tuner = self.tuner
+        if tuner is None or self._scheduler_lrs is not None:
+            return
+        lr = self._applied_lr
+        if lr is None:  # no step yet in this fit: the law's current lr (its initial lr, or the resumed one)
+            lr = float(getattr(tuner.law_state, "lr", math.nan))
+        if not math.isfinite(lr):
+            return
+        groups = tuner.optimizer.param_groups
+        self._scheduler_lrs = [group["lr"] for group in groups]
+        for group, value in zip(groups, applied_group_lrs(lr, groups), strict=True):
+            group["lr"] = value
+
+    def _restore_scheduler_lrs(self) -> None:
+        saved, self._scheduler_lrs = self._scheduler_lrs, None
+        if saved is None or self.tuner is None:
+            return
+        for group, lr in zip(self.tuner.optimizer.param_groups, saved, strict=True):
+            group["lr"] = lr
+
+
+class _LearningRateShown(pl.Callback):
+    """Placed right before (``show=True``) and right after (``show=False``) a ``LearningRateMonitor``: shows it
+    the applied lr in ``lr_mode="override"``, and puts the scheduler's lr back once it has read the groups."""
+
+    def __init__(self, owner: EdgeOfStabilityCallback, *, show: bool) -> None:
+        super().__init__()
+        self.owner = owner
+        self.show = show
+
+    def _act(self) -> None:
+        if self.show:
+            self.owner._show_applied_lr()
+        else:
+            self.owner._restore_scheduler_lrs()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._act()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._act()
 
 
 def _loggers_write_now(trainer: pl.Trainer) -> bool:

@@ -3,7 +3,7 @@
 >>> trainer = Trainer(model, args, train_dataset=data,
 ...                   callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])  # doctest: +SKIP
 
-Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trainer_callback.py`` and
+Design (the facts below are from ``transformers`` 5.25's ``trainer.py`` / ``trainer_callback.py`` and
 ``accelerate`` 1.15):
 
 * **Where the tuner attaches.** In ``on_train_begin``, to the torch optimizer inside accelerate's
@@ -37,10 +37,17 @@ Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trai
   ``callback.tuner.route`` and is logged once as text (``eos/route``).
 * **Scheduler.** The Trainer steps its scheduler after every optimizer step; the tuner restores the
   groups' lr after its own step, so the scheduler runs unchanged. ``lr_mode="override"`` (default): the
-  law's lr is applied and the scheduler is ignored (it only sets per-group ratios); the Trainer's own
-  ``learning_rate`` log still shows the scheduler's value, the applied lr is ``eos/lr``.
+  law's lr is applied and the scheduler is ignored (it only sets per-group ratios).
   ``lr_mode="multiply"``: the law's lr times the schedule's factor ``lr(t) / base lr`` (the base lr is
   the group's ``initial_lr``, so a warm-up that starts at 0 starts the tuned lr at 0 too).
+* **The lr curves.** The Trainer logs ``learning_rate`` (``Trainer._get_learning_rate()``, read after
+  ``optimizer.step()`` and before ``lr_scheduler.step()``: the scheduler's lr of the step just taken)
+  next to ``eos/lr``. In override mode the scheduler's lr is not applied, so the callback replaces
+  ``learning_rate`` in the logs (and in the ``state.log_history`` entry ``Trainer.log`` just appended)
+  with the applied lr of the last step, ``eos/lr``: the two curves are the same. In multiply mode
+  ``learning_rate`` stays the scheduler's ``lr(t)`` (its factor is part of the applied lr), ``eos/lr`` =
+  ``eos/law_lr`` x ``lr(t) / base lr`` is the applied lr and ``eos/law_lr`` the law's part of it.
+  With ``law=None`` the optimizer's own lr is applied and both show it.
 * **Logs.** ``Trainer.log`` appends a copy of the logs to ``state.log_history`` and then calls
   ``on_log`` on the callbacks in list order; ``Trainer.__init__`` puts the reporting integrations
   (``report_to``: TensorBoard, W&B, ...) before the callbacks passed in ``callbacks=``. So in
@@ -56,10 +63,17 @@ Design (the facts below are from ``transformers`` 5.23's ``trainer.py`` / ``trai
   which carries the tuner's state under ``"eos_core"``. But ``_prepare_for_training`` loads
   ``optimizer.pt`` *before* ``on_train_begin`` (and torch's ``load_state_dict`` drops the unknown key),
   so on resume (``state.global_step > 0`` at ``on_train_begin``) the callback reads the tuner's state
-  from the checkpoint itself: from ``args.resume_from_checkpoint`` when set, else from
-  ``<output_dir>/checkpoint-<global_step>`` (where ``resume_from_checkpoint=True`` resumes from). A file
-  is used only if its optimizer state equals the state the Trainer just loaded; if none is found the
-  callback warns and the tuner starts afresh.
+  from the checkpoint itself. The folder the Trainer loaded is the ``resume_from_checkpoint`` argument
+  of ``train()``, resolved (``True`` becomes ``get_last_checkpoint(output_dir)``) and passed as a local
+  variable to ``Trainer._inner_training_loop``, which fires ``on_train_begin``; the Trainer stores it
+  nowhere else (``TrainingArguments.resume_from_checkpoint`` is only what the user set in the arguments).
+  So the callback looks for it on the call stack (the frame of the Trainer whose callback handler holds
+  this callback, as it finds the ``CallbackHandler``), then tries ``args.resume_from_checkpoint`` and
+  ``<output_dir>/checkpoint-<global_step>``. A file is used only if its optimizer state equals the state
+  the Trainer just loaded; if none matches the callback warns and the tuner starts afresh.
+* **Step detection.** The callback tells that the optimizer stepped by ``tuner.calls`` (steps processed,
+  skipped ones included) changing between ``on_pre_optimizer_step`` and ``on_optimizer_step`` (a
+  GradScaler that skips ``optimizer.step`` on inf gradients leaves it unchanged).
 * **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
   untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr.
 """
@@ -78,19 +92,20 @@ from collections.abc import Callable, Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
 
 from eos_core import stats as S  # noqa: E402
 from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
     STATE_KEY,
-    TunerSettings,
+    TunerSpec,
     UnwrittenDiagnostics,
     capture_rng,
     probing,
     replay_rng,
     sum_losses,
+    tuner_calls,
     unwrap_optimizer,
 )
 from eos_core.laws.base import Law  # noqa: E402
@@ -120,10 +135,17 @@ class EdgeOfStabilityCallback(TrainerCallback):
         loss_fn: ``loss_fn(model, inputs) -> loss`` for the probes, for one micro-batch's ``inputs`` (the
             keyword arguments the Trainer passed to the model), normalised as the Trainer's loss is before
             accumulation; default: ``model(**inputs)``'s ``loss``.
-        **tuner_options: more :class:`~eos_core.adapters.torch.CurvatureTuner` settings (``power_iters``,
-            ``fd_eps``, ``skip_nonfinite``, ...).
+        **tuner_options: more tuner options, by the names of :class:`eos_core.settings.TunerSettings`
+            (``sharpness_iters``, ``sharpness_tol``, ``seed``, ``fd_eps``, ``fd_above``, ``skip_nonfinite``,
+            ``warn`` (True or False), ``clipped_gradients``, ``linear_in_lr``); ``power_iters`` /
+            ``power_tol`` still work, with a DeprecationWarning. ``reference_lr`` is set by the callback (the
+            scheduler's base lr).
+
+    Raises:
+        ValueError: an invalid law, option or ``loss_fn``, named in the message (at construction).
 
     Attributes:
+        settings: the validated :class:`~eos_core.settings.TunerSettings`.
         tuner: the :class:`CurvatureTuner` (None before training starts). It stays attached after
             ``train()`` until the next ``train()`` replaces it.
         probing: True while a probe evaluates the model (a forward hook of yours can skip side effects).
@@ -141,11 +163,13 @@ class EdgeOfStabilityCallback(TrainerCallback):
         loss_fn: LossFunction | None = None,
         **tuner_options: Any,
     ) -> None:
-        self.settings = TunerSettings(_OWNER, law, probe_every=probe_every, sharpness_every=sharpness_every,
-                                      route=route, lr_mode=lr_mode, options=tuner_options)
+        options = dict(probe_every=probe_every, sharpness_every=sharpness_every, route=route, lr_mode=lr_mode,
+                       **tuner_options)
+        self._spec = TunerSpec(_OWNER, law, options, stacklevel=2)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{_OWNER}: loss_fn must be callable(model, inputs), got {loss_fn!r}")
         self.law = law
+        self.settings = self._spec.settings
         self.log_prefix = str(log_prefix)
         self.loss_fn = loss_fn
         self.tuner: CurvatureTuner | None = None
@@ -156,7 +180,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._batches: list[_Batch] = []
         self._devices: list[torch.Tensor] = []
         self._unwritten = UnwrittenDiagnostics()
-        self._last_step: int | None = None  # the tuner's step index of the last step added to the logs
+        self._calls: int | None = None  # tuner.calls before the optimizer step in progress
         self._route: str | None = None
         self._logged_route: str | None = None
         self._placement_warned = False
@@ -180,7 +204,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
             self.tuner.detach()
             self.tuner = None
         inner = unwrap_optimizer(optimizer)
-        self.tuner = self.settings.make_tuner(
+        self.tuner = self._spec.make_tuner(
             inner, model=model, grad_scaler=getattr(optimizer, "scaler", None),
             clipped_gradients=bool(args.max_grad_norm and args.max_grad_norm > 0),
             hint="Use a supported optimizer (TrainingArguments(optim='adamw_torch' or 'sgd'), or optimizers=(...)) "
@@ -189,7 +213,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._devices = list({p.device: p for p in model.parameters()}.values())
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
         self._unwritten.clear()
-        self._route, self._logged_route, self._last_step = None, None, None
+        self._route, self._logged_route, self._calls = None, None, None
         if state.global_step > 0:
             self._resume(args, state, inner)
 
@@ -230,10 +254,12 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def _resume(self, args: TrainingArguments, state: TrainerState, optimizer: torch.optim.Optimizer) -> None:
         assert self.tuner is not None
-        folders = []
-        if isinstance(args.resume_from_checkpoint, str):
-            folders.append(args.resume_from_checkpoint)
-        folders.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        candidates = [_loaded_checkpoint(self), args.resume_from_checkpoint,
+                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        folders: list[str] = []
+        for candidate in candidates:
+            if isinstance(candidate, str | os.PathLike) and os.fspath(candidate) not in folders:
+                folders.append(os.fspath(candidate))
         for folder in folders:
             path = os.path.join(folder, _OPTIMIZER_FILE)
             if not os.path.isfile(path):
@@ -245,8 +271,8 @@ class EdgeOfStabilityCallback(TrainerCallback):
         warnings.warn(
             f"{_OWNER}: training resumes at step {state.global_step}, but no checkpoint matching the optimizer "
             f"state the Trainer loaded was found in {', '.join(folders)} ({_OPTIMIZER_FILE} with the tuner's state "
-            "under 'eos_core'); the tuner starts afresh. Set TrainingArguments(resume_from_checkpoint=<folder>) "
-            "to the folder you resume from.", RuntimeWarning, stacklevel=3)
+            "under 'eos_core'); the tuner starts afresh. Resume from a checkpoint saved while this callback was "
+            "attached (trainer.train(resume_from_checkpoint=<folder>)).", RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------
     # the step
@@ -264,9 +290,10 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._recording = False
         if self.tuner is None:
             return
+        self._calls = tuner_calls(self.tuner)
         if self._batches:
             self.tuner.set_objective(functools.partial(self._objective, tuple(self._batches), args))
-        elif self.settings.needs - _GRADIENT_ONLY or self.settings.kwargs["sharpness_every"] is not None:
+        elif self._spec.needs - _GRADIENT_ONLY or self.settings.sharpness_every is not None:
             raise RuntimeError(
                 f"{_OWNER}: no training forward call of the model was seen in this step, so the curvature probe "
                 "has no batch to evaluate. The callback records the inputs of the model the Trainer passes to "
@@ -312,10 +339,10 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:
-        diagnostics = self.tuner.diagnostics if self.tuner is not None else {}
-        # a new step index: the tuner ran (not when a GradScaler skipped optimizer.step on inf gradients)
-        if diagnostics.get("step") is not None and diagnostics.get("step") != self._last_step:
-            self._last_step = diagnostics["step"]
+        calls, self._calls = self._calls, None
+        # the tuner ran (not when a GradScaler skipped optimizer.step on inf gradients)
+        if self.tuner is not None and calls is not None and tuner_calls(self.tuner) != calls:
+            diagnostics = self.tuner.diagnostics
             self._unwritten.add(diagnostics)
             self._route = diagnostics.get("route")
         self._batches = []
@@ -325,6 +352,8 @@ class EdgeOfStabilityCallback(TrainerCallback):
         if logs is None or "learning_rate" not in logs or not self._unwritten.values:
             return  # evaluation and end-of-training logs
         values: dict[str, Any] = {self.log_prefix + k: v for k, v in self._unwritten.values.items()}
+        if self._spec.overrides_lr and "lr" in self._unwritten.values:
+            values["learning_rate"] = self._unwritten.values["lr"]  # the applied lr, not the ignored scheduler's
         self._unwritten.clear()
         route = self._route
         if isinstance(route, str) and route != self._logged_route and route != "auto":
@@ -355,6 +384,29 @@ def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
                 return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _loaded_checkpoint(callback: TrainerCallback) -> str | os.PathLike | None:
+    """The checkpoint folder the Trainer running ``callback`` resumed from (None if not found).
+
+    ``Trainer.train`` resolves its ``resume_from_checkpoint`` argument and passes it to
+    ``_inner_training_loop`` (a local variable there, stored nowhere else), which loads the checkpoint and
+    then fires ``on_train_begin``. The innermost frame on the call stack that belongs to a ``Trainer``
+    whose callback handler holds ``callback`` and has that local is read.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and "resume_from_checkpoint" in frame.f_locals:
+                handler = getattr(owner, "callback_handler", None)
+                if any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                    path = frame.f_locals["resume_from_checkpoint"]
+                    return path if isinstance(path, str | os.PathLike) else None
             frame = frame.f_back
         return None
     finally:

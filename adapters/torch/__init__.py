@@ -10,18 +10,20 @@ require("torch", extra="torch", feature="eos_core.adapters.torch")
 
 from eos_core.adapters.torch.distributed import Reducer  # noqa: E402
 from eos_core.adapters.torch.objective import BackwardCapture, Objective  # noqa: E402
-from eos_core.adapters.torch.oracles import HessianOperator, Oracle, gradient  # noqa: E402
-from eos_core.adapters.torch.tuner import STATE_KEY, CurvatureTuner  # noqa: E402
+from eos_core.adapters.torch.oracles import HessianOperator, Oracle, RouteUnavailable, gradient  # noqa: E402
+from eos_core.adapters.torch.tuner import STATE_KEY, STATE_VERSION, CurvatureTuner  # noqa: E402
 from eos_core.adapters.torch.vector_ops import TorchOps  # noqa: E402
 
 __all__ = [
     "STATE_KEY",
+    "STATE_VERSION",
     "BackwardCapture",
     "CurvatureTuner",
     "HessianOperator",
     "Objective",
     "Oracle",
     "Reducer",
+    "RouteUnavailable",
     "TorchOps",
     "gradient",
 ]

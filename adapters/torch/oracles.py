@@ -1,26 +1,32 @@
-"""Curvature oracles: u^T H u and H v by every route of SPEC section 4, with the "auto" fallback chain.
+"""Curvature oracles: u^T H u and H v by every route of :mod:`eos_core.routes`, with the "auto" fallback chain.
 
 Routes (names from :mod:`eos_core.routes`):
 
 * ``double-backward`` (reverse-over-reverse): H u = grad(grad f . u). Exact; the cheapest exact
-  route in PyTorch (2.5-6.6x a training step on an H100, SPEC section 4).
+  route in PyTorch (2.5-6.6x a training step on an H100, benchmarks/torch_overhead.py).
 * ``jvp-jvp`` (forward-over-forward, the paper's route) and ``jvp-grad`` (forward-over-reverse):
   exact, through ``torch.func``; they need the model (``model=``) to call it functionally and cost
   4-11x a step in PyTorch. PyTorch's forward-over-forward derivatives of ``layer_norm`` and
   ``batch_norm`` are wrong (torch 2.13: the second directional derivative through them is off by
   tens of percent), so the first ``jvp-jvp`` measurement is cross-checked against forward-over-
-  reverse and the route refuses to run (ValueError) when they disagree. H v itself is always
+  reverse and the route refuses to run (:class:`RouteUnavailable`) when they disagree. H v itself is always
   computed forward-over-reverse.
 * ``fd-central``: (g(w + h u) - g(w - h u)) / 2h, two extra gradients.
 * ``fd-onesided``: (g(w + h u) - g(w)) / h reusing the step's own gradient g(w): one extra
   gradient, about 1.0-1.1x a step, the cheapest route everywhere.
 
 ``auto`` tries ``double-backward``; when an operator cannot be differentiated twice (flash or
-memory-efficient SDPA kernels, cuDNN RNNs, ...) it retries with the math SDPA kernel, then falls back
-to ``fd-onesided``. The first route that works is kept for the rest of training and reported in the
-diagnostics (``double-backward``, ``double-backward+sdpa-math`` or ``fd-onesided``); the fallback is
-announced once with a warning. An exact route asked for by name also retries with the math SDPA
-kernel (same route, the one attention kernel that supports it) before raising.
+memory-efficient SDPA kernels, cuDNN RNNs, ops marked ``once_differentiable``, ...) it retries with the
+math SDPA kernel, then falls back to ``fd-onesided``. The first route that works is kept for the rest of
+training and reported in the diagnostics (``double-backward``, ``double-backward+sdpa-math`` or
+``fd-onesided``); the fallback is announced once with a warning. An exact route asked for by name also
+retries with the math SDPA kernel (same route, the one attention kernel that supports it) before raising
+:class:`RouteUnavailable`.
+
+Only an error that means "this route cannot differentiate this model" moves to the next route
+(:func:`is_route_unavailable`: :class:`RouteUnavailable`, raised by this module's own checks, and
+PyTorch's "derivative / forward AD not implemented" errors). Every other error, an error raised by the
+user's closure or loss function and ``torch.OutOfMemoryError`` included, propagates unchanged.
 
 On large models (at least ``fd_above`` parameters, 10 million by default) ``auto`` also measures
 the 1st, 10th, 100th, ... exact probe by one-sided finite differences and, as soon as both agree to
@@ -54,14 +60,52 @@ from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.distributed import Reducer
 from eos_core.adapters.torch.objective import Objective, shifted
 from eos_core.routes import finite_difference_step
+from eos_core.settings import FD_ABOVE  # ``auto`` considers finite differences from this many parameters
 
 SDPA_MATH = "+sdpa-math"
-#: ``auto`` considers finite differences on models with at least this many parameters.
-FD_ABOVE = 10_000_000
 Vector = list[torch.Tensor]
 
 
+class RouteUnavailable(RuntimeError):
+    """A curvature route cannot differentiate this model (raised by the oracle's own checks).
+
+    Raised when the gradient goes through an operation marked ``once_differentiable`` (double backward
+    would silently drop its second-order terms), when ``jvp-jvp`` disagrees with forward-over-reverse
+    (PyTorch's forward-over-forward derivatives are wrong for some kernels), and, for a route asked for
+    by name, when every kernel variant of the route failed that way. ``route="auto"`` moves on to its
+    next route on this error; it never does on any other.
+    """
+
+
+#: Fragments of PyTorch's own messages for an operation a route cannot differentiate (lower case).
+_UNAVAILABLE_MESSAGES = (
+    "is not implemented",  # "derivative for aten::_scaled_dot_product_flash_attention_..._backward is not ..."
+    "trying to use forward ad with",  # NotImplementedError: an op without a forward-mode formula
+    "implement the jvp function",  # a custom autograd.Function without jvp, under forward mode
+    "must override the setup_context staticmethod",  # a custom autograd.Function under torch.func
+    "once_differentiable",  # "trying to differentiate twice a function that was marked with @once_differentiable"
+)
+
+
+def is_route_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means "this route cannot differentiate this model" (so ``auto`` may try another).
+
+    True for :class:`RouteUnavailable` and for PyTorch's ``RuntimeError`` / ``NotImplementedError`` saying
+    that a derivative or a forward-mode formula is not implemented for an operation. False for
+    everything else: ``torch.OutOfMemoryError``, and any error the user's closure raises.
+    """
+    if isinstance(error, RouteUnavailable):
+        return True
+    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError | NotImplementedError):
+        return False
+    message = str(error).lower()
+    return any(fragment in message for fragment in _UNAVAILABLE_MESSAGES)
+
+
 def _is_power_of_ten(n: int) -> bool:
+    """1, 10, 100, ...: the exact probes at which ``auto`` checks finite differences (False for n < 1)."""
+    if n < 1:
+        return False
     while n % 10 == 0:
         n //= 10
     return n == 1
@@ -86,8 +130,8 @@ def check_twice_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
             continue
         seen.add(id(node))
         if type(node).__name__ in ("Error", "DelayedError"):
-            raise RuntimeError("the gradient goes through an operation marked once_differentiable: "
-                               "double backward would silently drop its second-order terms")
+            raise RouteUnavailable("the gradient goes through an operation marked once_differentiable: "
+                                   "double backward would silently drop its second-order terms")
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
@@ -193,34 +237,40 @@ class Oracle:
         return [self.route]
 
     def _run(self, objective: Objective, attempt: Callable[[str], object]) -> object:
-        """Run ``attempt(route)`` with the resolved route, or resolve ``auto`` by trying the chain."""
-        errors = []
+        """Run ``attempt(route)`` with the resolved route, or resolve the route by trying the candidates.
+
+        While resolving, a candidate that raises an error of :func:`is_route_unavailable` gives way to the
+        next one; any other error propagates unchanged (the user's own errors, out of memory).
+
+        Raises:
+            RouteUnavailable: when no candidate can differentiate the model.
+        """
+        errors: list[str] = []
+        last: BaseException | None = None
         for candidate in self._candidates():
             objective.math_sdpa = candidate.endswith(SDPA_MATH)
             try:
                 result = attempt(candidate.removesuffix(SDPA_MATH))
-            except ValueError:
-                # a definitive answer (e.g. jvp-jvp is wrong on this model): no other kernel will help
-                if self.route != routes.AUTO or self.resolved is not None:
+            except Exception as error:
+                if self.resolved is not None or not is_route_unavailable(error):
                     raise
-                errors.append(f"{candidate}: wrong values on this model")
-                continue
-            except (RuntimeError, NotImplementedError, TypeError) as error:
-                if self.resolved is not None:
-                    raise
-                errors.append(f"{candidate}: {str(error).splitlines()[0][:200]}")
+                errors.append(f"{candidate}: {str(error).splitlines()[0][:300]}")
+                last = error
                 continue
             finally:
                 objective.math_sdpa = False
             if self.resolved is None:
-                self.resolved = candidate
-                if errors and self.route == routes.AUTO:
-                    warnings.warn(
-                        "eos_core curvature route 'auto' fell back to '" + candidate + "' ("
-                        + "; ".join(errors) + ")", RuntimeWarning, stacklevel=4,
-                    )
+                self._resolve(candidate, errors)
             return result
-        raise RuntimeError(f"curvature route {self.route!r} does not work for this model: " + "; ".join(errors))
+        raise RouteUnavailable(f"curvature route {self.route!r} does not work for this model: "
+                               + "; ".join(errors)) from last
+
+    def _resolve(self, candidate: str, errors: list[str]) -> None:
+        """Keep ``candidate`` for the rest of training; say so when ``auto`` had to fall back."""
+        self.resolved = candidate
+        if errors and self.route == routes.AUTO:
+            warnings.warn("eos_core curvature route 'auto' fell back to '" + candidate + "' (" + "; ".join(errors)
+                          + ")", RuntimeWarning, stacklevel=5)
 
     # -- u^T H u --------------------------------------------------------------------------------
     def curvature(self, objective: Objective, params: Sequence[torch.Tensor], u: Sequence[torch.Tensor], *,
@@ -262,8 +312,10 @@ class Oracle:
         try:
             approximate = self._uhu_finite_differences(objective, params, u, routes.FD_ONESIDED, grad_dot_u,
                                                        norms)
-        except (RuntimeError, NotImplementedError, TypeError):
-            return
+        except Exception as error:
+            if is_route_unavailable(error):  # stay exact; the user's errors and out of memory propagate
+                return
+            raise
         if math.isfinite(approximate) and abs(approximate - exact) <= self.fd_tolerance * abs(exact):
             self.resolved = routes.FD_ONESIDED
             self.verification = (exact, approximate)
@@ -292,7 +344,7 @@ class Oracle:
             reference = vec.dot(self._hvp_jvp_grad(objective, params, u), u)
             eps = max(torch.finfo(p.dtype).eps for p in params)
             if abs(value - reference) > max(1e-5, 1e3 * eps) * max(abs(reference), 1e-30):
-                raise ValueError(
+                raise RouteUnavailable(
                     f"route 'jvp-jvp' disagrees with forward-over-reverse on this model ({value:.6g} vs "
                     f"{reference:.6g}): PyTorch's forward-over-forward derivatives are wrong for some kernels "
                     "(layer_norm and batch_norm in torch 2.13); use route='jvp-grad' or 'double-backward'"

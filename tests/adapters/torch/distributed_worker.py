@@ -53,7 +53,7 @@ def train_shard(rank, law_name, route):
     model, optimizer = build(law_name)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     tuner = CurvatureTuner(optimizer, LAWS[law_name](), route=route, model=ddp, sharpness_every=2,
-                           power_iters=50, power_tol=1e-9)
+                           sharpness_iters=50, sharpness_tol=1e-9)
     return run(ddp, optimizer, tuner, x[shard], y[shard])
 
 

@@ -1,4 +1,4 @@
-"""Bad input never corrupts parameters (SPEC section 10)."""
+"""Bad input never corrupts parameters: skipped steps, law fallbacks, errors raised while probing."""
 
 import math
 import warnings
@@ -8,6 +8,14 @@ import torch
 
 from eos_core import CDAT
 from eos_core.adapters.torch import CurvatureTuner
+
+
+def same_values(a, b):
+    """Two diagnostics dicts are equal, NaN equal to NaN."""
+    def key(value):
+        return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+    return a.keys() == b.keys() and all(key(a[k]) == key(b[k]) for k in a)
 
 
 def make(law=None, **kwargs):
@@ -107,7 +115,7 @@ def test_a_non_finite_sharpness_does_not_poison_the_warm_start():
         model, _, other, x, y = make()
         other.detach()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        tuner = CurvatureTuner(optimizer, None, sharpness_every=1, power_iters=200, power_tol=1e-10)  # only measures
+        tuner = CurvatureTuner(optimizer, None, sharpness_every=1, sharpness_iters=200, sharpness_tol=1e-10)  # measures
         state = {"calls": 0, "poison": False}
 
         def closure(model=model, optimizer=optimizer, state=state, x=x, y=y):
@@ -153,3 +161,108 @@ def test_a_non_finite_update_from_a_finite_gradient_leaves_the_parameters():
     assert tuner.diagnostics["skipped"] == 1.0
     for p, saved in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), saved)
+
+
+@pytest.mark.parametrize("error", [ValueError("labels out of range"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_an_error_in_a_probe_propagates_unchanged_and_the_step_is_completed(error):
+    """The user's closure fails while the curvature route is being resolved (a bad batch, out of memory): the
+    error reaches the caller unchanged (not "wrong values on this model", not a silent switch to finite
+    differences), and the parameters are not left half-updated: the step is taken with the law's last good lr
+    (here the initial 0.1), as plain SGD would take it, and is reported and counted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0))
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] > 1:  # the step's own evaluation works, the probe's does not
+            raise error
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no "auto fell back" warning
+        with pytest.raises(type(error)) as raised:
+            tuner.step(closure)
+    assert raised.value is error
+    assert calls[0] == 2  # no second route was tried
+    for p, w, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-12, atol=1e-15)
+    assert tuner.route == "auto" and tuner.calls == 1
+    assert tuner.diagnostics["step"] == 0 and tuner.diagnostics["lr"] == 0.1
+    assert tuner.diagnostics["probed"] == 0.0 and math.isnan(tuner.diagnostics["numerator"])
+    calls[0] = -10  # the next steps work again: the route resolves, the law probes
+    tuner.step(closure)
+    assert tuner.route == "double-backward" and tuner.diagnostics["step"] == 1 and tuner.diagnostics["probed"] == 1.0
+
+
+def test_skipped_steps_report_the_previous_values_and_are_counted():
+    """A skipped step does not advance the step index; it reports the previous step's values with skipped = 1,
+    the index the next real step will have and the cumulative count; warn=False keeps it quiet."""
+    model, optimizer, tuner, x, y = make(warn=False)
+    poison = {"on": False}
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = loss * float("nan") if poison["on"] else loss
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poison["on"] = True
+        tuner.step(closure)  # a first step can be skipped too: nothing measured yet
+        first = dict(tuner.diagnostics)
+        poison["on"] = False
+        tuner.step(closure)
+        good = dict(tuner.diagnostics)
+        poison["on"] = True
+        tuner.step(closure)
+        skipped = dict(tuner.diagnostics)
+    assert first["skipped"] == 1.0 and first["step"] == 0 and first["skipped_steps"] == 1
+    assert first["lr"] == pytest.approx(1e-2) and math.isnan(first["loss"]) and first["probed"] == 0.0
+    assert good["step"] == 0 and good["skipped"] == 0.0 and good["skipped_steps"] == 1
+    assert skipped["step"] == 1 and skipped["skipped"] == 1.0 and skipped["skipped_steps"] == 2
+    changed = ("step", "skipped", "skipped_steps")
+    assert same_values({k: v for k, v in skipped.items() if k not in changed},
+                       {k: v for k, v in good.items() if k not in changed})
+    assert tuner.calls == 3
+    assert tuner.state_dict()["eos_core"]["step"] == 1
+
+
+def test_non_finite_hessian_products_make_dcao_fall_back():
+    """NaN Hessian-vector products give NaN eigenvalues (Lanczos' tridiagonal eigensolver cannot run on them):
+    DCAO keeps its lr, momentum and weight decay and says so, instead of stopping training with LinAlgError."""
+    from eos_core import DCAO
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.5)
+    tuner = CurvatureTuner(optimizer, DCAO(num_eigenvalues=2, lanczos_steps=6))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = loss * float("nan") if calls[0] > 1 else loss  # the probes see NaN
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="non-finite top_eigenvalues"):
+        tuner.step(closure)
+    assert tuner.diagnostics["fallback"] == 1.0 and tuner.diagnostics["fallback_steps"] == 1
+    assert tuner.diagnostics["lr"] == pytest.approx(1e-2) and tuner.diagnostics["momentum"] == 0.5
+    assert math.isnan(tuner.diagnostics["lambda_1"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -31,10 +31,9 @@ def test_two_process_ddp_matches_single_process_on_the_union_batch(tmp_path, wor
     x, y = workers.data()
     model, optimizer = workers.build(law_name)
     tuner = workers.CurvatureTuner(optimizer, workers.LAWS[law_name](), route=route, sharpness_every=2,
-                                   power_iters=50, power_tol=1e-9)
+                                   sharpness_iters=50, sharpness_tol=1e-9)
     single = workers.run(model, optimizer, tuner, x, y)
     tolerance = 1e-9 if route == "double-backward" else 1e-4
     for a, b in zip(ranks[0], single, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=tolerance)
-        if "sharpness" in b:
-            assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-6)
+        assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-6, nan_ok=True)  # NaN when not tracked

@@ -91,7 +91,7 @@ class Direction:
 
 
 def dominant(eigenvalues):
-    """The eigenvalue of largest magnitude, with its sign: what power iteration measures (SPEC section 5).
+    """The eigenvalue of largest magnitude, with its sign: what power iteration measures (it converges to it).
     Early in an Adam/RMSprop run the preconditioned spectrum is dominated by a negative eigenvalue;
     the laws then keep their lr (fallback)."""
     return float(eigenvalues[torch.argmax(eigenvalues.abs())])

@@ -199,7 +199,7 @@ def test_set_objective_path_and_missing_objective_error(quadratic):
 def test_law_none_only_measures(quadratic, make_closure):
     w, loss, a, _ = quadratic
     optimizer = torch.optim.SGD([w], lr=0.01)
-    tuner = CurvatureTuner(optimizer, None, sharpness_every=1, power_iters=200, power_tol=1e-10)
+    tuner = CurvatureTuner(optimizer, None, sharpness_every=1, sharpness_iters=200, sharpness_tol=1e-10)
     tuner.step(make_closure(optimizer, loss))
     top = float(torch.linalg.eigvalsh(a)[-1])
     assert tuner.diagnostics["sharpness"] == pytest.approx(top, rel=1e-6)
@@ -210,7 +210,7 @@ def test_law_none_only_measures(quadratic, make_closure):
 def test_preconditioned_sharpness_for_adam(quadratic, make_closure):
     w, loss, a, _ = quadratic
     optimizer = torch.optim.Adam([w], lr=0.01)
-    tuner = CurvatureTuner(optimizer, None, sharpness_every=1, power_iters=500, power_tol=1e-12)
+    tuner = CurvatureTuner(optimizer, None, sharpness_every=1, sharpness_iters=500, sharpness_tol=1e-12)
     tuner.step(make_closure(optimizer, loss))
     state = optimizer.state[w]
     p = (state["exp_avg_sq"] / (1 - 0.999)).sqrt() + 1e-8
@@ -281,7 +281,12 @@ def test_two_tuners_on_one_optimizer_are_refused_until_detached():
         ({"sharpness_every": 0}, "sharpness_every"),
         ({"lr_mode": "add"}, "lr_mode"),
         ({"fd_eps": -1.0}, "fd_eps"),
-        ({"power_iters": 0}, "power_iters"),
+        ({"sharpness_iters": 0}, "sharpness_iters"),
+        ({"sharpness_tol": -1.0}, "sharpness_tol"),
+        ({"seed": 1.5}, "seed"),
+        ({"warn": "sometimes"}, "warn"),
+        ({"lanczos_steps": 0}, "lanczos_steps"),
+        ({"no_such_option": 1}, "no_such_option"),
     ],
 )
 def test_invalid_settings_raise_value_error(kwargs, name):
@@ -377,7 +382,8 @@ def test_state_dict_carries_the_tuner_state(quadratic, make_closure):
     tuner = CurvatureTuner(optimizer, CDAT(ema=0.9))
     tuner.step(make_closure(optimizer, loss))
     state = tuner.state_dict()
-    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1
+    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1 and state[STATE_KEY]["version"] == 2
+    assert state[STATE_KEY]["calls"] == 1 and state[STATE_KEY]["skipped_steps"] == 0
     assert math.isclose(state[STATE_KEY]["law_state"]["lr"], tuner.diagnostics["law_lr"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,5 +1,7 @@
 """Shared pieces of the Lightning callback tests (also imported by the DDP script the tests write)."""
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -116,3 +118,9 @@ def trainer(tmp_path, callbacks, *, max_steps: int = 16, logger=None, **kwargs) 
                    log_every_n_steps=1, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
+
+
+def measured(diagnostics: dict, name: str, default=None):
+    """The value of ``name`` when it was measured on that step: the tuner reports NaN (or leaves out) the rest."""
+    value = diagnostics.get(name)
+    return default if value is None or math.isnan(value) else value

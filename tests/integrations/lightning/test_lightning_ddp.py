@@ -18,12 +18,12 @@ sys.path.insert(0, {helpers!r})
 import torch.distributed as dist
 warnings.simplefilter("ignore")
 import lightning.pytorch as pl
-from lightning_helpers import DigitsMLP, Recorder, digits, loader
+from lightning_helpers import DigitsMLP, Recorder, digits, loader, measured
 from eos_core import CDAT
 from eos_core.integrations.lightning import EdgeOfStabilityCallback
 
 if __name__ == "__main__":
-    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.5), sharpness_every=2, power_iters=30, power_tol=1e-6)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.5), sharpness_every=2, sharpness_iters=30, sharpness_tol=1e-6)
     recorder = Recorder(eos)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -31,7 +31,7 @@ if __name__ == "__main__":
     model = DigitsMLP(optimizer="momentum", lr=0.01)
     trainer.fit(model, loader(digits(256), batch_size=32))  # each rank: 16 of the 32 samples of a step
     record = {{"lr": recorder.lrs(), "loss": [s["loss"] for s in recorder.steps],
-               "sharpness": [s.get("sharpness") for s in recorder.steps], "world": trainer.world_size,
+               "sharpness": [measured(s, "sharpness") for s in recorder.steps], "world": trainer.world_size,
                "params": recorder.params[-1].tolist()}}
     with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
         json.dump(record, f)
@@ -59,7 +59,7 @@ def test_two_ddp_processes_apply_the_same_lr(tmp_path):
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert len(ranks[0]["lr"]) == 6
     assert ranks[0]["lr"] == ranks[1]["lr"]  # exactly the same lr on every rank
-    assert ranks[0]["sharpness"] == ranks[1]["sharpness"]
+    assert ranks[0]["sharpness"] == ranks[1]["sharpness"] and ranks[0]["sharpness"][0] is not None
     assert ranks[0]["params"] == ranks[1]["params"]  # so the replicas stay identical
     assert ranks[0]["loss"] != ranks[1]["loss"]  # although each rank measured on its own shard
     assert len(set(ranks[0]["lr"])) > 1

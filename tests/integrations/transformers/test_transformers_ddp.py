@@ -20,7 +20,7 @@ import torch.distributed as dist
 warnings.simplefilter("ignore")
 logging.disable(logging.WARNING)
 sys.path.insert(0, {helpers!r})
-from hf_helpers import logged, tiny_gpt2, train
+from hf_helpers import logged, measured, tiny_gpt2, train
 from eos_core import CDAT
 from eos_core.integrations.transformers import EdgeOfStabilityCallback
 
@@ -30,7 +30,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     trainer, recorder = train({out!r} + f"/world{{world}}", tiny_gpt2(), eos, max_steps=4,
                               per_device_train_batch_size=8 // world, max_grad_norm=0.0,
                               ddp_backend="gloo" if world > 1 else None)
-record = {{"lr": recorder.lrs(), "sharpness": [s.get("sharpness") for s in recorder.steps],
+record = {{"lr": recorder.lrs(), "sharpness": [measured(s, "sharpness") for s in recorder.steps],
            "loss": [s.get("loss") for s in recorder.steps], "params": recorder.params[-1][:64].tolist()}}
 with open({out!r} + f"/world{{world}}-rank{{os.environ.get('RANK', '0')}}.json", "w") as f:
     json.dump(record, f)
@@ -61,4 +61,6 @@ def test_two_ranks_agree_with_each_other_and_with_one_process_on_the_union_batch
     assert ranks[0]["lr"] == ranks[1]["lr"] and ranks[0]["sharpness"] == ranks[1]["sharpness"]
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["lr"] == pytest.approx(one["lr"], rel=1e-5)
-    assert [s for s in ranks[0]["sharpness"] if s] == pytest.approx([s for s in one["sharpness"] if s], rel=1e-4)
+    tracked = [s for s in ranks[0]["sharpness"] if s is not None]
+    assert len(tracked) == 2  # sharpness_every=2 over 4 steps (not measured: None)
+    assert tracked == pytest.approx([s for s in one["sharpness"] if s is not None], rel=1e-4)
