@@ -7,7 +7,6 @@ Not public. Imports torch and the PyTorch adapter, so only the framework integra
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,22 +94,9 @@ class TunerSpec:
         settings = self.settings.replace(self.owner, reference_lr=reference,
                                          clipped_gradients=bool(clipped_gradients or self.settings.clipped_gradients))
         try:
-            return _new_tuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, settings=settings)
+            return CurvatureTuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, settings=settings)
         except ValueError as error:
             raise ValueError(f"{self.owner}: {error}. {hint}") from error
-
-
-def _new_tuner(optimizer: torch.optim.Optimizer, law: Law | None, *, model: torch.nn.Module | None,
-               grad_scaler: Any | None, settings: TunerSettings) -> CurvatureTuner:
-    if "settings" in inspect.signature(CurvatureTuner).parameters:
-        return CurvatureTuner(optimizer, law, model=model, grad_scaler=grad_scaler, settings=settings)
-    # TRANSITION (issue 12): adapters/torch before its refactor takes its own option names and has no seed or
-    # warn option. Remove this branch once CurvatureTuner takes settings=.
-    options = settings.as_dict()
-    options["power_iters"] = options.pop("sharpness_iters")
-    options["power_tol"] = options.pop("sharpness_tol")
-    del options["seed"], options["warn"]
-    return CurvatureTuner(optimizer, law, model=model, grad_scaler=grad_scaler, **options)
 
 
 def tuner_calls(tuner: CurvatureTuner) -> int:
@@ -120,10 +106,7 @@ def tuner_calls(tuner: CurvatureTuner) -> int:
     accumulates micro-batches, nor when a GradScaler skipped ``optimizer.step`` on inf gradients. (The
     diagnostics' ``step`` cannot tell: a skipped step reports the index the next real step will have.)
     """
-    calls = getattr(tuner, "calls", None)
-    if calls is None:  # TRANSITION (issue 12): adapters/torch before its refactor counted every step in _step_count
-        calls = tuner._step_count
-    return int(calls)
+    return int(tuner.calls)
 
 
 def applied_group_lrs(lr: float, groups: Sequence[Mapping[str, Any]]) -> list[float]:

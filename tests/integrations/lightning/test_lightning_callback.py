@@ -1,7 +1,6 @@
 """EdgeOfStabilityCallback in a real Lightning Trainer on scikit-learn digits (CPU, no downloads)."""
 
 import csv
-import inspect
 import math
 import warnings
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.filterwarnings(
     "interval).*")
 
 FULL_BATCH = 512
-#: CONTRACT (issue 12): tests marked with this need the refactored PyTorch tuner (``CurvatureTuner(...,
-#: settings=...)``, ``tuner.calls``, a ``step`` index that leaves skipped steps out); skipped until it lands.
-needs_refactored_tuner = pytest.mark.skipif(
-    "settings" not in inspect.signature(CurvatureTuner).parameters,
-    reason="needs the refactored PyTorch tuner of issue 12 (tuner.calls; step excludes skipped steps)")
 
 
 def fit(tmp_path, eos, *, model=None, max_steps=12, batch_size=FULL_BATCH, ckpt_path=None, data=None, before=(),
@@ -284,7 +278,6 @@ def test_nonfinite_loss_skips_the_step_without_touching_the_weights(tmp_path):
     assert skipped == {0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 0.0}  # every step logged once, the skipped one too
 
 
-@needs_refactored_tuner
 def test_a_skipped_step_repeats_the_step_index_and_every_step_is_logged_once(tmp_path):
     # the callback tells that the optimizer stepped by tuner.calls: the step after a skipped one reports the same
     # step index, and must be logged as well

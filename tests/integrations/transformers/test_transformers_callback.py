@@ -1,6 +1,5 @@
 """EdgeOfStabilityCallback in a real transformers.Trainer on tiny GPT-2 / BERT built from configs (CPU, offline)."""
 
-import inspect
 import math
 import shutil
 import warnings
@@ -31,11 +30,6 @@ from eos_core.adapters.torch import CurvatureTuner
 from eos_core.integrations.transformers import EdgeOfStabilityCallback
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(fell back|SDPA|sdpa).*")
-#: CONTRACT (issue 12): tests marked with this need the refactored PyTorch tuner (``CurvatureTuner(...,
-#: settings=...)``, ``tuner.calls``, a ``step`` index that leaves skipped steps out); skipped until it lands.
-needs_refactored_tuner = pytest.mark.skipif(
-    "settings" not in inspect.signature(CurvatureTuner).parameters,
-    reason="needs the refactored PyTorch tuner of issue 12 (tuner.calls; step excludes skipped steps)")
 
 
 def tensorboard_scalars(output_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -326,7 +320,6 @@ def test_nonfinite_loss_skips_the_step_without_touching_the_weights(tmp_path):
     assert logged(trainer, "eos/skipped") == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # every step logged once
 
 
-@needs_refactored_tuner
 def test_a_skipped_step_repeats_the_step_index_and_every_step_is_logged_once(tmp_path):
     # the callback tells that the optimizer stepped by tuner.calls: the step after a skipped one reports the same
     # step index, and must be logged as well
