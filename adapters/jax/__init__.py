@@ -1,8 +1,8 @@
 """JAX / Optax adapter: a curvature-aware optax transformation around any optax optimizer.
 
 ``tune(base, law)`` wraps a full optax optimizer built with learning rate 1 (``optax.sgd(1.0)``,
-``optax.adam(1.0)``, ...) whose update is the direction ``u`` of SPEC section 3, measures the
-statistics ``law.needs`` asks for (u^T H u by forward-over-forward differentiation, the paper's
+``optax.adam(1.0)``, ...) whose update is the direction ``u`` (CDAT paper, section 2.1), measures the
+statistics ``law.request()`` asks for (u^T H u by forward-over-forward differentiation, the paper's
 route, Hessian spectra by warm-started power iteration / Lanczos on pytrees, ...) and returns
 ``lr * u`` with ``lr`` the law's decision. Everything is jittable and the state is a pytree.
 
@@ -35,10 +35,13 @@ from eos_core.adapters.jax.spectral import (  # noqa: E402
     top_eigenvalues,
 )
 from eos_core.adapters.jax.transform import (  # noqa: E402
+    SUPPORTED_OPTIONS,
     Diagnostics,
     TuneState,
+    decode_diagnostics,
     diagnostics,
     find_tune_state,
+    hvp_route,
     tune,
     warn_bad_steps,
 )
@@ -47,18 +50,21 @@ from eos_core.adapters.jax.tree_ops import TreeOps  # noqa: E402
 __all__ = [
     "CURVATURE_AUTO_CHAIN",
     "HVP_AUTO_CHAIN",
+    "SUPPORTED_OPTIONS",
     "AdamPreconditioner",
     "Diagnostics",
     "RmsPreconditioner",
     "TreeOps",
     "TuneState",
     "curvature",
+    "decode_diagnostics",
     "diagnostics",
     "find_preconditioner",
     "find_tune_state",
     "finite_difference_step",
     "hessian_operator",
     "hvp",
+    "hvp_route",
     "jax_numerics",
     "resolve_curvature_route",
     "resolve_hvp_route",

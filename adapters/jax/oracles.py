@@ -1,11 +1,11 @@
-r"""Curvature oracles in JAX: :math:`u^\top H u` and :math:`H v` by every route of SPEC section 4.
+r"""Curvature oracles in JAX: :math:`u^\top H u` and :math:`H v` by every route of :mod:`eos_core.routes`.
 
 ``value_fn(params)`` is the loss on the current batch; ``H`` its Hessian at ``params``. Routes (names
 from :mod:`eos_core.routes`):
 
 * ``jvp-jvp`` (forward-over-forward, the CDAT paper's route, appendix C.3):
   :math:`u^\top H u = \partial(\partial f(\cdot)[u])(w)[u]`, two nested ``jax.jvp``. The cheapest
-  exact route in JAX (1.2-2.1x a training step, SPEC section 4) and the lowest in memory; it gives
+  exact route in JAX (1.2-2.1x a training step, see :mod:`eos_core.routes`) and the lowest in memory; it gives
   the scalar only, not :math:`Hu`.
 * ``jvp-grad`` (forward-over-reverse): :math:`Hu = \partial(\nabla f)(w)[u]`.
 * ``double-backward`` (reverse-over-reverse): :math:`Hu = \nabla_w (\nabla f(w)^\top u)`.
@@ -13,10 +13,11 @@ from :mod:`eos_core.routes`):
 * ``fd-onesided``: :math:`Hu \approx (\nabla f(w + hu) - g) / h` reusing the step's gradient ``g``,
   one extra gradient. ``g`` must be the gradient of ``value_fn`` at ``params``.
 
-The step ``h`` follows :func:`eos_core.routes.finite_difference_step`, as in the PyTorch adapter:
-``||h u|| = eps^{1/2}`` or ``eps^{1/3}`` times ``max(s, 1)`` with ``s = sum_i |w_i| |u_i| / ||u||`` the
-parameter scale along ``u`` (:func:`eos_core.routes.parameter_scale_along`) and ``eps`` the machine
-epsilon of the lowest-precision leaf.
+The step ``h`` is computed by the core's :func:`eos_core.routes.finite_difference_step` and
+:func:`eos_core.routes.parameter_scale_along`, traced with ``xp=jax.numpy`` (the PyTorch adapter calls the
+same functions): ``||h u|| = eps^{1/2}`` or ``eps^{1/3}`` times ``max(s, 1)`` with
+``s = sum_i |w_i| |u_i| / ||u||`` the parameter scale along ``u`` and ``eps`` the machine epsilon of the
+lowest-precision leaf, or ``fd_eps`` when given.
 
 ``auto`` is resolved **at trace time**: each candidate route is traced abstractly
 (``jax.make_jaxpr``, no FLOPs) and the first one that traces to an evaluable program is used. A
@@ -54,7 +55,7 @@ PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
 
 CURVATURE_AUTO_CHAIN: tuple[str, ...] = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_ONESIDED)
-"""Routes ``auto`` tries for u^T H u, in order (cheapest exact route in JAX first, SPEC section 4)."""
+"""Routes ``auto`` tries for u^T H u, in order (cheapest exact route in JAX first)."""
 
 HVP_AUTO_CHAIN: tuple[str, ...] = (routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_ONESIDED)
 """Routes ``auto`` tries for H v (spectral estimates), in order."""
@@ -85,23 +86,31 @@ def lowest_precision_eps(params: PyTree) -> float:
     return max(eps) if eps else float(jnp.finfo(jnp.float32).eps)
 
 
-def finite_difference_step(params: PyTree, direction: PyTree, *, central: bool) -> jax.Array:
-    r"""Traceable :func:`eos_core.routes.finite_difference_step`: :math:`h = r \max(s, 1) / \|u\|`.
+def finite_difference_step(params: PyTree, direction: PyTree, *, central: bool, eps: float | None = None
+                           ) -> jax.Array:
+    r"""The step :math:`h = r \max(s, 1) / \|u\|` of :func:`eos_core.routes.finite_difference_step`, traced.
 
     ``s = sum_i |w_i| |u_i| / ||u||`` is the parameter scale along ``u``
     (:func:`eos_core.routes.parameter_scale_along`) and ``r = eps^{1/2}`` (one-sided) or ``eps^{1/3}``
-    (central) is taken from the core function itself; the reductions are traced arrays, so the scaling
-    is redone here with ``jnp`` (0 when ``u = 0`` or a value is not finite, as in the core).
+    (central); both core functions are called with ``xp=jax.numpy`` on the traced reductions, so the rule
+    is the PyTorch adapter's.
+
+    Args:
+        params: the parameters ``w``.
+        direction: the direction ``u`` (a pytree like ``params``).
+        central: central (True) or one-sided (False) differences.
+        eps: machine epsilon the step is sized for (the ``fd_eps`` option); None: that of the
+            lowest-precision leaf of ``params`` (:func:`lowest_precision_eps`).
+
+    Returns:
+        ``h`` as a 0-d array of at least float32; 0 when ``u = 0`` or a reduction is not finite.
     """
-    root = routes.finite_difference_step(1.0, 1.0, lowest_precision_eps(params), central=central)
+    eps = lowest_precision_eps(params) if eps is None else float(eps)
     u_norm = tree_norm(direction)
     weighted = tree_dot(jax.tree.map(jnp.abs, params), jax.tree.map(jnp.abs, direction))
     acc = jnp.result_type(weighted, u_norm)
-    ok = jnp.isfinite(weighted) & jnp.isfinite(u_norm) & (u_norm > 0)
-    safe_norm = jnp.where(ok, u_norm, 1.0)
-    scale = weighted / safe_norm
-    h = root * jnp.maximum(scale, 1.0) / safe_norm
-    return jnp.where(ok, h, 0.0).astype(acc)
+    scale = routes.parameter_scale_along(weighted, u_norm, xp=jnp)
+    return jnp.asarray(routes.finite_difference_step(scale, u_norm, eps, central=central, xp=jnp)).astype(acc)
 
 
 def _grad(value_fn: ValueFn, params: PyTree) -> PyTree:
@@ -109,10 +118,11 @@ def _grad(value_fn: ValueFn, params: PyTree) -> PyTree:
 
 
 def _fd_gradient_difference(
-    value_fn: ValueFn, params: PyTree, direction: PyTree, grads: PyTree | None, *, central: bool
+    value_fn: ValueFn, params: PyTree, direction: PyTree, grads: PyTree | None, *, central: bool,
+    eps: float | None = None,
 ) -> PyTree:
     """(g(w + h d) - g(w - h d)) / 2h, or (g(w + h d) - g) / h, leafwise in at least float32."""
-    h = finite_difference_step(params, direction, central=central)
+    h = finite_difference_step(params, direction, central=central, eps=eps)
     plus = _grad(value_fn, tree_axpy(h, direction, params))
     if central:
         minus = _grad(value_fn, tree_axpy(-h, direction, params))
@@ -131,12 +141,14 @@ def _fd_gradient_difference(
 
 
 # -- H v -------------------------------------------------------------------------------------------
-def _hvp_jvp_grad(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None) -> HvpResult:
+def _hvp_jvp_grad(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None,
+                  eps: float | None = None) -> HvpResult:
     (loss, _), (_, product) = jax.jvp(jax.value_and_grad(value_fn), (params,), (_like(v, params),))
     return HvpResult(product, loss)
 
 
-def _hvp_double_backward(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None) -> HvpResult:
+def _hvp_double_backward(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None,
+                         eps: float | None = None) -> HvpResult:
     v = _like(v, params)
 
     def grad_dot_v(w: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -148,8 +160,10 @@ def _hvp_double_backward(value_fn: ValueFn, params: PyTree, v: PyTree, grads: Py
 
 
 def _hvp_fd(central: bool) -> Callable[..., HvpResult]:
-    def impl(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None) -> HvpResult:
-        return HvpResult(_fd_gradient_difference(value_fn, params, _like(v, params), grads, central=central), None)
+    def impl(value_fn: ValueFn, params: PyTree, v: PyTree, grads: PyTree | None,
+             eps: float | None = None) -> HvpResult:
+        product = _fd_gradient_difference(value_fn, params, _like(v, params), grads, central=central, eps=eps)
+        return HvpResult(product, None)
 
     return impl
 
@@ -163,7 +177,8 @@ _HVP = {
 
 
 # -- u^T H u ---------------------------------------------------------------------------------------
-def _curvature_jvp_jvp(value_fn: ValueFn, params: PyTree, u: PyTree, grads: PyTree | None) -> CurvatureResult:
+def _curvature_jvp_jvp(value_fn: ValueFn, params: PyTree, u: PyTree, grads: PyTree | None,
+                       eps: float | None = None) -> CurvatureResult:
     u = _like(u, params)
 
     def first(w: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -175,8 +190,9 @@ def _curvature_jvp_jvp(value_fn: ValueFn, params: PyTree, u: PyTree, grads: PyTr
 
 
 def _curvature_from_hvp(route: str) -> Callable[..., CurvatureResult]:
-    def impl(value_fn: ValueFn, params: PyTree, u: PyTree, grads: PyTree | None) -> CurvatureResult:
-        product, loss = _HVP[route](value_fn, params, u, grads)
+    def impl(value_fn: ValueFn, params: PyTree, u: PyTree, grads: PyTree | None,
+             eps: float | None = None) -> CurvatureResult:
+        product, loss = _HVP[route](value_fn, params, u, grads, eps)
         return CurvatureResult(tree_dot(_like(u, params), product), loss)
 
     return impl
@@ -250,28 +266,38 @@ def resolve_hvp_route(value_fn: ValueFn, params: PyTree, route: str = routes.AUT
 
 
 def curvature(
-    value_fn: ValueFn, params: PyTree, u: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None
+    value_fn: ValueFn, params: PyTree, u: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None,
+    fd_eps: float | None = None,
 ) -> tuple[CurvatureResult, str]:
     r"""The second directional derivative :math:`u^\top H u` of ``value_fn`` at ``params`` along ``u``.
 
-    This is the CDAT denominator before its absolute value (CDAT paper eq. 8). ``grads`` (the step's
-    gradient :math:`\nabla f(w)`) is reused by ``fd-onesided`` and computed when not given.
+    This is the CDAT denominator before its absolute value (CDAT paper eq. 8).
+
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: the point ``w``.
+        u: the direction (a pytree like ``params``).
+        route: a route of :mod:`eos_core.routes` (``auto``: the first of :data:`CURVATURE_AUTO_CHAIN`
+            that traces).
+        grads: the step's gradient :math:`\nabla f(w)`, reused by ``fd-onesided`` (computed when not given).
+        fd_eps: machine epsilon the finite-difference step is sized for (None: the lowest-precision leaf's).
 
     Returns:
         ``(CurvatureResult(value, loss), route_used)``; ``loss`` is f(w) when the route computed it
         anyway (every route but finite differences), else None.
     """
     used = resolve_curvature_route(value_fn, params, u, route)
-    return _CURVATURE[used](value_fn, params, u, grads), used
+    return _CURVATURE[used](value_fn, params, u, grads, fd_eps), used
 
 
 def hvp(
-    value_fn: ValueFn, params: PyTree, v: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None
+    value_fn: ValueFn, params: PyTree, v: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None,
+    fd_eps: float | None = None,
 ) -> tuple[HvpResult, str]:
     r"""The Hessian-vector product :math:`H v` of ``value_fn`` at ``params`` (a pytree like ``params``).
 
     Routes: ``jvp-grad``, ``double-backward``, ``fd-central``, ``fd-onesided`` (reusing ``grads``);
-    ``auto`` and ``jvp-jvp`` resolve through :data:`HVP_AUTO_CHAIN`.
+    ``auto`` and ``jvp-jvp`` resolve through :data:`HVP_AUTO_CHAIN`. ``fd_eps`` as in :func:`curvature`.
     """
     used = resolve_hvp_route(value_fn, params, route)
-    return _HVP[used](value_fn, params, v, grads), used
+    return _HVP[used](value_fn, params, v, grads, fd_eps), used

@@ -37,15 +37,18 @@ def hessian_operator(
     grads: PyTree | None = None,
     precond: PyTree | None = None,
     ops: TreeOps | None = None,
+    fd_eps: float | None = None,
 ) -> tuple[Callable[[PyTree], PyTree], str]:
     r"""``(matvec, route_used)``: :math:`v \mapsto Hv`, or :math:`P^{-1/2} H P^{-1/2} v` when ``precond`` (P) is given.
 
-    The route is resolved once, at trace time (see :func:`~eos_core.adapters.jax.oracles.resolve_hvp_route`).
+    The route is resolved once, at trace time (see :func:`~eos_core.adapters.jax.oracles.resolve_hvp_route`);
+    ``fd_eps`` sizes the finite-difference step of the ``fd-*`` routes (see
+    :func:`~eos_core.adapters.jax.oracles.curvature`).
     """
     used = resolve_hvp_route(value_fn, params, route)
 
     def matvec(v: PyTree) -> PyTree:
-        return hvp(value_fn, params, v, route=used, grads=grads)[0].product
+        return hvp(value_fn, params, v, route=used, grads=grads, fd_eps=fd_eps)[0].product
 
     if precond is None:
         return matvec, used

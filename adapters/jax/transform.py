@@ -19,77 +19,81 @@ Usage (the convention of optax's line searches: ``value_fn(params)`` is the loss
         updates, state = opt.update(grads, state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), state
 
+Options
+-------
+The tuner options of :class:`eos_core.settings.TunerSettings`, by the names every adapter uses, as
+keywords or as ``settings=``: ``probe_every``, ``route``, ``sharpness_every``, ``sharpness_iters``,
+``sharpness_tol``, ``warn``, ``skip_nonfinite``, ``seed``, ``fd_eps``, ``reference_lr``
+(:data:`SUPPORTED_OPTIONS`). ``lr_mode``, ``fd_above``, ``clipped_gradients`` and ``linear_in_lr`` concern
+the PyTorch optimizer and its scheduler: giving them a non-default value raises a ValueError. The old
+names ``power_iters``, ``power_tol`` and ``initial_lr`` still work with a DeprecationWarning.
+
 Design
 ------
-* **Statistics.** On a probe step the transformation measures exactly ``law.needs``
-  (:mod:`eos_core.stats`): ``g.u``; ``u^T H u`` (:mod:`.oracles`); ``f(w)`` (free with every exact
-  curvature route, or the ``value`` extra argument, else one forward pass); ``|g|^2``; lambda_max by
-  warm-started power iteration (``law.power_iters`` / ``law.power_tol``); the top ``k`` eigenvalues by
-  Lanczos (``law.num_eigenvalues``, ``law.lanczos_steps``); the preconditioned variants
+* **Statistics.** On a probe step the transformation measures exactly what ``law.request()``
+  (:class:`eos_core.request.StatsRequest`) asks for: ``g.u``; ``u^T H u`` (:mod:`.oracles`); ``f(w)``
+  (free with every exact curvature route, or the ``value`` extra argument, else one forward pass);
+  ``|g|^2``; lambda_max by warm-started power iteration (``request.power_iters`` /
+  ``request.power_tol``); the top ``k`` eigenvalues by Lanczos (``request.num_eigenvalues``,
+  ``request.lanczos_steps_for(n)``; 20 steps unless the law sets them); the preconditioned variants
   (:mod:`.preconditioner`); ``trial_loss``, the callable ``eta -> value_fn(w + eta u)`` (forward
   passes only; the law loops with ``lax.while_loop``); ``cos(g_t, u_{t-1})`` from the previous
   direction kept in the state (0 on the first step).
-* **Probing every k steps.** ``lax.cond(count % probe_every == 0, probe, hold)``: between probes
-  ``law.hold`` reuses the last learning rate; probes happen at steps 0, k, 2k, ...
+* **Start vectors.** Power iteration and Lanczos start from :func:`eos_core.spectral.random_start`
+  (numpy, float64, unit norm over the leaves in ``jax.tree.leaves`` order; ``seed`` for H, ``seed + 1``
+  for the preconditioned operator), the start vector of every adapter, and are warm-started from the
+  previous estimate afterwards. Lanczos on H starts from the H warm-start vector.
+* **Probing every k steps.** ``lax.cond(count % probe_every == 0, probe, hold)`` with ``count`` the
+  steps taken (skipped steps excluded): between probes ``law.hold`` reuses the last learning rate.
   **Convolutions on CPU:** XLA:CPU runs the *gradient* convolutions of a conv net 30-100x slower inside a
   ``lax.cond`` branch or a loop body than at the top level of the program (jax-ml/jax#12868; measured
   with jax 0.10 on a small CNN: a gradient 6 ms at top level, 480 ms inside a ``cond``; forward
   convolutions are unaffected). On CPU a conv net therefore pays that price for every probe that takes a
   gradient inside the ``cond`` (``probe_every > 1`` with a finite-difference, ``jvp-grad`` or
   ``double-backward`` route) and for every power-iteration / Lanczos step (spectral laws,
-  ``sharpness_every``); the default ``jvp-jvp`` probe is forward-mode only and keeps its cost. The
-  slow path is XLA:CPU's (on a GPU, convolutions in nested computations still go to cuDNN; not
-  measured in this repository's CI).
+  ``sharpness_every``); the default ``jvp-jvp`` probe is forward-mode only and keeps its cost.
 * **Routes.** ``route`` picks the u^T H u oracle; ``auto`` resolves at trace time to the first of
   jvp-jvp, jvp-grad, double-backward, fd-onesided that ``value_fn`` can be traced through (a
   ``custom_vjp`` function has no forward mode). Hessian-vector products for spectra use the same
   route when it is an H v route, else the ``auto`` chain jvp-grad, double-backward, fd-onesided.
-  Both routes are reported (``route``, ``hvp_route``). Cost on a GPT-2 124M step (H100, fp32,
-  measured with ``benchmarks/jax_overhead.py``): a jvp-jvp probe is about 2.2 training steps, a
-  one-sided finite difference about 1.1; only the latter meets the 2.1x target when probing every
-  step.
-* **Sharpness tracking.** ``sharpness_every=m`` estimates lambda_max(H) every m steps by
-  warm-started power iteration (``sharpness_iters`` iterations at most, stopping at relative change
-  ``sharpness_tol``) and, for an Adam / RMSProp base, lambda_max(P^{-1/2} H P^{-1/2}); reported as
-  ``sharpness``, ``lr_sharpness`` (= lr * sharpness) and ``preconditioned_sharpness`` (NaN on steps
-  without a measurement, the core's convention). Power iteration returns the eigenvalue of largest
-  magnitude, with its sign.
+  :func:`diagnostics` reports the first as ``route`` (the second when the law needs no u^T H u, the
+  ``route`` setting when neither is used); :func:`hvp_route` tells the second. The
+  finite-difference step is the core's (:func:`eos_core.routes.finite_difference_step`), sized for
+  ``fd_eps`` when given. Cost on a GPT-2 124M step (H100, fp32, ``benchmarks/jax_overhead.py``): a
+  jvp-jvp probe is about 2.2 training steps, a one-sided finite difference about 1.1.
+* **Sharpness tracking.** ``sharpness_every=m`` estimates lambda_max(H) every m steps (of ``count``)
+  by warm-started power iteration (``sharpness_iters`` products at most, stopping at relative change
+  ``sharpness_tol``) and, for an Adam / RMSProp base, lambda_max(P^{-1/2} H P^{-1/2}). When the law's
+  probe estimated lambda_max of the same operator on the same step with settings at least as strict
+  (``power_iters >= sharpness_iters`` and ``0 < power_tol <= sharpness_tol``), tracking reuses that
+  estimate; otherwise it continues from the law's new vector. Power iteration returns the eigenvalue of
+  largest magnitude, with its sign.
+* **Diagnostics.** :func:`diagnostics` reports exactly ``eos_core.diagnostics.keys_for(law)``, with the
+  meanings of :data:`eos_core.diagnostics.REGISTRY`: ``sharpness`` is the tracked lambda_max, else the
+  law's own measurement, ``lr_sharpness`` the applied lr times it, ``alignment`` = |cos(u, v_max)| and
+  ``power_iterations`` on tracked steps (NaN on the others), ``step`` the index of the step among the
+  steps taken. The state keeps them as one float vector (:class:`Diagnostics`); the integer keys come
+  from the state's int32 counters.
 * **Other hyperparameters (DCAO).** A law that decides ``momentum`` / ``weight_decay`` writes them
   into the base's ``optax.inject_hyperparams`` state (``momentum`` or ``b1``; ``weight_decay``).
   They take effect from the next step: this step's ``u`` was formed before the law measured the
-  curvature. At ``init`` a ValueError is raised when the base is not built with
-  ``inject_hyperparams``, when a knob is a schedule (it would overwrite the law), or when a knob the
-  law would move is missing. A missing knob is read as 0, and DCAO's rules are multiplicative, so a
-  knob that starts at 0 stays there unless its lower bound is positive: the missing knob is only an
-  error when the law's lower bound for it is > 0. What can be applied is applied.
-* **Bad input** (SPEC section 10). A non-finite gradient, update ``u`` or loss (when the loss is
-  known: the ``value`` argument or a route that computed it) skips the step inside ``jit``: the
-  update is 0 and the base state, law state, warm-start vectors and step count are left unchanged,
-  as ``optax.apply_if_finite`` does. Non-finite or degenerate curvature is handled by the law: it
-  keeps its last good learning rate (``fallback = 1``). The state counts both, cumulatively
-  (``skipped``, ``fallbacks``; :func:`diagnostics` reports them as ``skipped_steps`` and
-  ``fallback_steps``). The grad and update squared norms serve as the finiteness test (one dot
-  product per tree; a squared norm that overflows the float range counts as non-finite too) and are
-  reported every step.
-* **Warnings** (``warn``). With ``warn=True`` (the default) the compiled update contains no host
-  callback: the RuntimeWarning is raised on the host by :func:`diagnostics` when the last step was
-  skipped or fell back, with the cumulative counts in its message (a training loop that reads the
-  diagnostics every step therefore warns at every bad step; one that reads them every ``n`` steps
-  warns only when the step it reads was bad, and the counts tell how many there were in all; such a
-  loop can pass the counts' increase since its last read to :func:`warn_bad_steps`, as the Keras
-  adapter does). ``warn="jit"`` warns from inside ``jit`` instead, through ``jax.debug.callback`` in
-  a ``lax.cond`` on probe steps (steps skipped between probes are reported at the next probe,
-  ``reported_skips`` keeps track), without any call to :func:`diagnostics`. ``warn=False`` warns
-  nowhere; the counts stay in the state and in :func:`diagnostics`. :func:`diagnostics` learns the
-  mode from the state: its :class:`Diagnostics` carries it as static pytree data (not an array, so
-  nothing is added to the step or the checkpoint's arrays), written by ``init`` and by every
-  ``update``, so after one step a restored state reports with the running transformation's mode.
-  **Cost of the in-jit warning:** a host callback anywhere in the program slows every step, not only
-  the ones that call it. GPT-2 124M on an H100: +12% per step probing every 10 steps, +9% probing
-  every step. The 2-layer GPT-like model of ``benchmarks/jax_overhead.py`` on CPU (jax 0.10, routes
-  jvp-jvp and fd-onesided), probing every 10 steps: 1.23-1.26x a plain step with ``warn="jit"``,
-  1.12-1.14x with ``warn=True`` or ``False`` (identical programs). That is why ``warn=True`` leaves it out
-  (``--warn jit`` measures it).
+  curvature. A ValueError is raised when the base is not built with ``inject_hyperparams``, when a knob
+  is a schedule (it would overwrite the law), or when a knob the law would move off 0 is missing (a
+  missing knob is read as 0, and DCAO's rules are multiplicative).
+* **Bad input.** A non-finite gradient, update ``u`` or loss (when the loss is known: the ``value``
+  argument or a route that computed it) skips the step inside ``jit`` (``skip_nonfinite=True``, the
+  default): the update is 0 and the base state, law state, warm-start vectors and step count are left
+  unchanged, as ``optax.apply_if_finite`` does. ``skip_nonfinite=False`` applies such a step (the
+  non-finite values reach the parameters, as with a plain optax optimizer). Non-finite or degenerate
+  curvature is handled by the law: it keeps its last good learning rate (``fallback = 1``). The state
+  counts both (``skipped``, ``fallbacks``; reported as ``skipped_steps`` and ``fallback_steps``).
+* **Warnings** (``warn``). ``True`` (default): the compiled update holds no host callback; the
+  RuntimeWarning is raised on the host by :func:`diagnostics` when the last step was skipped or fell
+  back, with the cumulative counts (:func:`warn_bad_steps`). ``"jit"``: from inside ``jit`` through
+  ``jax.debug.callback`` on probe steps (steps skipped between probes are reported at the next probe).
+  A host callback anywhere in the program slows every step: +9-12% per step on GPT-2 124M (H100),
+  1.23-1.26x instead of 1.12-1.14x a plain step on the CPU model of ``benchmarks/jax_overhead.py``.
+  ``False``: never; the counts stay in the state.
 * **Composition with other optax transformations.** ``tune`` must receive the raw gradient of
   ``value_fn``: it is ``g`` in ``g.u`` (CDAT's numerator), ``|g|^2`` (Polyak), the base point of
   one-sided finite differences and the cosine of HyperGradient. Put gradient transformations
@@ -97,30 +101,23 @@ Design
 
       opt = tune(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), CDAT(scale=2.0))
 
-  rather than ``optax.chain(optax.clip_by_global_norm(1.0), tune(...))``, where ``g`` would be the
-  clipped gradient (the numerator shrinks with the clipping factor and one-sided differences
-  subtract the wrong gradient). CDAT's rate scales as ``1 / |u|``, so a global-norm clip inside
-  ``base`` leaves SGD's step ``lr * u`` unchanged (it does change Adam's moments); bound the step
-  with the law's ``lr_max`` instead. A transformation chained *after* ``tune`` sees ``lr * u``.
-  :func:`diagnostics` finds the ``TuneState`` inside a chained or wrapped state
-  (``optax.chain``, ``optax.named_chain``, ``optax.apply_if_finite``, ...).
-* **Data parallel** (SPEC section 10). Every statistic is a function of ``value_fn`` and ``grads`` on
-  the whole batch, so every device computes the same learning rate when those are global: under
-  ``jax.jit`` with a batch-sharded input (``NamedSharding(mesh, P("data"))``) XLA inserts the
-  reductions itself (the lr equals the single-device run's, tested with 2 host devices); under
-  ``shard_map`` ``value_fn`` must return the global loss (``lax.pmean(loss(p, local_batch), "data")``)
-  and ``grads`` its gradient.
-* **State.** :class:`TuneState` is a NamedTuple of arrays (and ``None`` for unused slots): it
-  checkpoints with the parameters, and resuming from a saved copy continues bit-identically (all
-  randomness comes from a fixed seed at ``init``).
+  CDAT's rate scales as ``1 / |u|``, so a global-norm clip inside ``base`` leaves SGD's step ``lr * u``
+  unchanged (it does change Adam's moments); bound the step with the law's ``lr_max`` instead.
+  :func:`diagnostics` finds the ``TuneState`` inside a chained or wrapped state.
+* **Data parallel.** Every statistic is a function of ``value_fn`` and ``grads`` on the whole batch:
+  under ``jax.jit`` with a batch-sharded input XLA inserts the reductions itself; under ``shard_map``
+  ``value_fn`` must return the global loss (``lax.pmean(loss(p, local_batch), "data")``) and ``grads``
+  its gradient.
+* **State.** :class:`TuneState` is a NamedTuple of arrays (and ``None`` for unused slots; counters are
+  int32, the law's included): it checkpoints with the parameters, and resuming from a saved copy
+  continues bit-identically.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -129,7 +126,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from eos_core import _validation as check
+from eos_core import diagnostics as D
 from eos_core import routes
 from eos_core import stats as S
 from eos_core.adapters.jax import hyperparams as knobs
@@ -137,39 +134,39 @@ from eos_core.adapters.jax.numerics import jax_numerics
 from eos_core.adapters.jax.oracles import HVP_ROUTES, curvature, resolve_curvature_route, resolve_hvp_route
 from eos_core.adapters.jax.preconditioner import AdamPreconditioner, RmsPreconditioner, find_preconditioner, identify
 from eos_core.adapters.jax.spectral import hessian_operator, top_eigenvalue, top_eigenvalues
-from eos_core.adapters.jax.tree_ops import (
-    TreeOps,
-    tree_dot,
-    tree_random_normal,
-    tree_scale,
-    tree_select,
-)
+from eos_core.adapters.jax.tree_ops import TreeOps, tree_dot, tree_norm, tree_random_start, tree_select
 from eos_core.laws.base import Law, LawOutput
 from eos_core.numerics import NUMPY, Numerics
+from eos_core.settings import DEPRECATED, TunerSettings
 
 PyTree = Any
+Preconditioner = AdamPreconditioner | RmsPreconditioner | Callable[[Any], PyTree]
 
-#: Route names by code (the state stores an int32 code; ``none`` when no curvature was needed).
-ROUTE_NAMES: tuple[str, ...] = ("none", *routes.EXACT, *routes.FINITE_DIFFERENCES)
+#: The :class:`~eos_core.settings.TunerSettings` options ``tune`` honours.
+SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
+                                      "warn", "skip_nonfinite", "seed", "fd_eps", "reference_lr")
 
-#: Diagnostics the adapter reports besides the law's own (``lr``, ``probed``, ``fallback``, measurements).
-ADAPTER_KEYS: tuple[str, ...] = (
-    "loss", "grad_norm", "update_norm", "numerator", "denominator", "sharpness", "lr_sharpness",
-    "preconditioned_sharpness", "power_iterations", "skipped",
-)
+#: Route names by code (the diagnostics vector stores the code; ``none``: no H v route was used).
+ROUTE_NAMES: tuple[str, ...] = ("none", *routes.EXACT, *routes.FINITE_DIFFERENCES, routes.AUTO)
 
-_SPECTRAL_NEEDS = frozenset(S.SPECTRAL)
-_PRECONDITIONED_NEEDS = frozenset({S.PRECONDITIONED_SHARPNESS, S.PRECONDITIONED_TOP_EIGENVALUES})
-_VALUE_FN_NEEDS = frozenset({S.CURVATURE, S.TRIAL_LOSS}) | _SPECTRAL_NEEDS
+#: Entries of the diagnostics vector that are not diagnostics: the codes of the u^T H u and H v routes.
+CODE_KEYS: tuple[str, ...] = ("route_code", "hvp_route_code")
+
+
+def vector_keys(law: Law) -> tuple[str, ...]:
+    """The entries of the :class:`Diagnostics` vector for ``law``: the float keys of
+    :func:`eos_core.diagnostics.keys_for` (registry order) and :data:`CODE_KEYS`."""
+    skip = set(D.INTEGER_KEYS) | set(D.STRING_KEYS)
+    return (*(k for k in D.keys_for(law) if k not in skip), *CODE_KEYS)
 
 
 @jax.tree_util.register_pytree_node_class
 class Diagnostics:
     """The last step's diagnostics: a fixed tuple of names and the transformation's ``warn`` mode (static) and
-    one vector of values (a pytree leaf).
+    one float vector of values (a pytree leaf).
 
     One array keeps the per-step bookkeeping to a single select; ``d["lr"]`` reads one value and
-    :func:`diagnostics` converts all of them to host floats (and, when ``warn`` is True, raises the
+    :func:`diagnostics` converts all of them to host values (and, when ``warn`` is True, raises the
     warnings of a skipped or fallen-back last step).
     """
 
@@ -187,6 +184,8 @@ class Diagnostics:
         return cls(keys, children[0], warn)
 
     def __getitem__(self, key: str) -> Any:
+        if key not in self.keys:
+            raise KeyError(key)
         return self.values[self.keys.index(key)]
 
     def __contains__(self, key: object) -> bool:
@@ -200,7 +199,7 @@ class TuneState(NamedTuple):
     """State of :func:`tune`: a pytree of arrays (unused slots are ``None``)."""
 
     base_state: Any  #: the base optimizer's state
-    law_state: Any  #: the law's state (a NamedTuple of 0-d arrays)
+    law_state: Any  #: the law's state (a NamedTuple of 0-d arrays; counters are int32)
     count: jax.Array  #: int32, steps taken (skipped steps excluded); probes when ``count % probe_every == 0``
     skipped: jax.Array  #: int32, steps skipped because of a non-finite loss, gradient or update
     fallbacks: jax.Array  #: int32, probe steps where the law kept its last learning rate (``fallback = 1``)
@@ -211,6 +210,59 @@ class TuneState(NamedTuple):
     diagnostics: Diagnostics  #: the last step's diagnostics (see :func:`diagnostics`)
 
 
+# -- the stages' results (NamedTuples, so that both branches of a lax.cond return one structure) -----------
+class _Inputs(NamedTuple):
+    """Stage "check inputs": what the step was given and what the base optimizer made of it."""
+
+    grads: PyTree
+    params: PyTree
+    u: PyTree  #: the base's update for lr = 1
+    base_state: Any  #: the base's state after this step
+    value_fn: Callable[[PyTree], jax.Array] | None
+    value: Any  #: the loss at ``params`` when the caller gave it, else None
+    grad_sq: jax.Array
+    update_sq: jax.Array
+    finite: jax.Array  #: gradient, update and given loss are finite
+    precond: PyTree | None  #: P of an adaptive base, when a preconditioned estimate may be needed
+    curvature_code: int  #: code (:data:`ROUTE_NAMES`) of the u^T H u route
+    hvp_code: int  #: code of the H v route
+    numerics: Numerics
+    ops: TreeOps
+
+
+class _Probed(NamedTuple):
+    """Stage "probe": the law's output (``law.update`` on a probe step, ``law.hold`` otherwise)."""
+
+    out: LawOutput
+    loss: jax.Array  #: f(w) (NaN when unknown)
+    loss_known: jax.Array
+    finite: jax.Array  #: the inputs and the loss are finite
+    eigenvector: PyTree | None  #: warm starts after the law's spectral estimates
+    preconditioned_eigenvector: PyTree | None
+    reported_skips: jax.Array
+    fell_back: jax.Array  #: the law kept its last lr on a step that is taken
+    law_iterations: tuple[jax.Array, jax.Array]  #: products of the law's power iterations on H, on P^-1/2 H P^-1/2
+
+
+class _Tracked(NamedTuple):
+    """Stage "track": the ``sharpness_every`` estimates (NaN when not tracked on this step)."""
+
+    sharpness: jax.Array
+    preconditioned_sharpness: jax.Array
+    iterations: jax.Array
+    alignment: jax.Array
+    eigenvector: PyTree | None
+    preconditioned_eigenvector: PyTree | None
+
+
+class _Decision(NamedTuple):
+    """Stage "decide": whether the step is taken and with which learning rate."""
+
+    applied: jax.Array
+    lr: jax.Array
+    fell_back: jax.Array
+
+
 def _route_code(name: str | None) -> int:
     return 0 if name is None else ROUTE_NAMES.index(name)
 
@@ -218,27 +270,6 @@ def _route_code(name: str | None) -> int:
 def _law_numerics(law_state: Any) -> Numerics:
     leaves = [leaf for leaf in jax.tree.leaves(law_state) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
     return jax_numerics(jnp.result_type(leaves[0]) if leaves else None)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unit_random(params: PyTree, seed: int) -> PyTree:
-    """A unit-norm standard normal pytree shaped like ``params`` (one compiled program: eager, the draw and the
-    normalisation would compile one small program per leaf shape, seconds in all for a small model)."""
-    v = tree_random_normal(params, seed)
-    return tree_scale(1.0 / tree_dot(v, v) ** 0.5, v)
-
-
-#: Accepted values of ``tune``'s ``warn`` (see the module docstring).
-WARN_MODES: tuple[bool | str, ...] = (True, "jit", False)
-
-
-def _warn_mode(owner: str, warn: Any) -> bool | str:
-    if isinstance(warn, bool | np.bool_):
-        return bool(warn)
-    if isinstance(warn, str) and warn == "jit":
-        return "jit"
-    raise ValueError(f"{owner}: warn must be True (warnings raised by diagnostics(), no host callback in the step), "
-                     f"'jit' (warnings from inside jit through jax.debug.callback) or False (none), got {warn!r}")
 
 
 def _warn(count: Any, unreported: Any, fallback: Any) -> None:
@@ -260,13 +291,18 @@ def warn_bad_steps(found: Mapping[str, Any], *, new_skips: int | None = None, ne
     By default they describe the last step: skipped (``skipped`` = 1), or else fell back (``fallback`` = 1).
     A caller that remembers the counts it saw last (the Keras callback, reading every ``log_every`` steps)
     passes ``new_skips`` / ``new_fallbacks``, the increase of ``skipped_steps`` / ``fallback_steps`` since
-    then. Steps are numbered by update call from ``init`` (0-based, skipped steps included), so the index of
-    the last one is ``step + skipped_steps - 1``. ``stacklevel`` as in ``warnings.warn``: 1 points the warning
-    at the caller of this function.
+    then. The messages number steps by update call from ``init`` (0-based, skipped steps included): the
+    last one is ``step + skipped_steps - skipped`` (``step`` excludes skipped steps).
+
+    Args:
+        found: host diagnostics with ``step``, ``skipped``, ``fallback``, ``skipped_steps`` and ``fallback_steps``.
+        new_skips: skipped steps to report (default: 1 when the last step was skipped).
+        new_fallbacks: fallbacks to report (default: 1 when the last step fell back).
+        stacklevel: as in ``warnings.warn``; 1 points the warning at the caller of this function.
     """
     skipped_steps, fallback_steps = int(found["skipped_steps"]), int(found.get("fallback_steps", 0))
-    last = int(found["step"]) + skipped_steps - 1
     last_skipped = float(found.get("skipped", 0.0)) > 0
+    last = int(found["step"]) + skipped_steps - int(last_skipped)
     if new_skips is None:
         new_skips = int(last_skipped)
     if new_fallbacks is None:
@@ -285,320 +321,18 @@ def warn_bad_steps(found: Mapping[str, Any], *, new_skips: int | None = None, ne
                       RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-def tune(
-    base: optax.GradientTransformation,
-    law: Law,
-    *,
-    probe_every: int = 1,
-    route: str = routes.AUTO,
-    sharpness_every: int | None = None,
-    sharpness_iters: int = 20,
-    sharpness_tol: float = 1e-3,
-    preconditioner: AdamPreconditioner | RmsPreconditioner | Callable[[Any], PyTree] | None = None,
-    seed: int = 0,
-    warn: bool | str = True,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Wrap ``base`` (an optax optimizer with learning rate 1) so that its update is scaled by ``law``.
-
-    The returned transformation's update is
-    ``update(grads, state, params, *, value_fn=None, value=None, **extra) -> (lr * u, state)`` where
-    ``u`` is ``base``'s update, ``value_fn(params)`` the loss on the current batch as a scalar (needed
-    for curvature, spectra and line searches; for a loss with auxiliary outputs pass
-    ``lambda p: loss_and_aux(p)[0]``) and ``value`` optionally its value at ``params``. ``grads`` must be
-    the raw gradient of ``value_fn`` at ``params``: chain gradient transformations (clipping, ...) inside
-    ``base``, not before ``tune`` (see the module docstring). For CDAT
-    the learning rate is eq. 8 of the CDAT paper,
-    :math:`\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)`.
-
-    Args:
-        base: an ``optax.GradientTransformation`` with learning rate 1.
-        law: a tuning law from :mod:`eos_core.laws`.
-        probe_every: measure the statistics every ``probe_every`` steps (steps 0, k, 2k, ...) and
-            reuse the learning rate in between. Meant for laws whose rate changes slowly (CDAT with
-            an EMA, AdaEoS, DCAO, ExactSharpness); the Polyak step is a property of the current point
-            only, and holding it for several steps can diverge.
-        route: u^T H u oracle: ``auto``, ``jvp-jvp``, ``jvp-grad``, ``double-backward``, ``fd-central``,
-            ``fd-onesided`` (see :mod:`eos_core.adapters.jax.oracles`).
-        sharpness_every: every ``m`` steps, estimate lambda_max(H) (and, for an adaptive base, of the
-            preconditioned Hessian) for the diagnostics; None disables it.
-        sharpness_iters, sharpness_tol: power-iteration budget and stopping tolerance of that estimate.
-        preconditioner: P of an adaptive base; by default identified from ``base``
-            (:func:`eos_core.adapters.jax.preconditioner.identify`). Either a spec
-            (:class:`AdamPreconditioner`, :class:`RmsPreconditioner`) or a callable
-            ``base_state -> P`` (a pytree like the parameters, entrywise positive).
-        seed: seed of the initial warm-start vectors.
-        warn: how a skipped step (non-finite loss, gradient or update) and a law fallback (non-finite or
-            degenerate curvature) are reported. ``True`` (default): on the host, by :func:`diagnostics`, when
-            the last step was skipped or fell back (the message has the cumulative counts); the compiled
-            update holds no host callback. ``"jit"``: from inside ``jit`` through ``jax.debug.callback``, in a
-            ``lax.cond`` on probe steps taken only when steps were skipped since the last report or the law
-            fell back (steps skipped between probes are reported at the next probe); the callback costs
-            about 10% on every step (see the module docstring). ``False``: never. In every mode the counts
-            are in the state (``skipped``, ``fallbacks``) and in :func:`diagnostics` (``skipped_steps``,
-            ``fallback_steps``).
-
-    Raises:
-        ValueError: naming the setting, for an invalid ``base``, ``law``, ``probe_every``, ``route``,
-            ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``, ``warn``, or a law that cannot start
-            (e.g. a multiplicative law without ``lr_init``: the base's learning rate is 1 by contract,
-            so no initial rate is taken from it), or a law that decides a hyperparameter ``base`` cannot
-            take (DCAO on a base not built with ``optax.inject_hyperparams``; checked on a synthetic
-            parameter vector, or at ``init`` for a base that needs the real parameter structure).
-    """
-    owner = "tune"
-    if not isinstance(base, optax.GradientTransformation):
-        raise ValueError(f"{owner}: base must be an optax.GradientTransformation (e.g. optax.sgd(1.0)), "
-                         f"got {type(base).__name__}")
-    if not isinstance(law, Law):
-        raise ValueError(f"{owner}: law must be an eos_core law (e.g. CDAT(scale=2.0)), got {type(law).__name__}")
-    probe_every = check.positive_int(owner, "probe_every", probe_every)
-    route = routes.validate_route(route, owner=f"{owner}: route")
-    if sharpness_every is not None:
-        sharpness_every = check.positive_int(owner, "sharpness_every", sharpness_every)
-    sharpness_iters = check.positive_int(owner, "sharpness_iters", sharpness_iters)
-    sharpness_tol = check.non_negative(owner, "sharpness_tol", sharpness_tol)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ValueError(f"{owner}: seed must be an integer, got {seed!r}")
-    warn = _warn_mode(owner, warn)
-    unknown = set(law.needs) - set(S.ALL)
-    if unknown:
-        raise ValueError(f"{owner}: law {law!r} needs statistics this adapter does not know: {sorted(unknown)}")
-    law.init(None, numerics=NUMPY)  # a law that cannot start raises its ValueError here, at construction
-
-    needs = frozenset(law.needs)
-    base = optax.with_extra_args_support(base)
-    wants_preconditioner = bool(needs & _PRECONDITIONED_NEEDS) or sharpness_every is not None
-    spec, reason = identify(base, preconditioner) if wants_preconditioner else (None, "not needed")
-    if needs & _PRECONDITIONED_NEEDS and spec is None:
-        raise ValueError(f"{owner}: law {law!r} needs the preconditioned Hessian, but {reason}")
-    needs_eigenvector = bool(needs & {S.SHARPNESS, S.TOP_EIGENVALUES}) or sharpness_every is not None
-    needs_precond_eigenvector = bool(needs & _PRECONDITIONED_NEEDS) or (
-        sharpness_every is not None and spec is not None)
-    needs_previous = S.GRAD_PREV_UPDATE_COSINE in needs
-    hvp_route = route if route in HVP_ROUTES else routes.AUTO
-    decides = tuple(law.decides)
-    if decides:  # the knobs the law sets must exist in base: check now, on a synthetic parameter vector
-        synthetic_state = _synthetic_state(base)
-        if synthetic_state is not None:
-            _init_law(law, synthetic_state, NUMPY)
-
-    def precond_of(base_state: Any) -> PyTree:
-        if isinstance(spec, AdamPreconditioner | RmsPreconditioner):
-            return find_preconditioner(base_state, spec)
-        return spec(base_state)
-
-    # -- init ------------------------------------------------------------------------------------
-    template = law.hold(law.init(None, numerics=NUMPY), numerics=NUMPY).diagnostics
-    keys = tuple(dict.fromkeys((*template, *ADAPTER_KEYS, *decides, "route_code", "hvp_route_code")))
-
-    def init_fn(params: PyTree) -> TuneState:
-        numerics = jax_numerics()
-        base_state = base.init(params)
-        law_state = _init_law(law, base_state, numerics)
-        held = law.hold(law_state, numerics=numerics)
-        initial = {k: math.nan for k in keys}
-        initial.update(probed=0.0, fallback=0.0, skipped=0.0, route_code=0.0, hvp_route_code=0.0)
-        values = [jnp.asarray(held.lr if k == "lr" else getattr(law_state, k) if k in decides else initial[k],
-                              dtype=numerics.dtype) for k in keys]
-        return TuneState(
-            base_state=base_state,
-            law_state=law_state,
-            count=jnp.zeros((), jnp.int32),
-            skipped=jnp.zeros((), jnp.int32),
-            fallbacks=jnp.zeros((), jnp.int32),
-            reported_skips=jnp.zeros((), jnp.int32),
-            eigenvector=_unit_random(params, seed) if needs_eigenvector else None,
-            preconditioned_eigenvector=_unit_random(params, seed + 1) if needs_precond_eigenvector else None,
-            previous_update=jax.tree.map(jnp.zeros_like, params) if needs_previous else None,
-            diagnostics=Diagnostics(keys, jnp.stack(values), warn),
-        )
-
-    # -- update ----------------------------------------------------------------------------------
-    def update_fn(
-        updates: PyTree,
-        state: TuneState,
-        params: PyTree | None = None,
-        *,
-        value_fn: Callable[[PyTree], jax.Array] | None = None,
-        value: jax.Array | None = None,
-        **extra: Any,
-    ) -> tuple[PyTree, TuneState]:
-        if params is None:
-            raise ValueError(f"{owner}: update needs params (call opt.update(grads, state, params, value_fn=...))")
-        needs_value_fn = bool(needs & _VALUE_FN_NEEDS) or sharpness_every is not None or (
-            S.LOSS in needs and value is None)
-        if needs_value_fn and value_fn is None:
-            raise ValueError(f"{owner}: update needs value_fn=... (the loss on the current batch as a function of "
-                             f"the parameters) for {law!r}" + (" and sharpness_every" if sharpness_every else ""))
-        numerics = _law_numerics(state.law_state)
-        ops = TreeOps(numerics)
-        nan = numerics.scalar(math.nan)
-        grads = updates
-        u, base_state = base.update(grads, state.base_state, params, **extra)
-        # Squared norms double as the finiteness test: a NaN or Inf entry makes them non-finite (so does a
-        # squared norm beyond the float range, a diverged step that is best skipped too). One dot product per
-        # tree instead of a separate isfinite reduction.
-        grad_sq, update_sq = tree_dot(grads, grads, numerics.dtype), tree_dot(u, u, numerics.dtype)
-        ok_inputs = jnp.isfinite(grad_sq) & jnp.isfinite(update_sq)
-        if value is not None:
-            ok_inputs = ok_inputs & jnp.isfinite(value)
-        precond = precond_of(base_state) if needs_precond_eigenvector else None
-
-        curvature_code, hvp_code = 0, 0
-        if S.CURVATURE in needs:
-            curvature_code = _route_code(resolve_curvature_route(value_fn, params, u, route))
-        if needs & _SPECTRAL_NEEDS or sharpness_every is not None:
-            hvp_code = _route_code(resolve_hvp_route(value_fn, params, hvp_route))
-
-        # -- probe: the statistics the law needs, then law.update -------------------------------
-        def probe(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any, Any]:
-            stats: dict[str, Any] = {}
-            loss = None if value is None else jnp.asarray(value)
-            eigvec, peigvec = state.eigenvector, state.preconditioned_eigenvector
-            if S.GRAD_DOT_UPDATE in needs:
-                stats[S.GRAD_DOT_UPDATE] = tree_dot(grads, u, numerics.dtype)
-            if S.CURVATURE in needs:
-                result, _ = curvature(value_fn, params, u, route=ROUTE_NAMES[curvature_code], grads=grads)
-                stats[S.CURVATURE] = result.value
-                loss = result.loss if loss is None else loss
-            if S.LOSS in needs:
-                loss = value_fn(params) if loss is None else loss
-                stats[S.LOSS] = loss
-            if S.GRAD_NORM_SQ in needs:
-                stats[S.GRAD_NORM_SQ] = grad_sq
-            ok_here = ok_inputs if loss is None else ok_inputs & jnp.isfinite(loss)
-            if needs & _SPECTRAL_NEEDS:
-                route_name = ROUTE_NAMES[hvp_code]
-                if needs & {S.SHARPNESS, S.TOP_EIGENVALUES}:
-                    matvec, _ = hessian_operator(value_fn, params, route=route_name, grads=grads, ops=ops)
-                    found_vec, found = _spectral(law, matvec, eigvec, ops, preconditioned=False)
-                    eigvec = tree_select(ok_here, found_vec, eigvec)  # a bad step keeps the warm start
-                    stats.update(found)
-                if needs & _PRECONDITIONED_NEEDS:
-                    matvec, _ = hessian_operator(value_fn, params, route=route_name, grads=grads, precond=precond,
-                                                 ops=ops)
-                    found_vec, found = _spectral(law, matvec, peigvec, ops, preconditioned=True)
-                    peigvec = tree_select(ok_here, found_vec, peigvec)
-                    stats.update(found)
-            if S.TRIAL_LOSS in needs:
-                stats[S.TRIAL_LOSS] = lambda eta: value_fn(jax.tree.map(
-                    lambda w, d: w + jnp.asarray(eta).astype(jnp.result_type(w)) * d.astype(jnp.result_type(w)),
-                    params, u))
-            if S.GRAD_PREV_UPDATE_COSINE in needs:
-                stats[S.GRAD_PREV_UPDATE_COSINE] = _cosine(grads, state.previous_update, grad_sq, numerics)
-            out = law.update(state.law_state, stats, numerics=numerics)
-            skipped_through = state.skipped + (~ok_here).astype(jnp.int32)  # skips up to this probe, this one too
-            fell_back = ok_here & (out.diagnostics["fallback"] > 0) if needs else jnp.asarray(False)
-            if warn == "jit":  # raised here, on probe steps only, so that a hold step carries no host callback
-                unreported = skipped_through - state.reported_skips
-                lax.cond((unreported > 0) | fell_back,
-                         lambda: jax.debug.callback(_warn, state.count, unreported, fell_back), lambda: None)
-            loss_out = nan if loss is None else numerics.scalar(loss)
-            return out, loss_out, jnp.asarray(loss is not None), eigvec, peigvec, skipped_through, fell_back
-
-        def hold(_: Any) -> tuple[LawOutput, Any, Any, Any, Any, Any, Any]:
-            out = law.hold(state.law_state, numerics=numerics)
-            loss = nan if value is None else numerics.scalar(value)
-            return (out, loss, jnp.asarray(value is not None), state.eigenvector, state.preconditioned_eigenvector,
-                    state.reported_skips, jnp.asarray(False))
-
-        if probe_every == 1:
-            out, loss, loss_known, eigvec, peigvec, reported, fell_back = probe(None)
-        else:
-            out, loss, loss_known, eigvec, peigvec, reported, fell_back = lax.cond(
-                state.count % probe_every == 0, probe, hold, None)
-        ok = ok_inputs & (~loss_known | jnp.isfinite(loss))
-        lr = out.lr
-
-        # -- sharpness tracking -----------------------------------------------------------------
-        sharp, psharp, iterations = nan, nan, nan
-        if sharpness_every is not None:
-            def measure(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any, Any]:
-                v, pv = carry
-                matvec, _ = hessian_operator(value_fn, params, route=ROUTE_NAMES[hvp_code], grads=grads, ops=ops)
-                top = top_eigenvalue(matvec, v, tol=sharpness_tol, max_iters=sharpness_iters, ops=ops)
-                v = tree_select(ok, top.eigenvector, v)
-                used = numerics.scalar(top.iterations)
-                if pv is None:
-                    return top.eigenvalue, nan, used, v, pv
-                pmatvec, _ = hessian_operator(value_fn, params, route=ROUTE_NAMES[hvp_code], grads=grads,
-                                              precond=precond, ops=ops)
-                ptop = top_eigenvalue(pmatvec, pv, tol=sharpness_tol, max_iters=sharpness_iters, ops=ops)
-                return top.eigenvalue, ptop.eigenvalue, used, v, tree_select(ok, ptop.eigenvector, pv)
-
-            def skip(carry: tuple[Any, Any]) -> tuple[Any, Any, Any, Any, Any]:
-                return nan, nan, nan, carry[0], carry[1]
-
-            if sharpness_every == 1:
-                sharp, psharp, iterations, eigvec, peigvec = measure((eigvec, peigvec))
-            else:
-                sharp, psharp, iterations, eigvec, peigvec = lax.cond(state.count % sharpness_every == 0, measure,
-                                                                      skip, (eigvec, peigvec))
-            sharp, psharp = numerics.scalar(sharp), numerics.scalar(psharp)
-
-        # -- apply what the law decided ----------------------------------------------------------
-        if decides:
-            names = knobs.resolve_names(base_state, decides)
-            base_state = knobs.write(base_state, {names[k]: out.hyperparams[k] for k in decides if names[k]})
-        new_updates = jax.tree.map(lambda d: jnp.where(ok, jnp.asarray(lr).astype(d.dtype) * d, 0).astype(d.dtype), u)
-
-        # -- diagnostics: one vector, so that keeping or replacing them is one select -------------
-        diag = {k: numerics.scalar(v) for k, v in out.diagnostics.items()}
-        diag.update(loss=loss, grad_norm=grad_sq ** 0.5, update_norm=update_sq ** 0.5, skipped=numerics.scalar(0.0),
-                    route_code=numerics.scalar(curvature_code), hvp_route_code=numerics.scalar(hvp_code))
-        for key in ("numerator", "denominator"):
-            diag[key] = numerics.scalar(out.diagnostics.get(key, nan))
-        law_sharpness = numerics.scalar(out.diagnostics.get("sharpness", out.diagnostics.get("lambda_1", nan)))
-        diag["sharpness"] = jnp.where(jnp.isnan(sharp), law_sharpness, sharp)
-        diag["lr_sharpness"] = numerics.scalar(lr) * diag["sharpness"]
-        diag["preconditioned_sharpness"] = psharp
-        diag["power_iterations"] = numerics.scalar(iterations)
-        diag.update({name: numerics.scalar(out.hyperparams[name]) for name in decides})
-        measured = jnp.stack([diag[k] for k in keys])
-        kept = state.diagnostics.values.at[keys.index("skipped")].set(1.0)
-
-        # -- a step with non-finite input leaves everything as it was ----------------------------------
-        new_state = TuneState(
-            base_state=tree_select(ok, base_state, state.base_state),
-            law_state=tree_select(ok, out.state, state.law_state),
-            count=state.count + ok.astype(jnp.int32),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-            fallbacks=state.fallbacks + (ok & fell_back).astype(jnp.int32),
-            reported_skips=reported,
-            eigenvector=eigvec,  # already guarded where it was measured
-            preconditioned_eigenvector=peigvec,
-            previous_update=tree_select(ok, u, state.previous_update) if needs_previous else None,
-            diagnostics=Diagnostics(keys, jnp.where(ok, measured, kept), warn),
-        )
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _cosine(grads: PyTree, previous: PyTree, grad_sq: jax.Array, numerics: Numerics) -> jax.Array:
-    """cos(g_t, u_{t-1}); 0 when either vector is zero (the first step)."""
-    dot = tree_dot(grads, previous, numerics.dtype)
-    norms = grad_sq ** 0.5 * tree_dot(previous, previous, numerics.dtype) ** 0.5
-    return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), numerics.scalar(0.0))
-
-
-def _spectral(law: Law, matvec: Callable[[PyTree], PyTree], v0: PyTree, ops: TreeOps, *, preconditioned: bool
-              ) -> tuple[PyTree, dict[str, Any]]:
-    """The eigenvalue statistics ``law`` needs on ``matvec`` and the new warm-start vector."""
-    sharp_key = S.PRECONDITIONED_SHARPNESS if preconditioned else S.SHARPNESS
-    top_key = S.PRECONDITIONED_TOP_EIGENVALUES if preconditioned else S.TOP_EIGENVALUES
-    stats: dict[str, Any] = {}
-    if sharp_key in law.needs:
-        result = top_eigenvalue(matvec, v0, tol=float(getattr(law, "power_tol", 1e-3)),
-                                max_iters=int(getattr(law, "power_iters", 20)), ops=ops)
-        stats[sharp_key] = result.eigenvalue
-        v0 = result.eigenvector
-    if top_key in law.needs:
-        result = top_eigenvalues(matvec, v0, int(getattr(law, "num_eigenvalues", 1)),
-                                 num_steps=getattr(law, "lanczos_steps", None), ops=ops)
-        stats[top_key] = result.eigenvalues
-        v0 = result.eigenvectors[0]
-    return v0, stats
+def _resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any]) -> TunerSettings:
+    """``settings`` with ``options`` applied on top (old names accepted), checked against :data:`SUPPORTED_OPTIONS`."""
+    given: dict[str, Any] = {}
+    if settings is not None:
+        if not isinstance(settings, TunerSettings):
+            raise ValueError(f"tune: settings must be an eos_core.settings.TunerSettings, "
+                             f"got {type(settings).__name__}")
+        given = settings.as_dict()
+        for name in options:
+            given.pop(DEPRECATED.get(name, name), None)
+    # stacklevel 4: the DeprecationWarning points at the caller of tune
+    return TunerSettings.from_options("tune", {**given, **options}, supported=SUPPORTED_OPTIONS, stacklevel=4)
 
 
 def _synthetic_state(base: optax.GradientTransformation) -> Any:
@@ -610,11 +344,13 @@ def _synthetic_state(base: optax.GradientTransformation) -> Any:
         return None
 
 
-def _init_law(law: Law, base_state: Any, numerics: Numerics) -> Any:
-    """The law's initial state; for a law that decides hyperparameters, seeded with the base's values."""
+def _base_hyperparams(law: Law, base_state: Any) -> dict[str, Any]:
+    """The current values of the hyperparameters ``law`` decides, read from the base's injected state.
+
+    Raises:
+        ValueError: when the base cannot take them (see the module docstring).
+    """
     decides = tuple(law.decides)
-    if not decides:
-        return law.init(None, numerics=numerics)
     owner = f"tune({type(law).__name__})"
     if not knobs.injected(base_state):
         raise ValueError(
@@ -631,20 +367,462 @@ def _init_law(law: Law, base_state: Any, numerics: Numerics) -> Any:
                     f"{owner}: the base optimizer has no {name} hyperparameter ({'/'.join(knobs.OPTAX_NAMES[name])}) "
                     f"to set, but the law's {name}_bounds lower bound {bounds[0]} would move it off 0")
             values[name] = 0.0
-            continue
-        if knobs.is_scheduled(base_state, key):
+        elif knobs.is_scheduled(base_state, key):
             raise ValueError(f"{owner}: the base's {key} is a schedule; the law sets {name} itself, pass a number")
-        values[name] = knobs.read(base_state, key)
+        else:
+            values[name] = knobs.read(base_state, key)
+    return values
+
+
+def _init_law(law: Law, base_state: Any, numerics: Numerics, reference_lr: float | None) -> Any:
+    """The law's initial state (``law.init(reference_lr)``); for a law that decides hyperparameters, seeded
+    with the base's values (traced values when ``init`` runs under ``jit``)."""
+    if not law.decides:
+        return law.init(reference_lr, numerics=numerics)
+    values = _base_hyperparams(law, base_state)
     try:
         concrete = {k: float(v) for k, v in values.items()}
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
         concrete = None
     if concrete is not None:
-        return law.init(None, hyperparams=concrete, numerics=numerics)
-    state = law.init(None, numerics=numerics)  # traced init: validation was done at construction
+        return law.init(reference_lr, hyperparams=concrete, numerics=numerics)
+    state = law.init(reference_lr, numerics=numerics)  # traced init: validation was done at construction
     return state._replace(**{k: jnp.array(v, dtype=numerics.dtype, copy=True) for k, v in values.items()})
 
 
+def _cosine(grads: PyTree, previous: PyTree, grad_sq: jax.Array, numerics: Numerics) -> jax.Array:
+    """cos(g_t, u_{t-1}); 0 when either vector is zero (the first step)."""
+    dot = tree_dot(grads, previous, numerics.dtype)
+    norms = grad_sq ** 0.5 * tree_dot(previous, previous, numerics.dtype) ** 0.5
+    return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), numerics.scalar(0.0))
+
+
+def _alignment(step: PyTree, v: PyTree, numerics: Numerics) -> jax.Array:
+    """|cos(step, v)|; NaN when either is zero (``alignment`` of the registry with ``step = u``)."""
+    norms = tree_norm(step, numerics.dtype) * tree_norm(v, numerics.dtype)
+    value = jnp.abs(tree_dot(step, v, numerics.dtype)) / jnp.where(norms > 0, norms, 1.0)
+    return jnp.where(norms > 0, value, numerics.scalar(math.nan))
+
+
+class _Tuner:
+    """The static configuration of one :func:`tune` transformation and its stages.
+
+    ``update`` runs the stages check inputs, probe, track, decide, apply and report; every method is a
+    pure function of arrays (the configuration is Python data), so all of it traces under ``jax.jit``.
+    """
+
+    def __init__(self, base: optax.GradientTransformation, law: Law, settings: TunerSettings,
+                 preconditioner: Preconditioner | None) -> None:
+        self.base = optax.with_extra_args_support(base)
+        self.law = law
+        self.settings = settings
+        self.request = law.request()
+        self.decides = tuple(law.decides)
+        self.keys = vector_keys(law)
+        self.tracking = settings.sharpness_every is not None
+        self.spec = self._identify(preconditioner)
+        self.tracks_preconditioned = self.tracking and self.spec is not None
+        self.keeps_eigenvector = self.request.hessian_eigenvector or self.tracking
+        self.keeps_preconditioned_eigenvector = self.request.preconditioned or self.tracks_preconditioned
+        self.hvp_route = settings.route if settings.route in HVP_ROUTES else routes.AUTO
+        #: tracking reuses the law's lambda_max of H / of the preconditioned Hessian on probe steps
+        self.reuses = tuple(self._reuses(key) for key in (S.SHARPNESS, S.PRECONDITIONED_SHARPNESS))
+        self._check_law()
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _identify(self, explicit: Preconditioner | None) -> Preconditioner | None:
+        if not (self.request.preconditioned or self.tracking):
+            return None
+        spec, reason = identify(self.base, explicit)
+        if self.request.preconditioned and spec is None:
+            raise ValueError(f"tune: law {self.law!r} needs the preconditioned Hessian, but {reason}")
+        return spec
+
+    def _reuses(self, key: str) -> bool:
+        """The rule for one estimate: the law measures it by power iteration at least as strictly as tracking."""
+        req, s = self.request, self.settings
+        return (self.tracking and key in req.needs and req.power_iters >= s.sharpness_iters
+                and 0 < req.power_tol <= s.sharpness_tol)
+
+    def _check_law(self) -> None:
+        """A law that cannot start raises its ValueError here, at construction."""
+        try:
+            self.law.init(self.settings.reference_lr, numerics=NUMPY)
+        except ValueError as exc:
+            if self.settings.reference_lr is not None:
+                raise
+            raise ValueError(f"tune: {exc} (the base's learning rate is 1 by contract: give the law lr_init=... "
+                             "or tune reference_lr=...)") from exc
+        if self.decides:  # the knobs the law sets must exist in base: check now, on a synthetic parameter vector
+            synthetic = _synthetic_state(self.base)
+            if synthetic is not None:
+                _init_law(self.law, synthetic, NUMPY, self.settings.reference_lr)
+
+    # -- init --------------------------------------------------------------------------------------------
+    def init(self, params: PyTree) -> TuneState:
+        numerics = jax_numerics()
+        base_state = self.base.init(params)
+        law_state = _init_law(self.law, base_state, numerics, self.settings.reference_lr)
+        seed = self.settings.seed
+
+        def zero() -> jax.Array:  # one buffer per counter: a caller may donate the state's buffers
+            return jnp.zeros((), jnp.int32)
+
+        return TuneState(
+            base_state=base_state,
+            law_state=law_state,
+            count=zero(),
+            skipped=zero(),
+            fallbacks=zero(),
+            reported_skips=zero(),
+            eigenvector=tree_random_start(params, seed) if self.keeps_eigenvector else None,
+            preconditioned_eigenvector=(tree_random_start(params, seed + 1)
+                                        if self.keeps_preconditioned_eigenvector else None),
+            previous_update=jax.tree.map(jnp.zeros_like, params) if self.request.previous_update else None,
+            diagnostics=self._initial_diagnostics(law_state, numerics),
+        )
+
+    def _initial_diagnostics(self, law_state: Any, numerics: Numerics) -> Diagnostics:
+        lr = self.law.hold(law_state, numerics=numerics).lr
+        values: dict[str, Any] = dict.fromkeys(self.keys, math.nan)
+        values.update(probed=0.0, fallback=0.0, skipped=0.0, route_code=_route_code(self.settings.route),
+                      hvp_route_code=0.0, lr=lr, law_lr=lr)
+        values.update({k: getattr(law_state, k) for k in self.decides})
+        vector = jnp.stack([jnp.asarray(values[k], dtype=numerics.dtype) for k in self.keys])
+        return Diagnostics(self.keys, vector, self.settings.warn)
+
+    # -- update ------------------------------------------------------------------------------------------
+    def update(self, updates: PyTree, state: TuneState, params: PyTree | None = None, *,
+               value_fn: Callable[[PyTree], jax.Array] | None = None, value: jax.Array | None = None,
+               **extra: Any) -> tuple[PyTree, TuneState]:
+        inputs = self._check_inputs(updates, state, params, value_fn, value, extra)
+        probed = self._probe(inputs, state)
+        tracked = self._track(inputs, state, probed)
+        decision = self._decide(probed)
+        new_updates, base_state = self._apply(inputs, probed, decision)
+        report = self._report(inputs, state, probed, tracked, decision)
+        applied = decision.applied
+        new_state = TuneState(
+            base_state=tree_select(applied, base_state, state.base_state),
+            law_state=tree_select(applied, probed.out.state, state.law_state),
+            count=state.count + applied.astype(jnp.int32),
+            skipped=state.skipped + (~applied).astype(jnp.int32),
+            fallbacks=state.fallbacks + decision.fell_back.astype(jnp.int32),
+            reported_skips=probed.reported_skips,
+            eigenvector=tracked.eigenvector,  # already guarded where it was measured
+            preconditioned_eigenvector=tracked.preconditioned_eigenvector,
+            previous_update=tree_select(applied, inputs.u, state.previous_update) if self.request.previous_update
+            else None,
+            diagnostics=report,
+        )
+        return new_updates, new_state
+
+    # -- stage 1: check the inputs ----------------------------------------------------------------------
+    def _check_inputs(self, grads: PyTree, state: TuneState, params: PyTree | None, value_fn: Any, value: Any,
+                      extra: Mapping[str, Any]) -> _Inputs:
+        if params is None:
+            raise ValueError("tune: update needs params (call opt.update(grads, state, params, value_fn=...))")
+        needs_value_fn = self.request.objective or self.tracking or (S.LOSS in self.request.needs and value is None)
+        if needs_value_fn and value_fn is None:
+            raise ValueError(f"tune: update needs value_fn=... (the loss on the current batch as a function of the "
+                             f"parameters) for {self.law!r}" + (" and sharpness_every" if self.tracking else ""))
+        numerics = _law_numerics(state.law_state)
+        u, base_state = self.base.update(grads, state.base_state, params, **extra)
+        # Squared norms double as the finiteness test: a NaN or Inf entry makes them non-finite (so does a
+        # squared norm beyond the float range, a diverged step that is best skipped too).
+        grad_sq, update_sq = tree_dot(grads, grads, numerics.dtype), tree_dot(u, u, numerics.dtype)
+        finite = jnp.isfinite(grad_sq) & jnp.isfinite(update_sq)
+        if value is not None:
+            finite = finite & jnp.isfinite(value)
+        curvature_code = hvp_code = 0
+        if self.request.curvature:
+            curvature_code = _route_code(resolve_curvature_route(value_fn, params, u, self.settings.route))
+        if self.request.spectral or self.tracking:
+            hvp_code = _route_code(resolve_hvp_route(value_fn, params, self.hvp_route))
+        return _Inputs(grads=grads, params=params, u=u, base_state=base_state, value_fn=value_fn, value=value,
+                       grad_sq=grad_sq, update_sq=update_sq, finite=finite,
+                       precond=self._preconditioner(base_state) if self.keeps_preconditioned_eigenvector else None,
+                       curvature_code=curvature_code, hvp_code=hvp_code, numerics=numerics, ops=TreeOps(numerics))
+
+    def _preconditioner(self, base_state: Any) -> PyTree:
+        if isinstance(self.spec, AdamPreconditioner | RmsPreconditioner):
+            return find_preconditioner(base_state, self.spec)
+        return self.spec(base_state)
+
+    def _operator(self, inputs: _Inputs, *, preconditioned: bool) -> Callable[[PyTree], PyTree]:
+        """``v -> H v`` or ``v -> P^{-1/2} H P^{-1/2} v`` at this step's parameters."""
+        matvec, _ = hessian_operator(inputs.value_fn, inputs.params, route=ROUTE_NAMES[inputs.hvp_code],
+                                     grads=inputs.grads, precond=inputs.precond if preconditioned else None,
+                                     ops=inputs.ops, fd_eps=self.settings.fd_eps)
+        return matvec
+
+    # -- stage 2: probe -------------------------------------------------------------------------------------
+    def _probing(self, state: TuneState) -> jax.Array:
+        return state.count % self.settings.probe_every == 0
+
+    def _probe(self, inputs: _Inputs, state: TuneState) -> _Probed:
+        if self.settings.probe_every == 1:
+            return self._measure(inputs, state)
+        return lax.cond(self._probing(state), lambda _: self._measure(inputs, state),
+                        lambda _: self._hold(inputs, state), None)
+
+    def _measure(self, inputs: _Inputs, state: TuneState) -> _Probed:
+        """A probe step: the statistics of ``law.request()``, then ``law.update``."""
+        numerics = inputs.numerics
+        stats, loss = self._scalar_statistics(inputs, state)
+        finite = inputs.finite if loss is None else inputs.finite & jnp.isfinite(loss)
+        spectral, eigvec, peigvec, iterations = self._spectral_statistics(inputs, state, finite)
+        out = self.law.update(state.law_state, {**stats, **spectral}, numerics=numerics)
+        taken = finite if self.settings.skip_nonfinite else jnp.asarray(True)
+        fell_back = taken & (out.diagnostics["fallback"] > 0) if self.request.needs else jnp.asarray(False)
+        skipped_through = state.skipped + (~taken).astype(jnp.int32)  # skips up to this probe, this one too
+        if self.settings.warn == "jit":  # raised here, on probe steps only, so that a hold step has no callback
+            unreported = skipped_through - state.reported_skips
+            lax.cond((unreported > 0) | fell_back,
+                     lambda: jax.debug.callback(_warn, state.count, unreported, fell_back), lambda: None)
+        loss_out = numerics.scalar(math.nan) if loss is None else numerics.scalar(loss)
+        return _Probed(out=out, loss=loss_out, loss_known=jnp.asarray(loss is not None), finite=finite,
+                       eigenvector=eigvec, preconditioned_eigenvector=peigvec, reported_skips=skipped_through,
+                       fell_back=fell_back, law_iterations=iterations)
+
+    def _hold(self, inputs: _Inputs, state: TuneState) -> _Probed:
+        """A step between probes: ``law.hold`` reuses the last learning rate."""
+        numerics = inputs.numerics
+        nan = numerics.scalar(math.nan)
+        known = inputs.value is not None
+        return _Probed(out=self.law.hold(state.law_state, numerics=numerics),
+                       loss=numerics.scalar(inputs.value) if known else nan, loss_known=jnp.asarray(known),
+                       finite=inputs.finite, eigenvector=state.eigenvector,
+                       preconditioned_eigenvector=state.preconditioned_eigenvector,
+                       reported_skips=state.reported_skips, fell_back=jnp.asarray(False), law_iterations=(nan, nan))
+
+    def _scalar_statistics(self, inputs: _Inputs, state: TuneState) -> tuple[dict[str, Any], Any]:
+        """Every statistic but the spectra, and the loss when known (None otherwise)."""
+        needs, numerics = self.request.needs, inputs.numerics
+        grads, params, u, value_fn = inputs.grads, inputs.params, inputs.u, inputs.value_fn
+        stats: dict[str, Any] = {}
+        loss = None if inputs.value is None else jnp.asarray(inputs.value)
+        if S.GRAD_DOT_UPDATE in needs:
+            stats[S.GRAD_DOT_UPDATE] = tree_dot(grads, u, numerics.dtype)
+        if S.CURVATURE in needs:
+            result, _ = curvature(value_fn, params, u, route=ROUTE_NAMES[inputs.curvature_code], grads=grads,
+                                  fd_eps=self.settings.fd_eps)
+            stats[S.CURVATURE] = result.value
+            loss = result.loss if loss is None else loss
+        if S.LOSS in needs:
+            loss = value_fn(params) if loss is None else loss
+            stats[S.LOSS] = loss
+        if S.GRAD_NORM_SQ in needs:
+            stats[S.GRAD_NORM_SQ] = inputs.grad_sq
+        if S.TRIAL_LOSS in needs:
+            stats[S.TRIAL_LOSS] = lambda eta: value_fn(jax.tree.map(
+                lambda w, d: w + jnp.asarray(eta).astype(jnp.result_type(w)) * d.astype(jnp.result_type(w)),
+                params, u))
+        if S.GRAD_PREV_UPDATE_COSINE in needs:
+            stats[S.GRAD_PREV_UPDATE_COSINE] = _cosine(grads, state.previous_update, inputs.grad_sq, numerics)
+        return stats, loss
+
+    def _spectral_statistics(self, inputs: _Inputs, state: TuneState, finite: jax.Array
+                             ) -> tuple[dict[str, Any], PyTree | None, PyTree | None, tuple[Any, Any]]:
+        """The law's eigenvalue statistics, the new warm starts (kept on a step with non-finite inputs) and the
+        products each power iteration used."""
+        nan = inputs.numerics.scalar(math.nan)
+        stats: dict[str, Any] = {}
+        vectors = [state.eigenvector, state.preconditioned_eigenvector]
+        iterations = [nan, nan]
+        for index, wanted in enumerate((self.request.hessian_eigenvector, self.request.preconditioned)):
+            if not wanted:
+                continue
+            matvec = self._operator(inputs, preconditioned=bool(index))
+            found_vec, found, used = self._spectrum(inputs, matvec, vectors[index], preconditioned=bool(index))
+            vectors[index] = tree_select(finite, found_vec, vectors[index])
+            iterations[index] = used
+            stats.update(found)
+        return stats, vectors[0], vectors[1], (iterations[0], iterations[1])
+
+    def _spectrum(self, inputs: _Inputs, matvec: Callable[[PyTree], PyTree], v0: PyTree, *, preconditioned: bool
+                  ) -> tuple[PyTree, dict[str, Any], Any]:
+        """The eigenvalue statistics of one operator: ``(new warm start, stats, power-iteration products)``."""
+        req, ops, numerics = self.request, inputs.ops, inputs.numerics
+        sharp_key = S.PRECONDITIONED_SHARPNESS if preconditioned else S.SHARPNESS
+        top_key = S.PRECONDITIONED_TOP_EIGENVALUES if preconditioned else S.TOP_EIGENVALUES
+        stats: dict[str, Any] = {}
+        used = numerics.scalar(math.nan)
+        if sharp_key in req.needs:
+            result = top_eigenvalue(matvec, v0, tol=req.power_tol, max_iters=req.power_iters, ops=ops)
+            stats[sharp_key] = result.eigenvalue
+            v0, used = result.eigenvector, numerics.scalar(result.iterations)
+        if top_key in req.needs:
+            n = ops.size(v0)
+            result = top_eigenvalues(matvec, v0, min(req.num_eigenvalues, n), num_steps=req.lanczos_steps_for(n),
+                                     ops=ops)
+            stats[top_key] = result.eigenvalues
+            v0 = result.eigenvectors[0]
+        return v0, stats, used
+
+    # -- stage 3: track ---------------------------------------------------------------------------------
+    def _track(self, inputs: _Inputs, state: TuneState, probed: _Probed) -> _Tracked:
+        nan = inputs.numerics.scalar(math.nan)
+        untracked = _Tracked(nan, nan, nan, nan, probed.eigenvector, probed.preconditioned_eigenvector)
+        every = self.settings.sharpness_every
+        if every is None:
+            return untracked
+        if every == 1:
+            return self._estimate(inputs, state, probed)
+        return lax.cond(state.count % every == 0, lambda _: self._estimate(inputs, state, probed),
+                        lambda _: untracked, None)
+
+    def _estimate(self, inputs: _Inputs, state: TuneState, probed: _Probed) -> _Tracked:
+        nan = inputs.numerics.scalar(math.nan)
+        value, iterations, v = self._lambda_max(inputs, state, probed, preconditioned=False)
+        pvalue, pv = nan, probed.preconditioned_eigenvector
+        if self.tracks_preconditioned:
+            pvalue, _, pv = self._lambda_max(inputs, state, probed, preconditioned=True)
+        return _Tracked(value, pvalue, iterations, _alignment(inputs.u, v, inputs.numerics), v, pv)
+
+    def _lambda_max(self, inputs: _Inputs, state: TuneState, probed: _Probed, *, preconditioned: bool
+                    ) -> tuple[Any, Any, PyTree]:
+        """``(lambda_max, products, eigenvector)`` of one operator: the law's estimate of this step when the
+        reuse rule holds, else warm-started power iteration from the law's (or the last) vector."""
+        numerics = inputs.numerics
+        v0 = probed.preconditioned_eigenvector if preconditioned else probed.eigenvector
+
+        def run(_: Any) -> tuple[Any, Any, PyTree]:
+            top = top_eigenvalue(self._operator(inputs, preconditioned=preconditioned), v0,
+                                 tol=self.settings.sharpness_tol, max_iters=self.settings.sharpness_iters,
+                                 ops=inputs.ops)
+            return (numerics.scalar(top.eigenvalue), numerics.scalar(top.iterations),
+                    tree_select(probed.finite, top.eigenvector, v0))
+
+        if not self.reuses[int(preconditioned)]:
+            return run(None)
+        key = S.PRECONDITIONED_SHARPNESS if preconditioned else S.SHARPNESS
+
+        def reuse(_: Any) -> tuple[Any, Any, PyTree]:
+            return numerics.scalar(probed.out.diagnostics[key]), probed.law_iterations[int(preconditioned)], v0
+
+        if self.settings.probe_every == 1:
+            return reuse(None)
+        return lax.cond(self._probing(state), reuse, run, None)
+
+    # -- stage 4: decide -----------------------------------------------------------------------------------
+    def _decide(self, probed: _Probed) -> _Decision:
+        """The step is taken unless its inputs are not finite (and ``skip_nonfinite``); lr is the law's."""
+        applied = probed.finite if self.settings.skip_nonfinite else jnp.asarray(True)
+        return _Decision(applied=applied, lr=probed.out.lr, fell_back=applied & probed.fell_back)
+
+    # -- stage 5: apply -------------------------------------------------------------------------------------
+    def _apply(self, inputs: _Inputs, probed: _Probed, decision: _Decision) -> tuple[PyTree, Any]:
+        """``lr * u`` (0 on a skipped step) and the base state with the law's other hyperparameters written in."""
+        base_state = inputs.base_state
+        if self.decides:
+            names = knobs.resolve_names(base_state, self.decides)
+            base_state = knobs.write(base_state, {names[k]: probed.out.hyperparams[k] for k in self.decides
+                                                  if names[k]})
+        lr, applied = decision.lr, decision.applied
+        updates = jax.tree.map(lambda d: jnp.where(applied, jnp.asarray(lr).astype(d.dtype) * d, 0).astype(d.dtype),
+                               inputs.u)
+        return updates, base_state
+
+    # -- stage 6: report ------------------------------------------------------------------------------------
+    def _route_in_use(self, inputs: _Inputs) -> int:
+        """The code of the registry's ``route``: the u^T H u route when the law needs it, else the H v route of
+        the spectral estimates when there are any, else the ``route`` setting (``auto``: never resolved), as the
+        PyTorch adapter, whose one oracle serves both, reports it."""
+        return inputs.curvature_code or inputs.hvp_code or _route_code(self.settings.route)
+
+    def _report(self, inputs: _Inputs, state: TuneState, probed: _Probed, tracked: _Tracked,
+                decision: _Decision) -> Diagnostics:
+        """The diagnostics vector; a skipped step keeps the previous one with ``skipped = 1``."""
+        scalar = inputs.numerics.scalar
+        values = {k: scalar(v) for k, v in probed.out.diagnostics.items()}
+        lr = scalar(decision.lr)
+        law_plain, law_preconditioned = D.law_sharpness(self.law, values, scalar(math.nan))
+        values.update(D.derive_sharpness(jnp, lr, tracked.sharpness, tracked.preconditioned_sharpness, law_plain,
+                                         law_preconditioned))
+        values.update(lr=lr, law_lr=lr, loss=probed.loss, grad_norm=inputs.grad_sq ** 0.5,
+                      update_norm=inputs.update_sq ** 0.5, skipped=scalar(0.0), alignment=tracked.alignment,
+                      power_iterations=tracked.iterations, route_code=scalar(self._route_in_use(inputs)),
+                      hvp_route_code=scalar(inputs.hvp_code))
+        values.update({name: probed.out.hyperparams[name] for name in self.decides})
+        measured = jnp.stack([scalar(values[k]) for k in self.keys])
+        kept = state.diagnostics.values.at[self.keys.index("skipped")].set(1.0)
+        return Diagnostics(self.keys, jnp.where(decision.applied, measured, kept), self.settings.warn)
+
+
+def tune(
+    base: optax.GradientTransformation,
+    law: Law,
+    *,
+    preconditioner: Preconditioner | None = None,
+    settings: TunerSettings | None = None,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Wrap ``base`` (an optax optimizer with learning rate 1) so that its update is scaled by ``law``.
+
+    The returned transformation's update is
+    ``update(grads, state, params, *, value_fn=None, value=None, **extra) -> (lr * u, state)`` where
+    ``u`` is ``base``'s update, ``value_fn(params)`` the loss on the current batch as a scalar (needed
+    for curvature, spectra and line searches; for a loss with auxiliary outputs pass
+    ``lambda p: loss_and_aux(p)[0]``) and ``value`` optionally its value at ``params``. ``grads`` must be
+    the raw gradient of ``value_fn`` at ``params``: chain gradient transformations (clipping, ...) inside
+    ``base``, not before ``tune`` (see the module docstring). For CDAT the learning rate is eq. 8 of the
+    CDAT paper, :math:`\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)`.
+
+    Args:
+        base: an ``optax.GradientTransformation`` with learning rate 1.
+        law: a tuning law from :mod:`eos_core.laws`.
+        preconditioner: P of an adaptive base; by default identified from ``base``
+            (:func:`eos_core.adapters.jax.preconditioner.identify`). Either a spec
+            (:class:`AdamPreconditioner`, :class:`RmsPreconditioner`) or a callable
+            ``base_state -> P`` (a pytree like the parameters, entrywise positive).
+        settings: the tuner options as one :class:`eos_core.settings.TunerSettings`; keyword ``options``
+            given as well replace its values.
+        **options: the options of :class:`~eos_core.settings.TunerSettings` this adapter supports
+            (:data:`SUPPORTED_OPTIONS`):
+
+            * ``probe_every``: measure the statistics every that many steps (steps 0, k, 2k, ... of the
+              steps taken) and reuse the learning rate in between. Meant for laws whose rate changes
+              slowly (CDAT with an EMA, AdaEoS, DCAO, ExactSharpness); the Polyak step is a property of
+              the current point only, and holding it for several steps can diverge.
+            * ``route``: u^T H u oracle: ``auto``, ``jvp-jvp``, ``jvp-grad``, ``double-backward``,
+              ``fd-central``, ``fd-onesided`` (see :mod:`eos_core.adapters.jax.oracles`).
+            * ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``: sharpness tracking every m steps
+              (None: off) and its power-iteration budget and tolerance.
+            * ``warn``: ``True`` (RuntimeWarnings raised by :func:`diagnostics`, no host callback in the
+              compiled update), ``"jit"`` (from inside ``jit``, about 10% per step) or ``False``.
+            * ``skip_nonfinite``: skip a step whose gradient, update or known loss is not finite (default
+              True); False applies it.
+            * ``seed``: seed of the start vectors (:func:`eos_core.spectral.random_start`).
+            * ``fd_eps``: machine epsilon the finite-difference routes size their step for (default: that
+              of the lowest-precision parameter).
+            * ``reference_lr``: the learning rate the law starts from when it has no ``lr_init``
+              (``law.init(reference_lr)``; the base's own rate is 1 by contract).
+
+            The old names ``power_iters``, ``power_tol`` and ``initial_lr`` warn with a DeprecationWarning.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`TuneState`.
+
+    Raises:
+        ValueError: naming the setting, for an invalid ``base``, ``law`` or option, an option this adapter
+            does not support given a non-default value (``lr_mode``, ``fd_above``, ``clipped_gradients``,
+            ``linear_in_lr``), a law that cannot start (e.g. a multiplicative law without ``lr_init`` or
+            ``reference_lr``), a preconditioned law on a base without a preconditioner, or a law that
+            decides a hyperparameter ``base`` cannot take (DCAO on a base not built with
+            ``optax.inject_hyperparams``; checked on a synthetic parameter vector, or at ``init`` for a base
+            that needs the real parameter structure).
+    """
+    if not isinstance(base, optax.GradientTransformation):
+        raise ValueError(f"tune: base must be an optax.GradientTransformation (e.g. optax.sgd(1.0)), "
+                         f"got {type(base).__name__}")
+    if not isinstance(law, Law):
+        raise ValueError(f"tune: law must be an eos_core law (e.g. CDAT(scale=2.0)), got {type(law).__name__}")
+    tuner = _Tuner(base, law, _resolve_settings(settings, options), preconditioner)
+    return optax.GradientTransformationExtraArgs(tuner.init, tuner.update)
+
+
+# -- reading the state on the host ------------------------------------------------------------------------
 def find_tune_state(state: Any) -> TuneState:
     """The :class:`TuneState` in an optax state: ``state`` itself, or the one inside a chain or wrapper
     (``optax.chain`` tuples, ``optax.named_chain`` dicts, ``optax.apply_if_finite`` / ``inject_hyperparams``
@@ -668,23 +846,49 @@ def find_tune_state(state: Any) -> TuneState:
     return found[0]
 
 
+def decode_diagnostics(keys: Sequence[str], values: Any, *, count: Any, skipped_steps: Any,
+                       fallback_steps: Any) -> dict[str, float | int | str]:
+    """Host diagnostics from a diagnostics vector and the three counters of a :class:`TuneState`.
+
+    The one decoding of the state, for :func:`diagnostics` and for code that keeps the state elsewhere (the
+    Keras engine keeps it in variables).
+
+    Args:
+        keys: the vector's entries (:func:`vector_keys`).
+        values: the vector.
+        count: ``TuneState.count``, steps taken (skipped steps excluded).
+        skipped_steps: ``TuneState.skipped``.
+        fallback_steps: ``TuneState.fallbacks``.
+
+    Returns:
+        The keys of :func:`eos_core.diagnostics.keys_for` in registry order: floats, ``route`` (a str) and the
+        ints ``step`` (``count - 1`` after a step taken, ``count`` after a skipped one: the index the next
+        step taken gets; 0 before any step), ``skipped_steps`` and ``fallback_steps``.
+    """
+    host = dict(zip(keys, np.asarray(values, dtype=np.float64).tolist(), strict=True))
+    skipped = host.get("skipped", 0.0) > 0
+    out: dict[str, float | int | str] = {k: float(v) for k, v in host.items() if k not in CODE_KEYS}
+    out["route"] = ROUTE_NAMES[int(host["route_code"])]
+    out["step"] = max(int(count) - 1 + int(skipped), 0)
+    out["skipped_steps"] = int(skipped_steps)
+    out["fallback_steps"] = int(fallback_steps)
+    order = {entry.name: i for i, entry in enumerate(D.REGISTRY)}
+    return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
+
+
 def diagnostics(state: Any) -> dict[str, float | int | str]:
-    """The last step's diagnostics as host values.
+    """The last step's diagnostics as host values: exactly the keys of ``eos_core.diagnostics.keys_for(law)``.
 
     ``state`` is the state of a :func:`tune` transformation, or any optax state that holds exactly one
-    (see :func:`find_tune_state`).
-
-    Keys: ``lr`` (the rate applied to the last step), ``probed``, ``fallback`` and the law's own
-    measurements (CDAT: ``numerator``, ``denominator`` and their EMAs; DCAO: ``lambda_1``, ``lambda_2``,
-    ``gap``), the other hyperparameters the law decides (DCAO: ``momentum``, ``weight_decay``),
-    ``loss`` (when known: the ``value`` argument or computed by the oracle), ``grad_norm`` and
-    ``update_norm`` (of ``u``, the update for lr = 1; every step), ``sharpness``, ``lr_sharpness``
-    (lr * sharpness, 2 at the edge), ``preconditioned_sharpness``, ``power_iterations`` (Hessian-vector
-    products the last ``sharpness_every`` estimate of lambda_max(H) used), ``skipped`` (1 when the last step was
-    skipped; the other values are then the previous step's), ``route`` / ``hvp_route`` (the oracles
-    used, ``none`` when not needed), ``step`` (steps taken), ``skipped_steps`` and ``fallback_steps``
-    (cumulative counts of skipped steps and of probe steps where the law kept its last learning rate). NaN
-    marks a value not measured on the last step.
+    (see :func:`find_tune_state`). The meanings are those of :data:`eos_core.diagnostics.REGISTRY`: ``lr``
+    (= ``law_lr``) the rate applied to the last step, ``probed``, ``fallback``, ``skipped`` (1 when the last
+    step was skipped; the other values are then the previous step's), ``loss`` (when known: the ``value``
+    argument or computed by the oracle), ``grad_norm`` and ``update_norm`` (of ``u``, the update for lr = 1),
+    ``route`` (the u^T H u route, else the H v route of the spectral estimates, else the setting; the H v
+    route itself is :func:`hvp_route`), ``step``,
+    ``skipped_steps``, ``fallback_steps``; ``sharpness``, ``lr_sharpness``, ``preconditioned_sharpness``,
+    ``preconditioned_lr_sharpness``, ``alignment``, ``power_iterations``; the law's own measurements and the
+    hyperparameters it decides. NaN marks a value not measured on the last step.
 
     For a transformation built with ``warn=True`` (the default) this is where the warnings are raised: a
     RuntimeWarning when the last step was skipped, or else when the law fell back on it, with the cumulative
@@ -692,14 +896,23 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
     ``warn=False`` read silently.
     """
     state = find_tune_state(state)
-    values = np.asarray(jax.device_get(state.diagnostics.values), dtype=np.float64)
-    host = dict(zip(state.diagnostics.keys, values.tolist(), strict=True))
-    out: dict[str, float | int | str] = {k: float(v) for k, v in host.items() if not k.endswith("_code")}
-    out["route"] = ROUTE_NAMES[int(host["route_code"])]
-    out["hvp_route"] = ROUTE_NAMES[int(host["hvp_route_code"])]
-    out["step"] = int(jax.device_get(state.count))
-    out["skipped_steps"] = int(jax.device_get(state.skipped))
-    out["fallback_steps"] = int(jax.device_get(state.fallbacks))
+    count, skipped, fallbacks, values = jax.device_get((state.count, state.skipped, state.fallbacks,
+                                                        state.diagnostics.values))
+    out = decode_diagnostics(state.diagnostics.keys, values, count=count, skipped_steps=skipped,
+                             fallback_steps=fallbacks)
     if state.diagnostics.warn is True:
         warn_bad_steps(out, stacklevel=2)
     return out
+
+
+def hvp_route(state: Any) -> str:
+    """The route of the Hessian-vector products of the last step's spectral estimates (``none`` when there were
+    none): the route when it gives H v, else the first of ``jvp-grad``, ``double-backward``, ``fd-onesided``
+    that traces (see :mod:`eos_core.adapters.jax.oracles`). Not a diagnostics key: the registry's ``route``
+    is the u^T H u route in every adapter.
+
+    Args:
+        state: the state of a :func:`tune` transformation or an optax state holding one.
+    """
+    found = find_tune_state(state)
+    return ROUTE_NAMES[int(jax.device_get(found.diagnostics["hvp_route_code"]))]

@@ -17,6 +17,7 @@ import numpy as np
 
 from eos_core.adapters.jax.numerics import jax_numerics
 from eos_core.numerics import Numerics
+from eos_core.spectral.start import random_start
 
 PyTree = Any
 
@@ -80,6 +81,37 @@ def tree_random_normal(x: PyTree, seed: Any) -> PyTree:
     out = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(a), dtype=jnp.result_type(a))
            for i, a in enumerate(leaves)]
     return jax.tree.unflatten(treedef, out)
+
+
+def tree_random_start(x: PyTree, seed: int) -> PyTree:
+    """The spectral estimators' start vector: :func:`eos_core.spectral.random_start` shaped like ``x``.
+
+    The core draws it with numpy in float64 from the shapes of the leaves in ``jax.tree.leaves`` order
+    (unit norm over all leaves), so PyTorch, JAX and Keras start power iteration and Lanczos from the
+    same vector for the same parameters; each leaf is then cast to the dtype of the matching leaf of
+    ``x``. Only shapes and dtypes of ``x`` are read, so this works under ``jax.jit`` too: traced, the
+    vector is drawn on the host at run time by ``jax.pure_callback`` (a model-sized constant is never
+    embedded in the compiled program).
+
+    Args:
+        x: a pytree of arrays (the parameters), concrete or traced.
+        seed: the integer seed (``seed`` for H, ``seed + 1`` for the preconditioned operator).
+
+    Returns:
+        A pytree like ``x`` whose concatenated leaves have norm 1 (up to the rounding of the cast).
+    """
+    leaves, treedef = jax.tree.flatten(x)
+    shapes = [tuple(int(n) for n in jnp.shape(a)) for a in leaves]
+    dtypes = [jnp.result_type(a) for a in leaves]
+
+    def draw() -> list[np.ndarray]:
+        return [np.asarray(a).astype(d) for a, d in zip(random_start(shapes, int(seed)), dtypes, strict=True)]
+
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        out = jax.pure_callback(draw, [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)])
+    else:
+        out = [jnp.asarray(a) for a in draw()]
+    return jax.tree.unflatten(treedef, list(out))
 
 
 def tree_size(x: PyTree) -> int:

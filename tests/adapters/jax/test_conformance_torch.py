@@ -1,7 +1,7 @@
 """Cross-framework conformance: the same MLP and weights, full-batch GD + CDAT(scale=2) in PyTorch and JAX
 (float64) give learning-rate trajectories that agree to 1e-4 relative over 50 steps; and DCAO's momentum and
 weight decay, applied to torch's SGD(momentum, weight_decay) and to optax's inject_hyperparams state, follow the
-same sequences in both frameworks (same rule, same one-step delay before they act)."""
+same sequences in both frameworks (same rule, same one-step delay before they act, same default Lanczos steps)."""
 
 from __future__ import annotations
 
@@ -89,19 +89,20 @@ def test_dcao_momentum_and_weight_decay_agree_across_frameworks(x64):
 
     def law():
         return DCAO(target=1.5, lr_init=0.5, momentum_sensitivity=0.3, weight_decay_sensitivity=0.3,
-                    momentum_bounds=(0.0, 0.95), weight_decay_bounds=(0.0, 0.1), lanczos_steps=40)
+                    momentum_bounds=(0.0, 0.95), weight_decay_bounds=(0.0, 0.1))  # Lanczos: the default 20 steps
 
     xj, yj = jnp.asarray(x), jnp.asarray(y)
 
-    def loss(p):
-        return 0.5 * jnp.mean(jnp.sum((jnp.tanh(xj @ p["w0"] + p["b0"]) @ p["w1"] + p["b1"] - yj) ** 2, axis=-1))
+    def loss(p):  # torch's parameter order and layout, so that both start Lanczos from the same random_start
+        w0t, b0_, w1t, b1_ = p
+        return 0.5 * jnp.mean(jnp.sum((jnp.tanh(xj @ w0t.T + b0_) @ w1t.T + b1_ - yj) ** 2, axis=-1))
 
     def sgd_with_decay(learning_rate, momentum, weight_decay):  # torch.optim.SGD's coupled weight decay
         return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
 
     base = optax.inject_hyperparams(sgd_with_decay)(learning_rate=1.0, momentum=0.5, weight_decay=1e-2)
     opt = tune(base, law(), probe_every=2)
-    params = {"w0": jnp.asarray(w0), "b0": jnp.asarray(b0), "w1": jnp.asarray(w1), "b1": jnp.asarray(b1)}
+    params = [jnp.asarray(w0.T), jnp.asarray(b0), jnp.asarray(w1.T), jnp.asarray(b1)]
     state = opt.init(params)
 
     @jax.jit
@@ -117,7 +118,7 @@ def test_dcao_momentum_and_weight_decay_agree_across_frameworks(x64):
     model = _torch_model(w0, b0, w1, b1)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     sgd = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5, weight_decay=1e-2)
-    tuner = CurvatureTuner(sgd, law(), probe_every=2, route="double-backward", lanczos_steps=40)
+    tuner = CurvatureTuner(sgd, law(), probe_every=2, route="double-backward")
 
     def closure():
         sgd.zero_grad()
@@ -135,8 +136,7 @@ def test_dcao_momentum_and_weight_decay_agree_across_frameworks(x64):
         assert len(set(expected)) > 3, key  # the law moved it
         np.testing.assert_allclose(got, expected, rtol=1e-9, err_msg=key)
     # the parameters too: both bases really used those momenta and weight decays
-    final = [np.asarray(params[k]) for k in ("w0", "b0", "w1", "b1")]
-    torch_final = [model[0].weight.detach().numpy().T, model[0].bias.detach().numpy(),
-                   model[2].weight.detach().numpy().T, model[2].bias.detach().numpy()]
+    final = [np.asarray(p) for p in params]
+    torch_final = [p.detach().numpy() for p in model.parameters()]
     for a, b in zip(final, torch_final, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
