@@ -53,7 +53,8 @@ REGISTRY: tuple[Diagnostic, ...] = (
                "step"),
     Diagnostic("grad_norm", "|g|, the norm of the step's gradient", "step"),
     Diagnostic("update_norm", "|u|, the norm of the update for lr = 1", "step"),
-    Diagnostic("route", "the curvature route in use ('auto' until resolved)", "step", "str"),
+    Diagnostic("route", "the second-order route in use: u^T H u's for a law that needs it, else that of the H v "
+               "products of spectra and tracking, else the route setting ('auto' until resolved)", "step", "str"),
     Diagnostic("skipped_steps", "steps skipped so far", "total", "int"),
     Diagnostic("fallback_steps", "probe steps so far where the law kept its last lr", "total", "int"),
     # -- tracking (sharpness_every) and the laws that measure the spectrum ----------------------------------

@@ -54,7 +54,7 @@ class TunerSettings:
             (JAX: from inside the compiled step, at about 10% per step), False (never; the counts stay in
             the diagnostics).
         skip_nonfinite: skip steps whose loss or gradient is NaN/Inf (parameters and optimizer state
-            untouched). PyTorch.
+            untouched). PyTorch and JAX.
         seed: seed of the random start vectors of the spectral estimators.
         fd_eps: machine epsilon the finite-difference steps are sized for (default: that of the lowest
             precision the loss is computed in).

@@ -77,11 +77,19 @@ def lanczos_tridiagonal(
 
 
 def tridiagonal_eigh(tri: Tridiagonal, xp: Any) -> tuple[Any, Any]:
-    """Eigenvalues (ascending) and eigenvectors of the Lanczos tridiagonal matrix."""
+    """Eigenvalues (ascending) and eigenvectors of the Lanczos tridiagonal matrix.
+
+    A matrix with a non-finite entry (a NaN Hessian-vector product) gives NaN eigenvalues and vectors, as
+    ``jax.numpy.linalg.eigh`` does, instead of numpy's LinAlgError: the law then falls back to its last rate.
+    """
     m = tri.alpha.shape[0]
     off = tri.beta[: m - 1]
     matrix = xp.diag(tri.alpha) + xp.diag(off, 1) + xp.diag(off, -1)
-    return xp.linalg.eigh(matrix)
+    finite = xp.all(xp.isfinite(matrix))
+    safe = xp.where(finite, matrix, xp.zeros_like(matrix))
+    values, vectors = xp.linalg.eigh(safe)
+    nan = xp.asarray(float("nan"), dtype=values.dtype)
+    return xp.where(finite, values, nan), xp.where(finite, vectors, nan)
 
 
 def lanczos(

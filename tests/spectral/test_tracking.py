@@ -119,3 +119,10 @@ def test_budget_spaces_products_to_the_budget():
     for bad in (0.0, 1.5, -0.1, math.nan):
         with pytest.raises(ValueError, match="budget"):
             MonitorBudget(bad)
+
+
+def test_lanczos_on_non_finite_products_returns_nan_instead_of_raising():
+    from eos_core.spectral import lanczos
+
+    result = lanczos(lambda v: v * np.nan, np.ones(5), 2, num_steps=3)
+    assert np.all(np.isnan(result.eigenvalues))
