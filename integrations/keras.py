@@ -11,12 +11,15 @@ Design (Keras 3 on the JAX and torch backends):
   (:func:`eos_core.adapters.keras.attach`): the tuner can then re-evaluate the loss on the batch. The
   callback is therefore all a Keras user adds, also after ``keras.models.load_model``.
 * **What is logged.** After every training batch the tuner's diagnostics of that step are read
-  (:func:`eos_core.adapters.keras.current_diagnostics`, from the live training state on JAX) and added
-  to that batch's ``logs`` as ``"eos/<name>"``: ``lr`` (the learning rate applied), ``numerator`` and
+  (:func:`eos_core.adapters.keras.current_diagnostics`, from the live training state on JAX): exactly
+  ``eos_core.diagnostics.keys_for(law)``, with the meanings of :data:`eos_core.diagnostics.REGISTRY`, the
+  same on both backends and in the PyTorch and JAX adapters. Each numeric one is added to that batch's
+  ``logs`` as ``"eos/<name>"``: ``lr`` (the learning rate applied), ``law_lr``, ``numerator`` and
   ``denominator`` (CDAT's n = max(-g.u, 0) and d = |u^T H u| + eps), ``sharpness`` (lambda_max, with
-  ``sharpness_every``), ``lr_sharpness`` (lr * lambda_max, 2 at the edge), ``loss``, ``grad_norm``,
-  ``update_norm``, ``probed``, ``fallback``, ``skipped``, the law's other measurements,
-  ``skipped_steps`` and (JAX) ``fallback_steps``. At the end of each epoch the same names go into the
+  ``sharpness_every``), ``lr_sharpness`` (lr * lambda_max, 2 at the edge), ``alignment``,
+  ``power_iterations``, ``loss``, ``grad_norm``, ``update_norm``, ``probed``, ``fallback``, ``skipped``, the
+  law's other measurements, ``skipped_steps`` and ``fallback_steps``; ``step`` (Keras counts its own) and
+  ``route`` (a name) are not logged. At the end of each epoch the same names go into the
   epoch's ``logs``, so ``History`` (``history.history["eos/lr"]``, one value per epoch), ``CSVLogger`` and
   ``TensorBoard`` record them (Keras's TensorBoard callback writes through ``tf.summary``, so it needs
   TensorFlow installed, whatever the backend), and the progress bar shows them.
@@ -55,8 +58,8 @@ from eos_core.adapters.keras import attach, current_diagnostics, find_tuner  # n
 __all__ = ["EdgeOfStabilityCallback"]
 
 _OWNER = "EdgeOfStabilityCallback"
-#: Diagnostics that are not logged: the step index (Keras counts its own) and the route names (strings).
-_NOT_LOGGED = frozenset({"step", "route", "hvp_route"})
+#: Diagnostics that are not logged: the step index (Keras counts its own) and the route (a name).
+_NOT_LOGGED = frozenset({"step", "route"})
 #: Flags of the current step: never carried forward.
 _PER_STEP = frozenset({"probed", "fallback", "skipped"})
 
@@ -75,8 +78,8 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
         log_every: read the diagnostics every that many training batches (1: every batch).
 
     Attributes:
-        history: ``{name: [value of each read step]}`` plus ``"step"`` (the tuner's step count after it),
-            over every ``fit`` this callback took part in.
+        history: ``{name: [value of each read step]}`` plus ``"step"`` (the diagnostics' ``step``: the index of
+            the step read, skipped steps not counted), over every ``fit`` this callback took part in.
         latest: the values last put into ``logs`` (latest measurement of each name).
     """
 

@@ -46,7 +46,7 @@ from typing import Any  # noqa: E402
 
 from eos_core.adapters.keras.optimizers import SUPPORTED as SUPPORTED_OPTIMIZERS  # noqa: E402
 from eos_core.adapters.keras.train_step import attach, is_attached  # noqa: E402
-from eos_core.adapters.keras.tuner import CurvatureTuner  # noqa: E402
+from eos_core.adapters.keras.tuner import SUPPORTED_OPTIONS, CurvatureTuner  # noqa: E402
 
 
 def find_tuner(model_or_optimizer: Any) -> CurvatureTuner | None:
@@ -65,12 +65,14 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
     """The tuner's diagnostics after the last step, also while ``fit`` runs (from a callback).
 
     On JAX, ``fit`` keeps the variables' values outside the variables between synchronisations; this reads
-    them from the live training state. Keys: ``lr`` (the rate applied to the last step), ``probed``,
-    ``fallback``, the law's measurements (CDAT: ``numerator``, ``denominator``, their EMAs), ``loss``,
-    ``grad_norm``, ``update_norm`` (of u), ``sharpness``, ``lr_sharpness``, ``preconditioned_sharpness``,
-    ``skipped``, ``route``, ``step``, ``skipped_steps`` (JAX adds ``fallback_steps``, the count of law
-    fallbacks; torch adds ``alignment``, ``power_iterations``, ...). NaN marks a value not measured on the
-    last step.
+    them from the live training state. The keys are exactly ``eos_core.diagnostics.keys_for(law)`` on both
+    backends, with the meanings of :data:`eos_core.diagnostics.REGISTRY` (the same as the PyTorch and JAX
+    adapters'): ``step`` (the index of the step described, skipped steps not counted), ``lr`` (the rate
+    applied to it), ``law_lr``, ``probed``, ``fallback``, ``skipped``, ``loss``, ``grad_norm``,
+    ``update_norm`` (of u), ``route``, ``skipped_steps``, ``fallback_steps``, ``sharpness``,
+    ``lr_sharpness``, ``preconditioned_sharpness``, ``preconditioned_lr_sharpness``, ``alignment``,
+    ``power_iterations`` and the law's own measurements (CDAT: ``numerator``, ``denominator``, their EMAs).
+    NaN marks a value not measured on the last step.
 
     On JAX with the tuner's ``warn=True`` (the default), this read raises a RuntimeWarning for the steps
     skipped and the law fallbacks since the previous read (the jitted step itself holds no host callback;
@@ -99,6 +101,7 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
 __all__ = [
     "SUPPORTED_BACKENDS",
     "SUPPORTED_OPTIMIZERS",
+    "SUPPORTED_OPTIONS",
     "CurvatureTuner",
     "attach",
     "current_diagnostics",

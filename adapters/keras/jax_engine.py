@@ -12,9 +12,16 @@ unchanged:
    ``stateless_apply``, with ``value_fn`` the loss on the batch that the wrapped ``train_step`` publishes
    (:mod:`.train_step`). New weights are ``w + lr * u`` (then the variables' constraints).
 3. The ``TuneState`` pytree is stored in Keras variables: its ``base_state`` *is* the wrapped optimizer's
-   own variables, every other leaf (law state, step and skip counters, warm-start eigenvectors, previous
-   update, the diagnostics vector) is one variable of the tuner. ``model.save`` / ``load_model`` and
-   Keras's checkpoint callbacks therefore save and restore all of it.
+   own variables, every other leaf (law state, step, skip and fallback counters, warm-start eigenvectors,
+   previous update, the diagnostics vector) is one variable of the tuner, in ``TuneState`` field order.
+   ``model.save`` / ``load_model`` and Keras's checkpoint callbacks therefore save and restore all of it.
+4. The diagnostics are decoded by the JAX adapter's own
+   :func:`~eos_core.adapters.jax.transform.decode_diagnostics`, so they are exactly
+   ``eos_core.diagnostics.keys_for(law)`` with the JAX adapter's meanings (``step``: the index of the step
+   described among the steps taken).
+
+The state is initialised eagerly when the optimizer is built (the spectral start vectors are drawn by numpy,
+:func:`eos_core.spectral.random_start`; under ``jit`` that draw would be a host callback).
 
 Warnings (the tuner's ``warn``, passed to ``tune``): with ``warn=True`` the jitted step holds no host
 callback (one would cost about 10% on every step); :meth:`JaxEngine.report` raises the RuntimeWarnings on
@@ -42,9 +49,9 @@ import keras
 import numpy as np
 import optax
 
-from eos_core.adapters.jax import tune, warn_bad_steps
-from eos_core.adapters.jax.transform import ROUTE_NAMES, TuneState
-from eos_core.adapters.keras.optimizers import decay_rates
+from eos_core.adapters.jax import decode_diagnostics, tune, warn_bad_steps
+from eos_core.adapters.jax.transform import TuneState
+from eos_core.adapters.keras.optimizers import apply_update, decay_rates
 from eos_core.laws.base import Law
 
 
@@ -72,8 +79,7 @@ def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientT
         zeros = [jnp.zeros_like(p) for p in params]
         mapping = list(zip(trainable, zeros, strict=True)) + list(zip(optimizer.variables, state, strict=True))
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            optimizer._backend_apply_gradients(list(grads), trainable)
-            optimizer._iterations.assign_add(1)
+            apply_update(optimizer, list(grads), trainable)
         u = [scope.get_current_value(v) for v in trainable]
         u = [d - jnp.asarray(rate, d.dtype) * p if rate else d for d, p, rate in zip(u, params, decay, strict=True)]
         return u, [scope.get_current_value(v) for v in optimizer.variables]
@@ -135,12 +141,11 @@ class JaxEngine:
         base = keras_direction(optimizer, self.trainable)
         precond = keras_preconditioner(optimizer, self.trainable)
         self.has_preconditioner = precond is not None
-        self.transform = tune(base, self.law, probe_every=tuner.probe_every, route=tuner.route,
-                              sharpness_every=tuner.sharpness_every, sharpness_iters=tuner.sharpness_iters,
-                              sharpness_tol=tuner.sharpness_tol, preconditioner=precond, seed=tuner.seed,
-                              warn=tuner.warn)
-        # one compiled program instead of one per eager operation and shape (random warm-start vectors, ...)
-        state = jax.jit(self.transform.init)([jnp.asarray(v.value) for v in self.trainable])
+        # the law starts from the tuner's reference lr (the base's own rate is 1); 0 means "none" to tune
+        reference = tuner.reference_lr if tuner.reference_lr > 0 else None
+        self.transform = tune(base, self.law, preconditioner=precond, settings=tuner.settings, reference_lr=reference)
+        # eager: the random start vectors are drawn on the host (under jit they would need a host callback)
+        state = self.transform.init([jnp.asarray(v.value) for v in self.trainable])
         offset = 0
         for field in TuneState._fields:
             if field == "base_state":
@@ -157,9 +162,15 @@ class JaxEngine:
     # -- step --------------------------------------------------------------------------------------
     def update(self, state_values: list[Any], optimizer_values: list[Any], grads: list[Any], params: list[Any],
                value_fn: Callable[[list[Any]], Any] | None) -> tuple[list[Any], list[Any], list[Any], Any]:
-        """New ``(weights, tuner state values, optimizer values, lr)`` from the current ones."""
+        """New ``(weights, tuner state values, optimizer values, lr)`` from the current ones.
+
+        With the batch's ``value_fn`` the step's loss is passed as ``value`` (the ``loss`` diagnostic and the
+        non-finite check, as the PyTorch tuner has them from the step's closure): the same function of the same
+        inputs as the forward pass Keras differentiated in this jitted step, which XLA computes once.
+        """
         state = self.treedef.unflatten(list(state_values))._replace(base_state=list(optimizer_values))
-        updates, new_state = self.transform.update(list(grads), state, list(params), value_fn=value_fn)
+        value = None if value_fn is None else value_fn(list(params))
+        updates, new_state = self.transform.update(list(grads), state, list(params), value_fn=value_fn, value=value)
         weights = [(p + u.astype(p.dtype)).astype(p.dtype) for p, u in zip(params, updates, strict=True)]
         leaves = jax.tree.leaves(new_state._replace(base_state=None))
         leaves = [jnp.asarray(new).astype(old.dtype) for new, old in zip(leaves, state_values, strict=True)]
@@ -171,16 +182,13 @@ class JaxEngine:
         return self.state_variables[self.offsets["diagnostics"]]
 
     def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:
-        """The diagnostics, reading each variable's current value with ``read``."""
-        values = np.asarray(read(self.diagnostics_variable), dtype=np.float64).tolist()
-        host = dict(zip(self.keys, values, strict=True))
-        out: dict[str, Any] = {k: v for k, v in host.items() if not k.endswith("_code")}
-        out["route"] = ROUTE_NAMES[int(host["route_code"])]
-        out["hvp_route"] = ROUTE_NAMES[int(host["hvp_route_code"])]
-        out["step"] = int(read(self.state_variables[self.offsets["count"]]))
-        out["skipped_steps"] = int(read(self.state_variables[self.offsets["skipped"]]))
-        out["fallback_steps"] = int(read(self.state_variables[self.offsets["fallbacks"]]))
-        return out
+        """The diagnostics (exactly ``keys_for(law)``), reading each variable's current value with ``read``."""
+
+        def counter(field: str) -> int:
+            return int(np.asarray(read(self.state_variables[self.offsets[field]])))
+
+        return decode_diagnostics(self.keys, read(self.diagnostics_variable), count=counter("count"),
+                                  skipped_steps=counter("skipped"), fallback_steps=counter("fallbacks"))
 
     def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
         """With ``warn=True``: RuntimeWarnings for the steps skipped and the law fallbacks since the last report,

@@ -1,10 +1,10 @@
 r"""What the tuner needs from a Keras optimizer: its update direction ``u`` for learning rate 1.
 
-Notation of the CDAT paper (SPEC section 3): ``w_{t+1} = w_t + eta_t u_t``, ``u`` the base optimizer's
+Notation of the CDAT paper (section 3, eq. 8): ``w_{t+1} = w_t + eta_t u_t``, ``u`` the base optimizer's
 update **for learning rate 1**. The tuner sets the wrapped optimizer's ``learning_rate`` to 1 and obtains
 ``u`` by running the optimizer's own update (``_backend_apply_gradients``: gradient clipping, then
-``update_step`` for every variable) on variables whose value is 0, so that ``0 + u`` is read off exactly,
-without the cancellation of ``(w + u) - w``:
+``update_step`` for every variable; :func:`apply_update`) on variables whose value is 0, so that ``0 + u`` is
+read off exactly, without the cancellation of ``(w + u) - w``:
 
 * the optimizers accepted here (:data:`SUPPORTED`) never read the variable's value in ``update_step``
   (they only ``assign_add`` to it), so the update computed at 0 is the update at ``w``;
@@ -79,3 +79,22 @@ def decay_rates(optimizer: Any, variables: Sequence[Any]) -> list[float]:
         return [0.0] * len(variables)
     return [float(wd) if optimizer._use_weight_decay(v) else 0.0 for v in variables]
 
+
+def apply_update(optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+    """One update of ``optimizer`` on ``variables`` (its ``_backend_apply_gradients``), counted as exactly one step.
+
+    ``_backend_apply_gradients`` is the part of ``optimizer.apply`` that clips the gradients, applies weight decay
+    and runs ``update_step`` on every variable. Whether it also advances ``optimizer.iterations`` depends on the
+    Keras release: 3.5 increments the count inside it, later releases (3.15) in ``apply`` after it. Adam's bias
+    correction reads the count, so counting a step twice would change every later update. The count is
+    therefore read before the call and set to that value plus one after it, whatever the call did.
+
+    Args:
+        optimizer: a built Keras optimizer (inside a ``keras.StatelessScope`` on JAX).
+        grads: the gradients, one per variable.
+        variables: the variables to update (the optimizer was built on them).
+    """
+    counter = optimizer._iterations
+    after = counter.value + 1  # a new tensor, computed now: the call may increment the variable in place
+    optimizer._backend_apply_gradients(list(grads), list(variables))
+    counter.assign(after)

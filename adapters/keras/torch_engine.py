@@ -1,9 +1,9 @@
 r"""The torch backend: the Keras optimizer behind a ``torch.optim.Optimizer``, tuned by the PyTorch adapter.
 
 On the torch backend Keras variables hold ``torch.nn.Parameter`` values and the step runs eagerly, so the
-PyTorch adapter's :class:`~eos_core.adapters.torch.CurvatureTuner` (its :class:`~eos_core.adapters.torch.Oracle`
-for ``u^T H u`` by double backward or finite differences, warm-started power iteration and Lanczos on
-parameter lists, non-finite skipping, law fallbacks) drives the step unchanged:
+PyTorch adapter's :class:`~eos_core.adapters.torch.CurvatureTuner` (u^T H u by double backward or finite
+differences, warm-started power iteration, non-finite skipping, law fallbacks, skipped-step and fallback
+counts, the registry's diagnostics) drives the step unchanged:
 
 1. :class:`KerasDirection` is a ``torch.optim.Optimizer`` over those parameters whose step is ``w <- w + lr * u``,
    ``u`` the Keras optimizer's update for learning rate 1 (see :mod:`.optimizers`), computed by running the
@@ -13,14 +13,15 @@ parameter lists, non-finite skipping, law fallbacks) drives the step unchanged:
 2. The PyTorch tuner gets the loss on the batch through ``set_objective``: the wrapped ``train_step``
    (:mod:`.train_step`) publishes a :class:`~eos_core.adapters.keras.train_step.TorchBatch` whose ``loss()``
    re-runs the model on the batch with the non-trainable variables entering the step.
-3. Its state (law state, step count, resolved route, warm-start eigenvector, previous update) is copied into
-   Keras variables after every step and read back after ``load_own_variables`` / ``set_weights`` (what
-   ``keras.models.load_model``, ``model.load_weights`` and the checkpoint callbacks call), so a checkpoint
-   restores it and the resumed run continues bit-identically.
+3. Its state, ``state_dict()["eos_core"]`` (see :meth:`TorchEngine.build` for the layout), is copied into
+   Keras variables after every step and handed back to ``load_tuner_state`` after ``load_own_variables`` /
+   ``set_weights`` (what ``keras.models.load_model``, ``model.load_weights`` and the checkpoint callbacks
+   call), so a checkpoint restores every field of it and the resumed run continues bit-identically. A field
+   this engine does not know how to store raises a RuntimeError at the first step rather than being lost.
 
-Warnings: the PyTorch tuner raises its RuntimeWarnings (skipped step, non-finite curvature) from the step
-itself, on the host, so ``warn=True`` and ``warn="jit"`` behave alike here and :meth:`TorchEngine.report`
-has nothing to add; ``warn=False`` filters those warnings out around the step.
+The diagnostics are the PyTorch tuner's (exactly ``eos_core.diagnostics.keys_for(law)``); the tuner itself
+skips non-finite steps, counts them and the law fallbacks, and warns as ``warn`` says (``warn="jit"`` is
+``True`` here: the step runs on the host).
 
 Routes: ``auto`` (double backward, falling back to one-sided finite differences), ``double-backward``,
 ``fd-central``, ``fd-onesided``. ``jvp-jvp`` / ``jvp-grad`` need ``torch.func.functional_call`` to swap the
@@ -31,46 +32,50 @@ that *need* the preconditioned Hessian (``preconditioned=True``) run on the JAX 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from eos_core import routes
-from eos_core import stats as S
-from eos_core.adapters.keras.optimizers import decay_rates
+from eos_core import diagnostics as D
+from eos_core.adapters.keras.optimizers import apply_update, decay_rates
 from eos_core.adapters.keras.train_step import TorchBatch, current_batch
 from eos_core.adapters.torch import STATE_KEY
 from eos_core.adapters.torch import CurvatureTuner as TorchCurvatureTuner
-from eos_core.adapters.torch.oracles import SDPA_MATH
 from eos_core.laws.base import Law
 
-#: Routes of the PyTorch oracle as stored in the ``counters`` variable (index 0: not resolved yet).
-ROUTE_CODES: tuple[str | None, ...] = (
-    None,
-    *[route + suffix for route in routes.EXACT for suffix in ("", SDPA_MATH)],
-    *routes.FINITE_DIFFERENCES,
-)
-SUPPORTED_ROUTES: tuple[str, ...] = (routes.AUTO, routes.DOUBLE_BACKWARD, *routes.FINITE_DIFFERENCES)
-
-#: Diagnostics the PyTorch tuner reports besides the law's own (NaN when not measured on a step).
-EXTRA_KEYS: tuple[str, ...] = (
-    "law_lr", "skipped", "loss", "grad_norm", "update_norm", "numerator", "denominator", "sharpness",
-    "lr_sharpness", "preconditioned_sharpness", "preconditioned_lr_sharpness", "alignment", "power_iterations",
-)
-_COUNTERS = ("step", "route_code", "has_eigenvector", "has_previous_update", "skipped_steps")
-_NEEDS_OBJECTIVE = frozenset({S.CURVATURE, S.TRIAL_LOSS, S.LOSS}) | S.SPECTRAL
-#: The PyTorch tuner's warnings about a skipped step or a law fallback (what ``warn=False`` silences).
-_BAD_STEP_WARNING = r"eos_core: step \d+"
+#: Counters of the PyTorch tuner's state kept in the ``eos_core_counters`` variable (int64), in this order; the
+#: law state's integer fields follow them.
+COUNTERS: tuple[str, ...] = ("version", "step", "calls", "skipped_steps", "fallback_steps", "exact_probes",
+                             "has_diagnostics", "has_eigenvector", "has_preconditioned_eigenvector",
+                             "has_previous_update")
+#: The state's vectors (lists of tensors shaped like the parameters, or None).
+VECTORS: tuple[str, ...] = ("eigenvector", "preconditioned_eigenvector", "previous_update")
+#: Every field of the PyTorch tuner's state this engine stores.
+STATE_FIELDS = frozenset({*COUNTERS[:6], "law", "law_state", "route", "reference_lr", "hyperparam_ratios",
+                          "diagnostics", *VECTORS})
+#: Bytes kept for a route name (UTF-8, zero-padded).
+TEXT_BYTES = 64
 
 
-def _host(variable: Any) -> np.ndarray:
-    """A Keras variable's value as a float64 numpy array (without Keras's ``numpy()`` copy warnings)."""
-    return variable.value.detach().cpu().numpy().astype(np.float64)
+def _host(variable: Any, dtype: Any = np.float64) -> np.ndarray:
+    """A Keras variable's value as a numpy array (without Keras's ``numpy()`` copy warnings)."""
+    return variable.value.detach().cpu().numpy().astype(dtype)
+
+
+def _encode(text: str | None) -> np.ndarray:
+    data = np.zeros(TEXT_BYTES, dtype=np.int32)
+    raw = (text or "").encode()
+    if len(raw) > TEXT_BYTES:
+        raise RuntimeError(f"eos_core Keras torch engine: the name {text!r} is longer than {TEXT_BYTES} bytes")
+    data[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return data
+
+
+def _decode(row: np.ndarray) -> str:
+    return bytes(int(b) for b in np.asarray(row).ravel() if b != 0).decode()
 
 
 class KerasDirection(torch.optim.Optimizer):
@@ -101,9 +106,7 @@ class KerasDirection(torch.optim.Optimizer):
         weights = [params[i].detach().clone() for i in active]
         for i in active:
             params[i].zero_()
-        self.keras_optimizer._backend_apply_gradients([params[i].grad for i in active],
-                                                      [self.keras_variables[i] for i in active])
-        self.keras_optimizer._iterations.assign_add(1)
+        apply_update(self.keras_optimizer, [params[i].grad for i in active], [self.keras_variables[i] for i in active])
         for i, w in zip(active, weights, strict=True):
             p = params[i]
             u = p.detach().clone()  # 0 + u
@@ -122,8 +125,9 @@ class _KerasTorchTuner(TorchCurvatureTuner):
         return self.keras_preconditioner()
 
 
-def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[], list[torch.Tensor] | None]:
-    """``() -> P`` (tensors like the weights) of Adam / AdamW / RMSprop without momentum, read after the step."""
+def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[], list[torch.Tensor]] | None:
+    """``() -> P`` (tensors like the weights) of Adam / AdamW / RMSprop without momentum, read after the step;
+    None for the other optimizers."""
     import keras
 
     positions = [optimizer._get_variable_index(v) for v in variables]
@@ -144,7 +148,7 @@ def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[
             return [(optimizer._velocities[i].value + eps).sqrt() for i in positions]
 
         return rms
-    return lambda: None
+    return None
 
 
 class TorchEngine:
@@ -154,34 +158,64 @@ class TorchEngine:
         self.tuner = tuner
         self.law = law
         self.dirty = False
-        self.needs_objective = bool(law.needs & _NEEDS_OBJECTIVE) or tuner.sharpness_every is not None
-        self.template = {k: float(v) for k, v in law.hold(law.init(tuner.initial_lr)).diagnostics.items()}
-        self.keys: tuple[str, ...] = tuple(dict.fromkeys((*self.template, *EXTRA_KEYS, "route_code")))
+        self.request = law.request()
+        self.needs_objective = self.request.objective or tuner.sharpness_every is not None
+        self.keys = D.keys_for(law)
+        self.float_keys = tuple(k for k in self.keys if k not in D.INTEGER_KEYS and k not in D.STRING_KEYS)
+        self.int_keys = tuple(k for k in self.keys if k in D.INTEGER_KEYS)
+        self.text_keys = tuple(k for k in self.keys if k in D.STRING_KEYS)
+        initial = law.state_to_host(law.init(tuner.reference_lr))
+        self.law_ints = tuple(f for f, v in initial.items() if isinstance(v, int))
+        self.law_floats = tuple(f for f in initial if f not in self.law_ints)
 
     # -- build -----------------------------------------------------------------------------------
     def build(self, trainable: Sequence[Any]) -> None:
+        """The PyTorch tuner on the Keras optimizer, and the variables that hold its state.
+
+        Layout (every value of the PyTorch tuner's ``state_dict()["eos_core"]``):
+
+        * ``eos_core_counters`` (int64): :data:`COUNTERS` (``version`` is the version of the PyTorch state
+          these values came from; ``has_*`` say which optional parts exist), then the law state's integer
+          fields;
+        * ``eos_core_scalars`` (float64): ``reference_lr``, then the law state's float fields;
+        * ``eos_core_text`` (int32, UTF-8 bytes): the resolved ``route`` (empty: not resolved), then the
+          diagnostics' string keys;
+        * ``eos_core_diagnostics`` (float64) and ``eos_core_diagnostic_counts`` (int64): the last step's
+          diagnostics, float and integer keys of ``keys_for(law)``;
+        * ``eos_core_<vector>``: one variable per trainable variable for each vector of :data:`VECTORS` the
+          run can produce.
+
+        ``law`` is the law the tuner was built with; ``hyperparam_ratios`` is empty (the Keras tuner refuses
+        laws that decide hyperparameters).
+        """
         tuner, optimizer = self.tuner, self.tuner.inner_optimizer
         self.trainable = list(trainable)
         self.params = [v.value for v in self.trainable]
-        self.shim = KerasDirection(optimizer, self.trainable, tuner.initial_lr)
-        self.torch_tuner = _KerasTorchTuner(
-            self.shim, self.law, probe_every=tuner.probe_every, route=tuner.route,
-            sharpness_every=tuner.sharpness_every, power_iters=tuner.sharpness_iters,
-            power_tol=tuner.sharpness_tol, linear_in_lr=True)
-        self.torch_tuner.keras_preconditioner = keras_preconditioner(optimizer, self.trainable)
-        self.fields = type(self.torch_tuner.law_state)._fields
+        self.shim = KerasDirection(optimizer, self.trainable, tuner.reference_lr)
+        reference = tuner.reference_lr if tuner.reference_lr > 0 else None
+        self.torch_tuner = _KerasTorchTuner(self.shim, self.law, settings=tuner.settings, reference_lr=reference,
+                                            linear_in_lr=True)
+        precond = keras_preconditioner(optimizer, self.trainable)
+        if precond is not None:
+            self.torch_tuner.keras_preconditioner = precond
         add = tuner.add_variable
-        self.law_variable = add(shape=(len(self.fields),), dtype="float64", name="eos_core_law_state")
-        self.counters = add(shape=(len(_COUNTERS),), dtype="float64", name="eos_core_counters")
-        self.diagnostics_variable = add(shape=(len(self.keys),), dtype="float64", name="eos_core_diagnostics")
-        tracks = tuner.sharpness_every is not None or bool(self.law.needs & {S.SHARPNESS, S.TOP_EIGENVALUES})
-        self.eigenvector = [tuner.add_variable_from_reference(v, name="eos_core_eigenvector") for v in self.trainable
-                            ] if tracks else None
-        self.previous_update = [tuner.add_variable_from_reference(v, name="eos_core_previous_update")
-                                for v in self.trainable] if S.GRAD_PREV_UPDATE_COSINE in self.law.needs else None
-        initial = {k: math.nan for k in self.keys}
-        initial.update(self.template, skipped=0.0, route_code=0.0)
-        self._write(initial, skipped_steps=0)
+        self.counters = add(shape=(len(COUNTERS) + len(self.law_ints),), dtype="int64", name="eos_core_counters")
+        self.scalars = add(shape=(1 + len(self.law_floats),), dtype="float64", name="eos_core_scalars")
+        self.text = add(shape=(1 + len(self.text_keys), TEXT_BYTES), dtype="int32", name="eos_core_text")
+        self.diagnostics_variable = add(shape=(len(self.float_keys),), dtype="float64", name="eos_core_diagnostics")
+        self.counts_variable = add(shape=(len(self.int_keys),), dtype="int64", name="eos_core_diagnostic_counts")
+        tracking = tuner.sharpness_every is not None
+        wanted = {
+            "eigenvector": self.request.hessian_eigenvector or tracking,
+            "preconditioned_eigenvector": self.request.preconditioned or (tracking and precond is not None),
+            "previous_update": self.request.previous_update,
+        }
+        self.vectors: dict[str, list[Any] | None] = {
+            key: [tuner.add_variable_from_reference(v, name=f"eos_core_{key}") for v in self.trainable]
+            if wanted[key] else None
+            for key in VECTORS
+        }
+        self._write()
 
     # -- step --------------------------------------------------------------------------------------
     def apply(self, grads: Sequence[Any]) -> float:
@@ -205,81 +239,99 @@ class TorchEngine:
 
                     def closure() -> torch.Tensor:  # the step's loss, already back-propagated by Keras
                         return step_loss
-            quiet = warnings.catch_warnings() if self.tuner.warn is False else contextlib.nullcontext()
-            with torch.enable_grad(), quiet:
-                if self.tuner.warn is False:
-                    warnings.filterwarnings("ignore", message=_BAD_STEP_WARNING, category=RuntimeWarning)
+            with torch.enable_grad():
                 self.torch_tuner.step(closure)
         finally:
             if batch is not None:
                 batch.restore(produced)
-        diagnostics = dict(self.torch_tuner.diagnostics)
-        skipped = float(diagnostics.get("skipped", 0.0)) > 0
-        skipped_steps = int(_host(self.counters)[_COUNTERS.index("skipped_steps")]) + int(skipped)
-        if skipped:  # as the JAX adapter does: the previous step's values, with skipped = 1
-            diagnostics = dict(zip(self.keys, _host(self.diagnostics_variable).tolist(), strict=True))
-            diagnostics["skipped"] = 1.0
-            diagnostics.pop("route_code")
-        self._write(diagnostics, skipped_steps=skipped_steps)
-        return float(diagnostics.get("lr", math.nan))
+        self._write()
+        return float(self.torch_tuner.diagnostics["lr"])
 
     # -- the state in Keras variables ----------------------------------------------------------------
-    def _write(self, diagnostics: dict[str, Any], *, skipped_steps: int) -> None:
-        saved = self.shim.state_dict()[STATE_KEY]
-        self.law_variable.assign(np.asarray([saved["law_state"][f] for f in self.fields], dtype=np.float64))
-        route = saved.get("route")
-        route_code = ROUTE_CODES.index(route) if route in ROUTE_CODES else 0
-        counters = {"step": saved["step"], "route_code": route_code,
-                    "has_eigenvector": saved.get("eigenvector") is not None,
-                    "has_previous_update": saved.get("previous_update") is not None, "skipped_steps": skipped_steps}
-        self.counters.assign(np.asarray([float(counters[k]) for k in _COUNTERS], dtype=np.float64))
-        for variables, key in ((self.eigenvector, "eigenvector"), (self.previous_update, "previous_update")):
-            if variables is not None and saved.get(key) is not None:
-                for variable, value in zip(variables, saved[key], strict=True):
-                    variable.assign(value)
-        values = dict(diagnostics)
-        values["route_code"] = float(route_code)
-        row = []
-        for key in self.keys:
-            value = values.get(key, math.nan)
-            row.append(float(value) if isinstance(value, int | float | np.floating | np.integer) else math.nan)
-        self.diagnostics_variable.assign(np.asarray(row, dtype=np.float64))
+    def _write(self) -> None:
+        """Copy the PyTorch tuner's state into the variables (every field; an unknown one raises)."""
+        saved = self.torch_tuner.state_dict()[STATE_KEY]
+        unknown = sorted(set(saved) - STATE_FIELDS)
+        if unknown or saved.get("hyperparam_ratios"):
+            raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner's state has fields it cannot store "
+                               f"({unknown or ['hyperparam_ratios']}); a Keras checkpoint would lose them")
+        law_state = saved["law_state"]
+        diagnostics = saved.get("diagnostics") or self._initial_diagnostics()
+        counters = {**{k: saved.get(k, 0) for k in COUNTERS[:6]}, "has_diagnostics": bool(saved.get("diagnostics")),
+                    **{f"has_{k}": saved.get(k) is not None for k in VECTORS}}
+        integers = [int(counters[k]) for k in COUNTERS] + [int(law_state[f]) for f in self.law_ints]
+        self.counters.assign(np.asarray(integers, dtype=np.int64))
+        floats = [float(saved["reference_lr"])] + [float(law_state[f]) for f in self.law_floats]
+        self.scalars.assign(np.asarray(floats, dtype=np.float64))
+        self.text.assign(np.stack([_encode(saved.get("route"))] + [_encode(diagnostics[k]) for k in self.text_keys]))
+        self.diagnostics_variable.assign(np.asarray([float(diagnostics[k]) for k in self.float_keys], dtype=np.float64))
+        self.counts_variable.assign(np.asarray([int(diagnostics[k]) for k in self.int_keys], dtype=np.int64))
+        for key in VECTORS:
+            values, variables = saved.get(key), self.vectors[key]
+            if values is None:
+                continue
+            if variables is None:
+                raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner keeps a {key} this engine did not "
+                                   "expect; a Keras checkpoint would lose it")
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
 
     def _read(self) -> None:
-        law_state = _host(self.law_variable)
-        counters = dict(zip(_COUNTERS, _host(self.counters).tolist(), strict=True))
+        """Hand the state held by the variables back to the PyTorch tuner (``load_tuner_state``)."""
+        ints = _host(self.counters, np.int64).tolist()
+        counters = dict(zip(COUNTERS, ints, strict=False))
+        scalars = _host(self.scalars).tolist()
+        law_state: dict[str, Any] = dict(zip(self.law_floats, scalars[1:], strict=True))
+        law_state.update(zip(self.law_ints, ints[len(COUNTERS):], strict=True))
 
-        def tensors(variables: list[Any] | None, flag: str) -> list[torch.Tensor] | None:
-            if variables is None or not counters[flag]:
+        def vector(key: str) -> list[torch.Tensor] | None:
+            variables = self.vectors[key]
+            if variables is None or not counters[f"has_{key}"]:
                 return None
             return [v.value.detach().clone() for v in variables]
 
         self.torch_tuner.load_tuner_state({
-            "version": 1,
+            **{k: int(counters[k]) for k in COUNTERS[:6]},
             "law": type(self.law).__name__,
-            "law_state": {f: float(law_state[i]) for i, f in enumerate(self.fields)},
-            "step": int(counters["step"]),
-            "route": ROUTE_CODES[int(counters["route_code"])],
-            "reference_lr": float(self.tuner.initial_lr),
-            "eigenvector": tensors(self.eigenvector, "has_eigenvector"),
-            "preconditioned_eigenvector": None,
-            "previous_update": tensors(self.previous_update, "has_previous_update"),
+            "law_state": law_state,
+            "route": _decode(_host(self.text, np.int32)[0]) or None,
+            "reference_lr": float(scalars[0]),
+            "hyperparam_ratios": {},
+            **{key: vector(key) for key in VECTORS},
+            "diagnostics": self.decode(_host_read) if counters["has_diagnostics"] else {},
         })
 
+    def _initial_diagnostics(self) -> dict[str, Any]:
+        """What is reported before the first step: the law's initial lr, nothing measured, no step taken."""
+        held = self.law.hold(self.law.init(self.tuner.reference_lr))
+        lr = float(held.lr)
+        values: dict[str, Any] = dict.fromkeys(self.keys, math.nan)
+        values.update({k: float(v) for k, v in held.diagnostics.items()})
+        values.update(lr=lr, law_lr=lr, skipped=0.0, step=0, skipped_steps=0, fallback_steps=0,
+                      route=self.torch_tuner.route)
+        return values
+
     def mark_loaded(self) -> None:
-        """The variables were overwritten (a checkpoint was loaded): read them before the next step."""
+        """The variables were overwritten (a checkpoint was loaded): hand them to the PyTorch tuner now, so that a
+        state it cannot read (a newer version of its state, vectors of other shapes) fails the load itself."""
         self.dirty = True
+        self._read()
+        self.dirty = False
 
     def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
         """Nothing to report on a read: the PyTorch tuner warned during the step (see the module docstring)."""
 
     # -- reading ----------------------------------------------------------------------------------
     def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:
-        values = np.asarray(read(self.diagnostics_variable), dtype=np.float64).tolist()
-        host = dict(zip(self.keys, values, strict=True))
-        counters = dict(zip(_COUNTERS, np.asarray(read(self.counters), dtype=np.float64).tolist(), strict=True))
-        out: dict[str, Any] = {k: v for k, v in host.items() if k != "route_code"}
-        out["route"] = ROUTE_CODES[int(host["route_code"])] or self.tuner.route
-        out["step"] = int(counters["step"])
-        out["skipped_steps"] = int(counters["skipped_steps"])
-        return out
+        """The last step's diagnostics (exactly ``keys_for(law)``), reading each variable's value with ``read``."""
+        values: dict[str, Any] = dict(zip(self.float_keys, np.asarray(read(self.diagnostics_variable),
+                                                                      dtype=np.float64).tolist(), strict=True))
+        values.update(zip(self.int_keys, np.asarray(read(self.counts_variable)).astype(np.int64).tolist(),
+                          strict=True))
+        text = np.asarray(read(self.text))
+        values.update({k: _decode(text[1 + i]) for i, k in enumerate(self.text_keys)})
+        return {k: values[k] for k in self.keys}
+
+
+def _host_read(variable: Any) -> np.ndarray:
+    return variable.value.detach().cpu().numpy()

@@ -11,12 +11,16 @@ forward-over-forward differentiation inside the jitted step), the PyTorch adapte
 (:mod:`.torch_engine`; double backward, falling back to finite differences). The loss on the batch that the
 probes re-evaluate comes from the model's wrapped ``train_step`` (:mod:`.train_step`, installed by
 :func:`~eos_core.adapters.keras.attach` or by the Keras callback).
+
+Saved models name their law by class; :func:`law_from_config` resolves that name among the eos_core laws
+and the classes registered with Keras (``keras.saving.register_keras_serializable`` or ``custom_objects``),
+and never imports a module a file names, so ``keras.models.load_model``'s ``safe_mode`` keeps its meaning.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -29,10 +33,23 @@ from eos_core import stats as S
 from eos_core.adapters.keras.optimizers import check_supported
 from eos_core.adapters.keras.train_step import JaxBatch, current_batch
 from eos_core.laws.base import Law
+from eos_core.settings import DEPRECATED, TunerSettings
 
 _OWNER = "CurvatureTuner"
-_PRECONDITIONED = frozenset({S.PRECONDITIONED_SHARPNESS, S.PRECONDITIONED_TOP_EIGENVALUES})
 _NEEDS_VALUE_FN = frozenset({S.CURVATURE, S.TRIAL_LOSS, S.LOSS}) | S.SPECTRAL
+
+#: The :class:`~eos_core.settings.TunerSettings` options the Keras tuner honours (on both backends).
+SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
+                                      "warn", "seed", "reference_lr")
+#: Routes on the torch backend (``jvp-*`` need ``torch.func.functional_call``, which Keras layers do not follow).
+TORCH_ROUTES: tuple[str, ...] = (routes.AUTO, routes.DOUBLE_BACKWARD, *routes.FINITE_DIFFERENCES)
+#: Version of the tuner's state layout in the optimizer's variables (read back by ``load_own_variables``).
+STATE_VERSION = 2
+#: The laws a saved model may name without being registered with Keras: every law of :mod:`eos_core.laws`.
+LAWS: dict[str, type[Law]] = {
+    name: cls for name in core_laws.__all__
+    if isinstance(cls := getattr(core_laws, name), type) and issubclass(cls, Law) and cls is not Law
+}
 
 
 def host_value(value: Any) -> np.ndarray:
@@ -42,27 +59,95 @@ def host_value(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+# -- laws in saved configs --------------------------------------------------------------------------------
 def law_config(law: Law) -> dict[str, Any]:
-    """A JSON-friendly description of ``law`` (its class and constructor settings)."""
-    return {"module": type(law).__module__, "class_name": type(law).__name__, "config": law._settings()}
+    """A JSON-friendly description of ``law``: its class (``class_name``, Keras' ``registered_name``, ``module``)
+    and its constructor settings (``config``).
+
+    Args:
+        law: the law.
+
+    Returns:
+        The description :func:`law_from_config` reads.
+    """
+    cls = type(law)
+    return {"module": cls.__module__, "class_name": cls.__name__,
+            "registered_name": keras.saving.get_registered_name(cls), "config": law._settings()}
 
 
-def law_from_config(config: dict[str, Any]) -> Law:
-    """The law :func:`law_config` described."""
-    module = importlib.import_module(config.get("module", "eos_core.laws"))
-    cls = getattr(module, config["class_name"], None) or getattr(core_laws, config["class_name"])
-    if not (isinstance(cls, type) and issubclass(cls, Law)):
-        raise ValueError(f"{_OWNER}: {config['class_name']} is not an eos_core law")
-    return cls(**config["config"])
+def law_from_config(config: Mapping[str, Any], custom_objects: Mapping[str, Any] | None = None) -> Law:
+    """The law :func:`law_config` described, without importing any module the description names.
+
+    The class is looked up, in this order, among the eos_core laws (:data:`LAWS`, when ``module`` is an
+    ``eos_core`` module or absent) and the classes registered with Keras: ``registered_name`` (then
+    ``class_name``) through ``keras.saving.get_registered_object``, which sees
+    ``@keras.saving.register_keras_serializable`` classes, ``keras.saving.custom_object_scope`` and the
+    ``custom_objects`` given to ``keras.models.load_model``.
+
+    Args:
+        config: the description (``class_name``, optional ``registered_name`` and ``module``, ``config``).
+        custom_objects: extra ``{name: class}`` to look the name up in.
+
+    Returns:
+        The law, built from ``config["config"]``.
+
+    Raises:
+        ValueError: when the description is malformed, names a class that is neither an eos_core law nor
+            registered with Keras, or names a registered object that is not an eos_core law.
+    """
+    if not isinstance(config, Mapping) or not isinstance(config.get("class_name"), str):
+        raise ValueError(f"{_OWNER}: a saved law must be described by a dict with a 'class_name', got {config!r}")
+    settings = config.get("config", {})
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{_OWNER}: the saved law's 'config' must be a dict, got {settings!r}")
+    return _law_class(config, custom_objects)(**settings)
 
 
-def with_initial_lr(law: Law, lr: float) -> Law:
-    """``law`` starting from ``lr`` unless it sets its own ``lr_init`` (the PyTorch adapter's rule:
-    the law's ``lr_init`` wins over the wrapped optimizer's learning rate)."""
-    settings = law._settings()
-    if "lr_init" not in settings or settings["lr_init"] is not None:
-        return law
-    return type(law)(**{**settings, "lr_init": lr})
+def _law_class(config: Mapping[str, Any], custom_objects: Mapping[str, Any] | None) -> type[Law]:
+    name = config["class_name"]
+    registered = config.get("registered_name") or name
+    module = config.get("module")
+    core = module is None or module == "eos_core" or str(module).startswith("eos_core.")
+    found: Any = LAWS.get(name) if core else None
+    for key in dict.fromkeys((registered, name)):
+        if found is None:
+            found = keras.saving.get_registered_object(key, custom_objects=custom_objects)
+    if found is None:
+        where = f"{module}.{name}" if module else name
+        raise ValueError(
+            f"{_OWNER}: the saved model names the law {where!r} (registered name {registered!r}), which is neither "
+            f"an eos_core law ({', '.join(sorted(LAWS))}) nor registered with Keras. eos_core does not import modules "
+            "named in a saved file; register the class with @keras.saving.register_keras_serializable() or pass "
+            f"custom_objects={{{registered!r}: YourLaw}} to keras.models.load_model")
+    if not (isinstance(found, type) and issubclass(found, Law)):
+        raise ValueError(f"{_OWNER}: the saved law {registered!r} resolves to {found!r}, which is not an eos_core law")
+    return found
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+def resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any], backend: str) -> TunerSettings:
+    """The tuner's settings: ``settings`` with ``options`` on top (old names accepted with a DeprecationWarning),
+    checked by :meth:`TunerSettings.from_options` against :data:`SUPPORTED_OPTIONS` and the backend's routes.
+
+    Raises:
+        ValueError: naming the option, for an unknown or unsupported option or an invalid value.
+    """
+    given: dict[str, Any] = {}
+    if settings is not None:
+        if not isinstance(settings, TunerSettings):
+            raise ValueError(f"{_OWNER}: settings must be an eos_core.settings.TunerSettings, got {settings!r}")
+        given = settings.as_dict()
+        for name in options:
+            given.pop(DEPRECATED.get(name, name), None)
+    merged = {**given, **options}
+    if backend == "torch" and merged.get("route") in (routes.JVP_JVP, routes.JVP_GRAD):
+        raise ValueError(f"{_OWNER}: route {merged['route']!r} is not available on the torch backend (forward-mode "
+                         "routes need torch.func.functional_call, which Keras layers do not follow); choose one of "
+                         f"{', '.join(TORCH_ROUTES)}")
+    # stacklevel 4: a DeprecationWarning points at the line that built the tuner
+    return TunerSettings.from_options(_OWNER, merged, supported=SUPPORTED_OPTIONS,
+                                      supported_routes=TORCH_ROUTES if backend == "torch" else routes.ALL,
+                                      stacklevel=4)
 
 
 @keras.saving.register_keras_serializable(package="eos_core")
@@ -89,46 +174,65 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             ``loss_scale_factor`` are refused.
         law: a law from :mod:`eos_core.laws`: ``CDAT``, ``Polyak``, ``Constant``, ``WarmupCosine``, ``Armijo``,
             ``HyperGradient``, ``ExactSharpness``, ``AdaEoS`` (their ``preconditioned=True`` variants on the JAX
-            backend with Adam / AdamW / RMSprop). ``DCAO`` is refused: it rewrites the momentum and weight
-            decay, which Keras optimizers keep as Python constants compiled into the train step.
-        probe_every: measure the law's statistics every ``probe_every`` steps (steps 0, k, 2k, ...) and reuse
-            the learning rate in between.
-        route: the u^T H u oracle. JAX: ``auto`` (jvp-jvp, then jvp-grad, double-backward, fd-onesided: the
-            first that traces), ``jvp-jvp``, ``jvp-grad``, ``double-backward``, ``fd-central``, ``fd-onesided``.
-            torch: ``auto`` (double backward, falling back to one-sided finite differences),
-            ``double-backward``, ``fd-central``, ``fd-onesided``.
-        sharpness_every: every that many steps, estimate lambda_max of the Hessian by warm-started power
-            iteration and report ``sharpness``, ``lr_sharpness`` (2 at the edge) and, for Adam / AdamW /
-            RMSprop without momentum, ``preconditioned_sharpness``. None: off.
-        sharpness_iters, sharpness_tol: power-iteration budget and relative stopping tolerance.
-        initial_lr: the learning rate the law starts from; default: the wrapped optimizer's.
-        seed: seed of the warm-start vectors (JAX backend; the torch backend's are fixed).
-        warn: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts ``skipped_steps``
-            and, on JAX, ``fallback_steps`` are in the diagnostics whatever the setting). ``True`` (default):
-            on torch the step warns as it runs. On JAX the jitted step holds no host callback (one costs about
-            10% on every step); the warnings are raised on the host by
-            :func:`~eos_core.adapters.keras.current_diagnostics`, for every step skipped and every fallback
-            since its previous call, and :class:`~eos_core.integrations.keras.EdgeOfStabilityCallback` calls
-            it after each batch it logs. The callback, which the curvature laws need anyway, therefore warns at
-            the batch where a step was skipped; a ``fit`` without it raises none until
-            ``current_diagnostics(model)`` is called (the :attr:`diagnostics` property reports nothing: Keras's
-            saving reads it). ``"jit"``: on JAX, warnings from inside
-            the jitted step (``jax.debug.callback``, with its per-step cost) without any read; on torch the
-            same as True. ``False``: no warnings.
+            backend with Adam / AdamW / RMSprop), or a subclass registered with Keras. ``DCAO`` is refused: it
+            rewrites the momentum and weight decay, which Keras optimizers keep as Python constants compiled
+            into the train step.
+        settings: the options as one :class:`eos_core.settings.TunerSettings`; keyword ``options`` given as
+            well replace its values.
         name: the optimizer's name.
+        **options: the :class:`~eos_core.settings.TunerSettings` options this tuner supports
+            (:data:`SUPPORTED_OPTIONS`), by the names every adapter uses:
 
-    Bad input (SPEC section 10): a step whose loss or gradient is NaN/Inf is skipped (weights and optimizer
-    state unchanged, ``skipped`` = 1, a RuntimeWarning as ``warn`` says) and training continues; a non-finite
-    or degenerate curvature keeps the last good learning rate (``fallback`` = 1, a RuntimeWarning: on torch
-    for non-finite statistics, on JAX for degenerate ones too). Invalid settings raise ValueError here, naming
-    the setting.
+            * ``probe_every``: measure the law's statistics every ``probe_every`` steps (steps 0, k, 2k, ...
+              of the steps taken) and reuse the learning rate in between.
+            * ``route``: the u^T H u oracle. JAX: ``auto`` (jvp-jvp, then jvp-grad, double-backward,
+              fd-onesided: the first that traces), ``jvp-jvp``, ``jvp-grad``, ``double-backward``,
+              ``fd-central``, ``fd-onesided``. torch: ``auto`` (double backward, falling back to one-sided
+              finite differences), ``double-backward``, ``fd-central``, ``fd-onesided``.
+            * ``sharpness_every``: every that many steps, estimate lambda_max of the Hessian by warm-started
+              power iteration and report ``sharpness``, ``lr_sharpness`` (2 at the edge), ``alignment`` and,
+              for Adam / AdamW / RMSprop without momentum, ``preconditioned_sharpness``. None: off.
+            * ``sharpness_iters``, ``sharpness_tol``: power-iteration budget and relative stopping tolerance.
+            * ``reference_lr``: the learning rate the law starts from when it sets no ``lr_init``; default:
+              the wrapped optimizer's.
+            * ``seed``: seed of the spectral start vectors (:func:`eos_core.spectral.random_start`; ``seed``
+              for H, ``seed + 1`` for the preconditioned Hessian), the same start as PyTorch's and JAX's.
+            * ``warn``: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts
+              ``skipped_steps`` and ``fallback_steps`` are in the diagnostics whatever the setting). ``True``
+              (default): on torch the step warns as it runs. On JAX the jitted step holds no host callback
+              (one costs about 10% on every step); the warnings are raised on the host by
+              :func:`~eos_core.adapters.keras.current_diagnostics`, for every step skipped and every fallback
+              since its previous call, and :class:`~eos_core.integrations.keras.EdgeOfStabilityCallback`
+              calls it after each batch it logs. The callback, which the curvature laws need anyway,
+              therefore warns at the batch where a step was skipped; a ``fit`` without it raises none until
+              ``current_diagnostics(model)`` is called (the :attr:`diagnostics` property reports nothing:
+              Keras's saving reads it). ``"jit"``: on JAX, warnings from inside the jitted step
+              (``jax.debug.callback``, with its per-step cost) without any read; on torch the same as True.
+              ``False``: no warnings.
+
+            ``initial_lr`` is the deprecated name of ``reference_lr`` (DeprecationWarning). The other
+            options of :class:`~eos_core.settings.TunerSettings` (``lr_mode``, ``skip_nonfinite``,
+            ``fd_eps``, ``fd_above``, ``clipped_gradients``, ``linear_in_lr``) raise a ValueError when given
+            a value other than their default.
+
+    Bad input: a step whose loss or gradient is NaN/Inf is skipped (weights and optimizer state unchanged,
+    ``skipped`` = 1, a RuntimeWarning as ``warn`` says) and training continues; a non-finite or degenerate
+    curvature keeps the last good learning rate (``fallback`` = 1, a RuntimeWarning). Invalid settings raise
+    ValueError here, naming the setting.
+
+    Diagnostics: :attr:`diagnostics` (after ``fit``) and :func:`eos_core.adapters.keras.current_diagnostics`
+    (inside callbacks) hold exactly ``eos_core.diagnostics.keys_for(law)``, with the meanings of
+    :data:`eos_core.diagnostics.REGISTRY`, on both backends (``step`` is the index of the step described,
+    skipped steps not counted).
 
     State: everything (law state, counters, warm-start vectors, the wrapped optimizer's slots, the last
     step's diagnostics) lives in Keras variables, so ``model.save`` / ``keras.models.load_model`` and the
     checkpoint callbacks restore it and a resumed run continues the same learning-rate trajectory. The
+    first of the tuner's own variables after ``iterations`` and ``learning_rate`` holds the layout's version
+    (:data:`STATE_VERSION`); loading a state of a newer version, or one with another number of variables (another
+    law, other settings, another release), raises a ValueError instead of Keras's skip-with-a-warning. The
     ``learning_rate`` variable holds the learning rate the last step applied (writing it has no effect:
-    the law decides). Read the diagnostics with :attr:`diagnostics` (after ``fit``) or
-    :func:`eos_core.adapters.keras.current_diagnostics` (inside callbacks).
+    the law decides).
     """
 
     def __init__(
@@ -136,22 +240,40 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         optimizer: Any,
         law: Law,
         *,
-        probe_every: int = 1,
-        route: str = routes.AUTO,
-        sharpness_every: int | None = None,
-        sharpness_iters: int = 20,
-        sharpness_tol: float = 1e-3,
-        initial_lr: float | None = None,
-        seed: int = 0,
-        warn: bool | str = True,
+        settings: TunerSettings | None = None,
         name: str | None = None,
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        check.reject_unknown(_OWNER, kwargs, (
-            "optimizer", "law", "probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
-            "initial_lr", "seed", "warn", "name"))
         backend = keras.backend.backend()
+        resolved = resolve_settings(settings, options, backend)
         check_supported(_OWNER, optimizer)
+        self._check_law(law)
+        start = resolved.reference_lr
+        if start is None:
+            start = check.non_negative(_OWNER, "the optimizer's learning_rate", float(optimizer._learning_rate.value))
+        law.init(start)  # a law that cannot start raises its ValueError here, at construction
+        if law.request().preconditioned:
+            self._check_preconditioned(backend, optimizer, law)
+
+        super().__init__(learning_rate=float(start), name=name)
+        self.settings = resolved
+        #: the learning rate the law starts from (``reference_lr``, else the wrapped optimizer's)
+        self.reference_lr = float(start)
+        self.inner_optimizer = optimizer
+        optimizer.learning_rate = 1.0
+        self.law = law
+        self._state_version: Any = None
+        if backend == "jax":
+            from eos_core.adapters.keras.jax_engine import JaxEngine
+
+            self._engine: Any = JaxEngine(self, law)
+        else:
+            from eos_core.adapters.keras.torch_engine import TorchEngine
+
+            self._engine = TorchEngine(self, law)
+
+    @staticmethod
+    def _check_law(law: Any) -> None:
         if not isinstance(law, Law):
             raise ValueError(f"{_OWNER}: law must be an eos_core law (e.g. CDAT(scale=2.0)), got {law!r}")
         if law.decides:
@@ -162,48 +284,6 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         unknown = set(law.needs) - set(S.ALL)
         if unknown:
             raise ValueError(f"{_OWNER}: law {law!r} needs statistics this adapter does not know: {sorted(unknown)}")
-        probe_every = check.positive_int(_OWNER, "probe_every", probe_every)
-        if backend == "torch":
-            from eos_core.adapters.keras.torch_engine import SUPPORTED_ROUTES
-
-            route = routes.validate_route(route, owner=f"{_OWNER} (torch backend): route", supported=SUPPORTED_ROUTES)
-        else:
-            route = routes.validate_route(route, owner=f"{_OWNER}: route")
-        if sharpness_every is not None:
-            sharpness_every = check.positive_int(_OWNER, "sharpness_every", sharpness_every)
-        sharpness_iters = check.positive_int(_OWNER, "sharpness_iters", sharpness_iters)
-        sharpness_tol = check.non_negative(_OWNER, "sharpness_tol", sharpness_tol)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{_OWNER}: seed must be an integer, got {seed!r}")
-        if not (isinstance(warn, bool | np.bool_) or (isinstance(warn, str) and warn == "jit")):
-            raise ValueError(f"{_OWNER}: warn must be True (warnings on the host), 'jit' (JAX: from inside the jitted "
-                             f"step) or False (none), got {warn!r}")
-        start = float(optimizer._learning_rate.value) if initial_lr is None else initial_lr
-        start = check.non_negative(_OWNER, "initial_lr", start)
-        law.init(start)  # a law that cannot start raises its ValueError here, at construction
-        if law.needs & _PRECONDITIONED:
-            self._check_preconditioned(backend, optimizer, law)
-
-        super().__init__(learning_rate=float(start), name=name)
-        self.probe_every = probe_every
-        self.route = route
-        self.sharpness_every = sharpness_every
-        self.sharpness_iters = sharpness_iters
-        self.sharpness_tol = sharpness_tol
-        self.seed = int(seed)
-        self.warn: bool | str = "jit" if isinstance(warn, str) else bool(warn)
-        self.initial_lr = start
-        self.inner_optimizer = optimizer
-        optimizer.learning_rate = 1.0
-        self.law = law
-        if backend == "jax":
-            from eos_core.adapters.keras.jax_engine import JaxEngine
-
-            self._engine: Any = JaxEngine(self, with_initial_lr(law, start))
-        else:
-            from eos_core.adapters.keras.torch_engine import TorchEngine
-
-            self._engine = TorchEngine(self, law)
 
     @staticmethod
     def _check_preconditioned(backend: str, optimizer: Any, law: Law) -> None:
@@ -217,12 +297,49 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             raise ValueError(f"{_OWNER}: {name}(preconditioned=True) needs an adaptive optimizer with a diagonal "
                              f"preconditioner (Adam, AdamW, RMSprop without momentum), got {type(optimizer).__name__}")
 
+    # -- the options, read from the settings ----------------------------------------------------------------
+    @property
+    def probe_every(self) -> int:
+        return self.settings.probe_every
+
+    @property
+    def route(self) -> str:
+        return self.settings.route
+
+    @property
+    def sharpness_every(self) -> int | None:
+        return self.settings.sharpness_every
+
+    @property
+    def sharpness_iters(self) -> int:
+        return self.settings.sharpness_iters
+
+    @property
+    def sharpness_tol(self) -> float:
+        return self.settings.sharpness_tol
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def warn(self) -> bool | str:
+        return self.settings.warn
+
+    @property
+    def initial_lr(self) -> float:
+        """Deprecated name of :attr:`reference_lr`."""
+        return self.reference_lr
+
     # -- Keras optimizer protocol ------------------------------------------------------------------
     def build(self, var_list: list[Any]) -> None:
         if self.built:
             return
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        self._state_version = self.add_variable(shape=(), dtype="int32", initializer="zeros",
+                                                name="eos_core_state_version")
+        self._state_version.assign(STATE_VERSION)
         self._engine.build(var_list)
 
     @property
@@ -293,13 +410,55 @@ class CurvatureTuner(keras.optimizers.Optimizer):
                 "does not provide it. Pass eos_core.integrations.keras.EdgeOfStabilityCallback() to fit, or call "
                 "eos_core.adapters.keras.attach(model) after compile (and again after keras.models.load_model).")
 
+    # -- loading a saved state ------------------------------------------------------------------------------
     def load_own_variables(self, store: Any) -> None:
+        if self.built:
+            self._check_saved_state(len(store.keys()), lambda i: store[str(i)])
         super().load_own_variables(store)
         self._engine.mark_loaded()
 
     def set_weights(self, weights: list[Any]) -> None:
-        super().set_weights(weights)
+        """Set every variable of :attr:`variables` (the tuner's and the wrapped optimizer's), in that order."""
+        if not self.built:
+            super().set_weights(weights)  # raises: not built
+        weights = list(weights)
+        self._check_saved_state(len(weights), lambda i: weights[i])
+        for variable, weight in zip(self.variables, weights, strict=True):
+            if tuple(variable.shape) != tuple(np.shape(weight)):
+                raise ValueError(f"{_OWNER}: optimizer variable {variable.path} has shape {tuple(variable.shape)}, "
+                                 f"the weight given for it {tuple(np.shape(weight))}")
+            variable.assign(weight)
         self._engine.mark_loaded()
+
+    def _check_saved_state(self, count: int, get: Any) -> None:
+        """A saved optimizer state this tuner can take: the layout version and the number of variables agree.
+
+        A state saved before the optimizer was built (a model saved before training: the tuner's and the wrapped
+        optimizer's ``iterations`` and ``learning_rate`` only) holds nothing to resume; it is left to Keras,
+        which skips it with a warning.
+
+        Raises:
+            ValueError: for a state of a newer layout version, or of another shape (another law, other
+                settings, another optimizer, or a release before the layout had a version).
+        """
+        index = next(i for i, v in enumerate(self.variables) if v is self._state_version)
+        if count == index + 2:  # never built: iterations and learning_rate of the tuner, then of the optimizer
+            return
+        version = None
+        if index < count:
+            value = np.asarray(get(index))
+            if value.ndim == 0 and value.dtype.kind in "iu":
+                version = int(value)
+        if version is not None and version > STATE_VERSION:
+            raise ValueError(f"{_OWNER}: the checkpoint's tuner state has version {version}, newer than this eos_core "
+                             f"reads (version {STATE_VERSION}): it was saved by a newer eos_core; upgrade to load it")
+        expected = len(self.variables)
+        if count != expected or version != STATE_VERSION:
+            saved_by = "an eos_core release before the state had a version" if version is None else f"version {version}"
+            raise ValueError(
+                f"{_OWNER}: the checkpoint holds {count} optimizer variables ({saved_by}), this tuner has {expected} "
+                f"(state version {STATE_VERSION}): it was saved with another law, other settings (sharpness_every, "
+                "...), another wrapped optimizer or another eos_core release, and cannot resume this run")
 
     def finalize_variable_values(self, var_list: list[Any]) -> None:
         """Nothing to finalise (no EMA of the weights)."""
@@ -307,7 +466,8 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     # -- reading -----------------------------------------------------------------------------------
     @property
     def diagnostics(self) -> dict[str, Any]:
-        """The last step's diagnostics from the variables (outside ``fit`` on JAX; any time on torch).
+        """The last step's diagnostics from the variables (outside ``fit`` on JAX; any time on torch): exactly
+        ``eos_core.diagnostics.keys_for(law)``.
 
         A plain read: it reports nothing (Keras's saving visits every attribute of the optimizer, this one
         too). :func:`eos_core.adapters.keras.current_diagnostics` is the read that raises ``warn=True``'s
@@ -326,7 +486,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     @property
     def lr(self) -> float:
         """The learning rate the last step applied."""
-        return float(self.diagnostics.get("lr", self.initial_lr))
+        return float(self.diagnostics.get("lr", self.reference_lr))
 
     # -- serialisation -----------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -339,16 +499,26 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             "sharpness_every": self.sharpness_every,
             "sharpness_iters": self.sharpness_iters,
             "sharpness_tol": self.sharpness_tol,
-            "initial_lr": self.initial_lr,
+            "reference_lr": self.reference_lr,
             "seed": self.seed,
             "warn": self.warn,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CurvatureTuner:
+        """The tuner :meth:`get_config` described (configs saved with ``initial_lr`` load too).
+
+        The law is resolved by :func:`law_from_config` (eos_core laws and Keras-registered classes only)."""
         config = dict(config)
         optimizer = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
-        law = law_from_config(config.pop("law"))
+        law = law_from_config(config.pop("law"), custom_objects)
+        reference = config.pop("reference_lr", None)
+        legacy = config.pop("initial_lr", None)  # configs saved before reference_lr: the same value
+        reference = legacy if reference is None else reference
+        if reference is not None and float(reference) > 0:
+            config["reference_lr"] = float(reference)
+        elif reference is not None:  # 0 (an optimizer built with lr 0) is the wrapped optimizer's own start
+            optimizer.learning_rate = float(reference)
         return cls(optimizer, law, **config)
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""SPEC section 10 on Keras: a non-finite step is skipped with a warning and never corrupts the weights."""
+"""Bad input on Keras: a non-finite step is skipped with a warning and never corrupts the weights."""
 
 import math
 import warnings
@@ -25,6 +25,9 @@ def test_nan_batch_is_skipped_weights_and_optimizer_state_untouched(tmp_path):
 
     history = callback.history
     assert history["skipped"] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    # step: the index of the step described among the steps taken; a skipped step reports the next one's index
+    assert history["step"] == [0, 1, 2, 2, 3, 4, 5, 5]
+    assert history["skipped_steps"] == [0, 0, 1, 1, 1, 1, 2, 2] and history["fallback_steps"] == [0] * 8
     for bad in (2, 6):
         for before, after in zip(recorder.before[bad], recorder.before[bad + 1], strict=True):
             np.testing.assert_array_equal(after, before)  # the weights did not move

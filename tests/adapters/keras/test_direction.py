@@ -70,4 +70,35 @@ def test_schedule_law_needs_no_train_step_wrapper_and_sets_learning_rate():
     assert not np.array_equal(weights[2][0], weights[1][0])
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(expected[-1])
     assert model.optimizer.diagnostics["lr"] == pytest.approx(expected[-1])
-    assert model.optimizer.diagnostics["step"] == 4
+    assert model.optimizer.diagnostics["step"] == 3  # the index of the last of 4 steps
+
+
+def count_inside_backend_apply_gradients(optimizer):
+    """Make ``optimizer`` count its steps as Keras 3.5 does: inside ``_backend_apply_gradients`` (Keras 3.15's
+    ``apply`` increments after that call instead)."""
+    original = optimizer._backend_apply_gradients
+
+    def backend_apply_gradients(grads, trainable_variables):
+        original(grads, trainable_variables)
+        optimizer._iterations.assign_add(1)
+
+    optimizer._backend_apply_gradients = backend_apply_gradients
+    return optimizer
+
+
+@pytest.mark.parametrize("keras_counts_inside", [False, True], ids=["keras-3.15", "keras-3.5"])
+def test_each_step_is_counted_once_whatever_keras_version_counts_it(keras_counts_inside):
+    x, y = digits(192)
+    lr, epochs = 0.01, 2
+    steps = epochs * len(x) // 64
+    plain = train(mlp(hidden=8), keras.optimizers.Adam(lr), x, y, epochs=epochs)
+    inner = keras.optimizers.Adam(lr)
+    if keras_counts_inside:
+        count_inside_backend_apply_gradients(inner)
+    model = mlp(hidden=8)
+    tuned = train(model, CurvatureTuner(inner, Constant(float(inner.learning_rate.numpy()))), x, y, epochs=epochs)
+    assert int(inner.iterations.numpy()) == steps
+    assert int(model.optimizer.iterations.numpy()) == steps
+    # Adam's bias correction reads the count: a step counted twice changes every later update
+    for a, b in zip(plain, tuned, strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import pytest
@@ -11,6 +12,7 @@ from keras_helpers import BACKEND
 from eos_core import CDAT, DCAO, AdaEoS, ExactSharpness
 from eos_core.adapters.keras import CurvatureTuner
 from eos_core.integrations.keras import EdgeOfStabilityCallback
+from eos_core.settings import TunerSettings
 
 
 def sgd():
@@ -30,14 +32,19 @@ def built_sgd():
     (lambda: CurvatureTuner(sgd(), CDAT(), sharpness_every=0), "sharpness_every"),
     (lambda: CurvatureTuner(sgd(), CDAT(), sharpness_iters=0), "sharpness_iters"),
     (lambda: CurvatureTuner(sgd(), CDAT(), sharpness_tol=-1.0), "sharpness_tol"),
-    (lambda: CurvatureTuner(sgd(), CDAT(), initial_lr=-0.1), "initial_lr"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), reference_lr=-0.1), "reference_lr"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), reference_lr=0.0), "reference_lr"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), lr_mode="multiply"), "does not support the option.s. lr_mode"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), skip_nonfinite=False), "does not support the option.s. skip_nonfinite"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), settings=TunerSettings(fd_above=None)), "fd_above"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), settings={"probe_every": 2}), "settings"),
     (lambda: CurvatureTuner(sgd(), CDAT(), seed="zero"), "seed"),
     (lambda: CurvatureTuner(sgd(), CDAT(), warn="yes"), "warn"),
     (lambda: CurvatureTuner(sgd(), CDAT(), warn=None), "warn"),
     (lambda: CurvatureTuner(sgd(), CDAT(), probe_evry=2), "probe_evry"),
     (lambda: CurvatureTuner(sgd(), "cdat"), "law"),
     (lambda: CurvatureTuner(sgd(), DCAO()), "DCAO decides momentum, weight_decay"),
-    (lambda: CurvatureTuner(sgd(), AdaEoS(), initial_lr=0.0), "initial learning rate must be > 0"),
+    (lambda: CurvatureTuner(keras.optimizers.SGD(0.0), AdaEoS()), "initial learning rate must be > 0"),
     (lambda: CurvatureTuner(sgd(), CDAT(scale=0.0)), "scale"),
     (lambda: CurvatureTuner(keras.optimizers.Ftrl(0.1), CDAT()), "optimizer must be one of"),
     (lambda: CurvatureTuner(keras.optimizers.Lamb(0.1), CDAT()), "optimizer must be one of"),
@@ -80,6 +87,66 @@ def test_every_warn_mode_is_accepted_and_survives_the_config():
     for warn in (True, "jit", False):
         tuner = CurvatureTuner(sgd(), CDAT(), warn=warn)
         assert tuner.warn == warn and CurvatureTuner.from_config(tuner.get_config()).warn == warn
+
+
+def test_settings_object_and_keyword_options_combine():
+    settings = TunerSettings(probe_every=3, sharpness_every=2, sharpness_iters=7, seed=5)
+    tuner = CurvatureTuner(sgd(), CDAT(), settings=settings, probe_every=4, sharpness_tol=0.0)
+    assert (tuner.probe_every, tuner.sharpness_every, tuner.sharpness_iters, tuner.sharpness_tol, tuner.seed) == (
+        4, 2, 7, 0.0, 5)
+    assert tuner.settings == settings.replace(probe_every=4, sharpness_tol=0.0)
+    # the deprecated name given as a keyword replaces the settings' value of the new one
+    with pytest.warns(DeprecationWarning, match="power_iters"):
+        assert CurvatureTuner(sgd(), CDAT(), settings=settings, power_iters=9).sharpness_iters == 9
+
+
+def test_initial_lr_is_the_deprecated_name_of_reference_lr():
+    with pytest.warns(DeprecationWarning, match="initial_lr= is deprecated, use reference_lr=") as caught:
+        tuner = CurvatureTuner(sgd(), CDAT(), initial_lr=0.25)
+    assert caught[0].filename == __file__  # the warning points at the line that built the tuner
+    assert tuner.reference_lr == tuner.initial_lr == 0.25 == tuner.settings.reference_lr
+    with pytest.raises(ValueError, match="reference_lr= only"):
+        CurvatureTuner(sgd(), CDAT(), initial_lr=0.25, reference_lr=0.5)
+
+
+def test_default_reference_lr_is_the_wrapped_optimizers_learning_rate():
+    tuner = CurvatureTuner(keras.optimizers.SGD(0.125), CDAT())
+    assert tuner.reference_lr == 0.125 and tuner.settings.reference_lr is None
+    assert float(tuner.inner_optimizer.learning_rate.numpy()) == 1.0  # u is the update for lr = 1
+    assert CurvatureTuner(sgd(), CDAT(), reference_lr=0.5).reference_lr == 0.5
+
+
+CONFIG_KEYS = {"name", "optimizer", "law", "probe_every", "route", "sharpness_every", "sharpness_iters",
+               "sharpness_tol", "reference_lr", "seed", "warn"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CurvatureTuner(keras.optimizers.SGD(0.125, momentum=0.9), CDAT(scale=1.5, ema=0.5), probe_every=3,
+                           route="fd-central", sharpness_every=4, sharpness_iters=11, sharpness_tol=1e-4, seed=7,
+                           warn=False, name="tuned"),
+    lambda: CurvatureTuner(keras.optimizers.Adam(0.01), AdaEoS(), reference_lr=0.3),
+    lambda: CurvatureTuner(keras.optimizers.SGD(0.0), CDAT()),  # lr 0: the law starts from 0
+], ids=["every-option", "reference-lr", "zero-lr"])
+def test_config_round_trips_with_the_new_names(make):
+    tuner = make()
+    config = tuner.get_config()
+    assert set(config) == CONFIG_KEYS
+    restored = CurvatureTuner.from_config(config)
+    assert restored.get_config() == config
+    assert restored.settings.as_dict() | {"reference_lr": None} == tuner.settings.as_dict() | {"reference_lr": None}
+    assert restored.reference_lr == tuner.reference_lr and restored.law == tuner.law
+    assert type(restored.inner_optimizer) is type(tuner.inner_optimizer)
+
+
+def test_configs_saved_with_initial_lr_still_load():
+    config = CurvatureTuner(keras.optimizers.SGD(0.125), CDAT(), probe_every=2).get_config()
+    old = {k: v for k, v in config.items() if k != "reference_lr"} | {"initial_lr": 0.125}
+    old["law"] = {k: v for k, v in old["law"].items() if k != "registered_name"}  # older law descriptions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # a saved file is not the user's code: no warning
+        restored = CurvatureTuner.from_config(old)
+    assert restored.reference_lr == 0.125 and restored.probe_every == 2 and restored.law == CDAT()
+    assert restored.get_config() == config
 
 
 def test_every_route_of_the_backend_is_accepted():
