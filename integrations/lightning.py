@@ -101,7 +101,17 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
   - ``law=None`` (measuring only): the optimizer's own lr is applied; both curves are the scheduler's.
 * **Data parallel** (``strategy="ddp"``): DDP averages the gradient; every rank probes its own shard
   and the tuner averages the measurements over ``torch.distributed``, so all ranks apply the same lr.
-  Sharded strategies (FSDP, DeepSpeed, model parallel) are refused: the tuner needs whole parameters.
+* **Sharded parameters** (``strategy=ModelParallelStrategy(...)``, FSDP2: the LightningModule applies
+  ``fully_shard`` in ``configure_model``; it runs on CPU with gloo, ``init_device_mesh("cpu", ...)``). The
+  optimizer holds DTensor parameters; the tuner works on each rank's shards and all-reduces its sums over the
+  mesh (:mod:`eos_core.adapters.torch.sharding`), probes re-run ``training_step`` through the sharded modules
+  (their forward gathers the parameters, the backward reduce-scatters the gradient), the route is
+  ``fd-onesided`` (``auto``) or ``fd-central``. The strategy saves ``get_optimizer_state_dict`` (sharded
+  by default, through ``torch.distributed.checkpoint``; full with ``save_distributed_checkpoint=False``) and
+  loads with ``set_optimizer_state_dict`` after ``on_fit_start``, so the tuner's state travels in both
+  directions (in the optimizer's first param group and per-parameter state, which those functions keep).
+  ``FSDPStrategy`` (``strategy="fsdp"``) is FSDP1, whose flat parameters the tuner cannot read, and
+  ``DeepSpeedStrategy`` replaces the optimizer: both are refused.
 * **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
   untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr
   (``RuntimeWarning``, ``eos/fallback`` = 1).
@@ -281,11 +291,18 @@ class EdgeOfStabilityCallback(pl.Callback):
                 "each opt.step(), and log tuner.diagnostics."
             )
         strategy = trainer.strategy
-        sharded = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
-        if isinstance(strategy, sharded) or not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+        if isinstance(strategy, FSDPStrategy):
             raise ValueError(
-                f"{_OWNER} supports single-device and DDP strategies (strategy='auto', 'ddp', 'ddp_spawn', ...); "
-                f"{type(strategy).__name__} shards or replaces the parameters the tuner has to read whole"
+                f"{_OWNER} does not support FSDPStrategy (strategy='fsdp'): it is FSDP1, whose flat parameters the "
+                "tuner cannot read. Shard with FSDP2: strategy=ModelParallelStrategy(data_parallel_size=<processes>, "
+                "tensor_parallel_size=1) and fully_shard(...) in configure_model (see the README, Sharded training)"
+            )
+        supported = SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, supported):
+            raise ValueError(
+                f"{_OWNER} supports single-device, DDP and ModelParallelStrategy (FSDP2) strategies "
+                f"(strategy='auto', 'ddp', 'ddp_spawn', ModelParallelStrategy(...)); {type(strategy).__name__} "
+                "replaces the optimizer or the parameters the tuner hooks"
             )
         if (self._spec.needs & {S.LOSS} and trainer.accumulate_grad_batches > 1):
             raise ValueError(

@@ -59,11 +59,18 @@ Design (the facts below are from ``transformers`` 5.25's ``trainer.py`` / ``trai
   ``logging_steps`` steps; each log gets, per name, the latest value measured since the previous log
   (so a sharpness tracked at step 101 appears in the log of step 500 with the default
   ``logging_steps=500``), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous log.
-* **Checkpoints.** ``Trainer._save_checkpoint`` saves ``optimizer.state_dict()`` to ``optimizer.pt``,
-  which carries the tuner's state under ``"eos_core"``. But ``_prepare_for_training`` loads
-  ``optimizer.pt`` *before* ``on_train_begin`` (and torch's ``load_state_dict`` drops the unknown key),
-  so on resume (``state.global_step > 0`` at ``on_train_begin``) the callback reads the tuner's state
-  from the checkpoint itself. The folder the Trainer loaded is the ``resume_from_checkpoint`` argument
+* **Checkpoints.** ``Trainer._save_checkpoint`` saves ``optimizer.state_dict()`` to ``optimizer.pt``
+  (under FSDP2, accelerate's ``save_fsdp_optimizer``: ``get_optimizer_state_dict``, a
+  ``torch.distributed.checkpoint`` folder ``optimizer_0`` with ``SHARDED_STATE_DICT``), which carries the
+  tuner's state (:mod:`eos_core.adapters.torch.checkpoint`). ``_prepare_for_training`` loads it *before*
+  ``on_train_begin``: torch's ``load_state_dict`` drops the top-level ``"eos_core"`` key but keeps the copy
+  in the first param group and the per-parameter state, and the tuner picks that up when the callback
+  attaches it. accelerate's ``load_fsdp_optimizer`` (FSDP2, sharded) loads into a template it builds with
+  ``get_optimizer_state_dict`` before any callback runs, so the tuner's entries are not loaded at all. When the
+  tuner found no state (that case, or a checkpoint of state version 2) on resume (``state.global_step > 0`` at
+  ``on_train_begin``), the callback reads it from the checkpoint itself: the ``optimizer_0`` folder with
+  :meth:`CurvatureTuner.load_distributed_checkpoint`, else ``optimizer.pt``. The folder the Trainer loaded is
+  the ``resume_from_checkpoint`` argument
   of ``train()``, resolved (``True`` becomes ``get_last_checkpoint(output_dir)``) and passed as a local
   variable to ``Trainer._inner_training_loop``, which fires ``on_train_begin``; the Trainer stores it
   nowhere else (``TrainingArguments.resume_from_checkpoint`` is only what the user set in the arguments).
@@ -71,6 +78,13 @@ Design (the facts below are from ``transformers`` 5.25's ``trainer.py`` / ``trai
   this callback, as it finds the ``CallbackHandler``), then tries ``args.resume_from_checkpoint`` and
   ``<output_dir>/checkpoint-<global_step>``. A file is used only if its optimizer state equals the state
   the Trainer just loaded; if none matches the callback warns and the tuner starts afresh.
+* **Sharded parameters** (``TrainingArguments(fsdp=..., fsdp_config={"version": 2})``: accelerate applies
+  FSDP2's ``fully_shard``, the optimizer holds DTensor parameters). The tuner works on each rank's shards and
+  all-reduces its sums (:mod:`eos_core.adapters.torch.sharding`); the probes call the sharded model (its
+  forward gathers the parameters, the backward reduce-scatters the gradient); the route is ``fd-onesided``
+  (``auto``) or ``fd-central``. FSDP1 (``fsdp_config["version"] = 1``) and DeepSpeed are refused. accelerate
+  1.16 turns FSDP on only for GPU-type distributed runs (``AcceleratorState``: ``MULTI_CPU`` is not among them),
+  so on CPU ``fsdp=`` is ignored and the Trainer runs DDP.
 * **Step detection.** The callback tells that the optimizer stepped by ``tuner.calls`` (steps processed,
   skipped ones included) changing between ``on_pre_optimizer_step`` and ``on_optimizer_step`` (a
   GradScaler that skips ``optimizer.step`` on inf gradients leaves it unchanged).
@@ -114,6 +128,8 @@ __all__ = ["EdgeOfStabilityCallback"]
 
 _OWNER = "EdgeOfStabilityCallback"
 _OPTIMIZER_FILE = "optimizer.pt"
+#: accelerate's save_fsdp_optimizer folder (torch.distributed.checkpoint, SHARDED_STATE_DICT)
+_FSDP_OPTIMIZER_FOLDER = "optimizer_0"
 LossFunction = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
 _Batch = tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]
 #: statistics the tuner measures from the step's own gradient and update, without evaluating the loss
@@ -214,7 +230,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
         self._unwritten.clear()
         self._route, self._logged_route, self._calls = None, None, None
-        if state.global_step > 0:
+        if state.global_step > 0 and self.tuner.calls == 0:  # not already picked up from the loaded optimizer
             self._resume(args, state, inner)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -260,6 +276,11 @@ class EdgeOfStabilityCallback(TrainerCallback):
         for candidate in candidates:
             if isinstance(candidate, str | os.PathLike) and os.fspath(candidate) not in folders:
                 folders.append(os.fspath(candidate))
+        for folder in folders[:2]:  # the folder the Trainer loaded: FSDP2's sharded optimizer (accelerate)
+            distributed = os.path.join(folder, _FSDP_OPTIMIZER_FOLDER)
+            if os.path.isdir(distributed) and self._model is not None:
+                if self.tuner.load_distributed_checkpoint(distributed, self._model, key="optimizer"):
+                    return
         for folder in folders:
             path = os.path.join(folder, _OPTIMIZER_FILE)
             if not os.path.isfile(path):
@@ -371,10 +392,19 @@ def _check_arguments(args: TrainingArguments) -> None:
         problems.append("torch.nn.DataParallel over several GPUs (use DDP: torchrun / accelerate launch)")
     if getattr(args, "label_smoothing_factor", 0.0):
         problems.append("label_smoothing_factor (the Trainer computes that loss outside the model; pass loss_fn)")
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-        problems.append("DeepSpeed / FSDP (the tuner needs whole parameters)")
+    if getattr(args, "deepspeed", None):
+        problems.append("DeepSpeed (it replaces the optimizer the tuner hooks)")
+    if getattr(args, "fsdp", None) and _fsdp_version(args) != 2:
+        problems.append("FSDP1 (fsdp_config['version'] = 1: flat parameters the tuner cannot read; use FSDP2, "
+                        "fsdp_config={'version': 2}, the default)")
     if problems:
         raise ValueError(f"{_OWNER} does not support {'; '.join(problems)}")
+
+
+def _fsdp_version(args: TrainingArguments) -> int:
+    """The FSDP version the Trainer runs (``fsdp_config["version"]``; 2 by default in transformers 5)."""
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("version", config.get("fsdp_version", 2)))
 
 
 def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
@@ -424,13 +454,21 @@ def _same_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optim
     """Whether ``saved`` is the optimizer state the Trainer just loaded (not a same-numbered checkpoint of
     another run): same parameter groups, same state keys, equal first and last per-parameter state."""
     current = optimizer.state_dict()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in current["param_groups"]]
-    saved_groups = [{k: v for k, v in g.items() if k != "params"} for g in saved.get("param_groups", [])]
-    if groups != saved_groups or set(current["state"]) != set(saved.get("state", {})):
+    groups = [{k: v for k, v in g.items() if k not in ("params", STATE_KEY)} for g in current["param_groups"]]
+    saved_groups = [{k: v for k, v in g.items() if k not in ("params", STATE_KEY)}
+                    for g in saved.get("param_groups", [])]
+
+    def own(entries: Mapping[Any, Any]) -> dict[Any, dict[str, Any]]:  # the optimizer's state, not the tuner's
+        out = {key: {n: v for n, v in entry.items() if not str(n).startswith(STATE_KEY)}
+               for key, entry in entries.items()}
+        return {key: entry for key, entry in out.items() if entry}
+
+    mine_state, saved_state = own(current["state"]), own(saved.get("state", {}))
+    if groups != saved_groups or set(mine_state) != set(saved_state):
         return False
-    keys = sorted(current["state"])
+    keys = sorted(mine_state)
     for key in keys[:1] + keys[-1:]:
-        mine, theirs = current["state"][key], saved["state"][key]
+        mine, theirs = mine_state[key], saved_state[key]
         if set(mine) != set(theirs):
             return False
         for name, value in mine.items():

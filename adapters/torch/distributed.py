@@ -1,5 +1,6 @@
 """Averaging probe statistics across data-parallel ranks, so every rank computes the same learning rate.
 
+(Sharded parameters, FSDP2, are :mod:`eos_core.adapters.torch.sharding`'s business.)
 Under DDP the step's gradient is already averaged by DDP itself, so g.u is identical on every rank;
 what each rank measures on its own shard (u^T H u, the loss, Hessian-vector products) is averaged
 here. With equal shards, the mean of the per-rank Hessians is the Hessian of the mean loss, so the
@@ -27,7 +28,12 @@ class Reducer:
         return dist.get_world_size(self.group)
 
     def _device(self, like: torch.device) -> torch.device:
-        backend = dist.get_backend(self.group)
+        return self.device_for(like, self.group)
+
+    @staticmethod
+    def device_for(like: torch.device, group: object | None) -> torch.device:
+        """Where a collective over ``group`` takes its tensors: the CPU under gloo, else ``like``'s device."""
+        backend = dist.get_backend(group)
         return like if backend == "nccl" or like.type != "cpu" and backend != "gloo" else torch.device("cpu")
 
     def mean_scalars(self, values: Sequence[float], device: torch.device | None = None) -> list[float]:

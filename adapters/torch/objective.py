@@ -96,6 +96,7 @@ class Objective:
             model runs under ``no_sync()``.
         loss_scale: multiply the loss by this before differentiating (GradScaler's scale under
             float16 autocast); :meth:`scale` tells callers what to divide by.
+        sharded: the parameters are sharded by FSDP2 (see :meth:`value` and :meth:`backward_gradient`).
     """
 
     def __init__(
@@ -106,8 +107,10 @@ class Objective:
         rng_state: dict[str, Any] | None = None,
         module: torch.nn.Module | None = None,
         loss_scale: float = 1.0,
+        sharded: bool = False,
     ) -> None:
         self.fn = fn
+        self.sharded = bool(sharded)
         self.params = list(params)
         self.rng_state = rng_state
         self.module = module
@@ -179,14 +182,64 @@ class Objective:
         return loss * self.scale if self.scale != 1.0 else loss
 
     def value(self) -> float:
-        """The loss at the current parameters, without building a graph."""
-        with self._isolated(), torch.no_grad():
-            return float(self._call())
+        """The loss at the current parameters, without building a graph.
+
+        With FSDP2-sharded parameters the evaluation must leave every FSDP module resharded: FSDP does not
+        reshard the root module after its forward (it expects the backward to follow), and a later forward
+        reuses gathered parameters that are still there, so it would not see the shards the tuner moves in place
+        (``torch/distributed/fsdp/_fully_shard/_fsdp_state.py``: the root's ``post_forward_mesh_info`` is None).
+        With the model known (``module``), its FSDP modules are resharded (``FSDPModule.reshard()``); without it,
+        the loss is evaluated with a graph and a zero backward pass lets FSDP reshard (one backward more).
+        """
+        if not self.sharded:
+            with self._isolated(), torch.no_grad():
+                return float(self._call())
+        modules = _fsdp_modules(self.module)
+        with self._isolated(), torch.set_grad_enabled(not modules):
+            loss = self._call()
+            if modules:
+                for module in modules:
+                    module.reshard()
+            elif loss.requires_grad:
+                (loss * 0.0).backward()
+            return float(loss.detach())
+
+    def backward_gradient(self) -> list[torch.Tensor]:
+        """The gradient at the current parameters by ``loss.backward()``, read from ``.grad`` (local shards of
+        DTensor parameters), divided by :attr:`scale`; the parameters' own ``.grad`` are put back afterwards.
+
+        The route to a gradient under FSDP2: its forward all-gathers the parameters and its backward hooks
+        reduce-scatter the gradient into the sharded parameters' ``.grad``, so the result is this rank's shard
+        of the gradient averaged over every data-parallel rank (``torch.autograd.grad`` cannot reach the
+        sharded parameters, which FSDP's forward does not use).
+        """
+        from eos_core.adapters.torch.sharding import local
+
+        with self._isolated(), torch.enable_grad():
+            loss = self._call()
+            (loss * self.scale if self.scale != 1.0 else loss).backward()
+            grads = [p.grad for p in self.params]
+        out = []
+        for g, p in zip(grads, self.params, strict=True):
+            g = torch.zeros_like(local(p)) if g is None else local(g).detach()
+            out.append(g / self.scale if self.scale != 1.0 else g)
+        return out
 
     def call(self, function: Callable[[], Any]) -> Any:
         """Run ``function`` (which evaluates this objective itself, e.g. a torch.func transform) isolated."""
         with self._isolated(), torch.enable_grad():
             return function()
+
+
+def _fsdp_modules(module: torch.nn.Module | None) -> list[Any]:
+    """The FSDP2 modules (``fully_shard``) in ``module`` (none without it, or on a torch without FSDP2)."""
+    if module is None:
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager

@@ -37,6 +37,11 @@ about 1.2x memory instead of 1.4-2.3x (benchmarks/torch_overhead.py). Where they
 finite differences see and autograd's Hessian does not; bf16 rounding; dropout not replayed) it stays
 exact. ``oracle.verification`` holds the two values that decided.
 
+With sharded parameters (FSDP2, :mod:`eos_core.adapters.torch.sharding`) only the finite-difference routes
+run: their gradients come from backward passes through FSDP's hooks, which all-gather the parameters and
+reduce-scatter the gradient; ``auto`` is ``fd-onesided`` there and an exact route asked for by name is
+refused when the oracle is built.
+
 Finite-difference steps follow :func:`eos_core.routes.finite_difference_step` with the parameter
 scale measured along the direction, ``sum_i |w_i| |u_i| / ||u||`` (:func:`vector_ops.scale_along`,
 Dennis and Schnabel's rule) instead of ``||w||``: the perturbation ``h u`` has norm
@@ -59,6 +64,7 @@ from eos_core import routes
 from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.distributed import Reducer
 from eos_core.adapters.torch.objective import Objective, shifted
+from eos_core.adapters.torch.sharding import ParameterSpace
 from eos_core.routes import finite_difference_step
 from eos_core.settings import FD_ABOVE  # ``auto`` considers finite differences from this many parameters
 
@@ -185,17 +191,31 @@ class Oracle:
             (noted while the objective runs; when nothing has run yet, the first finite difference
             evaluates the loss once without a gradient to find out).
         reducer: averages per-rank measurements under data parallelism.
+        space: the parameters' :class:`~eos_core.adapters.torch.sharding.ParameterSpace` (default: whole
+            parameters, averaged by ``reducer``). With sharded (FSDP2) parameters only the finite-difference
+            routes run (``auto`` is ``fd-onesided``): gradients come from backward passes through FSDP's hooks.
+
+    Raises:
+        ValueError: an unknown route; a ``jvp-*`` route without ``module``; an exact route on sharded parameters.
     """
 
     def __init__(self, route: str = routes.AUTO, *, module: torch.nn.Module | None = None,
                  fd_eps: float | None = None, reducer: Reducer | None = None,
-                 fd_above: int | None = FD_ABOVE, fd_tolerance: float = 1e-2) -> None:
+                 fd_above: int | None = FD_ABOVE, fd_tolerance: float = 1e-2,
+                 space: ParameterSpace | None = None) -> None:
         self.route = routes.validate_route(route, owner="CurvatureTuner")
         if route in (routes.JVP_JVP, routes.JVP_GRAD) and module is None:
             raise ValueError(f"route {route!r} needs the model to call it functionally: pass model=... to the tuner")
+        self.space = space if space is not None else ParameterSpace((), None if reducer is None else reducer.group)
+        if self.space.sharded and route in routes.EXACT:
+            raise ValueError(
+                f"CurvatureTuner: route {route!r} cannot run on sharded (FSDP2 / DTensor) parameters: it "
+                "differentiates the gradient, and FSDP's gradient reduce-scatter is not differentiable; use "
+                "route='fd-onesided' (one extra gradient per probe), 'fd-central' (two) or 'auto' (fd-onesided)"
+            )
         self.module = module
         self.fd_eps = fd_eps
-        self.reducer = reducer or Reducer()
+        self.reducer = reducer or self.space.reducer
         self.fd_above = fd_above
         self.fd_tolerance = float(fd_tolerance)
         self.resolved: str | None = None
@@ -205,6 +225,15 @@ class Oracle:
         self.exact_probes = 0
         #: the bf16/fp16 epsilon the objective was last seen computing in (0: fp32 or better; None: unknown)
         self._low_precision_eps: float | None = None
+
+    def restore_route(self, route: str | None) -> None:
+        """Keep ``route`` (a checkpoint's resolved route) for the rest of training. A route this oracle cannot run
+        is not kept: an exact route saved by an unsharded run, resumed on sharded parameters, resolves again."""
+        if route is None:
+            return
+        if self.space.sharded and route.removesuffix(SDPA_MATH) not in (routes.FD_ONESIDED, routes.FD_CENTRAL):
+            return
+        self.resolved = route
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_graph(self, grads: Sequence[torch.Tensor | None]) -> None:
@@ -230,6 +259,8 @@ class Oracle:
     def _candidates(self) -> list[str]:
         if self.resolved is not None:
             return [self.resolved]
+        if self.route == routes.AUTO and self.space.sharded:  # only finite differences run through FSDP
+            return [routes.FD_ONESIDED]
         if self.route == routes.AUTO:
             return [routes.DOUBLE_BACKWARD, routes.DOUBLE_BACKWARD + SDPA_MATH, routes.FD_ONESIDED]
         if self.route in routes.EXACT:  # the same route, with the one attention kernel that supports it
@@ -286,12 +317,12 @@ class Oracle:
 
         def attempt(route: str) -> float:
             if route == routes.DOUBLE_BACKWARD:
-                return self.reducer.mean_scalars([self._uhu_double_backward(objective, params, u)])[0]
+                return self.space.mean_measured([self._uhu_double_backward(objective, params, u)])[0]
             if route == routes.JVP_JVP:
-                return self.reducer.mean_scalars([self._uhu_jvp_jvp(objective, params, u)])[0]
+                return self.space.mean_measured([self._uhu_jvp_jvp(objective, params, u)])[0]
             if route == routes.JVP_GRAD:
                 hu = self._hvp_jvp_grad(objective, params, u)
-                return self.reducer.mean_scalars([vec.dot(hu, u)])[0]
+                return self.space.mean_measured([vec.dot(hu, u)])[0]
             return self._uhu_finite_differences(objective, params, u, route, grad_dot_u, norms)
 
         value = float(self._run(objective, attempt))
@@ -302,7 +333,8 @@ class Oracle:
         return value
 
     def _worth_finite_differences(self, params: Sequence[torch.Tensor]) -> bool:
-        return (self.fd_above is not None and self.resolved is not None and self.resolved != routes.FD_ONESIDED
+        return (self.fd_above is not None and not self.space.sharded and self.resolved is not None
+                and self.resolved != routes.FD_ONESIDED
                 and sum(p.numel() for p in params) >= self.fd_above)
 
     def _upgrade_to_finite_differences(self, objective: Objective, params: Vector, u: Vector,
@@ -362,23 +394,31 @@ class Oracle:
     def _uhu_finite_differences(self, objective: Objective, params: Vector, u: Vector, route: str,
                                 grad_dot_u: float | None, norms: tuple[float, float] | None = None) -> float:
         central = route == routes.FD_CENTRAL
-        param_scale, direction_norm = norms if norms is not None else vec.scale_along(params, u)
+        space = self.space
+        param_scale, direction_norm = norms if norms is not None else space.scale_along(params, u)
         h = finite_difference_step(param_scale, direction_norm, self._eps(params, objective), central=central)
         if h == 0.0:
             return 0.0
         with shifted(params, u, h):
-            plus = vec.dot(gradient(objective, params), u)
+            plus = space.dot(self.gradient(objective, params), u)
         if central:
             with shifted(params, u, -h):
-                minus = vec.dot(gradient(objective, params), u)
-            plus, minus = self.reducer.mean_scalars([plus, minus])
+                minus = space.dot(self.gradient(objective, params), u)
+            plus, minus = space.mean_measured([plus, minus])
             return (plus - minus) / (2.0 * h)
         if grad_dot_u is None:
-            base = vec.dot(gradient(objective, params), u)
-            plus, base = self.reducer.mean_scalars([plus, base])
+            base = space.dot(self.gradient(objective, params), u)
+            plus, base = space.mean_measured([plus, base])
         else:
-            plus, base = self.reducer.mean_scalars([plus])[0], grad_dot_u
+            plus, base = space.mean_measured([plus])[0], grad_dot_u
         return (plus - base) / h
+
+    def gradient(self, objective: Objective, params: Sequence[torch.Tensor]) -> Vector:
+        """The objective's gradient at the current parameters (local shards of the data-parallel mean gradient
+        for sharded parameters, through FSDP's backward; else by ``torch.autograd.grad``, this rank's own)."""
+        if self.space.sharded:
+            return objective.backward_gradient()
+        return gradient(objective, params)
 
     # -- H v ------------------------------------------------------------------------------------
     def hessian_operator(self, objective: Objective, params: Sequence[torch.Tensor], *,
@@ -415,23 +455,24 @@ class HessianOperator:
 
     def _apply(self, route: str, v: Vector) -> Vector:
         oracle, objective, params = self.oracle, self.objective, self.params
+        space = oracle.space
         if route == routes.DOUBLE_BACKWARD:
-            return oracle.reducer.mean_tensors(self._double_backward(v))
+            return space.mean_measured_tensors(self._double_backward(v))
         if route == routes.JVP_GRAD or route == routes.JVP_JVP:  # H v itself is forward-over-reverse
-            return oracle.reducer.mean_tensors(oracle._hvp_jvp_grad(objective, params, v))
+            return space.mean_measured_tensors(oracle._hvp_jvp_grad(objective, params, v))
         central = route == routes.FD_CENTRAL
-        h = finite_difference_step(*vec.scale_along(params, v), oracle._eps(params, objective), central=central)
+        h = finite_difference_step(*space.scale_along(params, v), oracle._eps(params, objective), central=central)
         if h == 0.0:
             return [torch.zeros_like(p) for p in params]
         with shifted(params, v, h):
-            plus = oracle.reducer.mean_tensors(gradient(objective, params))
+            plus = space.mean_measured_tensors(oracle.gradient(objective, params))
         if central:
             with shifted(params, v, -h):
-                minus = oracle.reducer.mean_tensors(gradient(objective, params))
+                minus = space.mean_measured_tensors(oracle.gradient(objective, params))
             return list(torch._foreach_div(torch._foreach_sub(plus, minus), 2.0 * h))
         base = self.base_grad
         if base is None:
-            base = oracle.reducer.mean_tensors(gradient(objective, params))
+            base = space.mean_measured_tensors(oracle.gradient(objective, params))
         return list(torch._foreach_div(torch._foreach_sub(plus, list(base)), h))
 
     def _double_backward(self, v: Vector) -> Vector:

@@ -20,11 +20,12 @@ trainers' own calls all go through it). Each stage is one method of :class:`Curv
    ``w + eta * u``.
 4. *Probe, track, decide, apply* (after an instrumented step). ``D = eta_probe * u`` is read off and
    the parameters go back to ``w``. The statistics the law declares (:mod:`eos_core.stats`, listed by
-   ``law.request()``) are measured at ``w`` (g.u from the step's own gradient, u^T H u by the
-   :class:`~eos_core.adapters.torch.oracles.Oracle`, lambda_max by warm-started power iteration, top-k
-   eigenvalues by Lanczos, trial losses, ...), averaged across data-parallel ranks; lambda_max is
-   tracked; the law decides ``eta`` and the parameters become ``w + eta * u``. After a direct step
-   ``|u| = |w_new - w| / eta`` is all that is measured.
+   ``law.request()``) are measured at ``w`` by :class:`~eos_core.adapters.torch.probes.Probes` (g.u from
+   the step's own gradient, u^T H u by the :class:`~eos_core.adapters.torch.oracles.Oracle`, lambda_max by
+   warm-started power iteration and top-k eigenvalues by Lanczos in
+   :class:`~eos_core.adapters.torch.spectral_estimates.SpectralEstimates`, trial losses, ...), averaged
+   across data-parallel ranks; lambda_max is tracked; the law decides ``eta`` and the parameters become
+   ``w + eta * u``. After a direct step ``|u| = |w_new - w| / eta`` is all that is measured.
 5. *Report*. :attr:`CurvatureTuner.diagnostics` gets exactly :func:`eos_core.diagnostics.keys_for`
    ``(law)`` (NaN for what was not measured on the step) and the groups' lr settings are restored, so
    lr schedulers keep working.
@@ -34,8 +35,21 @@ first group (the shape of a user's scheduler on top of the tuner's scale); ``"ov
 ignores the optimizer's lr except for group ratios.
 
 The tuner's state (law state, step counters, resolved route, warm-start eigenvectors, previous update,
-last diagnostics) travels in the optimizer's own ``state_dict()`` under the key ``"eos_core"``, so every
-framework that checkpoints the optimizer checkpoints the tuner, and resuming is bit-identical.
+last diagnostics) travels in the optimizer's own ``state_dict()`` (:mod:`eos_core.adapters.torch.checkpoint`:
+under the key ``"eos_core"``, and in the first param group and the per-parameter state, which
+``torch.distributed.checkpoint`` keeps), so every framework that checkpoints the optimizer checkpoints the
+tuner, and resuming is bit-identical.
+
+Sharded parameters (PyTorch FSDP2, ``fully_shard``: DTensor parameters) are tuned the same way on the local
+shards: every sum over parameters is the all-reduced sum of the shards' partial sums and probes re-run the
+step's closure, whose forward and backward go through FSDP's all-gather and reduce-scatter
+(:mod:`eos_core.adapters.torch.sharding`); only the finite-difference routes run there.
+
+The pieces: :mod:`~eos_core.adapters.torch.step` (what a step carries between the stages),
+:mod:`~eos_core.adapters.torch.probes` (the statistics), :mod:`~eos_core.adapters.torch.spectral_estimates`
+(power iteration, Lanczos, warm starts), :mod:`~eos_core.adapters.torch.checkpoint` (the saved state),
+:mod:`~eos_core.adapters.torch.sharding` (sums over shards), :mod:`~eos_core.adapters.torch.configuration`
+(settings and the law's fit with the optimizer).
 """
 
 from __future__ import annotations
@@ -47,89 +61,36 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from eos_core import _validation as check
 from eos_core import diagnostics as diag
 from eos_core import stats as S
+from eos_core.adapters.torch import checkpoint, configuration
 from eos_core.adapters.torch import optimizers as opt_info
 from eos_core.adapters.torch import vector_ops as vec
-from eos_core.adapters.torch.distributed import Reducer
-from eos_core.adapters.torch.objective import Objective, capture_rng, shifted
-from eos_core.adapters.torch.oracles import HessianOperator, Oracle
+from eos_core.adapters.torch.checkpoint import REQUIRED_STATE_FIELDS, STATE_KEY, STATE_VERSION
+from eos_core.adapters.torch.objective import Objective, capture_rng
+from eos_core.adapters.torch.oracles import Oracle
+from eos_core.adapters.torch.probes import Probes
+from eos_core.adapters.torch.sharding import ParameterSpace, local
+from eos_core.adapters.torch.spectral_estimates import SpectralEstimates
+from eos_core.adapters.torch.step import NOT_COMPUTED, AtW, PendingStep, Probe, group_ratios
 from eos_core.laws.base import Law, LawOutput
-from eos_core.laws.dcao import DCAO
-from eos_core.request import StatsRequest
 from eos_core.routes import parameter_scale_along
-from eos_core.settings import DEPRECATED, TunerSettings
-from eos_core.spectral import lanczos, power_iteration, preconditioned_operator, random_start
+from eos_core.settings import TunerSettings
+
+__all__ = ["REQUIRED_STATE_FIELDS", "STATE_KEY", "STATE_VERSION", "CurvatureTuner", "PendingStep"]
 
 Vector = list[torch.Tensor]
-#: the key of the tuner's state in ``optimizer.state_dict()``
-STATE_KEY = "eos_core"
-#: the version of that state written now; :meth:`CurvatureTuner.load_tuner_state` reads versions 1 and 2
-STATE_VERSION = 2
-#: the fields a saved tuner state cannot do without (every version)
-REQUIRED_STATE_FIELDS = ("version", "law", "law_state", "step", "reference_lr")
-_OWNER = "CurvatureTuner"
+_OWNER = configuration.OWNER
 _NAN = math.nan
 _ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, CurvatureTuner] = weakref.WeakKeyDictionary()
-_PRECONDITIONED_NEEDS = frozenset({S.PRECONDITIONED_SHARPNESS, S.PRECONDITIONED_TOP_EIGENVALUES})
-_NOT_COMPUTED = object()
 #: source folders whose frames a bad-step warning skips (it points at the caller of the optimizer's step)
 _INTERNAL_SOURCES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
                      os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-class _Estimate(NamedTuple):
-    """A lambda_max estimate and the Hessian-vector products it used."""
-
-    eigenvalue: float
-    iterations: int
-
-
-@dataclass
-class PendingStep:
-    """One optimizer step, from the pre-step hook to the post-step hook.
-
-    Subclasses that override :meth:`CurvatureTuner._preconditioner` receive it; ``ratios`` (each param
-    group's lr over the first group's on this step) is the stable part of it for them.
-    """
-
-    step: int  #: index of this step among the steps not skipped
-    objective: Objective | None = None
-    skipped: bool = False
-    probe: bool = False  #: the law measures its statistics on this step
-    track: bool = False  #: lambda_max is tracked on this step (``sharpness_every``)
-    record: bool = False  #: u is kept for the next step's probe (HyperGradient's cos(g_t, u_{t-1}))
-    instrumented: bool = False  #: the optimizer steps with ``eta_probe`` and the lr is decided afterwards
-    loss: float | None = None
-    grad_sq: float = _NAN  #: |g|^2 of the step's gradient
-    group_lrs: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-    schedule: float = 1.0  #: the scheduler's factor (lr_mode="multiply")
-    step_lr: float = 0.0  #: the first group's lr during the optimizer's step
-    eta_probe: float = 1.0  #: ``step_lr`` of an instrumented step
-    output: LawOutput | None = None  #: the law's decision, made before a direct step
-    saved: Vector | None = None  #: w before the step (on an instrumented step, then D = eta_probe u)
-    law_estimates: dict[bool, _Estimate] = field(default_factory=dict)  #: the law's lambda_max, per operator
-    preconditioner: Any = _NOT_COMPUTED
-
-
-@dataclass
-class _AtW:
-    """What an instrumented step knows at ``w`` once the update has been read off."""
-
-    params: Vector
-    grads: Vector
-    delta: Vector  #: D = eta_probe * u
-    eta_probe: float
-    grad_dot_delta: float  #: g . D
-    norms: tuple[float, float]  #: (sum |w| |D| / ||D||, ||D||): the finite-difference scale along D, ||D||
 
 
 class CurvatureTuner:
@@ -143,13 +104,15 @@ class CurvatureTuner:
         model: the model; needed by the ``jvp-*`` routes, lets probes restore buffers (BatchNorm
             running statistics) and run a DDP model under ``no_sync()``.
         grad_scaler: the ``torch.amp.GradScaler`` in use, so probes scale their own backward passes.
-        process_group: the data-parallel group (default: the world, when torch.distributed is initialised).
+        process_group: the data-parallel group (default: the world, when torch.distributed is initialised);
+            with sharded parameters, the group the loss is averaged over (default: the parameters' mesh).
         settings: a :class:`eos_core.settings.TunerSettings`; ``**options`` given as well override it.
         **options: the options of :class:`~eos_core.settings.TunerSettings`, all supported here:
             ``probe_every``, ``route`` (``"auto"`` picks double backward, falls back to the math SDPA
             kernel, then to one-sided finite differences; on models with at least ``fd_above``
             parameters it keeps one-sided finite differences once they agree with double backward to 1%,
-            checked at the 1st, 10th, 100th, ... probe), ``sharpness_every``, ``sharpness_iters``,
+            checked at the 1st, 10th, 100th, ... probe; on sharded parameters only ``fd-onesided`` (what
+            ``auto`` is there) and ``fd-central`` run), ``sharpness_every``, ``sharpness_iters``,
             ``sharpness_tol``, ``lr_mode``, ``warn`` (True or ``"jit"``: RuntimeWarnings for skipped steps
             and law fallbacks; False: none, the counts stay in the diagnostics), ``skip_nonfinite``,
             ``seed`` (the spectral start vectors: :func:`eos_core.spectral.random_start` with ``seed`` for
@@ -165,7 +128,8 @@ class CurvatureTuner:
 
     Raises:
         ValueError: for an optimizer the tuner cannot drive, a law that needs what the optimizer lacks,
-            or an invalid option (the message names it).
+            an invalid option (the message names it), an exact route on sharded parameters, FSDP1 parameters.
+        RuntimeError: sharded (DTensor) parameters on a torch older than 2.7.
 
     Laws that decide momentum and weight decay (DCAO) track the first param group that has a non-zero
     value and write ``value * ratio_g`` into group g, where ``ratio_g`` is the group's setting relative
@@ -182,6 +146,9 @@ class CurvatureTuner:
     also attributes, settable between steps (checked when set). ``route``, ``fd_eps`` and ``fd_above`` are
     fixed when the tuner is built; ``seed`` is read when a start vector is first drawn.
 
+    A tuner attached to an optimizer whose state was loaded from a checkpoint before the tuner existed (the
+    Hugging Face ``Trainer`` does that) picks up the tuner state that load left in the optimizer.
+
     Extension point: a subclass may override :meth:`_preconditioner` (the diagonal preconditioner P of
     the preconditioned sharpness, read after the optimizer's step); it is called at most once per step.
     """
@@ -197,7 +164,7 @@ class CurvatureTuner:
         settings: TunerSettings | None = None,
         **options: Any,
     ) -> None:
-        self.settings, lanczos_steps = _settings_from(settings, options)
+        self.settings, lanczos_steps = configuration.settings_from(settings, options)
         opt_info.check_supported(optimizer, linear_in_lr=self.settings.linear_in_lr)
         if law is not None and not isinstance(law, Law):
             raise ValueError(f"{_OWNER}: law must be an eos_core law (e.g. CDAT(scale=2.0)), got {law!r}")
@@ -205,12 +172,17 @@ class CurvatureTuner:
             raise ValueError(f"{_OWNER}: this optimizer already has a CurvatureTuner attached; call .detach() on it "
                              "first (two tuners on one optimizer would both rewrite its step)")
         self.optimizer, self.law, self.model, self.grad_scaler = optimizer, law, model, grad_scaler
-        self._request = _request_for(law, lanczos_steps)
-        _check_law_fits(optimizer, law, self._request)
-        self.reducer = Reducer(process_group)
-        self.oracle = Oracle(self.settings.route, module=model, fd_eps=self.settings.fd_eps, reducer=self.reducer,
-                             fd_above=self.settings.fd_above)
-        self._ops = vec.TorchOps()
+        self._request = configuration.request_for(law, lanczos_steps)
+        configuration.check_law_fits(optimizer, law, self._request)
+        configuration.check_model_holds(optimizer, model)
+        #: the parameters as the tuner computes with them (whole, or this rank's shards)
+        self.space = ParameterSpace(self._params(), process_group)
+        self.reducer = self.space.reducer
+        self.oracle = Oracle(self.settings.route, module=model, fd_eps=self.settings.fd_eps,
+                             fd_above=self.settings.fd_above, space=self.space)
+        #: the warm-started spectral estimators (their eigenvectors are part of the checkpoint)
+        self.spectral = SpectralEstimates(self.oracle, self.space)
+        self.probes = Probes(self._request, self.oracle, self.space, self.spectral)
         self._keys = diag.keys_for(law)
         self._reference_lr = self._initial_reference_lr()
         #: per-group momentum / weight-decay proportions kept when a law (DCAO) decides them
@@ -225,10 +197,11 @@ class CurvatureTuner:
         self._fallback_steps = 0
         self._objective_fn: Callable[[], Any] | None = None
         self._pending: PendingStep | None = None
-        self._eigenvector: Vector | None = None
-        self._preconditioned_eigenvector: Vector | None = None
         self._previous_update: Vector | None = None
         self.diagnostics: dict[str, Any] = {}
+        left = checkpoint.take_from_optimizer(optimizer, self._params())  # loaded before the tuner attached
+        if left is not None:
+            self.load_tuner_state(left)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -254,7 +227,9 @@ class CurvatureTuner:
         Needed when the step is taken without a closure (``optimizer.step()``, ``GradScaler.step``,
         trainer integrations). When the step also has a closure, the closure still computes the
         step's gradient (and its random state is replayed), but probes evaluate ``loss_fn``. Used
-        once, then forgotten: set it before every step.
+        once, then forgotten: set it before every step. With sharded parameters (FSDP2) ``loss_fn`` must
+        call the FSDP-wrapped model (its forward gathers the parameters; probes call ``backward`` on the
+        loss, which reduce-scatters the gradient).
         """
         self._objective_fn = loss_fn
 
@@ -272,6 +247,11 @@ class CurvatureTuner:
     def route(self) -> str:
         """The curvature route in use (the configured one until the first probe resolves it)."""
         return self.oracle.resolved or self.oracle.route
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are sharded (DTensors, PyTorch FSDP2)."""
+        return self.space.sharded
 
     @property
     def probe_every(self) -> int:
@@ -301,7 +281,7 @@ class CurvatureTuner:
         self.settings = self.settings.replace(_OWNER, clipped_gradients=value)
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state dict, which carries the tuner's state under ``"eos_core"``."""
+        """The optimizer's state dict, which carries the tuner's state (:mod:`eos_core.adapters.torch.checkpoint`)."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -311,16 +291,17 @@ class CurvatureTuner:
     def load_tuner_state(self, saved: Mapping[str, Any]) -> None:
         """Restore only the tuner's part of a checkpoint (``optimizer_state_dict["eos_core"]``).
 
-        For trainers that load the optimizer's state before the tuner can attach (the Hugging Face
-        ``Trainer`` loads ``optimizer.pt`` before any callback sees the optimizer). Reads the state of
-        version 2 (this release) and version 1 (the first release: the step count then included skipped
-        steps, and the law state was stored as floats; integer counters are cast back).
+        For trainers that load the optimizer's state before the tuner can attach and keep the file (the
+        tuner also picks up a state such a load left in the optimizer by itself). Reads the state of versions
+        3 and 2 and version 1 (the first release: the step count then included skipped steps, and the law
+        state was stored as floats; integer counters are cast back).
 
         Args:
             saved: the state: ``version``, ``law``, ``law_state``, ``step`` and ``reference_lr`` at least;
                 ``calls``, ``skipped_steps``, ``fallback_steps``, ``route``, ``exact_probes``,
                 ``hyperparam_ratios``, ``eigenvector``, ``preconditioned_eigenvector``,
-                ``previous_update`` and ``diagnostics`` when present.
+                ``previous_update`` and ``diagnostics`` when present. Vectors may be whole tensors, DTensors
+                or this rank's shards (sharded parameters take their shard of a whole tensor).
 
         Raises:
             ValueError: for a state of an unknown (newer) version, of another law, lacking a required
@@ -329,12 +310,55 @@ class CurvatureTuner:
         restored = self._parse_tuner_state(saved)
         for name, value in restored.items():
             if name == "route":
-                if value is not None:
-                    self.oracle.resolved = value
+                self.oracle.restore_route(value)
             elif name == "exact_probes":
                 self.oracle.exact_probes = value
+            elif name in ("eigenvector", "preconditioned_eigenvector"):
+                setattr(self.spectral, name, value)
             else:
                 setattr(self, name, value)
+
+    def load_distributed_checkpoint(self, path: str | os.PathLike, model: torch.nn.Module, *,
+                                    key: str | None = None) -> bool:
+        """Restore only the tuner's state from a ``torch.distributed.checkpoint`` folder that holds
+        ``get_optimizer_state_dict(model, optimizer)`` (under ``key`` of the saved dict, if given).
+
+        For frameworks that load the optimizer's state before the tuner attaches *and* build the load's template
+        from the optimizer without it (accelerate's ``load_fsdp_optimizer`` under FSDP2 with a sharded state dict
+        calls ``get_optimizer_state_dict`` before any callback runs, so the tuner's entries are not loaded). The
+        tuner's entries are read with the tuner's own layout as the template (a partial load).
+
+        Args:
+            path: the checkpoint folder.
+            model: the (sharded) model the optimizer's parameters belong to.
+            key: the key the optimizer state dict was saved under (accelerate: ``"optimizer"``).
+
+        Returns:
+            Whether a tuner state was found and restored.
+
+        Raises:
+            ValueError: as :meth:`load_tuner_state`, for a state this tuner cannot take.
+        """
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        template = get_optimizer_state_dict(model, self.optimizer)  # with this tuner's entries
+        groups, fresh = template["param_groups"], template["param_groups"][0][STATE_KEY]
+        ours = {"param_groups": [{STATE_KEY: fresh}],
+                "state": {k: {n: v for n, v in entry.items() if str(n).startswith(checkpoint.VECTOR_PREFIX)}
+                          for k, entry in template["state"].items()}}
+        load({key: ours} if key else ours, storage_reader=FileSystemReader(os.fspath(path)),
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+        found = ours["param_groups"][0][STATE_KEY]
+        if found is fresh or found == fresh:
+            return False
+        merged = {"param_groups": [{**groups[0], STATE_KEY: found}, *groups[1:]], "state": ours["state"]}
+        saved, _ = checkpoint.take(merged, checkpoint.parameter_keys(merged, self.optimizer, self._params()))
+        if saved is None:
+            return False
+        self.load_tuner_state(saved)
+        return True
 
     def detach(self) -> None:
         """Remove the tuner from the optimizer (its hooks); the optimizer steps as before."""
@@ -357,7 +381,8 @@ class CurvatureTuner:
         The preconditioned Hessian is ``P^{-1/2} H P^{-1/2}`` (Cohen et al. 2022, adaptive edge of
         stability); ``pending.ratios`` are the param groups' lr ratios of the step (a group with ``ratio``
         times the first group's lr has ``P / ratio``). Stable extension point: the Keras torch backend
-        overrides it with the Keras optimizer's preconditioner. Called at most once per step.
+        overrides it with the Keras optimizer's preconditioner. Called at most once per step. DTensors (the
+        optimizer state of sharded parameters) are reduced to their local shards by the caller.
         """
         return opt_info.preconditioner(self.optimizer, self._params_by_group(), pending.ratios)
 
@@ -368,6 +393,7 @@ class CurvatureTuner:
         return [[p for p in group["params"] if p.requires_grad] for group in self.optimizer.param_groups]
 
     def _params(self) -> list[torch.Tensor]:
+        """The trainable parameters (DTensors when sharded; :meth:`ParameterSpace.local` gives their shards)."""
         return [p for group in self._params_by_group() for p in group]
 
     def _loss_scale(self) -> float:
@@ -390,16 +416,27 @@ class CurvatureTuner:
         if self.settings.warn is not False:
             warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
+    def _sync_space(self) -> None:
+        """Follow the optimizer's parameters (``add_param_group`` between steps)."""
+        params = self._params()
+        known = self.space.params
+        if len(params) != len(known) or any(a is not b for a, b in zip(params, known, strict=True)):
+            self.space.__init__(params, self.space.reducer.group)
+
     # ---------------------------------------------------------------------------------------------
     # before the optimizer's step: check the inputs, plan
     # ---------------------------------------------------------------------------------------------
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if _initialising_checkpoint_state(optimizer, args, kwargs):
+            self._pending = PendingStep(step=self._step_count, passthrough=True)
+            return None
+        self._sync_space()
         positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs))
         pending = PendingStep(step=self._step_count, objective=objective)
         if self._check_inputs(pending, loss):
             self._plan(pending)
             self._set_step_lr(pending)
-            pending.saved = vec.clone(self._params())
+            pending.saved = vec.clone(self.space.local())
         else:
             self._skip_inputs(pending)
         self._pending = pending
@@ -416,7 +453,7 @@ class CurvatureTuner:
         probe_fn, self._objective_fn = self._objective_fn, None
         loss, rng = None, None
         if closure is not None:
-            rng = capture_rng(params)
+            rng = capture_rng(self.space.local())
             with torch.enable_grad():
                 loss = closure()
             probe_fn = probe_fn if probe_fn is not None else closure
@@ -429,13 +466,13 @@ class CurvatureTuner:
             else:
                 args[1] = cached
         objective = None if probe_fn is None else Objective(probe_fn, params, rng_state=rng, module=self.model,
-                                                            loss_scale=self._loss_scale())
+                                                            loss_scale=self._loss_scale(), sharded=self.space.sharded)
         return args, kwargs, loss, objective
 
     def _check_inputs(self, pending: PendingStep, loss: Any) -> bool:
         """Read the loss and |g|^2 (one synchronisation); False when the step must be skipped."""
         tensor = loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
-        value, pending.grad_sq, finite = vec.step_inputs(tensor, [p.grad for p in self._params()])
+        value, pending.grad_sq, finite = self.space.step_inputs(tensor, self.space.grads())
         if isinstance(loss, int | float) and not isinstance(loss, bool):
             value = float(loss)
             finite = finite and math.isfinite(value)
@@ -462,7 +499,7 @@ class CurvatureTuner:
         """The lr the optimizer steps with: ``eta_probe`` on an instrumented step, else the law's decision."""
         groups = self.optimizer.param_groups
         pending.group_lrs = [float(g["lr"]) for g in groups]
-        pending.ratios = _group_ratios(groups, pending.group_lrs)
+        pending.ratios = group_ratios(groups, pending.group_lrs)
         first = pending.group_lrs[0]
         if self.settings.lr_mode == "multiply" and self._reference_lr > 0:
             pending.schedule = first / self._reference_lr
@@ -484,12 +521,12 @@ class CurvatureTuner:
     # ---------------------------------------------------------------------------------------------
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         pending, self._pending = self._pending, None
-        if pending is None:  # the pre-step hook did not run (hooks attached mid-step)
+        if pending is None or pending.passthrough:  # hooks attached mid-step; a checkpoint's state initialisation
             return
         try:
             if pending.skipped:
                 self._report_skipped(pending)
-            elif self.settings.skip_nonfinite and not vec.all_finite(self._params()):
+            elif self.settings.skip_nonfinite and not self.space.all_finite(self.space.local()):
                 self._undo_non_finite_update(pending)
             elif pending.instrumented:
                 self._instrumented_step(pending)
@@ -507,7 +544,7 @@ class CurvatureTuner:
         second moment is 0): put the parameters back to ``w`` and report the step as skipped. The optimizer's
         moments have advanced as for any step it took."""
         with torch.no_grad():
-            torch._foreach_copy_(self._params(), pending.saved)
+            torch._foreach_copy_(self.space.local(), pending.saved)
         pending.skipped = True
         self._warn(f"eos_core: step {pending.step} skipped: the optimizer's update is not finite (the gradient "
                    f"is); parameters left unchanged ({self._skipped_steps + 1} step(s) skipped so far)")
@@ -515,11 +552,11 @@ class CurvatureTuner:
 
     def _direct_step(self, pending: PendingStep) -> None:
         """The optimizer stepped with the law's lr: |u| from the move, then adopt and report the decision."""
-        params, moved = self._params(), pending.saved
+        params, moved = self.space.local(), pending.saved
         with torch.no_grad():
             torch._foreach_sub_(moved, params)  # w - (w + lr u)
         lr = pending.step_lr
-        update_norm = math.sqrt(max(vec.sum_of_squares(moved), 0.0)) / lr if lr > 0 else _NAN
+        update_norm = math.sqrt(max(self.space.sum_of_squares(moved), 0.0)) / lr if lr > 0 else _NAN
         pending.saved = None
         self._adopt(pending, pending.output)
         self._report(pending, pending.output, lr, self._step_values(pending, update_norm))
@@ -528,10 +565,11 @@ class CurvatureTuner:
         """Probe, track and decide at ``w``, then apply the decided lr (the last good one on an error)."""
         at = self._read_update(pending)
         objective = pending.objective
+        probe = self._probe_for(pending, at)
         try:
             with objective.preserving_buffers() if objective is not None else contextlib.nullcontext():
-                statistics = self._probe(pending, at) if pending.probe else {}
-                tracked = self._track(pending, at) if pending.track else {}
+                statistics = self.probes.statistics(probe) if pending.probe else {}
+                tracked = self.probes.track(probe, self.settings) if pending.track else {}
             output = self._decide(pending, statistics)
         except BaseException:
             # Finish the step with the last good lr so the parameters never stay half-updated.
@@ -544,20 +582,33 @@ class CurvatureTuner:
         lr = self._apply(pending, at, output)
         self._report(pending, output, lr, measured)
 
-    def _read_update(self, pending: PendingStep) -> _AtW:
+    def _probe_for(self, pending: PendingStep, at: AtW) -> Probe:
+        """What the probes of this step work with."""
+        measuring = type(self.law).__name__ if self.law is not None else "sharpness tracking"
+        return Probe(pending, at, measuring=measuring, clipped=self.clipped_gradients, seed=self.settings.seed,
+                     preconditioner=lambda: self._preconditioner_of(pending), previous_update=self._previous_update)
+
+    def _preconditioner_of(self, pending: PendingStep) -> Vector | None:
+        """:meth:`_preconditioner`, computed once per step, as local tensors."""
+        if pending.preconditioner is NOT_COMPUTED:
+            found = self._preconditioner(pending)
+            pending.preconditioner = None if found is None else [local(t) for t in found]
+        return pending.preconditioner
+
+    def _read_update(self, pending: PendingStep) -> AtW:
         """``D = eta_probe * u`` from the optimizer's move; the parameters go back to ``w``."""
-        params = self._params()
+        params = self.space.local()
         delta = pending.saved  # w, then D
         with torch.no_grad():
             torch._foreach_sub_(delta, params)  # w - (w + D) = -D
             torch._foreach_neg_(delta)
             torch._foreach_sub_(params, delta)  # back to w (exact when w and w + D are within a factor 2)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        grad_dot_delta, delta_sq, weighted = vec.dots([(grads, delta), (delta, delta), (params, delta)],
-                                                      absolute=(False, False, True))
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(self.space.grads(), params, strict=True)]
+        grad_dot_delta, delta_sq, weighted = self.space.dots([(grads, delta), (delta, delta), (params, delta)],
+                                                             absolute=(False, False, True))
         norm = math.sqrt(max(delta_sq, 0.0))
-        return _AtW(params, grads, delta, pending.eta_probe, grad_dot_delta,
-                    (parameter_scale_along(weighted, norm), norm))  # as vec.scale_along
+        return AtW(params, grads, delta, pending.eta_probe, grad_dot_delta,
+                   (parameter_scale_along(weighted, norm), norm))  # as vec.scale_along
 
     def _decide(self, pending: PendingStep, statistics: Mapping[str, Any]) -> LawOutput | None:
         """The law's decision: ``update`` on a probe, ``hold`` otherwise (None when only measuring)."""
@@ -573,7 +624,7 @@ class CurvatureTuner:
                            f"learning rate ({self._fallback_steps + 1} fallback(s) so far)")
         return output
 
-    def _apply(self, pending: PendingStep, at: _AtW, output: LawOutput | None) -> float:
+    def _apply(self, pending: PendingStep, at: AtW, output: LawOutput | None) -> float:
         """``w + eta u``; u is kept for the next probe when the law needs it. Returns the applied eta (measuring
         only: the first group's own lr, 0 included)."""
         eta = pending.group_lrs[0] if output is None else float(output.lr) * pending.schedule
@@ -585,7 +636,7 @@ class CurvatureTuner:
         self._adopt(pending, output)
         return eta
 
-    def _finish_with_held_lr(self, pending: PendingStep, at: _AtW) -> None:
+    def _finish_with_held_lr(self, pending: PendingStep, at: AtW) -> None:
         """After an error while probing: take the step with the law's last good lr and report it."""
         output = None if self.law is None else self.law.hold(self.law_state)
         measured = self._step_values(pending, at.norms[1] / at.eta_probe)
@@ -602,206 +653,6 @@ class CurvatureTuner:
                                        self._hyperparam_ratios)
         if pending.probe and float(output.diagnostics["fallback"]) > 0:
             self._fallback_steps += 1
-
-    # ---------------------------------------------------------------------------------------------
-    # probe: the statistics the law needs
-    # ---------------------------------------------------------------------------------------------
-    def _probe(self, pending: PendingStep, at: _AtW) -> dict[str, Any]:
-        """Every statistic of ``law.request().needs``, in a fixed order (lambda_max before Lanczos)."""
-        return {name: measure(self, pending, at) for name, measure in self._STATISTICS.items()
-                if name in self._request.needs}
-
-    def _require_objective(self, pending: PendingStep, what: str) -> Objective:
-        if pending.objective is None:
-            name = type(self.law).__name__ if self.law is not None else "sharpness tracking"
-            raise RuntimeError(
-                f"{name} needs {what} on the current batch: call tuner.step(closure) with a closure that "
-                "computes the loss (torch convention), or tuner.set_objective(loss_fn) before optimizer.step()"
-            )
-        return pending.objective
-
-    def _grad_dot_update(self, pending: PendingStep, at: _AtW) -> float:
-        """g . u."""
-        return at.grad_dot_delta / at.eta_probe
-
-    def _grad_norm_sq(self, pending: PendingStep, at: _AtW) -> float:
-        """|g|^2 (read with the step's inputs)."""
-        return pending.grad_sq
-
-    def _curvature(self, pending: PendingStep, at: _AtW) -> float:
-        """u^T H u by the oracle; one-sided finite differences reuse g(w).u unless the gradient is clipped."""
-        objective = self._require_objective(pending, "u^T H u")
-        exact = None if self.clipped_gradients else at.grad_dot_delta
-        curvature = self.oracle.curvature(objective, at.params, at.delta, grad_dot_u=exact, norms=at.norms)
-        return curvature / at.eta_probe**2
-
-    def _loss(self, pending: PendingStep, at: _AtW) -> float:
-        """f(w), averaged over data-parallel ranks."""
-        loss = pending.loss
-        if loss is None:
-            loss = self._require_objective(pending, "the loss").value()
-        return self.reducer.mean_scalars([loss])[0]
-
-    def _cosine(self, pending: PendingStep, at: _AtW) -> float:
-        """cos(g_t, u_{t-1}); 0 on the first step."""
-        previous = self._previous_update
-        if previous is None:
-            return 0.0
-        along, previous_sq = vec.dots([(at.grads, previous), (previous, previous)])
-        denominator = math.sqrt(max(pending.grad_sq * previous_sq, 0.0))
-        return along / denominator if denominator > 0 else 0.0
-
-    def _trial_loss(self, pending: PendingStep, at: _AtW) -> Callable[[Any], float]:
-        """``eta -> f(w + eta u)`` for line searches."""
-        objective = self._require_objective(pending, "trial losses")
-
-        def trial_loss(eta: Any) -> float:
-            with shifted(at.params, at.delta, float(eta) / at.eta_probe):
-                return self.reducer.mean_scalars([objective.value()])[0]
-
-        return trial_loss
-
-    def _law_sharpness(self, pending: PendingStep, at: _AtW) -> float:
-        """lambda_max(H) with the law's power-iteration settings."""
-        return self._law_power_iteration(pending, at, preconditioned=False)
-
-    def _law_preconditioned_sharpness(self, pending: PendingStep, at: _AtW) -> float:
-        """lambda_max(P^{-1/2} H P^{-1/2}) with the law's power-iteration settings."""
-        return self._law_power_iteration(pending, at, preconditioned=True)
-
-    def _law_power_iteration(self, pending: PendingStep, at: _AtW, *, preconditioned: bool) -> float:
-        request = self._request
-        estimate = self._power_iteration(pending, at, preconditioned, request.power_iters, request.power_tol)
-        pending.law_estimates[preconditioned] = estimate  # tracking may reuse it
-        return estimate.eigenvalue
-
-    def _top_eigenvalues(self, pending: PendingStep, at: _AtW) -> np.ndarray:
-        """The top-k eigenvalues of H (Lanczos)."""
-        return self._lanczos(pending, at, preconditioned=False)
-
-    def _preconditioned_top_eigenvalues(self, pending: PendingStep, at: _AtW) -> np.ndarray:
-        """The top-k eigenvalues of P^{-1/2} H P^{-1/2} (Lanczos)."""
-        return self._lanczos(pending, at, preconditioned=True)
-
-    _STATISTICS: dict[str, Callable[[CurvatureTuner, PendingStep, _AtW], Any]] = {
-        S.GRAD_DOT_UPDATE: _grad_dot_update,
-        S.GRAD_NORM_SQ: _grad_norm_sq,
-        S.CURVATURE: _curvature,
-        S.LOSS: _loss,
-        S.GRAD_PREV_UPDATE_COSINE: _cosine,
-        S.TRIAL_LOSS: _trial_loss,
-        S.SHARPNESS: _law_sharpness,
-        S.PRECONDITIONED_SHARPNESS: _law_preconditioned_sharpness,
-        S.TOP_EIGENVALUES: _top_eigenvalues,
-        S.PRECONDITIONED_TOP_EIGENVALUES: _preconditioned_top_eigenvalues,
-    }
-
-    # ---------------------------------------------------------------------------------------------
-    # spectral estimators
-    # ---------------------------------------------------------------------------------------------
-    def _preconditioner_of(self, pending: PendingStep) -> Vector | None:
-        """:meth:`_preconditioner`, computed once per step."""
-        if pending.preconditioner is _NOT_COMPUTED:
-            pending.preconditioner = self._preconditioner(pending)
-        return pending.preconditioner
-
-    def _operator(self, pending: PendingStep, at: _AtW,
-                  preconditioned: bool) -> tuple[HessianOperator, Callable[[Vector], Vector]]:
-        """``v -> H v`` (the context to release its graph) and the operator to iterate on."""
-        objective = self._require_objective(pending, "Hessian-vector products")
-        hessian = self.oracle.hessian_operator(objective, at.params,
-                                               base_grad=None if self.clipped_gradients else at.grads)
-        if not preconditioned:
-            return hessian, hessian
-        precond = self._preconditioner_of(pending)
-        if precond is None:
-            raise RuntimeError(f"{_OWNER}: the preconditioned Hessian needs an optimizer with a diagonal "
-                               f"preconditioner, got {type(self.optimizer).__name__}")
-        return hessian, preconditioned_operator(hessian, precond, ops=self._ops)
-
-    def _random_start(self, params: Vector, seed: int) -> Vector:
-        """:func:`eos_core.spectral.random_start` on the parameters' shapes, in their dtype and device."""
-        arrays = random_start([tuple(p.shape) for p in params], seed)
-        return [torch.from_numpy(a).to(device=p.device, dtype=p.dtype) for a, p in zip(arrays, params, strict=True)]
-
-    def _warm_start(self, at: _AtW, preconditioned: bool) -> Vector:
-        """The operator's last top eigenvector; the first time, ``random_start(seed)`` for H and
-        ``random_start(seed + 1)`` for the preconditioned Hessian (the same start in every framework)."""
-        vector = self._preconditioned_eigenvector if preconditioned else self._eigenvector
-        if vector is None:
-            vector = self._random_start(at.params, self.settings.seed + int(preconditioned))
-        return vector
-
-    def _keep_warm_start(self, preconditioned: bool, vector: Vector) -> None:
-        vector = [v.detach() for v in vector]
-        if preconditioned:
-            self._preconditioned_eigenvector = vector
-        else:
-            self._eigenvector = vector
-
-    def _power_iteration(self, pending: PendingStep, at: _AtW, preconditioned: bool, max_iters: int,
-                         tol: float) -> _Estimate:
-        """lambda_max of H (or of the preconditioned H) by power iteration from the warm start, which it
-        updates (power iteration keeps its vector where a product is not finite)."""
-        hessian, matvec = self._operator(pending, at, preconditioned)
-        with hessian:
-            result = power_iteration(matvec, self._warm_start(at, preconditioned), tol=tol, max_iters=max_iters,
-                                     ops=self._ops)
-        self._keep_warm_start(preconditioned, result.eigenvector)
-        return _Estimate(float(result.eigenvalue), int(result.iterations))
-
-    def _lanczos(self, pending: PendingStep, at: _AtW, preconditioned: bool) -> np.ndarray:
-        """The top-k eigenvalues by Lanczos from the operator's warm start; a finite top Ritz vector becomes the
-        warm start (of the next Lanczos, and of tracking)."""
-        hessian, matvec = self._operator(pending, at, preconditioned)
-        n = self._ops.size(at.params)
-        k = min(self._request.num_eigenvalues, n)
-        with hessian:
-            try:
-                result = lanczos(matvec, self._warm_start(at, preconditioned), k,
-                                 num_steps=self._request.lanczos_steps_for(n), ops=self._ops)
-            except np.linalg.LinAlgError:  # NaN/Inf products: the law keeps its last lr (fallback)
-                return np.full(k, np.nan)
-        eigenvalues = np.asarray(result.eigenvalues, dtype=np.float64)
-        if np.all(np.isfinite(eigenvalues)) and vec.all_finite(result.eigenvectors[0]):
-            self._keep_warm_start(preconditioned, result.eigenvectors[0])
-        return eigenvalues
-
-    # ---------------------------------------------------------------------------------------------
-    # track: lambda_max every sharpness_every steps
-    # ---------------------------------------------------------------------------------------------
-    def _track(self, pending: PendingStep, at: _AtW) -> dict[str, float]:
-        """Tracked lambda_max of H (and of the preconditioned H for adaptive optimizers), alignment, products."""
-        estimate = self._tracked(pending, at, preconditioned=False)
-        out = {"sharpness": estimate.eigenvalue, "power_iterations": float(estimate.iterations),
-               "alignment": self._alignment(at.delta)}
-        if self._preconditioner_of(pending) is not None:
-            out["preconditioned_sharpness"] = self._tracked(pending, at, preconditioned=True).eigenvalue
-        return out
-
-    @property
-    def _law_as_strict_as_tracking(self) -> bool:
-        """The law's power iteration is at least as strict as tracking's (its estimate can be reused)."""
-        request, settings = self._request, self.settings
-        return (request.power_iters >= settings.sharpness_iters
-                and 0 < request.power_tol <= settings.sharpness_tol)
-
-    def _tracked(self, pending: PendingStep, at: _AtW, *, preconditioned: bool) -> _Estimate:
-        """Tracking's estimate: the law's own of this step when it is at least as strict (one power
-        iteration, not two), else a run with tracking's settings, warm from the law's eigenvector."""
-        estimate = pending.law_estimates.get(preconditioned)
-        if estimate is not None and self._law_as_strict_as_tracking:
-            return estimate
-        settings = self.settings
-        return self._power_iteration(pending, at, preconditioned, settings.sharpness_iters, settings.sharpness_tol)
-
-    def _alignment(self, delta: Vector) -> float:
-        """|cos(u, v_max)| (NaN without an update or an eigenvector)."""
-        vector = self._eigenvector
-        norm = vec.norm(delta)
-        if vector is None or not norm > 0:
-            return _NAN
-        return abs(vec.dot(delta, vector)) / (norm * vec.norm(vector))
 
     # ---------------------------------------------------------------------------------------------
     # report
@@ -852,17 +703,10 @@ class CurvatureTuner:
         return self._values(0, held, float(held.lr), {})
 
     # ---------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints (the layout: eos_core.adapters.torch.checkpoint)
     # ---------------------------------------------------------------------------------------------
-    def _tuner_state(self) -> dict[str, Any]:
-        """The tuner's state (version :data:`STATE_VERSION`): plain data and tensors, ``weights_only``-safe.
-
-        ``version``, ``law`` (class name), ``law_state`` (``law.state_to_host``: floats, integer counters as
-        int), ``step`` (steps taken, skipped ones excluded), ``calls``, ``skipped_steps``, ``fallback_steps``,
-        ``route`` (resolved, or None), ``exact_probes``, ``reference_lr``, ``hyperparam_ratios``,
-        ``eigenvector``, ``preconditioned_eigenvector``, ``previous_update`` (tensors or None) and
-        ``diagnostics`` (the last step's).
-        """
+    def _tuner_header(self) -> dict[str, Any]:
+        """The tuner's state without its vectors (version :data:`STATE_VERSION`): plain data."""
         return {
             "version": STATE_VERSION,
             "law": None if self.law is None else type(self.law).__name__,
@@ -875,26 +719,47 @@ class CurvatureTuner:
             "exact_probes": self.oracle.exact_probes,
             "reference_lr": self._reference_lr,
             "hyperparam_ratios": {k: list(v) for k, v in self._hyperparam_ratios.items()},
-            "eigenvector": _copy(self._eigenvector),
-            "preconditioned_eigenvector": _copy(self._preconditioned_eigenvector),
-            "previous_update": _copy(self._previous_update),
             "diagnostics": dict(self.diagnostics),
         }
 
+    def _vector_slots(self) -> tuple[str, ...]:
+        """The vectors this configuration may come to hold (written as zeros before they exist, so that a fresh
+        tuner's state dict can receive them from ``torch.distributed.checkpoint.load``)."""
+        needs, tracking = self._request.needs, self.sharpness_every is not None
+        slots = []
+        if tracking or needs & {S.SHARPNESS, S.TOP_EIGENVALUES}:
+            slots.append("eigenvector")
+        precondition = isinstance(self.optimizer, opt_info.PRECONDITIONED) or (
+            type(self)._preconditioner is not CurvatureTuner._preconditioner)
+        if needs & configuration.PRECONDITIONED_NEEDS or (tracking and precondition):
+            slots.append("preconditioned_eigenvector")
+        if self._request.previous_update:
+            slots.append("previous_update")
+        return tuple(slots)
+
     def _state_dict_post(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict[STATE_KEY] = self._tuner_state()
-        return state_dict
+        space = self.space
+        vectors = {"eigenvector": self.spectral.eigenvector,
+                   "preconditioned_eigenvector": self.spectral.preconditioned_eigenvector,
+                   "previous_update": self._previous_update}
+        vectors = {name: None if value is None else space.saved(value) for name, value in vectors.items()}
+        keys = checkpoint.parameter_keys(state_dict, optimizer, self._params())
+        return checkpoint.write(state_dict, keys, self._tuner_header(), vectors, self._vector_slots(),
+                                lambda: space.saved([torch.zeros_like(t) for t in space.local()]))
 
     def _load_state_dict_pre(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict = dict(state_dict)
-        saved = state_dict.pop(STATE_KEY, None)
+        try:
+            keys = checkpoint.parameter_keys(state_dict, optimizer, self._params())
+        except (KeyError, TypeError, ValueError):  # torch's load_state_dict says what is wrong with the groups
+            return checkpoint.take(state_dict, None)[1] if isinstance(state_dict, dict) else state_dict
+        saved, cleaned = checkpoint.take(state_dict, keys)
         if saved is not None:
             self.load_tuner_state(saved)
-        return state_dict
+        return cleaned
 
     def _parse_tuner_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
         """Check a saved state and convert it to the tuner's attributes (nothing is changed here)."""
-        _check_state_header(saved)
+        checkpoint.check_header(saved)
         name = None if self.law is None else type(self.law).__name__
         if saved["law"] != name:
             raise ValueError(f"the checkpoint's tuner state was saved with law {saved['law']}, "
@@ -912,8 +777,12 @@ class CurvatureTuner:
         }
         if saved.get("hyperparam_ratios") is not None:
             out["_hyperparam_ratios"] = {k: [float(r) for r in v] for k, v in saved["hyperparam_ratios"].items()}
-        for key in ("eigenvector", "preconditioned_eigenvector", "previous_update"):
-            out["_" + key] = self._restored_vector(key, saved.get(key))
+        targets = {"eigenvector": "eigenvector", "preconditioned_eigenvector": "preconditioned_eigenvector",
+                   "previous_update": "_previous_update"}
+        like = self.space.local()
+        for key, attribute in targets.items():
+            value = saved.get(key)
+            out[attribute] = None if value is None else self.space.restored(key, value, like)
         if saved.get("diagnostics") is not None:
             out["diagnostics"] = dict(saved["diagnostics"])
         return out
@@ -925,72 +794,31 @@ class CurvatureTuner:
             raise ValueError(f"the checkpoint's tuner state has no law state for {type(self.law).__name__}")
         return self.law.state_from_host(self.law_state, saved)  # dtypes kept: counters stay integers
 
-    def _restored_vector(self, key: str, saved: Any) -> Vector | None:
-        if saved is None:
-            return None
-        params = self._params()
-        shapes = [tuple(t.shape) for t in saved]
-        if shapes != [tuple(p.shape) for p in params]:
-            raise ValueError(f"the checkpoint's tuner state has a {key} shaped {shapes}, but the optimizer's "
-                             f"parameters are shaped {[tuple(p.shape) for p in params]}")
-        return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(saved, params, strict=True)]
-
 
 # -------------------------------------------------------------------------------------------------
-# construction helpers
+# helpers
 # -------------------------------------------------------------------------------------------------
-def _settings_from(settings: TunerSettings | None, options: Mapping[str, Any]) -> tuple[TunerSettings, int | None]:
-    """The validated settings (``options`` override ``settings``) and the deprecated ``lanczos_steps``."""
-    options = dict(options)
-    lanczos_steps = options.pop("lanczos_steps", None)
-    if lanczos_steps is not None:
-        lanczos_steps = check.positive_int(_OWNER, "lanczos_steps", lanczos_steps)
-        warnings.warn(f"{_OWNER}: lanczos_steps= is deprecated: set it on the law, DCAO(lanczos_steps=...) (the "
-                      "tuner's value is used only while the law leaves lanczos_steps unset)", DeprecationWarning,
-                      stacklevel=3)
-    if settings is None:
-        return TunerSettings.from_options(_OWNER, options, stacklevel=4), lanczos_steps
-    if not isinstance(settings, TunerSettings):
-        raise ValueError(f"{_OWNER}: settings must be an eos_core.settings.TunerSettings, got {settings!r}")
-    base = settings.as_dict()
-    for old, new in DEPRECATED.items():
-        if old in options:  # the deprecated name overrides the settings' value of the new one
-            base.pop(new)
-    return TunerSettings.from_options(_OWNER, {**base, **options}, stacklevel=4), lanczos_steps
+def _initialising_checkpoint_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> bool:
+    """Whether this ``optimizer.step()`` is ``torch.distributed.checkpoint``'s state initialisation, not training.
 
-
-def _request_for(law: Law | None, lanczos_steps: int | None) -> StatsRequest:
-    """``law.request()`` (nothing for ``law=None``), with the deprecated tuner option ``lanczos_steps`` applied
-    to a DCAO law that leaves its own unset."""
-    if law is None:
-        return StatsRequest()
-    request = law.request()
-    if lanczos_steps is not None and isinstance(law, DCAO) and law.lanczos_steps is None:
-        request = request._replace(lanczos_steps=max(lanczos_steps, request.num_eigenvalues))
-    return request
-
-
-def _check_law_fits(optimizer: torch.optim.Optimizer, law: Law | None, request: StatsRequest) -> None:
-    """The optimizer has what the law decides (DCAO's knobs) and what it measures (a preconditioner)."""
-    if law is None:
-        return
-    if law.decides:
-        opt_info.check_knobs(optimizer, law.decides)
-    if request.needs & _PRECONDITIONED_NEEDS and not isinstance(optimizer, opt_info.PRECONDITIONED):
-        raise ValueError(
-            f"{_OWNER}: {type(law).__name__}(preconditioned=True) needs an adaptive optimizer with a diagonal "
-            f"preconditioner (Adam, AdamW, RMSprop, Adagrad), got {type(optimizer).__name__}"
-        )
-
-
-def _group_ratios(groups: list[dict[str, Any]], lrs: list[float]) -> list[float]:
-    """Each group's lr over the first group's; at a schedule's 0 (a warm-up's first step), the ratio of the
-    groups' base lrs (``"initial_lr"``), so an instrumented step still moves every group."""
-    first = lrs[0]
-    if first > 0:
-        return [lr / first for lr in lrs]
-    bases = [float(g.get("initial_lr", lr)) for g, lr in zip(groups, lrs, strict=True)]
-    return [b / bases[0] if bases[0] > 0 else 1.0 for b in bases]
+    ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` call ``_init_optim_state`` (torch 2.13,
+    ``torch/distributed/checkpoint/state_dict.py``), which, for an optimizer without state and gradients, sets
+    every gradient to zeros and every group's lr to 0 and calls ``optimizer.step(closure=None)`` so the
+    optimizer creates its state. The tuner must leave that step alone: neither count it, nor set its own lr
+    (AdamW's weight decay would move the parameters), nor probe.
+    """
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is not None or any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
+        return False
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and "checkpoint" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _outside_stacklevel() -> int:
@@ -1000,23 +828,3 @@ def _outside_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_SOURCES):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _copy(vector: Vector | None) -> list[torch.Tensor] | None:
-    return None if vector is None else [t.detach().clone() for t in vector]
-
-
-def _check_state_header(saved: Any) -> None:
-    """A saved tuner state this release can read: a mapping with the required fields and a known version."""
-    if not isinstance(saved, Mapping):
-        raise ValueError(f"the checkpoint's tuner state must be a dict, got {type(saved).__name__}")
-    missing = [key for key in REQUIRED_STATE_FIELDS if key not in saved]
-    if missing:
-        raise ValueError(f"the checkpoint's tuner state lacks {missing} (a state saved by {_OWNER} has "
-                         f"{list(REQUIRED_STATE_FIELDS)})")
-    version = saved["version"]
-    if isinstance(version, bool) or not isinstance(version, int | np.integer) or version < 1:
-        raise ValueError(f"the checkpoint's tuner state has an invalid version {version!r}")
-    if version > STATE_VERSION:
-        raise ValueError(f"the checkpoint's tuner state has version {version}, newer than this eos_core reads "
-                         f"(versions 1 to {STATE_VERSION}): it was saved by a newer eos_core; upgrade to load it")

@@ -21,19 +21,12 @@ from eos_core.routes import parameter_scale_along
 Vector = list[torch.Tensor]
 
 
-def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> float:
-    """``sum_i <x_i, y_i>`` accumulated in float64 (one host synchronisation)."""
-    if not x:
-        return 0.0
-    parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
-    return float(torch.stack([p.to(parts[0].device) for p in parts]).sum())
+def partial_dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+                 absolute: Sequence[bool] | None = None) -> torch.Tensor:
+    """The inner products of ``pairs`` over the given tensors, as a 1-D float64 tensor (no host synchronisation).
 
-
-def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
-         absolute: Sequence[bool] | None = None) -> list[float]:
-    """Several inner products (float64 accumulation) with a single host synchronisation.
-
-    ``absolute[i]`` makes the i-th one ``sum |x| |y|`` (see :func:`scale_along`).
+    ``absolute[i]`` makes the i-th one ``sum |x| |y|`` (see :func:`scale_along`). With sharded parameters these
+    are one rank's partial sums (:class:`~eos_core.adapters.torch.sharding.ParameterSpace` adds them up).
     """
     totals = []
     for index, (x, y) in enumerate(pairs):
@@ -44,11 +37,25 @@ def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
             parts = [torch.sum(a.detach() * b.detach(), dtype=torch.float64) for a, b in zip(x, y, strict=True)]
         totals.append(torch.stack([p.to(parts[0].device) for p in parts]).sum() if parts else None)
     devices = [t.device for t in totals if t is not None]
-    if not devices:
-        return [0.0] * len(totals)
-    stacked = torch.stack([t.to(devices[0]) if t is not None else torch.zeros((), dtype=torch.float64,
-                                                                              device=devices[0]) for t in totals])
-    return [float(v) for v in stacked.tolist()]
+    device = devices[0] if devices else torch.device("cpu")
+    return torch.stack([t.to(device) if t is not None else torch.zeros((), dtype=torch.float64, device=device)
+                        for t in totals]) if totals else torch.zeros(0, dtype=torch.float64)
+
+
+def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+         absolute: Sequence[bool] | None = None) -> list[float]:
+    """Several inner products (float64 accumulation) with a single host synchronisation.
+
+    ``absolute[i]`` makes the i-th one ``sum |x| |y|`` (see :func:`scale_along`).
+    """
+    return [float(v) for v in partial_dots(pairs, absolute).tolist()]
+
+
+def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> float:
+    """``sum_i <x_i, y_i>`` accumulated in float64 (one host synchronisation)."""
+    if not x:
+        return 0.0
+    return dots([(x, y)])[0]
 
 
 def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -92,13 +99,26 @@ def step_inputs(loss: torch.Tensor | None, grads: Sequence[torch.Tensor | None])
     return (host[1] if loss is not None else None), host[0], finite
 
 
+def partial_sum_of_squares(x: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[sum_i |x_i|^2]`` (a 1-element float64 tensor, no host synchronisation) from the per-tensor norms."""
+    if not x:
+        return torch.zeros(1, dtype=torch.float64)
+    norms = _norms(x)
+    return (norms * norms).sum().reshape(1)
+
+
 def sum_of_squares(x: Sequence[torch.Tensor]) -> float:
     """``sum_i |x_i|^2`` from the per-tensor norms (one kernel, one synchronisation); non-finite when an entry
     is (or when a tensor's norm overflows its float type)."""
     if not x:
         return 0.0
-    norms = _norms(x)
-    return float((norms * norms).sum())
+    return float(partial_sum_of_squares(x)[0])
+
+
+def scale_from(weighted: float, squared: float) -> tuple[float, float]:
+    """``(parameter_scale_along(weighted, ||u||), ||u||)`` from ``sum |w| |u|`` and ``||u||^2``."""
+    norm = math.sqrt(max(squared, 0.0))
+    return parameter_scale_along(weighted, norm), norm
 
 
 def scale_along(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> tuple[float, float]:
@@ -108,8 +128,7 @@ def scale_along(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor
     rule), with a single host synchronisation.
     """
     weighted, squared = dots([(params, direction), (direction, direction)], absolute=(True, False))
-    norm = math.sqrt(max(squared, 0.0))
-    return parameter_scale_along(weighted, norm), norm
+    return scale_from(weighted, squared)
 
 
 def squared_norm(x: Sequence[torch.Tensor]) -> float:
@@ -135,16 +154,24 @@ def all_finite(x: Sequence[torch.Tensor | None]) -> bool:
 
 
 class TorchOps:
-    """:class:`eos_core.spectral.VectorOps` for lists of tensors. A basis stacks ``m`` copies per tensor."""
+    """:class:`eos_core.spectral.VectorOps` for lists of tensors. A basis stacks ``m`` copies per tensor.
 
-    def __init__(self, numerics: Numerics = NUMPY) -> None:
+    Args:
+        numerics: the core's numerics (eager numpy).
+        space: a :class:`~eos_core.adapters.torch.sharding.ParameterSpace` when the vectors are shards of the
+            parameters: inner products, basis coefficients, sizes and random vectors are then over every
+            shard. Default: the vectors are whole.
+    """
+
+    def __init__(self, numerics: Numerics = NUMPY, space: Any | None = None) -> None:
         self.numerics = numerics
+        self.space = space
 
     def dot(self, x: Vector, y: Vector) -> Any:
-        return np.float64(dot(x, y))
+        return np.float64(dot(x, y) if self.space is None else self.space.dot(x, y))
 
     def norm(self, x: Vector) -> Any:
-        return np.float64(norm(x))
+        return np.float64(norm(x) if self.space is None else self.space.norm(x))
 
     def axpy(self, alpha: Any, x: Vector, y: Vector) -> Vector:
         return list(torch._foreach_add(y, x, alpha=float(alpha)))
@@ -159,6 +186,8 @@ class TorchOps:
         return [torch.rsqrt(t) for t in x]
 
     def random_like(self, x: Vector, seed: Any, *, rademacher: bool = False) -> Vector:
+        if self.space is not None:
+            return self.space.random_like(x, int(seed), rademacher=rademacher)
         out = []
         for i, t in enumerate(x):
             generator = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + i)
@@ -170,6 +199,8 @@ class TorchOps:
         return x if bool(pred) else y
 
     def size(self, x: Vector) -> int:
+        if self.space is not None:
+            return self.space.numel()
         return int(sum(t.numel() for t in x))
 
     def basis_zeros(self, x: Vector, m: int) -> Vector:
@@ -183,8 +214,10 @@ class TorchOps:
     def basis_coeffs(self, basis: Vector, x: Vector) -> Any:
         total = None
         for b, t in zip(basis, x, strict=True):
-            part = (b.reshape(b.shape[0], -1) @ t.reshape(-1)).to(torch.float64)
+            part = (b.reshape(b.shape[0], t.numel()) @ t.reshape(-1)).to(torch.float64)  # an empty shard too
             total = part if total is None else total + part.to(total.device)
+        if self.space is not None:
+            total = self.space.total_tensor(total)
         return total.cpu().numpy()
 
     def basis_combine(self, basis: Vector, coeffs: Any) -> Vector:

@@ -1,6 +1,7 @@
 """Save and resume: the tuner's state rides in the optimizer's state_dict and resuming is bit-identical."""
 
 import io
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from eos_core import CDAT, DCAO, AdaEoS, Armijo, ExactSharpness, HyperGradient, Polyak, WarmupCosine
 from eos_core.adapters.torch import STATE_KEY, STATE_VERSION, CurvatureTuner
+from eos_core.adapters.torch.checkpoint import VECTORS
 
 
 def two_groups(make):
@@ -134,7 +136,7 @@ def test_integer_counters_of_the_law_state_stay_integers(config):
     model, optimizer, tuner = build(config)
     train(model, optimizer, tuner, batches(3))
     saved = checkpoint(model, optimizer)["optimizer"]
-    assert saved[STATE_KEY]["version"] == STATE_VERSION == 2
+    assert saved[STATE_KEY]["version"] == STATE_VERSION == 3
     assert type(saved[STATE_KEY]["law_state"]["count"]) is int
     model, optimizer, fresh = build(config)
     dtypes = {name: np.asarray(value).dtype for name, value in fresh.law_state._asdict().items()}
@@ -186,11 +188,11 @@ def test_the_keras_torch_backend_state_loads():
     })
     assert fresh.law_state.count.dtype == np.int64 and int(fresh.law_state.count) == 2
     assert fresh.route == "auto" and fresh.state_dict()[STATE_KEY]["step"] == 2
-    assert all(torch.equal(a, b) for a, b in zip(fresh._eigenvector, state["eigenvector"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.spectral.eigenvector, state["eigenvector"], strict=True))
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"version": 3}, "version 3, newer than this eos_core reads"),
+    ({"version": 4}, "version 4, newer than this eos_core reads"),
     ({"version": "2"}, "invalid version"),
     ({"law_state": None}, "no law state"),
     ({"law_state": {"lr": 0.1}}, "lacks"),
@@ -218,3 +220,135 @@ def test_loading_a_checkpoint_of_another_law_fails_clearly():
     other_model, other_optimizer, _ = build("hypergradient")
     with pytest.raises(ValueError, match="saved with law AdaEoS"):
         other_optimizer.load_state_dict(state)
+
+
+# -- version 3: the copy that torch.distributed.checkpoint keeps ------------------------------------------------
+def serialised(value):
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_state_is_also_in_the_first_param_group_and_the_per_parameter_state():
+    model, optimizer, tuner = build("exact-sharpness-warm-start")
+    state = optimizer.state_dict()
+    header = json.loads(state["param_groups"][0][STATE_KEY])  # plain JSON: torch.distributed.checkpoint loads it whole
+    assert header["vectors"] == [] and header["step"] == 0
+    # a fresh tuner writes zeros where its eigenvector will be, so a checkpoint can be loaded into its state dict
+    assert all(torch.count_nonzero(entry["eos_core_eigenvector"]) == 0 for entry in state["state"].values())
+    assert not any("eos_core_previous_update" in entry for entry in state["state"].values())
+    train(model, optimizer, tuner, batches(3))
+    state = optimizer.state_dict()
+    header = json.loads(state["param_groups"][0][STATE_KEY])
+    top = state[STATE_KEY]
+    assert header["vectors"] == ["eigenvector"]
+    assert {k: v for k, v in top.items() if k not in VECTORS} == {**{k: v for k, v in header.items() if k != "vectors"},
+                                                                 "diagnostics": top["diagnostics"]}
+    keys = [k for g in state["param_groups"] for k in g["params"]]
+    for key, vector in zip(keys, tuner.spectral.eigenvector, strict=True):
+        assert state["state"][key]["eos_core_eigenvector"] is top["eigenvector"][keys.index(key)]
+        assert torch.equal(state["state"][key]["eos_core_eigenvector"], vector)
+    assert not any(str(n).startswith("eos_core") for entry in optimizer.state.values() for n in entry)  # untouched
+
+
+@pytest.mark.parametrize("config", ["exact-sharpness-warm-start", "hypergradient", "dcao-adamw-two-groups"])
+def test_resume_from_the_param_group_copy_alone_is_bit_identical(config):
+    """What torch.distributed.checkpoint hands back: no top-level key, the header in the first group, the vectors
+    in the per-parameter state."""
+    data = batches(12)
+    model, optimizer, tuner = build(config)
+    full, _ = train(model, optimizer, tuner, data)
+    model, optimizer, tuner = build(config)
+    train(model, optimizer, tuner, data[:5])
+    saved = checkpoint(model, optimizer)
+    del saved["optimizer"][STATE_KEY]
+    model, optimizer, tuner = build(config)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    assert tuner.calls == 5 and STATE_KEY not in optimizer.param_groups[0]
+    assert not any(str(n).startswith("eos_core") for entry in optimizer.state.values() for n in entry)
+    resumed, _ = train(model, optimizer, tuner, data[5:], first=5)
+    assert resumed == full[5:]
+
+
+def test_a_tuner_attached_after_the_optimizer_was_loaded_picks_up_its_state():
+    """The Hugging Face Trainer loads optimizer.pt before a callback can attach a tuner: torch's load_state_dict
+    drops the top-level key but keeps the first group's and the per-parameter entries, which the tuner adopts."""
+    data = batches(8)
+    model, optimizer, tuner = build("exact-sharpness-warm-start")
+    full, _ = train(model, optimizer, tuner, data)
+    model, optimizer, tuner = build("exact-sharpness-warm-start")
+    train(model, optimizer, tuner, data[:3])
+    saved = checkpoint(model, optimizer)
+    model, optimizer, tuner = build("exact-sharpness-warm-start")
+    tuner.detach()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])  # no tuner attached: the entries stay in the optimizer
+    assert STATE_KEY in optimizer.param_groups[0]
+    tuner = CurvatureTuner(optimizer, CONFIGS["exact-sharpness-warm-start"][0](), warn=False,
+                           **CONFIGS["exact-sharpness-warm-start"][2])
+    assert tuner.calls == 3 and STATE_KEY not in optimizer.param_groups[0]
+    assert not any(str(n).startswith("eos_core") for entry in optimizer.state.values() for n in entry)
+    torch.set_rng_state(saved["rng"])
+    resumed, _ = train(model, optimizer, tuner, data[3:], first=3)
+    assert resumed == full[3:]
+
+
+@pytest.mark.skipif(tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 7),
+                    reason="the layout is checked against torch.distributed.checkpoint.state_dict of torch >= 2.7")
+@pytest.mark.parametrize("full_state_dict", [False, True])
+def test_torch_distributed_checkpoint_state_dicts_resume_bit_identically(full_state_dict):
+    """get_optimizer_state_dict / set_optimizer_state_dict (here without a process group) carry the tuner's state.
+    Both call torch.distributed.checkpoint's _init_optim_state first, which steps an optimizer without state with
+    zero gradients at lr 0: the tuner must let that step through untouched (AdamW's weight decay would move the
+    parameters at the tuner's lr, and the step would count)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=full_state_dict)
+    config = "dcao-adamw-two-groups"
+    data = batches(10)
+    model, optimizer, tuner = build(config)
+    before = [p.detach().clone() for p in model.parameters()]
+    get_optimizer_state_dict(model, optimizer, options=options)  # a fresh optimizer: DCP's initialising step
+    assert tuner.calls == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    full, _ = train(model, optimizer, tuner, data)
+
+    model, optimizer, tuner = build(config)
+    get_optimizer_state_dict(model, optimizer, options=options)  # as in the uninterrupted run (AdamW's step count)
+    train(model, optimizer, tuner, data[:4])
+    saved = serialised({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer,
+                                                                                       options=options),
+                        "rng": torch.get_rng_state()})
+    assert STATE_KEY not in saved["optim"] and STATE_KEY in saved["optim"]["param_groups"][0]
+    model, optimizer, tuner = build(config)
+    model.load_state_dict(saved["model"])
+    set_optimizer_state_dict(model, optimizer, saved["optim"], options=options)
+    assert tuner.calls == 4
+    torch.set_rng_state(saved["rng"])
+    resumed, _ = train(model, optimizer, tuner, data[4:], first=4)
+    assert resumed == full[4:]
+
+
+def test_a_vector_the_resumed_configuration_does_not_keep_is_dropped():
+    """Tracking on when saved, off when resumed (with a law that needs no eigenvector): the template of a
+    torch.distributed.checkpoint load then has no slot for the eigenvector, which the header still lists."""
+    model, optimizer, tuner = build("cdat-adam-fd")
+    train(model, optimizer, tuner, batches(3))
+    saved = serialised(optimizer.state_dict())
+    assert json.loads(saved["param_groups"][0][STATE_KEY])["vectors"] == ["eigenvector", "preconditioned_eigenvector"]
+    del saved[STATE_KEY]
+    for entry in saved["state"].values():  # what a load into a template without the slots returns
+        del entry["eos_core_eigenvector"], entry["eos_core_preconditioned_eigenvector"]
+    torch.manual_seed(0)
+    fresh_model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1),
+                                      torch.nn.Linear(16, 3))
+    fresh_optimizer = torch.optim.Adam(fresh_model.parameters(), lr=1e-3)
+    fresh = CurvatureTuner(fresh_optimizer, CDAT(scale=1.0, ema=0.5), route="fd-onesided", warn=False)
+    fresh_optimizer.load_state_dict(saved)
+    assert fresh.calls == 3 and fresh.spectral.eigenvector is None

@@ -11,8 +11,7 @@ import torch
 
 from eos_core import CDAT, DCAO, AdaEoS, Armijo, Constant, ExactSharpness, HyperGradient, Polyak, WarmupCosine
 from eos_core import diagnostics as diag
-from eos_core.adapters.torch import CurvatureTuner
-from eos_core.adapters.torch import tuner as tuner_module
+from eos_core.adapters.torch import CurvatureTuner, spectral_estimates  # the estimators the tuner calls
 from eos_core.settings import TunerSettings
 from eos_core.spectral import random_start
 
@@ -243,7 +242,7 @@ def test_deprecated_option_names_warn_and_still_work():
 
 def test_the_deprecated_lanczos_steps_option_applies_only_to_a_dcao_law_that_leaves_it_unset():
     used = []
-    original = tuner_module.lanczos
+    original = spectral_estimates.lanczos
 
     def spy(matvec, start, k, *, num_steps, ops):
         used.append(num_steps)
@@ -255,14 +254,14 @@ def test_the_deprecated_lanczos_steps_option_applies_only_to_a_dcao_law_that_lea
         with pytest.warns(DeprecationWarning, match=r"lanczos_steps= is deprecated: set it on the law, DCAO"):
             tuner = CurvatureTuner(optimizer, law, lanczos_steps=7)
         used.clear()
-        with mock.patch.object(tuner_module, "lanczos", spy):
+        with mock.patch.object(spectral_estimates, "lanczos", spy):
             tuner.step(closure_for(model, optimizer, x, y))
         assert used == [expected]
     model, x, y = problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     tuner = CurvatureTuner(optimizer, DCAO(num_eigenvalues=2))
     used.clear()
-    with mock.patch.object(tuner_module, "lanczos", spy):
+    with mock.patch.object(spectral_estimates, "lanczos", spy):
         tuner.step(closure_for(model, optimizer, x, y))
     assert used == [20]  # the law's request: eos_core.request.LANCZOS_STEPS
 
@@ -332,7 +331,7 @@ def test_the_seed_sets_the_start_vector_of_power_iteration(quadratic, make_closu
 def lanczos_starts(law, make_optimizer, steps, **options):
     """The start vector and the top Ritz vector of every Lanczos run, and the tuner."""
     runs = []
-    original = tuner_module.lanczos
+    original = spectral_estimates.lanczos
 
     def spy(matvec, start, k, *, num_steps, ops):
         result = original(matvec, start, k, num_steps=num_steps, ops=ops)
@@ -344,10 +343,11 @@ def lanczos_starts(law, make_optimizer, steps, **options):
     tuner = CurvatureTuner(optimizer, law, seed=3, **options)
     closure = closure_for(model, optimizer, x, y)
     eigenvectors = []
-    with mock.patch.object(tuner_module, "lanczos", spy):
+    with mock.patch.object(spectral_estimates, "lanczos", spy):
         for _ in range(steps):
             tuner.step(closure)
-            eigenvectors.append(None if tuner._eigenvector is None else [t.clone() for t in tuner._eigenvector])
+            vector = tuner.spectral.eigenvector
+            eigenvectors.append(None if vector is None else [t.clone() for t in vector])
     return runs, eigenvectors, [tuple(p.shape) for p in model.parameters()]
 
 
@@ -376,7 +376,7 @@ def spectral_run(law, sharpness_iters, sharpness_tol, steps=3):
     """Closure evaluations per step (the step's own + one per Hessian operator built) and the start / end
     vectors of every power iteration."""
     runs = []
-    original = tuner_module.power_iteration
+    original = spectral_estimates.power_iteration
 
     def spy(matvec, start, *, tol, max_iters, ops):
         result = original(matvec, start, tol=tol, max_iters=max_iters, ops=ops)
@@ -390,7 +390,7 @@ def spectral_run(law, sharpness_iters, sharpness_tol, steps=3):
     calls = [0]
     closure = closure_for(model, optimizer, x, y, calls=calls)
     rows = []
-    with mock.patch.object(tuner_module, "power_iteration", spy):
+    with mock.patch.object(spectral_estimates, "power_iteration", spy):
         for _ in range(steps):
             calls[0] = 0
             tuner.step(closure)

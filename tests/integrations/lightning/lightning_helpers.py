@@ -69,6 +69,19 @@ class DigitsMLP(pl.LightningModule):
         return optimizer
 
 
+class ShardedDigitsMLP(DigitsMLP):
+    """DigitsMLP sharded with FSDP2 in configure_model, as ModelParallelStrategy asks (each layer, then the net)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 def full_loss(model: torch.nn.Module, dataset: TensorDataset) -> float:
     x, y = dataset.tensors
     with torch.no_grad():
@@ -109,7 +122,9 @@ class Recorder(pl.Callback):
 
 
 def flat(tensors) -> np.ndarray:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype(np.float64)
+    """The tensors as one float64 vector (sharded DTensors gathered whole: a collective, on every rank)."""
+    whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
+    return torch.cat([t.detach().reshape(-1) for t in whole]).numpy().astype(np.float64)
 
 
 def trainer(tmp_path, callbacks, *, max_steps: int = 16, logger=None, **kwargs) -> pl.Trainer:

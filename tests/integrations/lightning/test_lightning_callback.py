@@ -130,9 +130,15 @@ def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumula
     assert resumed.lrs() == straight.lrs()[stop:]  # bit-identical
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
 
-    # the same resume without the tuner's state (a plain optimizer checkpoint) does not continue it
+    # the same resume without the tuner's state (a plain optimizer checkpoint: none of its three copies, the
+    # top-level key, the first param group's and the per-parameter entries) does not continue it
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint["optimizer_states"][0]["eos_core"]
+    optimizer_state = checkpoint["optimizer_states"][0]
+    del optimizer_state["eos_core"]
+    del optimizer_state["param_groups"][0]["eos_core"]
+    for entry in optimizer_state["state"].values():
+        for name in [n for n in entry if n.startswith("eos_core")]:
+            del entry[name]
     torch.save(checkpoint, tmp_path / "plain.ckpt")
     _, _, restarted = fit(tmp_path / "d", make(), model=adam(), ckpt_path=tmp_path / "plain.ckpt", **total, **setup)
     assert restarted.lrs() != straight.lrs()[stop:]

@@ -92,7 +92,9 @@ class StepRecorder(TrainerCallback):
 
 
 def flat_tensors(tensors) -> np.ndarray:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype(np.float64)
+    """The tensors as one float64 vector (sharded DTensors gathered whole: a collective, on every rank)."""
+    whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
+    return torch.cat([t.detach().reshape(-1) for t in whole]).numpy().astype(np.float64)
 
 
 def flat(model: torch.nn.Module) -> np.ndarray:

@@ -256,13 +256,33 @@ def test_resume_from_a_checkpoint_copied_outside_output_dir_continues_the_tuner(
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
 
 
+def without_tuner_state(state):
+    """An optimizer state dict as the Trainer saves it without the callback: none of the tuner's three copies."""
+    state = {k: v for k, v in state.items() if k != "eos_core"}
+    state["param_groups"] = [{k: v for k, v in g.items() if k != "eos_core"} for g in state["param_groups"]]
+    state["state"] = {key: {n: v for n, v in entry.items() if not n.startswith("eos_core")}
+                      for key, entry in state["state"].items()}
+    return state
+
+
+def test_resume_from_an_old_checkpoint_reads_the_tuner_state_from_the_file(tmp_path, uninterrupted):
+    """A checkpoint of state version 2 (only the top-level key, which torch's load_state_dict drops): the callback
+    finds it in the folder the Trainer loaded."""
+    out, straight = uninterrupted
+    old = tmp_path / "old"
+    shutil.copytree(out / "checkpoint-4", old)
+    state = torch.load(old / "optimizer.pt", weights_only=True)
+    torch.save({**without_tuner_state(state), "eos_core": state["eos_core"]}, old / "optimizer.pt")
+    _, resumed = train(tmp_path / "run", tiny_gpt2(seed=1), resume_callback(), resume=str(old), **RESUME_RUN)
+    assert resumed.lrs() == straight.lrs()[4:]
+
+
 def test_resume_from_a_checkpoint_without_the_tuners_state_warns_and_restarts(tmp_path, uninterrupted):
     out, straight = uninterrupted
     plain = tmp_path / "plain"
     shutil.copytree(out / "checkpoint-4", plain)
     state = torch.load(plain / "optimizer.pt", weights_only=True)
-    del state["eos_core"]  # a checkpoint saved without the callback
-    torch.save(state, plain / "optimizer.pt")
+    torch.save(without_tuner_state(state), plain / "optimizer.pt")  # a checkpoint saved without the callback
     with pytest.warns(RuntimeWarning, match="no checkpoint matching"):
         _, lost = train(tmp_path / "lost", tiny_gpt2(seed=1), resume_callback(), resume=str(plain), **RESUME_RUN)
     assert lost.lrs() != straight.lrs()[4:]
