@@ -1,4 +1,4 @@
-"""Claims B1-B3 of SPEC section 8 on a small CNN, full batch: the first 512 scikit-learn digits as 8x8 images.
+"""Claims B1-B3 (Cohen et al. 2021; CDAT paper Fig. 1, 3, 5, 6) on a small CNN, full batch: 512 digits as images.
 
 CNN: conv 3x3 (8 filters) - tanh - 2x2 average pool - conv 3x3 (8) - tanh - 2x2 average pool - dense, squared
 error. Same claims and thresholds as reproduce_mlp.py (eos_core/demo/claims.py); figures in benchmarks/README.md.

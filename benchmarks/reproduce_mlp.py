@@ -1,4 +1,4 @@
-"""Claims B1-B3 of SPEC section 8 on an MLP, full batch: scikit-learn digits, MLP 64-64-64-10 tanh, squared error.
+"""Claims B1-B3 (Cohen et al. 2021; CDAT paper Fig. 1, 3, 5, 6) on an MLP, full batch: digits, 64-64-64-10 tanh.
 
 B1 constant lr: progressive sharpening, then lambda_max within 10% of 2/lr. B2 Armijo and CDAT(scale=1):
 the lr falls, the sharpness keeps rising, the final loss is worse than the best constant lr of the 2^i grid.

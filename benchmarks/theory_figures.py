@@ -1,13 +1,15 @@
 """Draw the theory figures of the CDAT paper (Fig. 4, 9, 10, 11) and the two reference problems.
 
-Usage::
+Usage:
 
-    python benchmarks/theory_figures.py [--out DIR] [--dpi N]
+```python
+python benchmarks/theory_figures.py [--out DIR] [--dpi N]
+```
 
-Writes PNG files to DIR (default ``theory_figures/``) and prints the numbers the tests in
-``tests/theory`` assert. Every model runs with its defaults from :mod:`eos_core.theory` (the paper's
+Writes PNG files to DIR (default `theory_figures/`) and prints the numbers the tests in
+`tests/theory` assert. Every model runs with its defaults from `eos_core.theory` (the paper's
 settings, and our documented choices where the paper gives none). Needs matplotlib
-(``pip install 'eos-core[plot]'``); runs in a few seconds on a CPU.
+(`pip install 'eos-core[plot]'`); runs in a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def _summary(runs: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _log_loss_slope(loss: np.ndarray, start: int, stop: int, window: int = 500) -> float:
-    """Slope per step of log(median loss over windows of ``window`` steps), from ``start`` to ``stop``."""
+    """Slope per step of log(median loss over windows of `window` steps), from `start` to `stop`."""
     starts = np.arange(start, min(stop, len(loss)) - window + 1, window)
     medians = np.array([np.median(loss[i : i + window]) for i in starts])
     return float(np.polyfit(starts + window / 2, np.log(medians), 1)[0])
@@ -252,6 +254,14 @@ def _draw(runs: dict[str, Any], out: Path, dpi: int, plt) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Draw every figure into `--out` and print the numbers the tests check.
+
+    Args:
+        argv: the command-line arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit code (0).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():

@@ -1,8 +1,8 @@
 """eos_core: curvature-aware learning-rate tuners and edge-of-stability diagnostics.
 
 The core is pure Python + numpy and never imports a deep-learning framework. Framework adapters
-live in :mod:`eos_core.adapters` (``torch``, ``jax``, ``keras``) and trainer callbacks in
-:mod:`eos_core.integrations` (``lightning``, ``transformers``, ``keras``).
+live in `eos_core.adapters` (`torch`, `jax`, `keras`) and trainer callbacks in
+`eos_core.integrations` (`lightning`, `transformers`, `keras`).
 """
 
 import os as _os
@@ -35,7 +35,7 @@ from eos_core.numerics import NUMPY, Numerics  # noqa: E402
 from eos_core.request import StatsRequest  # noqa: E402
 from eos_core.settings import TunerSettings  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CDAT",

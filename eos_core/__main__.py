@@ -1,4 +1,4 @@
-"""``python -m eos_core``: the ``eos-core`` command line (:mod:`eos_core.cli`)."""
+"""`python -m eos_core`: the `eos-core` command line ([`eos_core.cli`][])."""
 
 from eos_core.cli import main
 

@@ -7,7 +7,7 @@ from types import ModuleType
 
 
 def require(module: str, *, extra: str, feature: str) -> ModuleType:
-    """Import ``module`` or raise ImportError telling the user which extra of eos-core provides it."""
+    """Import `module` or raise ImportError telling the user which extra of eos-core provides it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def reject_unknown(owner: str, unknown: Mapping[str, Any], valid: Iterable[str]) -> None:
-    """Raise ValueError when ``unknown`` (the ``**options`` a constructor received) is not empty."""
+    """Raise ValueError when `unknown` (the `**options` a constructor received) is not empty."""
     if unknown:
         names = ", ".join(sorted(unknown))
         raise ValueError(

@@ -1,10 +1,10 @@
-"""The ``eos-core`` command line (also ``python -m eos_core``).
+"""The `eos-core` command line (also `python -m eos_core`).
 
-* ``eos-core demo``: full-batch training on scikit-learn's digits with GD at the best constant lr of a
-  2^i grid, the Armijo line search, CDAT(scale=1) and CDAT(scale=2); prints a summary table and writes
-  the edge-of-stability figure and the trajectories (:mod:`eos_core.demo`).
-* ``eos-core plot HISTORY``: the same figure from a logged history (a CSV such as Lightning's
-  ``metrics.csv`` or the demo's ``trajectories.csv``).
+* `eos-core demo`: full-batch training on scikit-learn's digits with GD at the best constant lr of a 2^i grid, the
+  Armijo line search, CDAT(scale=1) and CDAT(scale=2); prints a summary table and writes the edge-of-stability figure
+  and the trajectories ([`eos_core.demo`][]).
+* `eos-core plot HISTORY...`: the same figure from logged histories: a CSV such as Lightning's `metrics.csv` or the
+  demo's `trajectories.csv`, or a TensorBoard log directory (`runs/`, `lightning_logs/`).
 
 Frameworks are imported only by the command that needs them. A bad argument or a missing package
 is a usage error (exit code 2) with a one-line message, never a traceback.
@@ -27,6 +27,14 @@ CDAT(scale=1) (the greedy rule) and CDAT(scale=2) (the on-edge rule). Prints a s
 writes the 4-panel edge-of-stability figure (PNG) and the trajectories (CSV) into --out.
 """
 
+PLOT_DESCRIPTION = """\
+Draw loss, lr, sharpness (with 2/lr) and lr*sharpness (with the line at 2) from logged histories:
+Lightning's CSVLogger metrics.csv, the demo's trajectories.csv, any CSV with the columns loss, lr,
+sharpness, lr_sharpness (optionally prefixed eos/), or a TensorBoard log directory such as Lightning's
+lightning_logs/ or the Hugging Face Trainer's runs/ (one run per folder that holds event files; reading
+them needs: pip install 'eos-core[tensorboard]').
+"""
+
 DEMO_EPILOG = """\
 examples:
   eos-core demo                          # about a minute on a laptop CPU
@@ -37,7 +45,7 @@ examples:
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, else a usage error saying so."""
+    """An argparse type: an integer >= `minimum`, else a usage error saying so."""
 
     def parse(text: str) -> int:
         try:
@@ -82,6 +90,11 @@ def _methods(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `eos-core` argument parser, with its `demo` and `plot` commands.
+
+    Returns:
+        The parser; each command's namespace carries its `handler` and `subparser`.
+    """
     from eos_core.demo.methods import DEFAULT_GRID, DEFAULT_METHODS
 
     parser = argparse.ArgumentParser(
@@ -127,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     demo.set_defaults(handler=_demo, subparser=demo)
 
-    plot = commands.add_parser("plot", help="draw the edge-of-stability figure from a logged history (CSV)",
-                               description="Draw loss, lr, sharpness (with 2/lr) and lr*sharpness (with the line "
-                                           "at 2) from a CSV history: Lightning's CSVLogger metrics.csv, the "
-                                           "demo's trajectories.csv, or any CSV with the columns loss, lr, "
-                                           "sharpness, lr_sharpness (optionally prefixed eos/).")
-    plot.add_argument("history", type=Path, nargs="+", help="one or more CSV files (several: one run each)")
+    plot = commands.add_parser("plot", help="draw the edge-of-stability figure from logs (CSV, TensorBoard)",
+                               description=PLOT_DESCRIPTION,
+                               epilog="examples:\n  eos-core plot eos-demo/trajectories.csv\n"
+                                      "  eos-core plot runs/ --out eos.png\n"
+                                      "  eos-core plot logs/lightning_logs/version_0/metrics.csv --title mine\n",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    plot.add_argument("history", type=Path, nargs="+",
+                      help="CSV files or TensorBoard log directories (several: one run, or one group of runs, each)")
     plot.add_argument("--out", type=Path, default=Path("edge_of_stability.png"),
                       help="image to write (default: edge_of_stability.png)")
     plot.add_argument("--title", default=None, help="figure title")
@@ -187,7 +202,7 @@ def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``eos-core`` console script; returns the exit code."""
+    """Entry point of the `eos-core` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

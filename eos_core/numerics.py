@@ -1,11 +1,10 @@
 """Scalar arithmetic and control flow that laws and spectral estimators are written against.
 
-Every tuning law and spectral estimator in :mod:`eos_core` is written once, branch-free, against a
-:class:`Numerics` bundle: an array namespace for scalars (``numpy`` here, ``jax.numpy`` in the JAX
-adapter), a float dtype and the control-flow primitives ``while_loop`` / ``fori_loop`` with the
-signatures of :func:`jax.lax.while_loop` and :func:`jax.lax.fori_loop`. With :data:`NUMPY` they run
-as plain Python loops; the JAX adapter passes ``jax.lax`` primitives so the same code traces under
-``jit``. Nothing here imports a framework.
+Every tuning law and spectral estimator in [`eos_core`][] is written once, branch-free, against a
+[`Numerics`][eos_core.numerics.Numerics] bundle: an array namespace for scalars (`numpy` here, `jax.numpy` in the JAX
+adapter), a float dtype and the control-flow primitives `while_loop` / `fori_loop` with the signatures of
+`jax.lax.while_loop` and `jax.lax.fori_loop`. With [`NUMPY`][eos_core.numerics.NUMPY] they run as plain Python loops;
+the JAX adapter passes `jax.lax` primitives so the same code traces under `jit`. Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import numpy as np
 
 
 def python_while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], init_val: Any) -> Any:
-    """``jax.lax.while_loop`` semantics in plain Python."""
+    """`jax.lax.while_loop` semantics in plain Python."""
     val = init_val
     while bool(cond_fun(val)):
         val = body_fun(val)
@@ -25,7 +24,7 @@ def python_while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], 
 
 
 def python_fori_loop(lower: int, upper: int, body_fun: Callable[[int, Any], Any], init_val: Any) -> Any:
-    """``jax.lax.fori_loop`` semantics in plain Python."""
+    """`jax.lax.fori_loop` semantics in plain Python."""
     val = init_val
     for i in range(int(lower), int(upper)):
         val = body_fun(i, val)
@@ -33,7 +32,7 @@ def python_fori_loop(lower: int, upper: int, body_fun: Callable[[int, Any], Any]
 
 
 def numpy_index_update(array: np.ndarray, index: Any, value: Any) -> np.ndarray:
-    """Functional ``array.at[index].set(value)`` for numpy (copies, never mutates)."""
+    """Functional `array.at[index].set(value)` for numpy (copies, never mutates)."""
     out = np.array(array, copy=True)
     out[int(index)] = value
     return out
@@ -43,12 +42,12 @@ class Numerics(NamedTuple):
     """Scalar namespace, dtype and control flow used by laws and spectral estimators.
 
     Attributes:
-        xp: array namespace for scalars and small arrays (``numpy`` or ``jax.numpy``).
+        xp: array namespace for scalars and small arrays (`numpy` or `jax.numpy`).
         dtype: float dtype of every scalar a law keeps in its state.
-        while_loop: ``while_loop(cond_fun, body_fun, init_val)`` as in ``jax.lax``.
-        fori_loop: ``fori_loop(lower, upper, body_fun, init_val)`` as in ``jax.lax``.
-        index_update: ``index_update(array, i, value)``, a functional ``array.at[i].set(value)``.
-        eager: True when scalars are concrete (numpy, eager torch); False under tracing (``jax.jit``),
+        while_loop: `while_loop(cond_fun, body_fun, init_val)` as in `jax.lax`.
+        fori_loop: `fori_loop(lower, upper, body_fun, init_val)` as in `jax.lax`.
+        index_update: `index_update(array, i, value)`, a functional `array.at[i].set(value)`.
+        eager: True when scalars are concrete (numpy, eager torch); False under tracing (`jax.jit`),
             where an algorithm may not branch on a value (it then uses fixed iteration counts).
         int_dtype: integer dtype of the counters a law keeps (steps, measurements): exact to 2^31 steps at
             least, where a float32 counter would stop counting at 2^24.
@@ -63,15 +62,38 @@ class Numerics(NamedTuple):
     int_dtype: Any = np.int64
 
     def scalar(self, value: Any) -> Any:
-        """``value`` as a 0-d array of :attr:`dtype`."""
+        """`value` as a 0-d array of the float dtype (`dtype`).
+
+        Args:
+            value: a number or 0-d array.
+
+        Returns:
+            The 0-d array.
+        """
         return self.xp.asarray(value, dtype=self.dtype)
 
     def counter(self, value: Any = 0) -> Any:
-        """``value`` as a 0-d integer array of :attr:`int_dtype` (a step or measurement count)."""
+        """`value` as a 0-d integer array of the integer dtype (`int_dtype`): a step or measurement count.
+
+        Args:
+            value: the count.
+
+        Returns:
+            The 0-d integer array.
+        """
         return self.xp.asarray(value, dtype=self.int_dtype)
 
     def clip(self, value: Any, low: Any, high: Any) -> Any:
-        """``min(max(value, low), high)`` that keeps infinite bounds exact."""
+        """`min(max(value, low), high)` that keeps infinite bounds exact.
+
+        Args:
+            value: the value.
+            low: the lower bound (may be -inf).
+            high: the upper bound (may be inf).
+
+        Returns:
+            The clipped value.
+        """
         return self.xp.minimum(self.xp.maximum(value, low), high)
 
 

@@ -1,32 +1,49 @@
-r"""The edge-of-stability figure (SPEC section 6; CDAT paper Fig. 1, 3, 5): loss, lr, sharpness, lr * sharpness.
+r"""The edge-of-stability figure of the CDAT paper (Fig. 1, 3, 5): loss, lr, sharpness, lr * sharpness.
 
-:func:`plot_edge_of_stability` draws the four panels from any tuner's diagnostics history:
+[`plot_edge_of_stability`][eos_core.plotting.plot_edge_of_stability] draws four panels from any tuner's diagnostics
+history:
 
 1. the training loss;
-2. the learning rate :math:`\eta_t`;
-3. the sharpness :math:`\lambda_{\max}(H_t)` with :math:`2/\eta_t` dashed in the same colour (GD on a
-   quadratic diverges along the top eigenvector once :math:`\lambda_{\max} > 2/\eta`);
-4. :math:`\eta_t \lambda_{\max}(H_t)` with the edge of stability, the line at 2.
+2. the learning rate $\eta_t$;
+3. the sharpness $\lambda_{\max}(H_t)$ with $2/\eta_t$ dotted in the same colour (gradient descent on a
+   quadratic diverges along the top eigenvector once $\lambda_{\max} > 2/\eta$, Cohen et al. 2021);
+4. $\eta_t \lambda_{\max}(H_t)$ with the edge of stability, the line at 2.
 
-Accepted histories (one run, or a mapping ``name -> history`` for several runs in one figure):
+Accepted histories (one run, or a mapping `name -> history` for several runs in one figure):
 
-* a list of diagnostics dicts, one per step (``tuner.diagnostics`` of the PyTorch adapter,
-  ``eos_core.adapters.jax.diagnostics(state)``, Hugging Face ``trainer.state.log_history``; the
-  ``TrainerState`` itself works too);
-* a dict of lists / arrays (Keras ``History.history``; a Keras ``History`` object works too);
-* a pandas ``DataFrame``;
-* a CSV path (Lightning's ``CSVLogger`` ``metrics.csv``, the demo's ``trajectories.csv``). A CSV or
-  DataFrame with a text column ``method`` or ``run`` holds several runs and is split on it.
+* a list of diagnostics dicts, one per step (`tuner.diagnostics` of the PyTorch adapter,
+  `eos_core.adapters.jax.diagnostics(state)`, Hugging Face `trainer.state.log_history`; the
+  `TrainerState` itself works too);
+* a dict of lists / arrays (Keras `History.history`; a Keras `History` object works too);
+* a pandas `DataFrame`;
+* a CSV path (Lightning's `CSVLogger` `metrics.csv`, the demo's `trajectories.csv`). A CSV or
+  DataFrame with a text column `method` or `run` holds several runs and is split on it;
+* a TensorBoard log directory or event file (Lightning's `TensorBoardLogger`, the Hugging Face
+  `Trainer`'s `runs/`): every folder below it that holds `events.out.tfevents.*` files is one run,
+  named by its path relative to the directory. Reading them needs the `tensorboard` package
+  (`pip install 'eos-core[tensorboard]'`).
 
-Column names are looked up as ``eos/<name>``, ``eos_<name>`` then ``<name>`` for ``loss``, ``lr``,
-``sharpness`` and ``lr_sharpness`` (the names the callbacks log), the loss also as ``train_loss``,
-``train/loss`` or ``training_loss``; ``keys={"loss": "my_loss"}`` overrides any of them. Rows that
-share a ``step`` (Lightning writes one row per logging call, Hugging Face one entry per log event)
-are merged. NaN or an empty cell means "not measured on that step" (sharpness is tracked every m
-steps): each curve is drawn through its measured points. ``lr_sharpness`` missing is computed as
-``lr * sharpness``.
+Column (or TensorBoard tag) names are looked up as `eos/<name>`, `train/eos/<name>` (the Hugging Face
+`Trainer`'s TensorBoard tags), `eos_<name>` then `<name>` for `loss`, `lr`, `sharpness` and
+`lr_sharpness` (the names the callbacks log), the loss also as `train_loss`, `train/loss` or
+`training_loss`, the lr also as `learning_rate` or `train/learning_rate`; `keys={"loss": "my_loss"}`
+overrides any of them. Rows that share a `step` (Lightning writes one row per logging call, Hugging
+Face one entry per log event) are merged. NaN or an empty cell means "not measured on that step"
+(sharpness is tracked every m steps): each curve is drawn through its measured points. `lr_sharpness`
+missing is computed as `lr * sharpness`.
 
-Needs matplotlib (``pip install 'eos-core[plot]'``), imported only when a figure is drawn.
+How the figure stays readable:
+
+* runs differ by colour (the Okabe-Ito palette, safe for colour-blind readers), line style and marker,
+  so they stay apart in greyscale print;
+* a series that alternates from one step to the next (the greedy rule `CDAT(scale=1)` flips its lr
+  every step) is drawn faint step by step, with the geometric mean of each two consecutive values on
+  top, so that its band does not hide the other runs;
+* the $2/\eta$ lines are dotted, thin, in their run's colour and labelled;
+* values of $\eta\lambda_{\max}$ above the panel's upper limit are marked by triangles on the top
+  edge and counted in the panel.
+
+Needs matplotlib (`pip install 'eos-core[plot]'`), imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -43,16 +60,32 @@ import numpy as np
 from eos_core._optional import require
 
 QUANTITIES = ("loss", "lr", "sharpness", "lr_sharpness")
-#: Column names tried for each quantity, in order, after the ``eos/`` and ``eos_`` prefixed names.
-_EXTRA_NAMES = {"loss": ("train_loss", "train/loss", "training_loss", "train_loss_step")}
+#: Column names tried for each quantity, in order, after the `eos/`, `train/eos/` and `eos_` prefixed names.
+_EXTRA_NAMES = {
+    "loss": ("train_loss", "train/loss", "training_loss", "train_loss_step"),
+    "lr": ("learning_rate", "train/learning_rate"),
+}
 _STEP_NAMES = ("step", "global_step", "eos/step", "iteration")
 _RUN_COLUMNS = ("method", "run")
+#: The name TensorBoard gives its event files.
+EVENT_FILE_PATTERN = "events.out.tfevents.*"
+
+#: Okabe & Ito (2008) colour-blind-safe palette, ordered so that neighbours also differ in grey.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+#: Line styles of the runs (dotted is kept for the 2/lr thresholds).
+LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (3, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: A series alternates when at least this fraction of its consecutive changes flip sign ...
+OSCILLATION_FLIPS = 0.6
+#: ... and the median change is at least this large (in log scale: 5%).
+OSCILLATION_AMPLITUDE = math.log(1.05)
 
 History = Any
 
 
 def _candidates(quantity: str) -> tuple[str, ...]:
-    return (f"eos/{quantity}", f"eos_{quantity}", quantity, *_EXTRA_NAMES.get(quantity, ()))
+    return (f"eos/{quantity}", f"train/eos/{quantity}", f"eos_{quantity}", quantity,
+            *_EXTRA_NAMES.get(quantity, ()))
 
 
 def _number(value: Any) -> float:
@@ -101,10 +134,90 @@ def _read_csv(path: Path) -> dict[str, list[Any]]:
     return _records_to_columns(rows)
 
 
+def _is_event_file(path: Path) -> bool:
+    return path.is_file() and path.match(EVENT_FILE_PATTERN)
+
+
+def tensorboard_runs(path: str | os.PathLike) -> dict[str, Path]:
+    """The TensorBoard runs under a log directory: the folders that hold event files.
+
+    Args:
+        path: a log directory (searched recursively) or one `events.out.tfevents.*` file.
+
+    Returns:
+        `{run name: folder}`, the name being the folder's path relative to `path` (`""` for `path`
+        itself, or for a single event file), in sorted order. Empty when there is no event file.
+    """
+    root = Path(path)
+    if _is_event_file(root):
+        return {"": root}
+    if not root.is_dir():
+        return {}
+    folders = sorted({event.parent for event in root.rglob(EVENT_FILE_PATTERN) if event.is_file()})
+    return {"" if folder == root else folder.relative_to(root).as_posix(): folder for folder in folders}
+
+
+def read_tensorboard(path: str | os.PathLike) -> dict[str, list[Any]]:
+    """One TensorBoard run's scalars as columns `{"step": [...], tag: [...]}`, one row per logged step.
+
+    Scalars written as `simple_value` (PyTorch's `SummaryWriter`, Lightning, the Hugging Face `Trainer`)
+    and as scalar tensors (TensorFlow 2 summaries) are read; of several values of one tag at one step the
+    last one written wins. Needs the `tensorboard` package.
+
+    Args:
+        path: a run folder (its event files are read together) or one event file.
+
+    Returns:
+        `{"step": steps, tag: values}` with NaN where a tag was not logged at a step.
+
+    Raises:
+        ImportError: the `tensorboard` package is not installed (the message names `eos-core[tensorboard]`).
+        ValueError: `path` holds no scalar.
+    """
+    accumulator_module = require("tensorboard.backend.event_processing.event_accumulator", extra="tensorboard",
+                                 feature="reading TensorBoard logs (eos_core.plotting)")
+    accumulator = accumulator_module.EventAccumulator(
+        str(path), size_guidance={accumulator_module.SCALARS: 0, accumulator_module.TENSORS: 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in tags.get("scalars", []):
+        for event in accumulator.Scalars(tag):
+            by_step.setdefault(int(event.step), {})[tag] = float(event.value)
+    if tags.get("tensors"):
+        tensor_util = require("tensorboard.util.tensor_util", extra="tensorboard",
+                              feature="reading TensorBoard logs (eos_core.plotting)")
+        for tag in tags["tensors"]:
+            for event in accumulator.Tensors(tag):
+                value = np.asarray(tensor_util.make_ndarray(event.tensor_proto))
+                if value.size == 1 and value.dtype.kind in "fiu":
+                    by_step.setdefault(int(event.step), {})[tag] = float(value.reshape(()))
+    if not by_step:
+        raise ValueError(f"plot_edge_of_stability: the TensorBoard log {str(path)!r} holds no scalar")
+    steps = sorted(by_step)
+    names = sorted({tag for values in by_step.values() for tag in values})
+    columns: dict[str, list[Any]] = {"step": [float(s) for s in steps]}
+    for name in names:
+        if name == "step":
+            continue
+        columns[name] = [by_step[s].get(name, math.nan) for s in steps]
+    return columns
+
+
 def _raw_columns(history: History) -> dict[str, list[Any]]:
-    """Any accepted single-run format -> ``{column name: list of values}``."""
+    """Any accepted single-run format -> `{column name: list of values}`."""
     if isinstance(history, str | os.PathLike):
-        return _read_csv(Path(history))
+        path = Path(history)
+        runs = tensorboard_runs(path)
+        if len(runs) == 1:
+            return read_tensorboard(next(iter(runs.values())))
+        if len(runs) > 1:
+            raise ValueError(f"plot_edge_of_stability: {str(path)!r} holds {len(runs)} TensorBoard runs "
+                             f"({', '.join(list(runs)[:4])}); read_runs() or plot_edge_of_stability() read them all")
+        if path.is_dir():
+            raise ValueError(f"plot_edge_of_stability: the folder {str(path)!r} holds no TensorBoard event file "
+                             f"({EVENT_FILE_PATTERN})")
+        return _read_csv(path)
     if hasattr(history, "log_history"):  # transformers.TrainerState
         return _raw_columns(list(history.log_history))
     state = getattr(history, "state", None)
@@ -128,8 +241,8 @@ def _raw_columns(history: History) -> dict[str, list[Any]]:
             raise ValueError("plot_edge_of_stability: a list history must hold one diagnostics dict per step")
         return _records_to_columns(history)
     raise ValueError(f"plot_edge_of_stability: cannot read a history from {type(history).__name__}; pass a list of "
-                     "diagnostics dicts, a dict of lists, a pandas DataFrame, a CSV path, a Keras History or a "
-                     "Hugging Face TrainerState")
+                     "diagnostics dicts, a dict of lists, a pandas DataFrame, a CSV path, a TensorBoard log "
+                     "directory, a Keras History or a Hugging Face TrainerState")
 
 
 def _find(columns: Mapping[str, list[Any]], names: Sequence[str]) -> str | None:
@@ -155,11 +268,19 @@ def _merge_by_step(step: np.ndarray, values: dict[str, np.ndarray]) -> tuple[np.
 
 
 def read_history(history: History, *, keys: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-    """One run's history as float arrays ``step, loss, lr, sharpness, lr_sharpness`` (NaN = not measured).
+    """One run's history as float arrays `step, loss, lr, sharpness, lr_sharpness` (NaN = not measured).
+
+    Args:
+        history: one run in any format of the module docstring.
+        keys: column names to use instead of the defaults, e.g. `{"loss": "train_loss_step"}`.
+
+    Returns:
+        `{"step", "loss", "lr", "sharpness", "lr_sharpness"}` float64 arrays of one length, sorted by step.
 
     Raises:
         ValueError: the format is not recognised, or none of the four quantities is present (the
             message lists the columns found).
+        ImportError: a TensorBoard log is given and the `tensorboard` package is missing.
     """
     return _from_columns(_raw_columns(history), keys)
 
@@ -185,7 +306,8 @@ def _from_columns(columns: Mapping[str, list[Any]], keys: Mapping[str, str] | No
                            else np.full(length, np.nan))
     if not any(np.isfinite(v).any() for v in found.values()):
         raise ValueError("plot_edge_of_stability: the history has none of loss, lr, sharpness, lr_sharpness "
-                         f"(tried eos/<name>, eos_<name>, <name>); columns found: {sorted(columns)[:20]}")
+                         f"(tried eos/<name>, train/eos/<name>, eos_<name>, <name>); columns found: "
+                         f"{sorted(columns)[:20]}")
     step_name = keys.get("step") or _find(columns, _STEP_NAMES)
     step = (np.array([_number(v) for v in columns[step_name]], dtype=np.float64) if step_name
             else np.arange(length, dtype=np.float64))
@@ -200,7 +322,7 @@ def _from_columns(columns: Mapping[str, list[Any]], keys: Mapping[str, str] | No
 
 
 def _split_runs(columns: dict[str, list[Any]]) -> dict[str, dict[str, list[Any]]] | None:
-    """A table with a text column ``method`` / ``run`` -> one table per run, in order of appearance."""
+    """A table with a text column `method` / `run` -> one table per run, in order of appearance."""
     for name in _RUN_COLUMNS:
         values = columns.get(name)
         if values is None or all(math.isfinite(_number(v)) for v in values if v not in (None, "")):
@@ -215,7 +337,21 @@ def _split_runs(columns: dict[str, list[Any]]) -> dict[str, dict[str, list[Any]]
 
 
 def read_runs(history: History, *, keys: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """One or several runs -> ``{run name: read_history(...)}`` (a single run is named ``""``)."""
+    """One or several runs -> `{run name: read_history(...)}` (a single run is named `""`).
+
+    Args:
+        history: one run, a mapping `name -> history`, a table with a `method` / `run` column, or a TensorBoard log
+            directory (one run per folder holding event files).
+        keys: column names to use instead of the defaults (see [`read_history`][eos_core.plotting.read_history]).
+
+    Returns:
+        `{run name: {"step", "loss", "lr", "sharpness", "lr_sharpness"}}` in the order given (TensorBoard runs
+        sorted by folder).
+
+    Raises:
+        ValueError: a run cannot be read (the message says which and why).
+        ImportError: a TensorBoard log is given and the `tensorboard` package is missing.
+    """
     if isinstance(history, Mapping) and history and not all(_is_column(v) for v in history.values()):
         bad = [k for k, v in history.items() if not _is_history(v) or _is_column(v)]
         if bad:
@@ -226,6 +362,10 @@ def read_runs(history: History, *, keys: Mapping[str, str] | None = None) -> dic
             for sub, data in read_runs(run, keys=keys).items():
                 runs[f"{name} {sub}".strip() if sub else str(name)] = data
         return runs
+    if isinstance(history, str | os.PathLike):
+        events = tensorboard_runs(history)
+        if len(events) > 1:
+            return {name: _from_columns(read_tensorboard(folder), keys) for name, folder in events.items()}
     if isinstance(history, str | os.PathLike) or hasattr(history, "columns"):
         split = _split_runs(_raw_columns(history))
         if split is not None:
@@ -233,16 +373,129 @@ def read_runs(history: History, *, keys: Mapping[str, str] | None = None) -> dic
     return {"": read_history(history, keys=keys)}
 
 
-def _plot_series(ax: Any, x: np.ndarray, y: np.ndarray, **style: Any) -> Any:
-    mask = np.isfinite(y)
+# -- drawing ------------------------------------------------------------------------------------------------------
+
+
+def alternates(values: np.ndarray) -> bool:
+    """True when a series flips up and down from one measured value to the next (a period-2 oscillation).
+
+    The greedy rule `CDAT(scale=1)` alternates its lr between two levels every step; drawn step by step
+    such a series becomes a solid band that hides the other runs.
+
+    Args:
+        values: one series, NaN where not measured.
+
+    Returns:
+        Whether at least [`OSCILLATION_FLIPS`][eos_core.plotting.OSCILLATION_FLIPS] of the consecutive changes of the
+        measured values flip sign and their median size is at least 5% (in log scale for a positive series, relative
+        to the median magnitude otherwise).
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size < 8:
+        return False
+    if (finite > 0).all():
+        change = np.diff(np.log(finite))
+        size = float(np.median(np.abs(change)))
+    else:
+        change = np.diff(finite)
+        scale = float(np.median(np.abs(finite)))
+        size = float(np.median(np.abs(change))) / scale if scale > 0 else 0.0
+    signs = np.sign(change)
+    flips = float(np.mean(signs[1:] * signs[:-1] < 0))
+    return flips >= OSCILLATION_FLIPS and size >= OSCILLATION_AMPLITUDE
+
+
+def pair_mean(step: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of each two consecutive measured values, at the midpoint of their steps.
+
+    Geometric for a positive series (the mean of lr and of 2/lr then agree: 2 / mean(lr) = mean(2/lr)),
+    arithmetic otherwise.
+
+    Args:
+        step: the steps.
+        values: the series, NaN where not measured.
+
+    Returns:
+        `(midpoints, means)`, one shorter than the measured points.
+    """
+    keep = np.isfinite(values)
+    x, y = step[keep], values[keep]
+    if y.size < 2:
+        return x[:0], y[:0]
+    middle = 0.5 * (x[1:] + x[:-1])
+    if (y > 0).all():
+        return middle, np.sqrt(y[1:] * y[:-1])
+    return middle, 0.5 * (y[1:] + y[:-1])
+
+
+def _run_style(index: int) -> dict[str, Any]:
+    return {"color": PALETTE[index % len(PALETTE)], "linestyle": LINESTYLES[index % len(LINESTYLES)],
+            "marker": MARKERS[index % len(MARKERS)]}
+
+
+def _markers(points: int, index: int, runs: int, marker: str) -> dict[str, Any]:
+    """Marker settings: every point of a short series, about 10 per long series, offset per run."""
+    style: dict[str, Any] = {"marker": marker, "markersize": 4.5, "markerfacecolor": "white", "markeredgewidth": 1.1}
+    if points >= 60:
+        every = points // 10
+        style["markevery"] = ((index * every) // max(runs, 1), every)
+    return style
+
+
+def _draw(ax: Any, step: np.ndarray, values: np.ndarray, style: Mapping[str, Any], index: int, runs: int) -> bool:
+    """One run's series on one panel; returns whether it alternates (then drawn faint, with its 2-step mean)."""
+    mask = np.isfinite(values)
     if not mask.any():
-        return None
-    if mask.sum() < 60:
-        style.setdefault("marker", ".")
-        style.setdefault("markersize", 4)
-    style.setdefault("linewidth", 1.1)
-    (line,) = ax.plot(x[mask], y[mask], **style)
-    return line
+        return False
+    x, y = step[mask], values[mask]
+    line = {"color": style["color"], "linestyle": style["linestyle"], "linewidth": 1.4,
+            "zorder": 2.0 + (runs - index) / (runs + 1)}
+    smooth = alternates(y)
+    if smooth:
+        ax.plot(x, y, color=style["color"], linewidth=0.6, alpha=0.28, zorder=1.0)
+        x, y = pair_mean(x, y)
+    if x.size:
+        ax.plot(x, y, **line, **_markers(x.size, index, runs, style["marker"]))
+    return smooth
+
+
+def _thresholds(ax: Any, step: np.ndarray, lr: np.ndarray, edge: float, style: Mapping[str, Any]) -> None:
+    """`edge / lr` dotted in the run's colour (the mean of two steps when the lr alternates), labelled."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        threshold = np.where(lr > 0, edge / lr, np.nan)
+    mask = np.isfinite(threshold)
+    if not mask.any():
+        return
+    x, y = step[mask], threshold[mask]
+    if alternates(y):
+        ax.plot(x, y, color=style["color"], linewidth=0.5, alpha=0.15, zorder=1.0)
+        x, y = pair_mean(x, y)
+    if not x.size:
+        return
+    ax.plot(x, y, color=style["color"], linestyle=":", linewidth=1.3, alpha=0.95, zorder=1.5)
+    ax.annotate(f"{edge:g}/lr", xy=(x[-1], y[-1]), xytext=(3, 0), textcoords="offset points", color=style["color"],
+                fontsize="x-small", va="center", ha="left", annotation_clip=True)
+
+
+def _mark_clipped(ax: Any, runs: Mapping[str, Mapping[str, np.ndarray]], styles: Sequence[Mapping[str, Any]],
+                  top: float) -> int:
+    """Triangles on the top edge where `lr * sharpness` exceeds the panel; returns how many values did."""
+    blended = require("matplotlib.transforms", extra="plot", feature="eos_core.plotting.plot_edge_of_stability")
+    transform = blended.blended_transform_factory(ax.transData, ax.transAxes)
+    count, highest = 0, -math.inf
+    for data, style in zip(runs.values(), styles, strict=True):
+        values = data["lr_sharpness"]
+        above = np.isfinite(values) & (values > top)
+        if above.any():
+            count += int(above.sum())
+            highest = max(highest, float(values[above].max()))
+            ax.scatter(data["step"][above], np.full(int(above.sum()), 0.985), transform=transform, marker="^",
+                       s=18, color=style["color"], clip_on=False, zorder=4, linewidths=0)
+    if count:
+        ax.text(0.01, 0.97, f"\u25b2 {count} value{'s' if count > 1 else ''} above {top:.3g} (max {highest:.3g})",
+                transform=ax.transAxes, ha="left", va="top", fontsize="x-small",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.0})
+    return count
 
 
 def plot_edge_of_stability(
@@ -255,45 +508,55 @@ def plot_edge_of_stability(
     figsize: tuple[float, float] = (11.0, 7.5),
     dpi: int = 120,
 ) -> Any:
-    r"""Draw loss, lr, sharpness (with ``edge / lr`` dashed) and lr * sharpness (with the line at ``edge``).
+    r"""Draw loss, lr, sharpness (with `edge / lr` dotted) and lr * sharpness (with the line at `edge`).
 
     Args:
-        history: one run's history or a mapping ``name -> history`` (see the module docstring for the formats).
-        path: when given, the figure is also saved there (format from the extension, e.g. ``.png``, ``.pdf``).
+        history: one run's history or a mapping `name -> history` (see the module docstring for the formats,
+            TensorBoard log directories included).
+        path: when given, the figure is also saved there (format from the extension, e.g. `.png`, `.pdf`).
         title: the figure's title.
-        edge: the stability threshold of :math:`\eta \lambda_{\max}` (2 for GD; SPEC section 6).
-        keys: column names to use instead of the defaults, e.g. ``{"loss": "train_loss_step"}``.
-        figsize, dpi: figure size in inches and the resolution used when saving.
+        edge: the stability threshold of $\eta \lambda_{\max}$: 2 for gradient descent (a quadratic with
+            curvature $\lambda$ diverges under a step $\eta > 2/\lambda$; CDAT paper section 2.2).
+        keys: column names to use instead of the defaults, e.g. `{"loss": "train_loss_step"}`.
+        figsize: figure size in inches.
+        dpi: the resolution used when saving.
 
     Returns:
-        The ``matplotlib.figure.Figure`` (four axes: loss, lr, sharpness, lr * sharpness). It is not
+        The `matplotlib.figure.Figure` (four axes: loss, lr, sharpness, lr * sharpness). It is not
         registered with pyplot; display it in a notebook by leaving it as a cell's value.
 
     Raises:
-        ImportError: matplotlib is missing (``pip install 'eos-core[plot]'``).
-        ValueError: the history cannot be read (the message says why).
+        ImportError: matplotlib is missing (`pip install 'eos-core[plot]'`), or a TensorBoard log is
+            given and `tensorboard` is missing (`pip install 'eos-core[tensorboard]'`).
+        ValueError: the history cannot be read (the message says why), or `edge` is not positive.
+
+    Examples:
+        >>> import numpy as np
+        >>> from eos_core.plotting import plot_edge_of_stability
+        >>> steps = np.arange(50)
+        >>> lr = np.where(steps % 2 == 0, 0.2, 0.4)  # an lr that flips every step, like CDAT(scale=1)
+        >>> history = {"loss": np.exp(-steps / 20), "lr": lr, "sharpness": 2.2 / lr}
+        >>> figure = plot_edge_of_stability({"greedy": history}, title="one run")
+        >>> [ax.get_title() for ax in figure.axes]
+        ['train loss', 'learning rate', 'sharpness $\\lambda_{\\max}$ (dotted: 2/lr)', 'lr $\\times$ sharpness']
     """
     if not (edge > 0 and math.isfinite(edge)):
         raise ValueError(f"plot_edge_of_stability: edge must be > 0 and finite, got {edge!r}")
     runs = read_runs(history, keys=keys)
     figure_module = require("matplotlib.figure", extra="plot", feature="eos_core.plotting.plot_edge_of_stability")
+    lines = require("matplotlib.lines", extra="plot", feature="eos_core.plotting.plot_edge_of_stability")
     figure = figure_module.Figure(figsize=figsize, dpi=dpi, layout="constrained")
     axes = figure.subplots(2, 2, sharex=True)
     ax_loss, ax_lr, ax_sharp, ax_edge = axes.ravel()
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for index, ((name, data), color) in enumerate(zip(runs.items(), colors, strict=True)):
+    styles = [_run_style(i) for i in range(len(runs))]
+    smoothed = False
+    for index, (data, style) in enumerate(zip(runs.values(), styles, strict=True)):
         step = data["step"]
-        # earlier runs on top: a run whose lr alternates between two values (the greedy rule) draws a band
-        style = {"color": color, "label": name or None, "zorder": 2.0 + (len(runs) - index) / (len(runs) + 1)}
-        _plot_series(ax_loss, step, data["loss"], **style)
-        _plot_series(ax_lr, step, data["lr"], **style)
-        _plot_series(ax_sharp, step, data["sharpness"], **style)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            threshold = np.where(data["lr"] > 0, edge / data["lr"], np.nan)
-        _plot_series(ax_sharp, step, threshold, **{**style, "label": None}, linestyle="--", linewidth=0.8, alpha=0.6,
-                     marker="")
-        _plot_series(ax_edge, step, data["lr_sharpness"], **style)
-    ax_edge.axhline(edge, color="black", linestyle=":", linewidth=1.2, label=f"edge of stability ({edge:g})")
+        for ax, key in ((ax_loss, "loss"), (ax_lr, "lr"), (ax_sharp, "sharpness"), (ax_edge, "lr_sharpness")):
+            smoothed |= _draw(ax, step, data[key], style, index, len(runs))
+        _thresholds(ax_sharp, step, data["lr"], edge, style)
+    ax_edge.axhline(edge, color="black", linestyle=(0, (6, 3)), linewidth=1.3, zorder=1.8,
+                    label=f"edge of stability ({edge:g})")
 
     def finite(key: str) -> np.ndarray:
         values = [d[key][np.isfinite(d[key])] for d in runs.values()]
@@ -315,24 +578,36 @@ def plot_edge_of_stability(
             ax_sharp.set_ylim(low - pad, high + pad)
     products = finite("lr_sharpness")
     if products.size:
-        top = float(np.quantile(products, 0.99))
-        ax_edge.set_ylim(min(0.0, float(products.min()) * 1.05), max(1.25 * edge, min(1.05 * top, 3.0 * edge)))
+        highest = float(products.max())
+        if highest <= 3.0 * edge:  # everything fits: nothing is clipped
+            top = max(1.25 * edge, 1.05 * highest)
+        else:  # early spikes would squash the panel: cut at the 99th percentile, and mark what is above
+            top = max(1.25 * edge, min(1.05 * float(np.quantile(products, 0.99)), 3.0 * edge))
+        ax_edge.set_ylim(min(0.0, float(products.min()) * 1.05), top)
+        _mark_clipped(ax_edge, runs, styles, top)
     else:
         ax_edge.text(0.5, 0.5, "sharpness not logged", transform=ax_edge.transAxes, ha="center", va="center",
                      color="gray")
     ax_loss.set_title("train loss")
     ax_lr.set_title("learning rate")
-    ax_sharp.set_title(f"sharpness $\\lambda_{{\\max}}$ (dashed: {edge:g}/lr)")
+    ax_sharp.set_title(f"sharpness $\\lambda_{{\\max}}$ (dotted: {edge:g}/lr)")
     ax_edge.set_title("lr $\\times$ sharpness")
     for ax in (ax_sharp, ax_edge):
         ax.set_xlabel("step")
     for ax in axes.ravel():
         ax.grid(True, alpha=0.3)
-    if any(runs):  # one legend for the runs, below the panels
-        lines = require("matplotlib.lines", extra="plot", feature="eos_core.plotting.plot_edge_of_stability")
-        handles = [lines.Line2D([], [], color=color, label=name) for name, color in zip(runs, colors, strict=True)]
-        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize="small")
-    edge_handle = ax_edge.get_lines()[-1]
+    handles = [lines.Line2D([], [], color=s["color"], linestyle=s["linestyle"], marker=s["marker"],
+                            markerfacecolor="white", linewidth=1.4, label=name)
+               for name, s in zip(runs, styles, strict=True) if name]
+    if smoothed:
+        handles += [lines.Line2D([], [], color="gray", linewidth=0.6, alpha=0.4, label="alternating series: each step"),
+                    lines.Line2D([], [], color="gray", linewidth=1.4, label="... and mean of 2 consecutive steps")]
+    if handles:  # one legend for the runs, below the panels
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize="small")
+    threshold_handle = lines.Line2D([], [], color="gray", linestyle=":", linewidth=1.3,
+                                    label=f"{edge:g}/lr, in its run's colour")
+    ax_sharp.legend(handles=[threshold_handle], fontsize="x-small", loc="lower right")
+    edge_handle = next(line for line in ax_edge.get_lines() if line.get_label().startswith("edge of stability"))
     ax_edge.legend([edge_handle], [edge_handle.get_label()], fontsize="small", loc="upper right")
     if title:
         figure.suptitle(title)

@@ -1,10 +1,10 @@
 """What an adapter must measure for a law: one typed request, with every default in one place.
 
-A law declares *which* statistics it consumes (``law.needs``, names from :mod:`eos_core.stats`) and
-*how* the spectral ones are to be estimated (power-iteration budget, number of eigenvalues, Lanczos
-steps). :meth:`eos_core.laws.Law.request` turns that into a :class:`StatsRequest`; every adapter (PyTorch,
-JAX, Keras) reads the request instead of probing the law's attributes, so a setting means the same
-thing in every framework and its default lives here only.
+A law declares *which* statistics it consumes (`law.needs`, names from [`eos_core.stats`][]) and *how* the spectral
+ones are to be estimated (power-iteration budget, number of eigenvalues, Lanczos steps).
+[`eos_core.laws.Law.request`][] turns that into a [`StatsRequest`][eos_core.request.StatsRequest]; every adapter
+(PyTorch, JAX, Keras) reads the request instead of probing the law's attributes, so a setting means the same thing in
+every framework and its default lives here only.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ class StatsRequest(NamedTuple):
     """The statistics an adapter computes on a probe step, and how.
 
     Attributes:
-        needs: names from :mod:`eos_core.stats` (exactly what ``law.update`` receives).
-        power_iters: at most this many Hessian-vector products per lambda_max estimate
-            (``sharpness`` / ``preconditioned_sharpness``).
-        power_tol: stop power iteration when the Rayleigh quotient changes by at most this, relative
-            (0: always run ``power_iters``, as AdaEoS's "1-2 warm-started steps").
-        num_eigenvalues: k of ``top_eigenvalues`` / ``preconditioned_top_eigenvalues``.
+        needs: names from [`eos_core.stats`][] (exactly what `law.update` receives).
+        power_iters: at most this many Hessian-vector products per lambda_max estimate (`sharpness` /
+            `preconditioned_sharpness`).
+        power_tol: stop power iteration when the Rayleigh quotient changes by at most this, relative (0: always run
+            `power_iters`, as AdaEoS's "1-2 warm-started steps").
+        num_eigenvalues: k of `top_eigenvalues` / `preconditioned_top_eigenvalues`.
         lanczos_steps: Lanczos steps for those (at least k; capped at the parameter count by
-            :meth:`lanczos_steps_for`).
+            [`lanczos_steps_for`][eos_core.request.StatsRequest.lanczos_steps_for]).
     """
 
     needs: frozenset[str] = frozenset()
@@ -54,10 +54,21 @@ class StatsRequest(NamedTuple):
         lanczos_steps: int | None = None,
         owner: str = "StatsRequest",
     ) -> StatsRequest:
-        """A validated request; ``None`` means "the default" (:data:`POWER_ITERS`, ...).
+        """A validated request; `None` means "the default" ([`POWER_ITERS`][eos_core.request.POWER_ITERS], ...).
+
+        Args:
+            needs: the statistics' names ([`eos_core.stats`][]).
+            power_iters: at most this many Hessian-vector products per lambda_max estimate.
+            power_tol: relative change at which power iteration stops (0: run all).
+            num_eigenvalues: k of the top-k eigenvalues.
+            lanczos_steps: Lanczos steps for those.
+            owner: who asks (named in errors).
+
+        Returns:
+            The request.
 
         Raises:
-            ValueError: for a statistic name not in :data:`eos_core.stats.ALL` or an invalid setting.
+            ValueError: for a statistic name not in [`eos_core.stats.ALL`][] or an invalid setting.
         """
         needs = frozenset(needs)
         unknown = needs - S.ALL
@@ -101,11 +112,13 @@ class StatsRequest(NamedTuple):
 
     @property
     def objective(self) -> bool:
-        """The loss on the current batch must be re-evaluated at other parameters (curvature, spectra, trial
-        losses); the step's own loss, gradient and update are not enough."""
+        """The loss on the current batch must be re-evaluated at other parameters.
+
+        True for curvature, spectra and trial losses: the step's own loss, gradient and update are not enough.
+        """
         return bool(self.needs & ({S.CURVATURE, S.TRIAL_LOSS} | S.SPECTRAL))
 
     def lanczos_steps_for(self, dimension: int) -> int:
-        """Lanczos steps on a problem of ``dimension`` parameters: ``min(lanczos_steps, dimension)``, and >= k."""
+        """Lanczos steps on a problem of `dimension` parameters: `min(lanczos_steps, dimension)`, and >= k."""
         k = min(self.num_eigenvalues, int(dimension))
         return max(min(self.lanczos_steps, int(dimension)), k)

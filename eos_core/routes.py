@@ -1,6 +1,6 @@
 """Curvature routes: the ways an adapter measures u^T H u and H v, and the finite-difference step rule.
 
-Route names are shared by every adapter, so a diagnostics ``route`` entry means the same thing in
+Route names are shared by every adapter, so a diagnostics `route` entry means the same thing in
 PyTorch, JAX and Keras. Measured costs (multiples of one training step on an H100):
 forward-over-forward is 4-11x in PyTorch but 1.2-2.1x in JAX; one extra gradient (one-sided finite
 differences) is about 1.0-1.1x everywhere in fp32.
@@ -35,28 +35,28 @@ ALL = (AUTO, *EXACT, *FINITE_DIFFERENCES)
 
 
 def validate_route(route: str, *, owner: str, supported: tuple[str, ...] = ALL) -> str:
-    """Return ``route`` or raise ValueError naming the setting and the routes ``owner`` supports."""
+    """Return `route` or raise ValueError naming the setting and the routes `owner` supports."""
     if route not in supported:
         raise ValueError(f"{owner}: unknown route {route!r}; choose one of {', '.join(supported)}")
     return route
 
 
 def parameter_scale_along(abs_param_dot_abs_direction: Any, direction_norm: Any, *, xp: Any = None) -> Any:
-    """``sum_i |w_i| |u_i| / ||u||``: the size of the parameters where ``u`` points.
+    """`sum_i |w_i| |u_i| / ||u||`: the size of the parameters where `u` points.
 
-    Dennis and Schnabel's ``typx^T |u|`` rule (Numerical Methods for Unconstrained Optimization, section
-    5.6). It equals ``||w||`` when ``|u|`` is proportional to ``|w|`` and is much smaller when ``u``
+    Dennis and Schnabel's `typx^T |u|` rule (Numerical Methods for Unconstrained Optimization, section
+    5.6). It equals `||w||` when `|u|` is proportional to `|w|` and is much smaller when `u`
     concentrates on small weights, where a step sized by the whole vector's norm (on a transformer,
     dominated by the normalisation layers' unit gains) would reach far into the nonlinear range.
 
     Args:
-        abs_param_dot_abs_direction: ``sum_i |w_i| |u_i|``, reduced by the adapter.
-        direction_norm: ``||u||``.
-        xp: array namespace (``numpy``, ``jax.numpy``) for array inputs, traced ones included; None for
+        abs_param_dot_abs_direction: `sum_i |w_i| |u_i|`, reduced by the adapter.
+        direction_norm: `||u||`.
+        xp: array namespace (`numpy`, `jax.numpy`) for array inputs, traced ones included; None for
             Python floats.
 
     Returns:
-        The scale (0 when ``u = 0``).
+        The scale (0 when `u = 0`).
     """
     if xp is None:
         return abs_param_dot_abs_direction / direction_norm if direction_norm > 0 else 0.0
@@ -66,26 +66,26 @@ def parameter_scale_along(abs_param_dot_abs_direction: Any, direction_norm: Any,
 
 def finite_difference_step(param_scale: Any, direction_norm: Any, eps: float, *, central: bool,
                            xp: Any = None) -> Any:
-    """Step ``h`` for differencing gradients along a direction ``u``.
+    """Step `h` for differencing gradients along a direction `u`.
 
-    The perturbation ``h u`` is given the norm ``eps**(1/2) * max(s, 1)`` (one-sided) or
-    ``eps**(1/3) * max(s, 1)`` (central), where ``s`` is the parameter scale along ``u``
-    (:func:`parameter_scale_along`), so that, coordinate by coordinate, it sits at the square (cube)
-    root of the working precision relative to the parameters: the classical balance between
-    truncation error (O(h) one-sided, O(h^2) central) and cancellation error (O(eps / h)). ``eps`` is
-    the machine epsilon of the lowest precision the gradient is computed in (the autocast dtype
-    under mixed precision). Every adapter uses this function (the JAX adapter passes ``xp=jax.numpy``
-    and traced reductions), so the ``fd-*`` routes agree across frameworks.
+    The perturbation `h u` is given the norm `eps**(1/2) * max(s, 1)` (one-sided) or `eps**(1/3) * max(s, 1)`
+    (central), where `s` is the parameter scale along `u`
+    ([`parameter_scale_along`][eos_core.routes.parameter_scale_along]), so that, coordinate by coordinate, it sits at
+    the square (cube) root of the working precision relative to the parameters: the classical balance between
+    truncation error (O(h) one-sided, O(h^2) central) and cancellation error (O(eps / h)). `eps` is the machine
+    epsilon of the lowest precision the gradient is computed in (the autocast dtype under mixed precision). Every
+    adapter uses this function (the JAX adapter passes `xp=jax.numpy` and traced reductions), so the `fd-*` routes
+    agree across frameworks.
 
     Args:
-        param_scale: ``s``, from :func:`parameter_scale_along`.
-        direction_norm: ``||u||``.
+        param_scale: `s`, from [`parameter_scale_along`][eos_core.routes.parameter_scale_along].
+        direction_norm: `||u||`.
         eps: machine epsilon (a Python float).
         central: central (True) or one-sided (False) differences.
         xp: array namespace for array inputs (traced ones included); None for Python floats.
 
     Returns:
-        ``h``; 0 when the direction is zero or an input is not finite: there is nothing to difference.
+        `h`; 0 when the direction is zero or an input is not finite: there is nothing to difference.
     """
     root = eps ** (1.0 / 3.0) if central else math.sqrt(eps)
     if xp is None:

@@ -1,10 +1,10 @@
 """Names of the scalar statistics a law may ask an adapter for.
 
-A law declares the names it needs in ``law.needs``; an adapter computes exactly those (and nothing
-else) on a probe step and passes them in a mapping to ``law.update``. Notation as in the CDAT paper
-(Roulet et al. 2024): ``w`` parameters, ``g = grad f(w)`` (mini-batch gradient in the stochastic
-case), ``u`` the base optimizer's update for learning rate 1 (``w_next = w + lr * u``), ``H`` the
-Hessian of ``f`` at ``w`` and ``P`` the diagonal preconditioner of an adaptive base optimizer.
+A law declares the names it needs in `law.needs`; an adapter computes exactly those (and nothing
+else) on a probe step and passes them in a mapping to `law.update`. Notation as in the CDAT paper
+(Roulet et al. 2024): `w` parameters, `g = grad f(w)` (mini-batch gradient in the stochastic
+case), `u` the base optimizer's update for learning rate 1 (`w_next = w + lr * u`), `H` the
+Hessian of `f` at `w` and `P` the diagonal preconditioner of an adaptive base optimizer.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PRECONDITIONED_TOP_EIGENVALUES = "preconditioned_top_eigenvalues"
 """The k largest eigenvalues of P^{-1/2} H P^{-1/2}, descending."""
 
 TRIAL_LOSS = "trial_loss"
-"""A callable ``lr -> f(w + lr * u)`` on the current batch, without a backward pass (line searches)."""
+"""A callable `lr -> f(w + lr * u)` on the current batch, without a backward pass (line searches)."""
 
 GRAD_PREV_UPDATE_COSINE = "grad_prev_update_cosine"
 """cos(g_t, u_{t-1}): the current gradient against the previous step's update (hypergradient).
@@ -54,6 +54,9 @@ ALL = frozenset(
         GRAD_PREV_UPDATE_COSINE,
     }
 )
+"""Every statistic a law may ask for."""
 
 CURVATURE_PROBES = frozenset({CURVATURE})
+"""The statistics that need the curvature probe u^T H u."""
 SPECTRAL = frozenset({SHARPNESS, PRECONDITIONED_SHARPNESS, TOP_EIGENVALUES, PRECONDITIONED_TOP_EIGENVALUES})
+"""The statistics that need a spectral estimator (power iteration or Lanczos)."""

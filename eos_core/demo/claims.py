@@ -1,25 +1,26 @@
-r"""The SPEC's full-batch claims B1-B3 (section 8) as checks on a set of demo runs.
+r"""The full-batch claims B1-B3 (Cohen et al. 2021; CDAT paper Fig. 1, 3, 5, 6) as checks on a set of demo runs.
 
-Each check returns a :class:`Verdict`: PASS/FAIL, the figures it rests on, and one line per run.
-The thresholds below are this module's reading of the claims' words; they are stated here so the
-figures in ``benchmarks/README.md`` can be checked against them.
+Each check returns a [`Verdict`][eos_core.demo.claims.Verdict]: PASS/FAIL, the figures it rests on, and one line per
+run. The thresholds below are this module's reading of the claims' words; they are stated here so the figures in
+`benchmarks/README.md` can be checked against them.
 
-* **B1** (Cohen et al. 2021), constant lr eta: *progressive sharpening, then lambda_max within 10% of
-  2/eta*. Per grid lr that does not diverge and starts below the edge (lambda_0 < 2/eta):
-  sharpening = lambda_max rises to at least 0.9 * 2/eta (:data:`EDGE_REACHED`); at the edge = the
-  median of lambda_max over the second half lies within 10% of 2/eta (:data:`B1_TOLERANCE`). PASS
-  when at least one lr reaches the edge and every lr that reaches it stays within 10%; a small lr
-  that has not reached 2/eta within the run's steps is listed, not counted against the claim.
-* **B2** (CDAT paper Fig. 1, 3): Armijo and CDAT(scale=1) *undershoot the edge*: the lr falls by at
-  least :data:`B2_LR_FALL` (10x, one order of magnitude) from its early peak (first 10% of steps) to
-  its end (geometric mean of the last 10 steps: the greedy rule alternates between two values);
-  the sharpness keeps rising (:func:`sharpness_growth`, the ratio of its medians over the last and
-  the first fifth of the second half, >= :data:`B2_STILL_RISING`); the final train loss is worse
-  than the best constant lr of the grid.
-* **B3** (CDAT paper Fig. 5, 6): CDAT scale 2 and 2.0625: final train loss <= the best constant
-  lr's; the lr rises early like a warm-up (its peak over the first quarter of the steps is at least
-  :data:`B3_WARMUP` x its first value); the sharpness does not run away (:func:`sharpness_growth`
-  <= :data:`B3_NO_RUNAWAY`).
+* **B1** (Cohen et al. 2021), constant lr eta: *progressive sharpening, then lambda_max within 10% of 2/eta*. Per grid
+  lr that does not diverge and starts below the edge (lambda_0 < 2/eta): sharpening = lambda_max rises to at least
+  0.9 * 2/eta ([`EDGE_REACHED`][eos_core.demo.claims.EDGE_REACHED]); at the edge = the median of lambda_max over the
+  second half lies within 10% of 2/eta ([`B1_TOLERANCE`][eos_core.demo.claims.B1_TOLERANCE]). PASS when at least one
+  lr reaches the edge and every lr that reaches it stays within 10%; a small lr that has not reached 2/eta within the
+  run's steps is listed, not counted against the claim.
+* **B2** (CDAT paper Fig. 1, 3): Armijo and CDAT(scale=1) *undershoot the edge*: the lr falls by at least
+  [`B2_LR_FALL`][eos_core.demo.claims.B2_LR_FALL] (10x, one order of magnitude) from its early peak (first 10% of
+  steps) to its end (geometric mean of the last 10 steps: the greedy rule alternates between two values); the
+  sharpness keeps rising ([`sharpness_growth`][eos_core.demo.claims.sharpness_growth], the ratio of its medians over
+  the last and the first fifth of the second half, >= [`B2_STILL_RISING`][eos_core.demo.claims.B2_STILL_RISING]); the
+  final train loss is worse than the best constant lr of the grid.
+* **B3** (CDAT paper Fig. 5, 6): CDAT scale 2 and 2.0625: final train loss <= the best constant lr's; the lr rises
+  early like a warm-up (its peak over the first quarter of the steps is at least
+  [`B3_WARMUP`][eos_core.demo.claims.B3_WARMUP] x its first value); the sharpness does not run away
+  ([`sharpness_growth`][eos_core.demo.claims.sharpness_growth] <=
+  [`B3_NO_RUNAWAY`][eos_core.demo.claims.B3_NO_RUNAWAY]).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Verdict:
 
 
 def _window(run: Trajectory, values: np.ndarray, start: float, stop: float) -> np.ndarray:
-    """Finite entries of ``values`` over the steps [start, stop) x planned steps."""
+    """Finite entries of `values` over the steps [start, stop) x planned steps."""
     n = run.planned_steps
     keep = (run.step >= int(start * n)) & (run.step < max(int(stop * n), int(start * n) + 1))
     out = values[keep]

@@ -1,12 +1,13 @@
 """The demo's datasets, as standardised numpy arrays (nothing is downloaded).
 
-* ``digits``: scikit-learn's ``load_digits`` (1797 images of 8x8 pixels, 10 classes), which ships
+* `digits`: scikit-learn's `load_digits` (1797 images of 8x8 pixels, 10 classes), which ships
   with scikit-learn.
-* ``mnist1d``: MNIST-1D generated offline by the ``mnist1d`` package,
-  ``make_dataset(get_dataset_args())`` (4000 training sequences of 40 features), the dataset of
-  the SPEC's reference figures (section 8).
+* `mnist1d`: MNIST-1D generated offline by the `mnist1d` package,
+  `make_dataset(get_dataset_args())` (4000 training sequences of 40 features; S. Greydanus and D. Kobak, *Scaling down
+  deep learning with MNIST-1D*, ICML 2024), the dataset of the reference figures quoted in
+  `benchmarks/README.md`.
 
-Inputs are standardised per feature, ``x <- (x - mean) / std``, and features with zero variance
+Inputs are standardised per feature, `x <- (x - mean) / std`, and features with zero variance
 (the always-blank corner pixels of digits) are left at 0. Only the training split is used: the
 demo is about the optimisation of the training loss.
 """
@@ -37,6 +38,7 @@ class Dataset:
 
     @property
     def num_features(self) -> int:
+        """The number of input features."""
         return int(self.x.shape[1])
 
     def one_hot(self) -> np.ndarray:
@@ -45,7 +47,7 @@ class Dataset:
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
-    """Per-feature standardisation ``(x - mean) / std``; zero-variance features become 0."""
+    """Per-feature standardisation `(x - mean) / std`; zero-variance features become 0."""
     x = np.asarray(x, dtype=np.float64)
     std = x.std(axis=0)
     return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
@@ -60,10 +62,17 @@ def _import(module: str, install: str, what: str):
 
 
 def load_dataset(name: str, *, num_samples: int | None = None) -> Dataset:
-    """Load ``name`` (one of :data:`DATASETS`), standardised; ``num_samples`` keeps the first that many examples.
+    """Load a dataset, standardised per feature.
+
+    Args:
+        name: one of [`DATASETS`][eos_core.demo.data.DATASETS].
+        num_samples: keep the first that many examples (None: all).
+
+    Returns:
+        The [`Dataset`][eos_core.demo.data.Dataset].
 
     Raises:
-        ValueError: unknown dataset or ``num_samples`` < 10.
+        ValueError: unknown dataset or `num_samples` < 10.
         MissingDependency: scikit-learn (digits) or mnist1d is not installed.
     """
     if name == "digits":

@@ -1,8 +1,8 @@
-"""The demo's JAX backend: full-batch training through the optax transformation :func:`eos_core.adapters.jax.tune`.
+"""The demo's JAX backend: full-batch training through the optax transformation `eos_core.adapters.jax.tune`.
 
-Each run is ``tune(optax.sgd(1.0), law, sharpness_every=...)`` (u = -g), one jitted step per
-iteration; the network is the one of :mod:`eos_core.demo.models` with the same numpy initial weights
-as the torch backend (dense layers ``x @ W.T + b``, convolutions in NCHW / OIHW layout).
+Each run is `tune(optax.sgd(1.0), law, sharpness_every=...)` (u = -g), one jitted step per iteration; the network is
+the one of [`eos_core.demo.models`][] with the same numpy initial weights as the torch backend (dense layers
+`x @ W.T + b`, convolutions in NCHW / OIHW layout).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Progress = Callable[[int, str], None]
 
 @contextlib.contextmanager
 def precision(dtype: str) -> Iterator[Any]:
-    """float64 needs ``jax_enable_x64`` for the duration of the run; yields the jnp dtype."""
+    """float64 needs `jax_enable_x64` for the duration of the run; yields the jnp dtype."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     previous = jax.config.read("jax_enable_x64")
@@ -39,7 +39,7 @@ def precision(dtype: str) -> Iterator[Any]:
 
 
 def apply(spec: ModelSpec, params: list[jax.Array], x: jax.Array, image_shape: tuple[int, int] | None) -> jax.Array:
-    """The network's logits (the same function as the torch backend's ``nn.Sequential``)."""
+    """The network's logits (the same function as the torch backend's `nn.Sequential`)."""
     if spec.arch == "mlp":
         w0, b0, w1, b1, w2, b2 = params
         h = jnp.tanh(x @ w0.T + b0)
@@ -58,7 +58,7 @@ def apply(spec: ModelSpec, params: list[jax.Array], x: jax.Array, image_shape: t
 
 
 def make_loss(spec: ModelSpec, data: Dataset, dtype: Any) -> Callable[[list[jax.Array]], jax.Array]:
-    """``params -> full-batch loss``: 0.5 * mean ||logits - onehot||^2 (mse) or cross-entropy (ce)."""
+    """`params -> full-batch loss`: 0.5 * mean ||logits - onehot||^2 (mse) or cross-entropy (ce)."""
     x = jnp.asarray(data.x, dtype)
     targets = jnp.asarray(data.one_hot(), dtype)
     labels = jnp.asarray(data.y)
@@ -74,7 +74,7 @@ def make_loss(spec: ModelSpec, data: Dataset, dtype: Any) -> Callable[[list[jax.
 
 def train(method: Method, data: Dataset, spec: ModelSpec, *, steps: int, seed: int = 0, sharpness_every: int = 5,
           dtype: str = "float32", progress: Progress | None = None) -> Trajectory:
-    """Train full batch for ``steps`` steps (fewer when the loss blows up) and record the diagnostics."""
+    """Train full batch for `steps` steps (fewer when the loss blows up) and record the diagnostics."""
     with precision(dtype) as jdtype:
         params = [jnp.asarray(a, jdtype) for a in
                   init_params(spec, data.num_features, data.num_classes, seed=seed, image_shape=data.image_shape)]

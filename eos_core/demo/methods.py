@@ -1,11 +1,12 @@
-"""The methods the demo compares, and how ``--methods`` / ``--lr-grid`` name them.
+"""The methods the demo compares, and how `--methods` / `--lr-grid` name them.
 
-* ``gd``: gradient descent at each constant learning rate of the grid (default ``2^i``,
+* `gd`: gradient descent at each constant learning rate of the grid (default `2^i`,
   i = -2..1: 0.25, 0.5, 1, 2); the best one by final train loss (diverged runs excluded) is the
-  baseline the tuners are compared with (SPEC section 8, claims B2 and B3).
-* ``armijo``: backtracking line search, ``eos_core.Armijo()`` with the paper's settings
-  (appendix C.3: start at ``min(4 * lr_prev, 1)``, shrink by 0.8).
-* ``cdat1`` / ``cdat2`` / ``cdat=SCALE``: ``eos_core.CDAT(scale=SCALE)`` (eq. 8, no EMA: full batch).
+  baseline the tuners are compared with (claims B2 and B3 of [`eos_core.demo.claims`][]; CDAT paper
+  Fig. 1, 5).
+* `armijo`: backtracking line search, `eos_core.Armijo()` with the paper's settings
+  (appendix C.3: start at `min(4 * lr_prev, 1)`, shrink by 0.8).
+* `cdat1` / `cdat2` / `cdat=SCALE`: `eos_core.CDAT(scale=SCALE)` (eq. 8, no EMA: full batch).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Method:
 
     @classmethod
     def from_label(cls, label: str) -> Method:
-        """The inverse of :attr:`label` (``"GD lr=0.5"``, ``"Armijo"``, ``"CDAT(scale=2)"``)."""
+        """The inverse of [`label`][eos_core.demo.methods.Method.label] (`"GD lr=0.5"`, `"Armijo"`,
+        `"CDAT(scale=2)"`)."""
         text = label.strip()
         try:
             if text.startswith("GD lr="):
@@ -60,7 +62,7 @@ class Method:
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
-    """``"0.25,0.5,1"`` -> (0.25, 0.5, 1.0); ValueError naming ``--lr-grid`` for anything else."""
+    """`"0.25,0.5,1"` -> (0.25, 0.5, 1.0); ValueError naming `--lr-grid` for anything else."""
     values = []
     for token in (t.strip() for t in text.split(",")):
         try:
@@ -76,9 +78,9 @@ def parse_grid(text: str) -> tuple[float, ...]:
 
 
 def parse_methods(text: str, grid: tuple[float, ...] = DEFAULT_GRID) -> list[Method]:
-    """Comma-separated ``gd``, ``armijo``, ``cdat1``, ``cdat2``, ``cdat=SCALE`` -> the runs, in order.
+    """Comma-separated `gd`, `armijo`, `cdat1`, `cdat2`, `cdat=SCALE` -> the runs, in order.
 
-    ``gd`` expands to one run per grid learning rate. Duplicates are dropped.
+    `gd` expands to one run per grid learning rate. Duplicates are dropped.
     """
     methods: list[Method] = []
     tokens = [t.strip().lower() for t in text.split(",") if t.strip()]

@@ -1,14 +1,14 @@
 """The demo's networks, described once and initialised in numpy so that every backend trains the same weights.
 
-* ``mlp``: ``features -> width -> width -> classes``, tanh activations.
-* ``cnn`` (image datasets): two blocks of a 3x3 convolution with ``width`` filters (padding 1, tanh)
+* `mlp`: `features -> width -> width -> classes`, tanh activations.
+* `cnn` (image datasets): two blocks of a 3x3 convolution with `width` filters (padding 1, tanh)
   and a 2x2 average pool (8x8 -> 4x4 -> 2x2), then a dense layer to the classes (NCHW layout,
   flattened channel-major). Pooling early keeps it cheap: on CPU, torch's convolution backward is
   the cost of a training step here.
 
-Initial weights follow PyTorch's default initialisation of ``nn.Linear`` / ``nn.Conv2d``, weights and
-biases uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, drawn from ``numpy.random.default_rng(seed)``
-in the order of :func:`init_params`. The torch and JAX backends load these arrays, so a run on one
+Initial weights follow PyTorch's default initialisation of `nn.Linear` / `nn.Conv2d`, weights and biases uniform in
+`[-1/sqrt(fan_in), 1/sqrt(fan_in)]`, drawn from `numpy.random.default_rng(seed)` in the order of
+[`init_params`][eos_core.demo.models.init_params]. The torch and JAX backends load these arrays, so a run on one
 backend and the same run on the other start from identical parameters.
 
 Tanh and the squared error are the demo's defaults because progressive sharpening (Cohen et al. 2021)
@@ -50,9 +50,22 @@ def _uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> n
 
 def init_params(spec: ModelSpec, num_features: int, num_classes: int, *, seed: int,
                 image_shape: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """Initial parameters, float64, in layer order: ``[W0, b0, W1, b1, ...]``.
+    """Initial parameters, float64, in layer order: `[W0, b0, W1, b1, ...]`.
 
-    Dense weights have PyTorch's ``(out, in)`` layout, convolution kernels ``(out, in, 3, 3)``.
+    Dense weights have PyTorch's `(out, in)` layout, convolution kernels `(out, in, 3, 3)`.
+
+    Args:
+        spec: the architecture.
+        num_features: input features.
+        num_classes: output classes.
+        seed: seed of the numpy generator (PyTorch's default init distribution).
+        image_shape: (height, width) of the inputs, needed by the CNN.
+
+    Returns:
+        The parameters.
+
+    Raises:
+        ValueError: a CNN without an image shape, or with sides not divisible by 4.
     """
     rng = np.random.default_rng(seed)
     params: list[np.ndarray] = []
@@ -76,4 +89,5 @@ def init_params(spec: ModelSpec, num_features: int, num_classes: int, *, seed: i
 
 
 def num_params(params: list[np.ndarray]) -> int:
+    """The number of scalars in `params`."""
     return int(sum(p.size for p in params))

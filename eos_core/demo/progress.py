@@ -12,7 +12,7 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """``[2/7] CDAT(scale=2)   |#######.......|  150/300  loss 0.0412  lr 0.81  3.2s``."""
+    """`[2/7] CDAT(scale=2)   |#######.......|  150/300  loss 0.0412  lr 0.81  3.2s`."""
 
     def __init__(self, label: str, total: int, *, position: str = "", stream: TextIO | None = None,
                  enabled: bool = True, width: int = 24) -> None:
@@ -37,6 +37,7 @@ class ProgressBar:
                 f"  {self._info}  {elapsed:.1f}s")
 
     def update(self, count: int, info: str = "") -> None:
+        """Record progress (`count` steps done) and redraw the bar on a terminal, at most 10 times a second."""
         self._count, self._info = count, info
         if not self.interactive:
             return
@@ -47,6 +48,7 @@ class ProgressBar:
             self.stream.flush()
 
     def close(self, info: str | None = None) -> None:
+        """Write the final line (with `info` as its note, when given) and end it."""
         if info is not None:
             self._info = info
         if not self.enabled:

@@ -1,13 +1,13 @@
 """Trajectories of the demo's runs, their summary figures, the summary table and the CSV files.
 
-Summary figures of a run (the SPEC's reference figures, section 8, are defined the same way):
+Summary figures of a run (the same definitions as the reference figures quoted in `benchmarks/README.md`):
 
 * final train loss: the mean of the last 5 recorded losses (GD at the edge of stability oscillates);
 * final lr: the learning rate of the last step;
-* median lr * sharpness over the second half of the steps, from the steps where the sharpness was
-  measured (2 is the edge of stability);
-* diverged: the loss became non-finite or exceeded :data:`BLOW_UP` times its initial value (training
-  stops there), or the final loss is not below the initial one.
+* median lr * sharpness over the second half of the steps, from the steps where the sharpness was measured (2 is the
+  edge of stability);
+* diverged: the loss became non-finite or exceeded [`BLOW_UP`][eos_core.demo.results.BLOW_UP] times its initial value
+  (training stops there), or the final loss is not below the initial one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from eos_core.demo.methods import Method
 
 #: A run whose loss exceeds this multiple of its initial loss is stopped and counted as diverged.
 BLOW_UP = 1e3
-#: The per-step columns of the trajectories CSV (after ``method``).
+#: The per-step columns of the trajectories CSV (after `method`).
 COLUMNS = ("step", "loss", "lr", "sharpness", "lr_sharpness")
 
 
@@ -77,7 +77,7 @@ class Trajectory:
         return float(self.lr[-1]) if self.lr.size else math.nan
 
     def second_half(self, values: np.ndarray) -> np.ndarray:
-        """The finite entries of ``values`` over the second half of the planned steps."""
+        """The finite entries of `values` over the second half of the planned steps."""
         keep = self.step >= self.planned_steps // 2
         out = values[keep]
         return out[np.isfinite(out)]
@@ -93,7 +93,7 @@ class Trajectory:
         return float(np.median(values)) if values.size else math.nan
 
     def as_history(self) -> dict[str, np.ndarray]:
-        """The columns :func:`eos_core.plotting.plot_edge_of_stability` reads."""
+        """The columns [`eos_core.plotting.plot_edge_of_stability`][] reads."""
         return {name: getattr(self, name) for name in COLUMNS}
 
 
@@ -142,7 +142,7 @@ def format_table(runs: Sequence[Trajectory]) -> str:
 
 
 def write_trajectories_csv(runs: Sequence[Trajectory], path: str | Path) -> Path:
-    """Long format: ``method, step, loss, lr, sharpness, lr_sharpness`` (empty cell = not measured)."""
+    """Long format: `method, step, loss, lr, sharpness, lr_sharpness` (empty cell = not measured)."""
     path = Path(path)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -158,7 +158,8 @@ def write_trajectories_csv(runs: Sequence[Trajectory], path: str | Path) -> Path
 
 
 def read_trajectories_csv(path: str | Path) -> list[Trajectory]:
-    """Runs written by :func:`write_trajectories_csv` (wall times are not stored there: 0).
+    """Runs written by [`write_trajectories_csv`][eos_core.demo.results.write_trajectories_csv] (wall times are not
+    stored there: 0).
 
     The planned number of steps is taken as the longest run's; a shorter run is one that blew up.
     """

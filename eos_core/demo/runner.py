@@ -1,8 +1,8 @@
 """Run the demo: every method on one backend, then the summary table, the figure and the CSV files.
 
-The backend module (:mod:`.torch_backend` or :mod:`.jax_backend`) is imported here, only when asked
-for, after checking that its packages are installed (a missing one raises :class:`MissingDependency`
-naming the extra to install).
+The backend module ([`.torch_backend`][eos_core.demo.torch_backend] or [`.jax_backend`][eos_core.demo.jax_backend]) is
+imported here, only when asked for, after checking that its packages are installed (a missing one raises
+[`MissingDependency`][eos_core.demo.runner.MissingDependency] naming the extra to install).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ FIGURE_NAME = "edge_of_stability.png"
 TRAJECTORIES_NAME = "trajectories.csv"
 SUMMARY_NAME = "summary.csv"
 
-#: (import name, what to install) for each backend; the demo's figure and dataset need the rest of ``[demo]``.
+#: (import name, what to install) for each backend; the demo's figure and dataset need the rest of `[demo]`.
 _REQUIREMENTS = {
     "torch": (("torch", "'eos-core[demo]'"), ("sklearn", "'eos-core[demo]'"), ("matplotlib", "'eos-core[demo]'")),
     "jax": (("jax", "'eos-core[jax]'"), ("optax", "'eos-core[jax]'"), ("sklearn", "'eos-core[demo]'"),
@@ -48,7 +48,7 @@ _REQUIREMENTS = {
 
 @dataclass
 class DemoConfig:
-    """What ``eos-core demo`` runs (the CLI's options)."""
+    """What `eos-core demo` runs (the CLI's options)."""
 
     backend: str = "torch"
     dataset: str = "digits"
@@ -76,7 +76,8 @@ class DemoResult:
 
 
 def check_requirements(backend: str, dataset: str = "digits") -> None:
-    """Raise :class:`MissingDependency` naming the ``pip install`` that provides a missing package."""
+    """Raise [`MissingDependency`][eos_core.demo.runner.MissingDependency] naming the `pip install` that provides a
+    missing package."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if dataset == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
@@ -92,7 +93,8 @@ def check_requirements(backend: str, dataset: str = "digits") -> None:
 
 
 def load_backend(backend: str) -> ModuleType:
-    """Import ``eos_core.demo.<backend>_backend`` (after :func:`check_requirements`)."""
+    """Import `eos_core.demo.<backend>_backend` (after
+    [`check_requirements`][eos_core.demo.runner.check_requirements])."""
     check_requirements(backend)
     try:
         return importlib.import_module(f"eos_core.demo.{backend}_backend")
@@ -137,7 +139,7 @@ def reading(runs: list[Trajectory], best: Trajectory | None) -> list[str]:
 
 
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None, progress_stream: TextIO | None = None) -> DemoResult:
-    """Train every method, print the table, write the figure and CSV files into ``config.out``."""
+    """Train every method, print the table, write the figure and CSV files into `config.out`."""
     stream = stream if stream is not None else sys.stdout
     progress_stream = progress_stream if progress_stream is not None else sys.stderr
     check_requirements(config.backend, config.dataset)

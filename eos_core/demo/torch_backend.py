@@ -1,8 +1,8 @@
-"""The demo's PyTorch backend: full-batch training through :class:`eos_core.adapters.torch.CurvatureTuner`.
+"""The demo's PyTorch backend: full-batch training through `eos_core.adapters.torch.CurvatureTuner`.
 
-Each run wraps ``torch.optim.SGD`` (so u = -g) in a ``CurvatureTuner`` driven by the run's law, with
-``sharpness_every`` tracking lambda_max by warm-started power iteration. The network is built from
-the numpy initial weights of :mod:`eos_core.demo.models`.
+Each run wraps `torch.optim.SGD` (so u = -g) in a `CurvatureTuner` driven by the run's law, with `sharpness_every`
+tracking lambda_max by warm-started power iteration. The network is built from the numpy initial weights of
+[`eos_core.demo.models`][].
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_model(spec: ModelSpec, data: Dataset, *, seed: int, dtype: str = "float32") -> torch.nn.Module:
-    """The network of ``spec`` with the initial weights of :func:`eos_core.demo.models.init_params`."""
+    """The network of `spec` with the initial weights of [`eos_core.demo.models.init_params`][]."""
     arrays = init_params(spec, data.num_features, data.num_classes, seed=seed, image_shape=data.image_shape)
     if spec.arch == "mlp":
         layers: list[torch.nn.Module] = [
@@ -52,7 +52,7 @@ def build_model(spec: ModelSpec, data: Dataset, *, seed: int, dtype: str = "floa
 
 
 def loss_function(spec: ModelSpec, data: Dataset, dtype: str = "float32") -> Callable[[torch.Tensor], torch.Tensor]:
-    """``logits -> loss`` on the full batch: 0.5 * mean ||logits - onehot||^2 (mse) or cross-entropy (ce)."""
+    """`logits -> loss` on the full batch: 0.5 * mean ||logits - onehot||^2 (mse) or cross-entropy (ce)."""
     if spec.loss == "mse":
         targets = torch.from_numpy(data.one_hot()).to(_DTYPES[dtype])
         return lambda logits: 0.5 * (logits - targets).square().sum(dim=1).mean()
@@ -62,7 +62,7 @@ def loss_function(spec: ModelSpec, data: Dataset, dtype: str = "float32") -> Cal
 
 @contextlib.contextmanager
 def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the duration of a run (None: leave torch's setting)."""
+    """`torch.set_num_threads(threads)` for the duration of a run (None: leave torch's setting)."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -74,11 +74,25 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
 
 def train(method: Method, data: Dataset, spec: ModelSpec, *, steps: int, seed: int = 0, sharpness_every: int = 5,
           dtype: str = "float32", progress: Progress | None = None, threads: int | None = 1) -> Trajectory:
-    """Train full batch for ``steps`` steps (fewer when the loss blows up) and record the diagnostics.
+    """Train full batch for `steps` steps (fewer when the loss blows up) and record the diagnostics.
 
-    ``threads``: torch intra-op threads during the run. The demo's networks are tiny, so one thread is
+    `threads`: torch intra-op threads during the run. The demo's networks are tiny, so one thread is
     as fast as several and immune to oversubscription (with 2 threads on a 2-core machine that has
     other work, a run can take 10x longer); None keeps torch's own setting.
+
+    Args:
+        method: the learning-rate rule.
+        data: the dataset.
+        spec: the architecture.
+        steps: full-batch steps.
+        seed: seed of the initial weights.
+        sharpness_every: tracking period of lambda_max.
+        dtype: `"float32"` or `"float64"`.
+        progress: called with `(step, info)` after each step.
+        threads: torch intra-op threads (None: torch's setting).
+
+    Returns:
+        The run's [`Trajectory`][eos_core.demo.results.Trajectory].
     """
     with intra_op_threads(threads):
         return _train(method, data, spec, steps=steps, seed=seed, sharpness_every=sharpness_every, dtype=dtype,

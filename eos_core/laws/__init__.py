@@ -1,7 +1,7 @@
 """Tuning laws: small objects with explicit state that turn scalar statistics into a learning rate.
 
 Every law here is backend-neutral (numpy by default, traceable by JAX); adapters compute the
-statistics a law declares in ``law.needs`` and apply what it decides.
+statistics a law declares in `law.needs` and apply what it decides.
 """
 
 from eos_core.laws.adaeos import AdaEoS, AdaEoSState

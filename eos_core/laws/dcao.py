@@ -14,6 +14,8 @@ from eos_core.request import StatsRequest
 
 
 class DCAOState(NamedTuple):
+    """The state of [`DCAO`][eos_core.laws.DCAO]: the lr, momentum and weight decay it set last."""
+
     lr: Any
     momentum: Any
     weight_decay: Any
@@ -22,28 +24,61 @@ class DCAOState(NamedTuple):
 class DCAO(Law):
     r"""Dynamic Curvature-Aware Optimizer rules (DCAO proposal, section 3.2.3).
 
-    Every probe (``probe_every = T`` steps) the adapter runs top-``num_eigenvalues`` Lanczos on H
-    (or on the preconditioned Hessian with ``preconditioned=True``). With
-    :math:`r = \eta_t \lambda_1` and target C:
+    Every probe (`probe_every = T` steps) the adapter runs top-`num_eigenvalues` Lanczos on H
+    (or on the preconditioned Hessian with `preconditioned=True`). With
+    $r = \eta_t \lambda_1$ and target C:
 
-    .. math::
+    $$
+    \eta_{t+1} = \eta_t\,\operatorname{clip}(C / r,\ \gamma_{\rm down}, \gamma_{\rm up}),\qquad
+    \beta_{t+1} = \operatorname{clip}\big(\beta_t (1 - a_\beta (r - C)),\ \beta_{\min}, \beta_{\max}\big),
+    $$
 
-        \eta_{t+1} = \eta_t\,\operatorname{clip}(C / r,\ \gamma_{\rm down}, \gamma_{\rm up}),\qquad
-        \beta_{t+1} = \operatorname{clip}\big(\beta_t (1 - a_\beta (r - C)),\ \beta_{\min}, \beta_{\max}\big),
+    $$
+    \lambda_{wd,t+1} = \operatorname{clip}\big(\lambda_{wd,t} (1 + a_{wd} (r - C)),\ wd_{\min}, wd_{\max}\big).
+    $$
 
-        \lambda_{wd,t+1} = \operatorname{clip}\big(\lambda_{wd,t} (1 + a_{wd} (r - C)),\ wd_{\min}, wd_{\max}\big).
-
-    Momentum is the base optimizer's momentum (SGD ``momentum``, Adam ``beta1``), weight decay its
-    ``weight_decay``; the adapter writes both back into the wrapped optimizer. The rules are
+    Momentum is the base optimizer's momentum (SGD `momentum`, Adam `beta1`), weight decay its
+    `weight_decay`; the adapter writes both back into the wrapped optimizer. The rules are
     multiplicative, so a momentum or weight decay that starts at 0 stays at 0 unless the lower bound
     is positive. Reports lambda_1, lambda_2 and the gap lambda_1 - lambda_2 (NaN when k = 1).
 
     Defined outcomes: lambda_1 <= 0 means no curvature limits the step: the learning-rate factor is
-    ``gamma_up`` and r is taken as 0 in the momentum and weight-decay rules. Non-finite eigenvalues
-    keep every setting unchanged (``fallback = 1``).
+    `gamma_up` and r is taken as 0 in the momentum and weight-decay rules. Non-finite eigenvalues
+    keep every setting unchanged (`fallback = 1`).
 
-    ``lanczos_steps`` defaults to 20 (:data:`eos_core.request.LANCZOS_STEPS`; the proposal ablates 5, 10 and
-    20), at least ``num_eigenvalues``. ``lr_lambda_1`` reports r, with the lr before this probe's update.
+    `lanczos_steps` defaults to 20 ([`eos_core.request.LANCZOS_STEPS`][]; the proposal ablates 5, 10 and 20), at least
+    `num_eigenvalues`. `lr_lambda_1` reports r, with the lr before this probe's update.
+
+    Needs per probe: `top_eigenvalues` (or `preconditioned_top_eigenvalues`) by Lanczos (a spectral estimator).
+
+    Args:
+        target: C > 0, the target of lr * lambda_1.
+        lr_factor_bounds: $(\gamma_{\rm down}, \gamma_{\rm up})$, the lr's change per probe (positive, ordered).
+        momentum_sensitivity: $a_\beta \ge 0$.
+        momentum_bounds: $(\beta_{\min}, \beta_{\max})$, in [0, 1).
+        weight_decay_sensitivity: $a_{wd} \ge 0$.
+        weight_decay_bounds: $(wd_{\min}, wd_{\max})$, non-negative.
+        num_eigenvalues: k of top-k Lanczos.
+        lanczos_steps: Lanczos steps per probe (default 20), at least k.
+        preconditioned: eigenvalues of $P^{-1/2} H P^{-1/2}$.
+        lr_min: lower bound of the learning rate.
+        lr_max: upper bound of the learning rate (may be inf).
+        lr_init: the starting learning rate (> 0; default: the wrapped optimizer's).
+        **unknown: rejected: any other keyword raises.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it), or an unknown keyword.
+
+    Examples:
+        >>> import numpy as np
+        >>> from eos_core import DCAO
+        >>> law = DCAO(target=1.5)
+        >>> state = law.init(lr=0.1, hyperparams={"momentum": 0.9, "weight_decay": 1e-4})
+        >>> out = law.update(state, {"top_eigenvalues": np.array([20.0, 5.0])})  # r = 0.1 * 20 = 2 > C
+        >>> round(float(out.lr), 6)  # C / r = 0.75, clipped to the lower bound 0.8
+        0.08
+        >>> round(float(out.hyperparams["momentum"]), 6), round(float(out.hyperparams["weight_decay"]), 9)
+        (0.855, 0.000105)
     """
 
     decides = ("momentum", "weight_decay")
@@ -100,11 +135,16 @@ class DCAO(Law):
 
     @property
     def eigenvalues_key(self) -> str:
-        """The statistic it consumes: ``top_eigenvalues`` or ``preconditioned_top_eigenvalues``."""
+        """The statistic it consumes: `top_eigenvalues` or `preconditioned_top_eigenvalues`."""
         return next(iter(self.needs))
 
     def request(self) -> StatsRequest:
-        """Top-``num_eigenvalues`` Lanczos, ``lanczos_steps`` steps (default :data:`eos_core.request.LANCZOS_STEPS`)."""
+        """What an adapter measures: the top eigenvalues by Lanczos.
+
+        Returns:
+            The request: top-`num_eigenvalues` Lanczos with `lanczos_steps` steps (default
+            [`eos_core.request.LANCZOS_STEPS`][]).
+        """
         return StatsRequest.build(self.needs, num_eigenvalues=self.num_eigenvalues, lanczos_steps=self.lanczos_steps,
                                   owner="DCAO")
 
@@ -112,6 +152,19 @@ class DCAO(Law):
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
         numerics: Numerics = NUMPY,
     ) -> DCAOState:
+        """The state before the first probe: the starting lr, the optimizer's momentum and weight decay.
+
+        Args:
+            lr: the wrapped optimizer's learning rate, when it has one.
+            hyperparams: the optimizer's other settings (`momentum` and `weight_decay`; 0 when absent).
+            numerics: the array namespace of the state (numpy here, `jax.numpy` in the JAX adapter).
+
+        Returns:
+            The initial [`DCAOState`][eos_core.laws.DCAOState].
+
+        Raises:
+            ValueError: no positive starting learning rate, or a momentum / weight decay out of range.
+        """
         hyperparams = dict(hyperparams or {})
         lr0 = self._initial_lr(self.lr_init, lr, required=True)
         if not lr0 > 0:
@@ -123,6 +176,17 @@ class DCAO(Law):
                          weight_decay=numerics.scalar(weight_decay))
 
     def update(self, state: DCAOState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
+        """One probe: the three rules with this probe's lambda_1.
+
+        Args:
+            state: the law's state.
+            stats: `top_eigenvalues` (or `preconditioned_top_eigenvalues`), descending, shape (k,).
+            numerics: the array namespace of the state.
+
+        Returns:
+            The [`LawOutput`][eos_core.laws.LawOutput]: the learning rate for this step, the new state and the
+            diagnostics.
+        """
         xp = numerics.xp
         eigenvalues = xp.asarray(stats[self.eigenvalues_key], dtype=numerics.dtype).reshape(-1)
         lambda_1 = eigenvalues[0]

@@ -13,24 +13,48 @@ from eos_core.numerics import NUMPY, Numerics
 
 
 class HyperGradientState(NamedTuple):
+    """The state of [`HyperGradient`][eos_core.laws.HyperGradient]: the last learning rate."""
+
     lr: Any
 
 
 class HyperGradient(Law):
     r"""Multiplicative hypergradient rule (Almeida et al. 1999, Baydin et al. 2017; CDAT paper eq. 15).
 
-    .. math::
-
-        \eta_{t+1} = \operatorname{clip}\Big(\eta_t \Big(1 - \beta\,
-            \frac{\nabla f(w_t + \eta_t u_t)^\top u_t}{\|\nabla f(w_t + \eta_t u_t)\|\,\|u_t\|}\Big),
-            \eta_{\min}, \eta_{\max}\Big)
+    $$
+    \eta_{t+1} = \operatorname{clip}\Big(\eta_t \Big(1 - \beta\,
+        \frac{\nabla f(w_t + \eta_t u_t)^\top u_t}{\|\nabla f(w_t + \eta_t u_t)\|\,\|u_t\|}\Big),
+        \eta_{\min}, \eta_{\max}\Big)
+    $$
 
     The gradient at the new point is the next step's own gradient, so the rule costs no extra
     gradient: at step t+1 the adapter passes cos(g_{t+1}, u_t) (0 on the first step) and the law
     returns eta_{t+1} for that step. The rate grows while successive updates keep pointing downhill
     and shrinks when the new gradient opposes the last update.
 
-    Defined outcomes: a non-finite cosine keeps the last learning rate (``fallback = 1``).
+    Defined outcomes: a non-finite cosine keeps the last learning rate (`fallback = 1`).
+
+    Needs per probe: `grad_prev_update_cosine` (first order; the adapter keeps the previous update).
+    Reports: `cosine`.
+
+    Args:
+        beta: the hyper learning rate, in (0, 1).
+        lr_init: the starting learning rate (> 0; default: the wrapped optimizer's).
+        lr_min: lower bound of the learning rate.
+        lr_max: upper bound of the learning rate (may be inf).
+        **unknown: rejected: any other keyword raises.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it), or an unknown keyword.
+
+    Examples:
+        >>> from eos_core import HyperGradient
+        >>> law = HyperGradient(beta=0.1, lr_init=0.5)
+        >>> state = law.init()
+        >>> round(float(law.update(state, {"grad_prev_update_cosine": -1.0}).lr), 6)  # still downhill: grow
+        0.55
+        >>> round(float(law.update(state, {"grad_prev_update_cosine": 1.0}).lr), 6)  # overshot: shrink
+        0.45
     """
 
     needs = frozenset({S.GRAD_PREV_UPDATE_COSINE})
@@ -49,6 +73,19 @@ class HyperGradient(Law):
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
         numerics: Numerics = NUMPY,
     ) -> HyperGradientState:
+        """The state before the first step: the starting lr.
+
+        Args:
+            lr: the wrapped optimizer's learning rate, when it has one.
+            hyperparams: the optimizer's other settings (unused).
+            numerics: the array namespace of the state (numpy here, `jax.numpy` in the JAX adapter).
+
+        Returns:
+            The initial [`HyperGradientState`][eos_core.laws.HyperGradientState].
+
+        Raises:
+            ValueError: no positive starting learning rate (`lr_init` or `lr`).
+        """
         lr0 = self._initial_lr(self.lr_init, lr, required=True)
         if not lr0 > 0:
             raise ValueError("HyperGradient: the initial learning rate must be > 0 (the rule is multiplicative)")
@@ -57,6 +94,17 @@ class HyperGradient(Law):
     def update(
         self, state: HyperGradientState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY
     ) -> LawOutput:
+        """One step: eq. 15 with the cosine between this step's gradient and the last update.
+
+        Args:
+            state: the law's state.
+            stats: `grad_prev_update_cosine`, cos(g_t, u_{t-1}) (0 on the first step).
+            numerics: the array namespace of the state.
+
+        Returns:
+            The [`LawOutput`][eos_core.laws.LawOutput]: the learning rate for this step, the new state and the
+            diagnostics.
+        """
         xp = numerics.xp
         cosine = numerics.scalar(stats[S.GRAD_PREV_UPDATE_COSINE])
         usable = finite(numerics, cosine)

@@ -12,23 +12,45 @@ from eos_core.numerics import NUMPY, Numerics
 
 
 class PolyakState(NamedTuple):
+    """The state of [`Polyak`][eos_core.laws.Polyak]: the last learning rate."""
+
     lr: Any
 
 
 class Polyak(Law):
     r"""Polyak step size (CDAT paper eq. 14).
 
-    .. math::
+    $$
+    \eta_t = \operatorname{clip}\Big(\frac{f(w_t) - f^\star}{\|\nabla f(w_t)\|^2},\ \eta_{\min}, \eta_{\max}\Big)
+    $$
 
-        \eta_t = \operatorname{clip}\Big(\frac{f(w_t) - f^\star}{\|\nabla f(w_t)\|^2},\ \eta_{\min}, \eta_{\max}\Big)
-
-    ``f_star`` is the minimum of the objective (0 for a network that can interpolate its data).
+    `f_star` is the minimum of the objective (0 for a network that can interpolate its data).
     The rule is derived for u = -g; with other base optimizers it is still eq. 14 applied to the
-    gradient. The paper takes the better of ``lr_max`` in {1, 100}.
+    gradient. The paper takes the better of `lr_max` in {1, 100}.
 
-    Defined outcomes: f(w) <= f_star gives ``lr_min``; g = 0 (nothing to step along), non-finite
-    statistics or an overflowing ratio with ``lr_max = inf`` keep the last learning rate
-    (``fallback = 1``).
+    Defined outcomes: f(w) <= f_star gives `lr_min`; g = 0 (nothing to step along), non-finite
+    statistics or an overflowing ratio with `lr_max = inf` keep the last learning rate
+    (`fallback = 1`).
+
+    Needs per probe: `loss` and `grad_norm_sq` (first order). Reports both.
+
+    Args:
+        f_star: $f^\star$, the minimum of the objective.
+        lr_max: $\eta_{\max}$.
+        lr_min: lower bound of the learning rate.
+        lr_init: the learning rate before the first measurement.
+        **unknown: rejected: any other keyword raises.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it), or an unknown keyword.
+
+    Examples:
+        >>> from eos_core import Polyak
+        >>> law = Polyak(f_star=0.0, lr_max=1.0)
+        >>> float(law.update(law.init(), {"loss": 2.0, "grad_norm_sq": 4.0}).lr)  # (f - f*) / |g|^2
+        0.5
+        >>> float(law.update(law.init(), {"loss": 20.0, "grad_norm_sq": 4.0}).lr)  # capped at lr_max
+        1.0
     """
 
     needs = frozenset({S.LOSS, S.GRAD_NORM_SQ})
@@ -47,9 +69,30 @@ class Polyak(Law):
         self, lr: float | None = None, *, hyperparams: Mapping[str, float] | None = None,
         numerics: Numerics = NUMPY,
     ) -> PolyakState:
+        """The state before the first probe: `lr_init`, else `lr`, else 0.
+
+        Args:
+            lr: the wrapped optimizer's learning rate, when it has one.
+            hyperparams: the optimizer's other settings (unused).
+            numerics: the array namespace of the state (numpy here, `jax.numpy` in the JAX adapter).
+
+        Returns:
+            The initial [`PolyakState`][eos_core.laws.PolyakState].
+        """
         return PolyakState(lr=numerics.scalar(self._initial_lr(self.lr_init, lr, required=False)))
 
     def update(self, state: PolyakState, stats: Mapping[str, Any], *, numerics: Numerics = NUMPY) -> LawOutput:
+        """One probe: eq. 14 with this step's loss and gradient norm.
+
+        Args:
+            state: the law's state.
+            stats: `loss` and `grad_norm_sq` of this step.
+            numerics: the array namespace of the state.
+
+        Returns:
+            The [`LawOutput`][eos_core.laws.LawOutput]: the learning rate for this step, the new state and the
+            diagnostics.
+        """
         xp = numerics.xp
         loss = numerics.scalar(stats[S.LOSS])
         grad_norm_sq = numerics.scalar(stats[S.GRAD_NORM_SQ])

@@ -1,4 +1,4 @@
-"""Spectral estimators that see only an operator ``v -> H v`` and a :class:`VectorOps`.
+"""Spectral estimators that see only an operator `v -> H v` and a [`VectorOps`][eos_core.spectral.VectorOps].
 
 One implementation serves numpy arrays (here), torch parameter lists and JAX pytrees (adapters).
 """

@@ -15,9 +15,19 @@ from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 def hutchinson_trace(
     matvec: Callable[[Any], Any], like: Any, *, num_samples: int = 10, ops: VectorOps | None = None, seed: int = 0
 ) -> Any:
-    r"""Hutchinson's estimate :math:`\operatorname{tr} H \approx \frac1s \sum_i z_i^\top H z_i` with Rademacher z.
+    r"""Hutchinson's estimate $\operatorname{tr} H \approx \frac1s \sum_i z_i^\top H z_i$ with Rademacher z.
 
-    Unbiased, with variance :math:`2(\|H\|_F^2 - \sum_i H_{ii}^2)/s`. ``like`` gives the vector shape.
+    Unbiased, with variance $2(\|H\|_F^2 - \sum_i H_{ii}^2)/s$.
+
+    Args:
+        matvec: the operator $v \mapsto Hv$.
+        like: a vector of the operator's shape (its values are not used).
+        num_samples: s, the number of Rademacher probes.
+        ops: the vector operations (numpy by default).
+        seed: seed of the probes.
+
+    Returns:
+        The estimate of $\operatorname{tr} H$.
     """
     num_samples = check.positive_int("hutchinson_trace", "num_samples", num_samples)
     ops = ops if ops is not None else NumpyOps()
@@ -35,7 +45,7 @@ class SpectralDensity(NamedTuple):
     weights: np.ndarray  #: shape (num_probes, num_steps)
 
     def on_grid(self, grid: Any, *, bandwidth: float) -> np.ndarray:
-        """The density smoothed by a Gaussian of width ``bandwidth`` and evaluated on ``grid``."""
+        """The density smoothed by a Gaussian of width `bandwidth` and evaluated on `grid`."""
         grid = np.asarray(grid, dtype=float)[:, None, None]
         kernel = np.exp(-0.5 * ((grid - self.nodes[None]) / bandwidth) ** 2) / (bandwidth * np.sqrt(2 * np.pi))
         return (kernel * self.weights[None]).sum(axis=2).mean(axis=1)
@@ -52,9 +62,20 @@ def spectral_density(
 ) -> SpectralDensity:
     r"""Stochastic Lanczos quadrature estimate of the eigenvalue density (Ghorbani et al. 2019).
 
-    For each random probe z, ``num_steps`` Lanczos steps give :math:`T = S \Theta S^\top`; the
-    density is approximated by :math:`\frac1p \sum_z \sum_j S_{1j}^2 \, \delta(\lambda - \theta_j)`.
-    Use :meth:`SpectralDensity.on_grid` to smooth it for plotting.
+    For each random probe z, `num_steps` Lanczos steps give $T = S \Theta S^\top$; the density is approximated by
+    $\frac1p \sum_z \sum_j S_{1j}^2 \, \delta(\lambda - \theta_j)$. Use
+    [`SpectralDensity.on_grid`][eos_core.spectral.density.SpectralDensity.on_grid] to smooth it for plotting.
+
+    Args:
+        matvec: the operator $v \mapsto Hv$.
+        like: a vector of the operator's shape.
+        num_probes: p, random probes.
+        num_steps: Lanczos steps per probe.
+        ops: the vector operations (numpy by default).
+        seed: seed of the probes.
+
+    Returns:
+        The nodes and weights, one row per probe.
     """
     num_probes = check.positive_int("spectral_density", "num_probes", num_probes)
     num_steps = check.positive_int("spectral_density", "num_steps", num_steps)

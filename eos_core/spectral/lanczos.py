@@ -11,12 +11,16 @@ from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 
 
 class Tridiagonal(NamedTuple):
+    """The Lanczos tridiagonal matrix and its basis."""
+
     alpha: Any  #: diagonal, shape (m,)
     beta: Any  #: off-diagonal, shape (m,); beta[j] couples steps j and j+1 (beta[m-1] is the residual norm)
     basis: Any  #: the m Lanczos vectors (a VectorOps basis)
 
 
 class LanczosResult(NamedTuple):
+    """What [`lanczos`][eos_core.spectral.lanczos.lanczos] returns."""
+
     eigenvalues: Any  #: top-k Ritz values, descending, shape (k,)
     eigenvectors: list[Any]  #: the k Ritz vectors (unit norm), same order
     residuals: Any  #: Lanczos error estimates |beta_m s_{m,i}| of ||H y_i - theta_i y_i||, shape (k,)
@@ -24,21 +28,31 @@ class LanczosResult(NamedTuple):
 
 
 def default_num_steps(k: int, n: int) -> int:
-    """Steps used when ``num_steps`` is not given: ``max(2k + 40, 4k)``, at most the dimension ``n``."""
+    """Steps used when `num_steps` is not given: `max(2k + 40, 4k)`, at most the dimension `n`."""
     return min(n, max(2 * k + 40, 4 * k))
 
 
 def lanczos_tridiagonal(
     matvec: Callable[[Any], Any], v0: Any, num_steps: int, *, ops: VectorOps, seed: int = 0
 ) -> Tridiagonal:
-    r"""Run ``num_steps`` Lanczos steps from ``v0`` with full reorthogonalisation.
+    r"""Run `num_steps` Lanczos steps from `v0` with full reorthogonalisation.
 
     Each new vector is orthogonalised twice against every previous one ("twice is enough",
     Parlett), which keeps the basis orthonormal to working precision, so no spurious copies of
-    converged Ritz values appear. On breakdown (an invariant subspace, :math:`\beta_j \approx 0`) the
-    iteration continues from a random vector orthogonal to the basis and records :math:`\beta_j = 0`,
+    converged Ritz values appear. On breakdown (an invariant subspace, $\beta_j \approx 0$) the
+    iteration continues from a random vector orthogonal to the basis and records $\beta_j = 0$,
     so the tridiagonal matrix splits into blocks whose eigenvalues are still eigenvalues of H.
-    Fixed shapes throughout: the loop runs through ``numerics.fori_loop`` and traces under ``jit``.
+    Fixed shapes throughout: the loop runs through `numerics.fori_loop` and traces under `jit`.
+
+    Args:
+        matvec: the operator $v \mapsto Hv$ (symmetric).
+        v0: the start vector (normalised here; a random one when it is zero).
+        num_steps: m, the Lanczos steps (operator applications).
+        ops: the vector operations.
+        seed: seed of the random vectors used on breakdown.
+
+    Returns:
+        The [`Tridiagonal`][eos_core.spectral.lanczos.Tridiagonal]: `alpha`, `beta` and the `m` basis vectors.
     """
     numerics = ops.numerics
     xp = numerics.xp
@@ -80,7 +94,14 @@ def tridiagonal_eigh(tri: Tridiagonal, xp: Any) -> tuple[Any, Any]:
     """Eigenvalues (ascending) and eigenvectors of the Lanczos tridiagonal matrix.
 
     A matrix with a non-finite entry (a NaN Hessian-vector product) gives NaN eigenvalues and vectors, as
-    ``jax.numpy.linalg.eigh`` does, instead of numpy's LinAlgError: the law then falls back to its last rate.
+    `jax.numpy.linalg.eigh` does, instead of numpy's LinAlgError: the law then falls back to its last rate.
+
+    Args:
+        tri: the tridiagonal matrix.
+        xp: the array namespace.
+
+    Returns:
+        `(eigenvalues, eigenvectors)`, the eigenvectors as the columns of an (m, m) array.
     """
     m = tri.alpha.shape[0]
     off = tri.beta[: m - 1]
@@ -102,20 +123,36 @@ def lanczos(
     ops: VectorOps | None = None,
     seed: int = 0,
 ) -> LanczosResult:
-    r"""The ``k`` largest (algebraic) eigenvalues and Ritz vectors of a symmetric operator.
+    r"""The `k` largest (algebraic) eigenvalues and Ritz vectors of a symmetric operator.
 
-    Builds an ``m = num_steps``-dimensional Krylov basis from ``v0`` (see
-    :func:`lanczos_tridiagonal`), diagonalises the tridiagonal matrix
-    :math:`T_m = V_m^\top H V_m = S \Theta S^\top` and returns the top ``k`` Ritz pairs
-    :math:`(\theta_i, V_m s_i)`. The error estimate of each pair is :math:`|\beta_m S_{m,i}|`, the
-    norm of :math:`H y_i - \theta_i y_i`, which bounds the distance of :math:`\theta_i` to the spectrum.
+    Builds an `m = num_steps`-dimensional Krylov basis from `v0` (see
+    [`lanczos_tridiagonal`][eos_core.spectral.lanczos.lanczos_tridiagonal]), diagonalises the tridiagonal matrix
+    $T_m = V_m^\top H V_m = S \Theta S^\top$ and returns the top `k` Ritz pairs $(\theta_i, V_m s_i)$. The error
+    estimate of each pair is $|\beta_m S_{m,i}|$, the norm of $H y_i - \theta_i y_i$, which bounds the distance of
+    $\theta_i$ to the spectrum.
 
-    **Steps.** With ``num_steps`` given, exactly that many steps run (fixed shapes: this is the form
-    to use under ``jax.jit`` and for large models, where the basis of ``num_steps`` vectors is the
-    memory cost). With ``num_steps=None`` and eager numerics, Lanczos starts with
-    :func:`default_num_steps` (``max(2k + 40, 4k)``) and grows the number of steps by half (up to the
-    dimension, which is exact) until every top-k residual is at most ``tol`` times the largest
-    Ritz value's magnitude; under tracing it runs the default number of steps once.
+    **Steps.** With `num_steps` given, exactly that many steps run (fixed shapes: this is the form to use under
+    `jax.jit` and for large models, where the basis of `num_steps` vectors is the memory cost). With `num_steps=None`
+    and eager numerics, Lanczos starts with [`default_num_steps`][eos_core.spectral.lanczos.default_num_steps]
+    (`max(2k + 40, 4k)`) and grows the number of steps by half (up to the dimension, which is exact) until every top-k
+    residual is at most `tol` times the largest Ritz value's magnitude; under tracing it runs the default number of
+    steps once.
+
+    Args:
+        matvec: the operator $v \mapsto Hv$ (symmetric).
+        v0: the start vector (e.g. the previous top eigenvector, or [`random_start`][eos_core.spectral.random_start]).
+        k: how many of the largest eigenvalues.
+        num_steps: Lanczos steps (None: adaptive, see above).
+        tol: the relative residual at which the adaptive form stops.
+        ops: the vector operations (numpy by default).
+        seed: seed of the random vectors used on breakdown.
+
+    Returns:
+        The [`LanczosResult`][eos_core.spectral.lanczos.LanczosResult]: the top-k Ritz values (descending), their
+        vectors, residual estimates and the steps used.
+
+    Raises:
+        ValueError: `k` larger than the dimension, `num_steps < k`, or a negative `tol`.
     """
     k = check.positive_int("lanczos", "k", k)
     ops = ops if ops is not None else NumpyOps()

@@ -11,14 +11,16 @@ from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 
 
 class PowerIterationResult(NamedTuple):
+    """What [`power_iteration`][eos_core.spectral.power_iteration] returns."""
+
     eigenvalue: Any  #: Rayleigh quotient of the last iterate (signed)
     eigenvector: Any  #: unit vector to warm-start the next call with
     iterations: Any  #: operator applications used
-    converged: Any  #: whether the relative change fell below ``tol``
+    converged: Any  #: whether the relative change fell below `tol`
 
 
 def normalized(ops: VectorOps, v: Any, seed: int = 0) -> Any:
-    """``v / ||v||``; a random unit vector when ``v`` is zero."""
+    """`v / ||v||`; a random unit vector when `v` is zero."""
     xp = ops.numerics.xp
     norm = ops.norm(v)
     fallback = ops.random_like(v, seed)
@@ -61,27 +63,30 @@ def power_iteration(
 ) -> PowerIterationResult:
     r"""Top eigenpair of a symmetric operator by power iteration.
 
-    Iterates :math:`v \leftarrow Hv / \|Hv\|` from ``v0`` and stops when the Rayleigh quotient
-    :math:`\lambda = v^\top H v` changes by at most ``tol`` relative to :math:`|\lambda|` between two
-    iterations (the CDAT paper stops at 1e-3, appendix C.4), or after ``max_iters`` operator
-    applications. ``tol = 0`` runs exactly ``max_iters`` (AdaEoS's "1-2 warm-started steps").
+    Iterates $v \leftarrow Hv / \|Hv\|$ from `v0` and stops when the Rayleigh quotient
+    $\lambda = v^\top H v$ changes by at most `tol` relative to $|\lambda|$ between two
+    iterations (the CDAT paper stops at 1e-3, appendix C.4), or after `max_iters` operator
+    applications. `tol = 0` runs exactly `max_iters` (AdaEoS's "1-2 warm-started steps").
 
     **Which eigenvalue.** Power iteration converges to the eigenvalue of largest *magnitude*; the
     returned value keeps its sign, so a negative result means the most negative eigenvalue
-    dominates. ``which="algebraic"`` returns the largest *algebraic* eigenvalue instead: when the
-    dominant one is negative (lambda_neg), it reruns on the shifted operator :math:`H - \lambda_{neg} I`
+    dominates. `which="algebraic"` returns the largest *algebraic* eigenvalue instead: when the
+    dominant one is negative (lambda_neg), it reruns on the shifted operator $H - \lambda_{neg} I$
     (positive semi-definite) and shifts back.
 
-    **Accuracy.** ``tol`` bounds the change per iteration, not the error: with eigenvalue ratio
-    :math:`r = |\lambda_2 / \lambda_1|` the error is about ``tol / (1 - r^2)``. For clustered top
-    eigenvalues use :func:`eos_core.spectral.lanczos`.
+    **Accuracy.** `tol` bounds the change per iteration, not the error: with eigenvalue ratio
+    $r = |\lambda_2 / \lambda_1|$ the error is about `tol / (1 - r^2)`. For clustered top eigenvalues use
+    [`eos_core.spectral.lanczos`][].
 
-    **Warm starts.** Pass the previous ``eigenvector`` as ``v0``: when the operator changed little
+    **Warm starts.** Pass the previous `eigenvector` as `v0`: when the operator changed little
     (one training step) the iteration converges in a few applications.
 
     Returns:
-        :class:`PowerIterationResult` ``(eigenvalue, eigenvector, iterations, converged)``; with
-        ``which="algebraic"``, ``iterations`` counts both runs.
+        [`PowerIterationResult`][eos_core.spectral.power_iteration.PowerIterationResult]
+        `(eigenvalue, eigenvector, iterations, converged)`; with `which="algebraic"`, `iterations` counts both runs.
+
+    Raises:
+        ValueError: `tol < 0`, `max_iters < 1` or an unknown `which`.
     """
     tol = check.non_negative("power_iteration", "tol", tol)
     max_iters = check.positive_int("power_iteration", "max_iters", max_iters)

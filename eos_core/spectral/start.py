@@ -3,7 +3,7 @@
 Power iteration and Lanczos start from a random unit vector (later warm-started from the previous
 eigenvector). Drawing it here, with numpy, from the seed and the parameters' shapes (in the order the
 adapter lists them) gives PyTorch, JAX and Keras the same start, so the same run reports the same
-``sharpness`` and ``power_iterations`` in every framework.
+`sharpness` and `power_iterations` in every framework.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 
 
 def random_start(shapes: Sequence[tuple[int, ...]], seed: int) -> list[np.ndarray]:
-    """A standard normal vector, split into arrays of ``shapes``, scaled to unit norm as a whole.
+    """A standard normal vector, split into arrays of `shapes`, scaled to unit norm as a whole.
 
     Args:
         shapes: the shapes of the parameters, in the adapter's order.
-        seed: the seed (``TunerSettings.seed``; the preconditioned estimator uses ``seed + 1``).
+        seed: the seed (`TunerSettings.seed`; the preconditioned estimator uses `seed + 1`).
 
     Returns:
         float64 arrays of the given shapes whose concatenation has norm 1.

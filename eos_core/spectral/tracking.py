@@ -1,29 +1,29 @@
 r"""Streaming lambda_max: a top-eigenvalue tracker that spends one Hessian-vector product at a time.
 
-A training run's Hessian changes little between steps, so the top eigenpair need not be recomputed from
-scratch every time it is wanted. :func:`tracker_step` advances a *restarted Lanczos* iteration by one
-operator application and returns an estimate after every application:
+A training run's Hessian changes little between steps, so the top eigenpair need not be recomputed from scratch every
+time it is wanted. [`tracker_step`][eos_core.spectral.tracking.tracker_step] advances a *restarted Lanczos* iteration
+by one operator application and returns an estimate after every application:
 
-* a cycle starts from the current estimate :math:`x` of the top eigenvector;
-* application :math:`j` (:math:`0 \le j < m`) multiplies the newest Lanczos vector :math:`q_j`, extends the
-  tridiagonal matrix :math:`T_{j+1} = Q_{j+1}^\top H Q_{j+1}` by one row (three-term recurrence, full
-  reorthogonalisation against the cycle's basis) and reports its top Ritz value :math:`\theta` with the
-  Lanczos residual estimate :math:`|\beta_{j+1} s_{j+1}|` of :math:`\|H y - \theta y\|` (an absolute bound on the
-  distance of :math:`\theta` to the spectrum, and :math:`\approx r^2 / \text{gap}` the actual error once converged);
-* after :math:`m` applications (``restart``) the cycle restarts from the top Ritz vector, which becomes the
-  new :math:`x`.
+* a cycle starts from the current estimate $x$ of the top eigenvector;
+* application $j$ ($0 \le j < m$) multiplies the newest Lanczos vector $q_j$, extends the
+  tridiagonal matrix $T_{j+1} = Q_{j+1}^\top H Q_{j+1}$ by one row (three-term recurrence, full
+  reorthogonalisation against the cycle's basis) and reports its top Ritz value $\theta$ with the
+  Lanczos residual estimate $|\beta_{j+1} s_{j+1}|$ of $\|H y - \theta y\|$ (an absolute bound on the
+  distance of $\theta$ to the spectrum, and $\approx r^2 / \text{gap}$ the actual error once converged);
+* after $m$ applications (`restart`) the cycle restarts from the top Ritz vector, which becomes the
+  new $x$.
 
-With ``restart=2`` each cycle maximises the Rayleigh quotient over :math:`\mathrm{span}\{x, Hx\}`, at least as
+With `restart=2` each cycle maximises the Rayleigh quotient over $\mathrm{span}\{x, Hx\}$, at least as
 good per product as power iteration (whose next iterate lies in that span) and, unlike power iteration, it
-converges to the largest *algebraic* eigenvalue whatever the sign of the smallest. Larger ``restart`` values
-converge faster per product on clustered spectra, at the memory cost of ``restart`` parameter-sized vectors.
+converges to the largest *algebraic* eigenvalue whatever the sign of the smallest. Larger `restart` values
+converge faster per product on clustered spectra, at the memory cost of `restart` parameter-sized vectors.
 The products of one cycle are taken at successive training steps, so they belong to slightly different
 Hessians; the tracker follows the Hessian as it moves and the residual says how well the estimate fits.
 
-Written against :class:`~eos_core.spectral.VectorOps` and :class:`~eos_core.numerics.Numerics` with fixed
-shapes and no value-dependent Python branching, so the same code runs on numpy arrays, torch parameter
-lists and JAX pytrees under ``jit``. The adapters decide *when* to call it (every ``k`` steps, ``k`` chosen
-from a time budget, see :class:`MonitorBudget`).
+Written against [`VectorOps`][eos_core.spectral.VectorOps] and [`Numerics`][eos_core.numerics.Numerics] with fixed
+shapes and no value-dependent Python branching, so the same code runs on numpy arrays, torch parameter lists and JAX
+pytrees under `jit`. The adapters decide *when* to call it (every `k` steps, `k` chosen from a time budget, see
+[`MonitorBudget`][eos_core.spectral.tracking.MonitorBudget]).
 """
 
 from __future__ import annotations
@@ -40,29 +40,29 @@ from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 class TrackerState(NamedTuple):
     """State of the streaming tracker (checkpoint it with the run: resuming is then bit-identical)."""
 
-    basis: Any  #: the cycle's Lanczos vectors (a VectorOps basis of ``restart`` vectors; slot 0 is ``x``)
+    basis: Any  #: the cycle's Lanczos vectors (a VectorOps basis of `restart` vectors; slot 0 is `x`)
     alpha: Any  #: diagonal of T, shape (restart,)
     beta: Any  #: off-diagonal of T, shape (restart,); beta[j] couples q_j and q_{j+1}
     position: Any  #: j, the application within the cycle (int, 0 <= j < restart)
     eigenvalue: Any  #: the latest estimate theta of lambda_max (NaN before the first application)
     residual: Any  #: the latest residual estimate |beta s| of ||H y - theta y|| (NaN before the first)
     products: Any  #: operator applications so far (int)
-    age: Any  #: training steps since the latest application (int; advanced by :func:`tracker_age`)
+    age: Any  #: training steps since the latest application (int; advanced by `tracker_age`)
 
 
 def tracker_init(v0: Any, *, restart: int = 2, ops: VectorOps | None = None) -> TrackerState:
-    """A tracker starting from ``v0`` (normalised; a random vector when ``v0`` is zero).
+    """A tracker starting from `v0` (normalised; a random vector when `v0` is zero).
 
     Args:
-        v0: the start vector, e.g. :func:`eos_core.spectral.random_start` or a previous eigenvector.
+        v0: the start vector, e.g. [`eos_core.spectral.random_start`][] or a previous eigenvector.
         restart: m, applications per restarted-Lanczos cycle (>= 2); m parameter-sized vectors are kept.
-        ops: vector operations for ``v0``'s type (default: numpy).
+        ops: vector operations for `v0`'s type (default: numpy).
 
     Returns:
         The initial state (no application made yet).
 
     Raises:
-        ValueError: when ``restart`` < 2.
+        ValueError: when `restart` < 2.
     """
     m = check.positive_int("tracker_init", "restart", restart)
     if m < 2:
@@ -81,8 +81,11 @@ def tracker_init(v0: Any, *, restart: int = 2, ops: VectorOps | None = None) -> 
 def _top_ritz(alpha: Any, beta: Any, j: Any, numerics: Any) -> tuple[Any, Any]:
     """Top eigenpair of the leading (j+1) x (j+1) block of the tridiagonal matrix, with fixed shapes.
 
-    Entries past ``j`` are masked: their diagonal is pushed below every active Ritz value and their coupling
+    Entries past `j` are masked: their diagonal is pushed below every active Ritz value and their coupling
     to the active block is 0, so the top eigenpair of the full matrix is the active block's (padded by zeros).
+
+    Returns:
+        `(theta, s)`: the top Ritz value and its unit eigenvector in the tridiagonal basis.
     """
     xp = numerics.xp
     m = alpha.shape[0]
@@ -103,12 +106,12 @@ def tracker_step(state: TrackerState, matvec: Callable[[Any], Any], *, ops: Vect
 
     Args:
         state: the tracker's state.
-        matvec: ``v -> H v`` (or the preconditioned operator) at the current parameters.
+        matvec: `v -> H v` (or the preconditioned operator) at the current parameters.
         ops: vector operations (default: numpy).
 
     Returns:
-        The new state: ``eigenvalue`` is the top Ritz value of the cycle so far, ``residual`` its Lanczos
-        residual estimate, ``age`` reset to 0; after ``restart`` applications the cycle restarts from the top
+        The new state: `eigenvalue` is the top Ritz value of the cycle so far, `residual` its Lanczos
+        residual estimate, `age` reset to 0; after `restart` applications the cycle restarts from the top
         Ritz vector. A breakdown (an invariant subspace) restarts early from the Ritz vector, which is then an
         eigenvector.
     """
@@ -152,12 +155,12 @@ def tracker_step(state: TrackerState, matvec: Callable[[Any], Any], *, ops: Vect
 
 
 def tracker_age(state: TrackerState, steps: int = 1) -> TrackerState:
-    """``state`` with ``steps`` more training steps since its latest application (the staleness counter)."""
+    """`state` with `steps` more training steps since its latest application (the staleness counter)."""
     return state._replace(age=state.age + steps)
 
 
 def tracker_vector(state: TrackerState, *, ops: VectorOps | None = None) -> Any:
-    """The current estimate ``x`` of the top eigenvector (the start of the current cycle, unit norm)."""
+    """The current estimate `x` of the top eigenvector (the start of the current cycle, unit norm)."""
     ops = ops if ops is not None else NumpyOps()
     m = state.alpha.shape[0]
     first = (ops.numerics.xp.arange(m) == 0).astype(ops.numerics.dtype)
@@ -165,25 +168,29 @@ def tracker_vector(state: TrackerState, *, ops: VectorOps | None = None) -> Any:
 
 
 class MonitorBudget:
-    """Chooses how often the tracker may apply the operator so that monitoring costs ``budget`` of training time.
+    r"""Chooses how often the tracker may apply the operator so that monitoring costs `budget` of training time.
 
-    The adapter reports the wall time of each training step (:meth:`record_step`, the interval between two
-    optimizer steps, everything included) and of each operator application (:meth:`record_product`); both
-    are smoothed (EMA). The tracker then applies the operator every
+    The adapter reports the wall time of each training step
+    ([`record_step`][eos_core.spectral.tracking.MonitorBudget.record_step], the interval between two optimizer steps,
+    everything included) and of each operator application
+    ([`record_product`][eos_core.spectral.tracking.MonitorBudget.record_product]); both are smoothed (EMA). The
+    tracker then applies the operator every
 
-    .. math:: k = \\max(1, \\lceil t_{\\rm product} / (\\text{budget} \\cdot t_{\\rm step}) \\rceil)
+    $$
+    k = \\max(1, \\lceil t_{\\rm product} / (\\text{budget} \\cdot t_{\\rm step}) \\rceil)
+    $$
 
-    steps, so its share of the time is at most ``budget`` (e.g. 0.05). Before both times are known the first
-    application happens at the first step and :attr:`every` is ``initial_every``.
+    steps, so its share of the time is at most `budget` (e.g. 0.05). Before both times are known the first application
+    happens at the first step and [`every`][eos_core.spectral.tracking.MonitorBudget.every] is `initial_every`.
 
     Args:
         budget: the fraction of training time monitoring may take, in (0, 1].
-        initial_every: ``k`` before the first measurements (default ``ceil(1 / budget)``: one extra gradient
+        initial_every: `k` before the first measurements (default `ceil(1 / budget)`: one extra gradient
             costs about one step).
         smoothing: EMA weight of the past for both times.
 
     Raises:
-        ValueError: for a budget outside (0, 1], ``initial_every`` < 1 or ``smoothing`` outside [0, 1).
+        ValueError: for a budget outside (0, 1], `initial_every` < 1 or `smoothing` outside [0, 1).
     """
 
     def __init__(self, budget: float, *, initial_every: int | None = None, smoothing: float = 0.9) -> None:
@@ -212,16 +219,27 @@ class MonitorBudget:
 
     @property
     def every(self) -> int:
-        """``k``: steps between two operator applications."""
+        """`k`: steps between two operator applications."""
         if self.step_time is None or self.product_time is None:
             return self.initial_every
         return max(1, math.ceil(self.product_time / (self.budget * self.step_time) - 1e-9))
+
+    @property
+    def cost(self) -> float | None:
+        """`t_product / t_step`: one application in training steps (None before both times are known)."""
+        if self.step_time is None or self.product_time is None:
+            return None
+        return self.product_time / self.step_time
+
+    def reset_product(self) -> None:
+        """Forget the product time (the adapter switched to a product of another cost)."""
+        self.product_time = None
 
     def state_dict(self) -> dict[str, Any]:
         """The measured times, for checkpoints."""
         return {"step_time": self.step_time, "product_time": self.product_time}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore [`state_dict`][eos_core.spectral.tracking.MonitorBudget.state_dict]'s output."""
         self.step_time = saved.get("step_time")
         self.product_time = saved.get("product_time")

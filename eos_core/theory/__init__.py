@@ -1,16 +1,15 @@
-"""Theory models of the edge of stability, to compare real training runs against (SPEC section 7).
+"""Theory models of the edge of stability, to compare real training runs against (CDAT paper section 2.3, 3.2, app. A).
 
 Pure Python + numpy. Every simulator takes keyword settings whose defaults are the paper's, and returns a
 NamedTuple of numpy arrays with one entry per state t = 0..steps.
 
-* :mod:`~eos_core.theory.self_stabilization`: the CDAT paper's eq. 4/5 (Damian et al.'s model of the top
-  eigendirection) with a constant learning rate or the fixed-y tuner of eq. 6 (Fig. 4, 10).
-* :mod:`~eos_core.theory.cdat_model`: the CDAT paper's model of its own tuner, eq. 9/10 (Fig. 9, 11).
-* :mod:`~eos_core.theory.normalized_gd`: Arora, Li and Panigrahi: normalised GD and GD on sqrt(L - min L).
-* :mod:`~eos_core.theory.minimalist`: Liu, Zhang, Du and Zhao: a two-layer width-one network on 2-D inputs.
+* [`self_stabilization`][eos_core.theory.self_stabilization]: the CDAT paper's eq. 4/5 (Damian et al.'s model of the
+  top eigendirection) with a constant learning rate or the fixed-y tuner of eq. 6 (Fig. 4, 10).
+* [`cdat_model`][eos_core.theory.cdat_model]: the CDAT paper's model of its own tuner, eq. 9/10 (Fig. 9, 11).
+* [`normalized_gd`][eos_core.theory.normalized_gd]: Arora, Li and Panigrahi: normalised GD and GD on sqrt(L - min L).
+* [`minimalist`][eos_core.theory.minimalist]: Liu, Zhang, Du and Zhao: a two-layer width-one network on 2-D inputs.
 
-Choices we made where the papers are silent (details and reasons in each module's docstring)
--------------------------------------------------------------------------------------------------
+**Choices we made where the papers are silent** (details and reasons in each module's docstring):
 
 * **Eq. 4, Fig. 4**: the paper gives no x_0, lambda_0 or horizon. Both runs start at x_0 = 0.3,
   lambda_0 = 1.9 (y_0 = -0.1, which is what eta_0 = 1 means for the fixed-y rule); constant lr for 85

@@ -3,19 +3,19 @@ r"""The CDAT paper's model of its own tuner on the edge of stability (Roulet et 
 Around a stationary point, with a Hessian H_t = lambda_t v v^T + nu v_perp v_perp^T, the CDAT learning rate
 sigma (w^T H^2 w) / (w^T H^3 w) is (eq. 9)
 
-.. math::
-
-    \eta^{\mathrm{cdat}} = \sigma\,\frac{\lambda^2 p + \nu^2 g}{\lambda^3 p + \nu^3 g},
+$$
+\eta^{\mathrm{cdat}} = \sigma\,\frac{\lambda^2 p + \nu^2 g}{\lambda^3 p + \nu^3 g},
+$$
 
 with p = (w^T v)^2 and g = (w^T v_perp)^2. Adding gradient descent in both directions and eq. 4's sharpness
 dynamics gives the model of section 3.2 (eq. 10, with eq. 4 for lambda):
 
-.. math::
-
-    \eta_{t+1} = \sigma\,\frac{\lambda_t^2 p_t + \nu^2 g_t}{\lambda_t^3 p_t + \nu^3 g_t}, \quad
-    g_{t+1} = (1 - \eta_t \nu)^2 g_t, \quad
-    p_{t+1} = (1 + y_t)^2 p_t, \quad
-    \lambda_{t+1} = \eta_t (a - b\, p_t) + \lambda_t,
+$$
+\eta_{t+1} = \sigma\,\frac{\lambda_t^2 p_t + \nu^2 g_t}{\lambda_t^3 p_t + \nu^3 g_t}, \quad
+g_{t+1} = (1 - \eta_t \nu)^2 g_t, \quad
+p_{t+1} = (1 + y_t)^2 p_t, \quad
+\lambda_{t+1} = \eta_t (a - b\, p_t) + \lambda_t,
+$$
 
 where y_t = eta_t lambda_t - 2. Note the one-step lag: eta_{t+1} is computed from the state at t, and eta_0
 is a setting. The rate interpolates between sigma/lambda (p >> g) and sigma/nu (g >> p).
@@ -49,7 +49,7 @@ __all__ = ["CDATModelTrajectory", "cdat_model_lr", "simulate_cdat_model"]
 
 
 class CDATModelTrajectory(NamedTuple):
-    """Trajectory of eq. 10, states t = 0..steps (each array has ``steps + 1`` entries)."""
+    """Trajectory of eq. 10, states t = 0..steps (each array has `steps + 1` entries)."""
 
     eta: np.ndarray  #: eta_t, the learning rate applied from state t to t + 1
     sharpness: np.ndarray  #: lambda_t
@@ -59,7 +59,7 @@ class CDATModelTrajectory(NamedTuple):
 
 
 def cdat_model_lr(sharpness: float, p: float, g: float, *, sigma: float = 2.0, nu: float = 0.1) -> float:
-    """Eq. 9: ``sigma (lambda^2 p + nu^2 g) / (lambda^3 p + nu^3 g)`` (nan when the denominator is 0)."""
+    """Eq. 9: `sigma (lambda^2 p + nu^2 g) / (lambda^3 p + nu^3 g)` (nan when the denominator is 0)."""
     num = sharpness * sharpness * p + nu * nu * g
     den = sharpness * sharpness * sharpness * p + nu * nu * nu * g
     return sigma * num / den if den != 0 else math.nan
@@ -81,7 +81,7 @@ def simulate_cdat_model(
     g0: float = 4.0,
     steps: int = 10_000,
 ) -> CDATModelTrajectory:
-    """Iterate the CDAT model (eq. 10 with eq. 4's sharpness update) for ``steps`` steps.
+    """Iterate the CDAT model (eq. 10 with eq. 4's sharpness update) for `steps` steps.
 
     Args:
         sigma: CDAT scale (> 0); 2 is the on-edge rule, the paper contrasts it with 1.9.
@@ -90,10 +90,17 @@ def simulate_cdat_model(
         nu: the small, fixed eigenvalue of the orthogonal direction (>= 0).
         lambda0: initial sharpness (> 0).
         eta0: initial learning rate (> 0).
-        p0, g0: initial squared projections (>= 0, not both 0).
+        p0: initial squared projection on the top eigenvector (>= 0; p0 and g0 not both 0).
+        g0: initial squared projection on the orthogonal direction (>= 0).
         steps: number of updates (>= 1).
 
     Defaults are the paper's Fig. 9 settings (with sigma = 2) and our 10000 steps.
+
+    Returns:
+        The [`CDATModelTrajectory`][eos_core.theory.cdat_model.CDATModelTrajectory], one entry per state.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_cdat_model"
     sigma = check.positive(owner, "sigma", sigma)

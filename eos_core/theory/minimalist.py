@@ -10,14 +10,18 @@ convergence with a final sharpness at most (2 + delta)/eta.
 Sigma = [[lambda_1, kappa], [kappa, lambda_2]], kappa = rho sqrt(lambda_1 lambda_2); target y = c x_2.
 With theta = v w (the end-to-end linear predictor) and theta* = (0, c):
 
-.. math::
+$$
+L(v, w) = \tfrac12 \mathbb{E}[(v\, w^\top x - y)^2] = \tfrac12 e^\top \Sigma e, \qquad e = v w - \theta^*,
+$$
 
-    L(v, w) = \tfrac12 \mathbb{E}[(v\, w^\top x - y)^2] = \tfrac12 e^\top \Sigma e, \qquad e = v w - \theta^*,
+$$
+\nabla_v L = w^\top s, \quad \nabla_w L = v s, \qquad s = \Sigma e,
+$$
 
-    \nabla_v L = w^\top s, \quad \nabla_w L = v s, \qquad s = \Sigma e,
-
-    \nabla^2 L = \begin{pmatrix} w^\top \Sigma w & (s + v \Sigma w)^\top \\ s + v \Sigma w & v^2 \Sigma
-    \end{pmatrix}.
+$$
+\nabla^2 L = \begin{pmatrix} w^\top \Sigma w & (s + v \Sigma w)^\top \\ s + v \Sigma w & v^2 \Sigma
+\end{pmatrix}.
+$$
 
 The choices, and why:
 
@@ -82,7 +86,7 @@ __all__ = [
 
 
 class MinimalistTrajectory(NamedTuple):
-    """GD trajectory on the minimalist model, states t = 0..steps (``steps + 1`` rows each)."""
+    """GD trajectory on the minimalist model, states t = 0..steps (`steps + 1` rows each)."""
 
     v: np.ndarray  #: second-layer weight v_t
     w: np.ndarray  #: first-layer weights w_t = (irrelevant w_1, relevant w_2), shape (steps + 1, 2)
@@ -125,7 +129,7 @@ def minimalist_loss(
     correlation: float = 0.1,
     target_scale: float = 0.4,
 ) -> np.ndarray:
-    """L = 1/2 e^T Sigma e with e = v w - (0, c); ``params`` = (v, w_1, w_2) on the last axis."""
+    """L = 1/2 e^T Sigma e with e = v w - (0, c); `params` = (v, w_1, w_2) on the last axis."""
     sigma = minimalist_covariance(lambda1=lambda1, lambda2=lambda2, correlation=correlation)
     _, _, e = _residual(params, target_scale)
     return 0.5 * np.einsum("...i,ij,...j->...", e, sigma, e)
@@ -176,7 +180,18 @@ def minimalist_sharpness(
     correlation: float = 0.1,
     target_scale: float = 0.4,
 ) -> np.ndarray:
-    """lambda_max of :func:`minimalist_hessian` (nan where the parameters are not finite)."""
+    """lambda_max of [`minimalist_hessian`][eos_core.theory.minimalist.minimalist_hessian].
+
+    Args:
+        params: `(v, w_1, w_2)` points, the last axis the three parameters.
+        lambda1: variance of the irrelevant feature x_1.
+        lambda2: variance of the relevant feature x_2.
+        correlation: correlation of x_1 and x_2.
+        target_scale: c in y = c x_2.
+
+    Returns:
+        The sharpness of each point (nan where the parameters are not finite).
+    """
     hess = minimalist_hessian(
         params, lambda1=lambda1, lambda2=lambda2, correlation=correlation, target_scale=target_scale
     )
@@ -210,6 +225,12 @@ def simulate_minimalist_gd(
         target_scale: c in y = c x_2; ours, 0.4.
         v0: initial second-layer weight; ours, 0.55 (sharpness 30.3).
         w0: initial first-layer weights (w_1, w_2); ours, (0.01, 0.1).
+
+    Returns:
+        The [`MinimalistTrajectory`][eos_core.theory.minimalist.MinimalistTrajectory], one entry per iterate.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_minimalist_gd"
     lr = check.positive(owner, "lr", lr)

@@ -12,16 +12,16 @@ the flattest minimiser while the loss stays O(eta^2).
 
 **Our problem** (the summary in our copy of the paper names none): the depth-D scalar factorisation
 
-.. math::
-
-    L(w) = \tfrac12 (w_1 w_2 \cdots w_D - 1)^2, \qquad D \ge 2
-    \quad (\text{default } D = 2:\ \tfrac12 (uv - 1)^2),
+$$
+L(w) = \tfrac12 (w_1 w_2 \cdots w_D - 1)^2, \qquad D \ge 2
+\quad (\text{default } D = 2:\ \tfrac12 (uv - 1)^2),
+$$
 
 whose minimisers form the manifold prod w_i = 1. On it the Hessian is grad r grad r^T (r = prod w - 1), so
 lambda_1 = sum_i 1/w_i^2 (= u^2 + v^2 for D = 2), minimised at w = (1, ..., 1) with value D. Everything is
 exact: the Hessian is analytic, and the gradient-flow limit Phi(w) used by the paper (where gradient flow
 from w lands on Gamma) follows from the conservation of w_i^2 - w_j^2 under gradient flow, so
-``limit_sharpness`` = lambda_1(grad^2 L(Phi(w_t))) is exact too.
+`limit_sharpness` = lambda_1(grad^2 L(Phi(w_t))) is exact too.
 
 **Measuring "on the edge".** Near Gamma both algorithms settle into a period-2 orbit across the valley. On
 a quadratic with curvature lambda, two steps with learning rates e_1, e_2 form such an orbit exactly when
@@ -29,7 +29,7 @@ a quadratic with curvature lambda, two steps with learning rates e_1, e_2 form s
 2 / (1/(e_1 lambda) + 1/(e_2 lambda)) = 2. With a single constant learning rate this is e lambda = 2, the
 usual edge. For this problem (rank-one gradient, grad L parallel to grad r) the orbit need not be
 symmetric: with the defaults a single e_t lambda_t alternates between values such as 1.5 and 2.8 (normalised
-GD, step 10) or 1.2 and 5.5 (step 5000), while their two-step harmonic mean (``two_step_edge``) stays at 2
+GD, step 10) or 1.2 and 5.5 (step 5000), while their two-step harmonic mean (`two_step_edge`) stays at 2
 to O(eta). The tests and the figure use that quantity.
 
 **Default settings (our choice).** Start at the imbalanced point w_0 = (3, 0.1) (loss 0.245, limit
@@ -69,13 +69,13 @@ __all__ = [
 
 
 class ManifoldTrajectory(NamedTuple):
-    """Trajectory on L(w) = 1/2 (prod w - 1)^2, states t = 0..steps (``steps + 1`` rows each)."""
+    """Trajectory on L(w) = 1/2 (prod w - 1)^2, states t = 0..steps (`steps + 1` rows each)."""
 
     w: np.ndarray  #: parameters, shape (steps + 1, D)
     loss: np.ndarray  #: L(w_t)
     sharpness: np.ndarray  #: lambda_1(grad^2 L(w_t)), from the analytic Hessian
     effective_lr: np.ndarray  #: eta_t such that the step is w_t - eta_t grad L(w_t) (inf where grad L = 0)
-    lr_times_sharpness: np.ndarray  #: eta_t lambda_1(w_t); see ``two_step_edge``
+    lr_times_sharpness: np.ndarray  #: eta_t lambda_1(w_t); see `two_step_edge`
     limit_sharpness: np.ndarray  #: lambda_1 at Phi(w_t), where gradient flow from w_t lands (nan if none)
 
 
@@ -95,13 +95,20 @@ def _prod_except_one(w: np.ndarray) -> np.ndarray:
 
 
 def product_loss(w: np.ndarray | Sequence[float]) -> np.ndarray:
-    """L(w) = 1/2 (prod_i w_i - 1)^2, over the last axis of ``w`` (any leading batch shape)."""
+    """L(w) = 1/2 (prod_i w_i - 1)^2, over the last axis of `w` (any leading batch shape)."""
     r = np.prod(_as_points(w), axis=-1) - 1.0
     return 0.5 * r * r
 
 
 def product_gradient(w: np.ndarray | Sequence[float]) -> np.ndarray:
-    """grad L(w) = r(w) grad r(w), with r = prod w - 1 and (grad r)_i = prod_{j != i} w_j."""
+    """The gradient r(w) grad r(w), with r = prod w - 1 and (grad r)_i = prod_{j != i} w_j.
+
+    Args:
+        w: points, the last axis the D coordinates (any leading batch shape).
+
+    Returns:
+        grad L(w), shaped like `w`.
+    """
     w = _as_points(w)
     r = np.prod(w, axis=-1) - 1.0
     return r[..., None] * _prod_except_one(w)
@@ -111,6 +118,12 @@ def product_hessian(w: np.ndarray | Sequence[float]) -> np.ndarray:
     """Analytic Hessian grad^2 L = grad r grad r^T + r grad^2 r, shape (..., D, D).
 
     (grad^2 r)_ij = prod_{k != i, j} w_k for i != j and 0 on the diagonal.
+
+    Args:
+        w: points, the last axis the D coordinates (any leading batch shape).
+
+    Returns:
+        The Hessians, shape (..., D, D).
     """
     w = _as_points(w)
     dim = w.shape[-1]
@@ -142,6 +155,12 @@ def product_limit_point(w: np.ndarray | Sequence[float]) -> np.ndarray:
     changes signs when prod w > 0, so Phi(w)_i = sign(w_i) sqrt(w_i^2 + c) with the unique c > -min_i w_i^2
     that puts the product at 1 (found by bisection to machine precision). Points with prod w <= 0 (the flow
     would cross a coordinate hyperplane) map to nan.
+
+    Args:
+        w: points, the last axis the D coordinates (any leading batch shape).
+
+    Returns:
+        Phi(w), shaped like `w`.
     """
     w = _as_points(w)
     sq = w * w
@@ -165,11 +184,17 @@ def product_limit_sharpness(w: np.ndarray | Sequence[float]) -> np.ndarray:
 
 
 def two_step_edge(lr_times_sharpness: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Harmonic mean of consecutive e_t lambda_t: ``2 / (1/(e_t lambda_t) + 1/(e_{t+1} lambda_{t+1}))``.
+    """Harmonic mean of consecutive e_t lambda_t: `2 / (1/(e_t lambda_t) + 1/(e_{t+1} lambda_{t+1}))`.
 
     Equal to 2 exactly when two GD steps with learning rates e_t, e_{t+1} on a quadratic of curvature
     lambda form a period-2 orbit ((1 - e_t lambda)(1 - e_{t+1} lambda) = 1): the edge of stability for a
-    learning rate that alternates. Returns an array one shorter than its input.
+    learning rate that alternates.
+
+    Args:
+        lr_times_sharpness: the series e_t lambda_t.
+
+    Returns:
+        The two-step edge, one shorter than the input.
     """
     x = np.asarray(lr_times_sharpness, dtype=float)
     with np.errstate(divide="ignore"):
@@ -202,11 +227,22 @@ def _trajectory(ws: np.ndarray, effective_lr: np.ndarray) -> ManifoldTrajectory:
 def simulate_normalized_gd(
     *, eta: float = 0.05, w0: Sequence[float] = (3.0, 0.1), steps: int = 5000
 ) -> ManifoldTrajectory:
-    """Normalised GD on L(w) = 1/2 (prod w - 1)^2: ``w <- w - eta grad L / ||grad L||``.
+    """Normalised GD on L(w) = 1/2 (prod w - 1)^2: `w <- w - eta grad L / ||grad L||`.
 
     The effective learning rate on L is eta_t = eta / ||grad L(w_t)||. Where grad L = 0 the direction is
     undefined: the iterate stays (eta_t = inf). Defaults (our choice, see the module docstring):
-    eta = 0.05, w0 = (3, 0.1), 5000 steps. The length of ``w0`` sets D.
+    eta = 0.05, w0 = (3, 0.1), 5000 steps. The length of `w0` sets D.
+
+    Args:
+        eta: the step length (> 0).
+        w0: the start (finite, length D >= 2).
+        steps: number of steps (>= 1).
+
+    Returns:
+        The [`ManifoldTrajectory`][eos_core.theory.normalized_gd.ManifoldTrajectory], one entry per iterate.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_normalized_gd"
     eta = check.positive(owner, "eta", eta)
@@ -233,6 +269,17 @@ def simulate_sqrt_loss_gd(
     grad sqrt(L) = grad L / (2 sqrt(L)) = sign(r) grad r / sqrt(2), so this is GD on L with the effective
     learning rate eta_t = eta / (2 sqrt(L(w_t))). On the manifold (L = 0) sqrt(L) is not differentiable:
     the iterate stays (eta_t = inf). Defaults (our choice): eta = 0.05, w0 = (3, 0.1), 5000 steps.
+
+    Args:
+        eta: the constant learning rate on sqrt(L) (> 0).
+        w0: the start (finite, length D >= 2).
+        steps: number of steps (>= 1).
+
+    Returns:
+        The [`ManifoldTrajectory`][eos_core.theory.normalized_gd.ManifoldTrajectory], one entry per iterate.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_sqrt_loss_gd"
     eta = check.positive(owner, "eta", eta)

@@ -3,19 +3,19 @@ r"""The self-stabilisation model of the edge of stability, with a learning-rate 
 Roulet et al. (2024), section 2.3 and appendix A, take the model of Damian et al. (2022): along the top
 eigenvector v of the Hessian, x_t = v^T w_t and the sharpness lambda_t = lambda_max(H(w_t)) evolve as
 
-.. math::
-
-    x_{t+1} = (1 - \eta_t \lambda_t)\, x_t, \qquad
-    \lambda_{t+1} = \eta_t\,(a - b\, x_t^2) + \lambda_t \qquad\text{(eq. 4)}
+$$
+x_{t+1} = (1 - \eta_t \lambda_t)\, x_t, \qquad
+\lambda_{t+1} = \eta_t\,(a - b\, x_t^2) + \lambda_t \qquad\text{(eq. 4)}
+$$
 
 where a = -grad(lambda).grad(f) drives progressive sharpening and b = ||grad(lambda)||^2 the non-linear
 negative feedback. In the normalised variables p = x^2 and y = eta lambda - 2 (y = 0 is the edge):
 
-.. math::
-
-    p_{t+1} = (1 + y_t)^2 p_t, \qquad
-    y_{t+1} = \eta_{t+1}\,[\eta_t (a - b p_t)] + \frac{\eta_{t+1}}{\eta_t} y_t
-              + 2\Big[\frac{\eta_{t+1}}{\eta_t} - 1\Big] \qquad\text{(eq. 5)}
+$$
+p_{t+1} = (1 + y_t)^2 p_t, \qquad
+y_{t+1} = \eta_{t+1}\,[\eta_t (a - b p_t)] + \frac{\eta_{t+1}}{\eta_t} y_t
+          + 2\Big[\frac{\eta_{t+1}}{\eta_t} - 1\Big] \qquad\text{(eq. 5)}
+$$
 
 Two learning-rate rules are provided: a constant eta (the original model) and the "fixed-y tuner" of eq. 6,
 eta_t = 2 (1 - eps) / lambda_t, which keeps y_t = -2 eps: the paper's model of classical tuners that settle
@@ -32,7 +32,7 @@ Jacobian of eq. 4 in (p, lambda) has eigenvalues 1 +- i eta sqrt(2a), of modulus
 (1.03 per step at the paper's settings): the explicit map spirals out, the oscillation of y roughly
 doubles every cycle (about 26 steps), and a run eventually collapses (lambda near 1 crushes x, the next
 overshoot is too large: with the defaults lambda turns negative at step 104 and blows up a few steps
-later). The paper's "quasi-stable oscillations" are the first cycles, which the default ``steps = 85``
+later). The paper's "quasi-stable oscillations" are the first cycles, which the default `steps = 85`
 shows: lambda oscillates around 2/eta, its mean over the last 20% of the steps within 1% of 2/eta. The
 map is written exactly as eq. 4, with x_t (not x_{t+1}) in the sharpness update; runs that diverge return
 inf/nan rather than raising.
@@ -58,14 +58,14 @@ __all__ = [
 ]
 
 LRRule = Callable[[int, float, float], float]
-"""A learning-rate rule for eq. 4: ``rule(t, x_t, lambda_t) -> eta_t``."""
+"""A learning-rate rule for eq. 4: `rule(t, x_t, lambda_t) -> eta_t`."""
 
 
 class SelfStabilizationTrajectory(NamedTuple):
-    """Trajectory of eq. 4, states t = 0..steps (each array has ``steps + 1`` entries).
+    """Trajectory of eq. 4, states t = 0..steps (each array has `steps + 1` entries).
 
-    ``eta[t]`` is the learning rate the rule picks in state t (the one applied to go from t to t + 1;
-    the last entry is what the rule would use next). ``p`` and ``y`` are eq. 5's normalised variables.
+    `eta[t]` is the learning rate the rule picks in state t (the one applied to go from t to t + 1;
+    the last entry is what the rule would use next). `p` and `y` are eq. 5's normalised variables.
     """
 
     eta: np.ndarray  #: eta_t
@@ -76,14 +76,19 @@ class SelfStabilizationTrajectory(NamedTuple):
 
 
 def eq4_step(x: float, sharpness: float, eta: float, *, a: float, b: float) -> tuple[float, float]:
-    """One step of eq. 4: ``(x_{t+1}, lambda_{t+1}) = ((1 - eta lambda) x, eta (a - b x^2) + lambda)``."""
+    """One step of eq. 4: `(x_{t+1}, lambda_{t+1}) = ((1 - eta lambda) x, eta (a - b x^2) + lambda)`."""
     return (1.0 - eta * sharpness) * x, eta * (a - b * x * x) + sharpness
 
 
 def fixed_y_lr(sharpness: float, *, eps: float = 0.05) -> float:
-    """Eq. 6: ``eta = 2 (1 - eps) / lambda``, which holds y = eta lambda - 2 at -2 eps.
+    """Eq. 6: `eta = 2 (1 - eps) / lambda`, which holds y = eta lambda - 2 at -2 eps.
 
-    Returns nan when ``sharpness <= 0`` (the rule is undefined there).
+    Args:
+        sharpness: lambda.
+        eps: the distance below the edge.
+
+    Returns:
+        The learning rate; nan when `sharpness <= 0` (the rule is undefined there).
     """
     return 2.0 * (1.0 - eps) / sharpness if sharpness > 0 else math.nan
 
@@ -91,15 +96,22 @@ def fixed_y_lr(sharpness: float, *, eps: float = 0.05) -> float:
 def simulate_self_stabilization(
     lr_rule: LRRule, *, steps: int, a: float, b: float, x0: float, lambda0: float
 ) -> SelfStabilizationTrajectory:
-    """Iterate eq. 4 for ``steps`` steps with eta_t = ``lr_rule(t, x_t, lambda_t)``.
+    """Iterate eq. 4 for `steps` steps with eta_t = `lr_rule(t, x_t, lambda_t)`.
 
     Args:
         lr_rule: the learning-rate rule (any callable of (t, x_t, lambda_t)).
-        steps: number of updates (>= 1); the trajectory holds ``steps + 1`` states.
+        steps: number of updates (>= 1); the trajectory holds `steps + 1` states.
         a: progressive-sharpening rate, a = -grad(lambda).grad(f) (any finite number).
         b: strength of the feedback, b = ||grad(lambda)||^2 (>= 0).
         x0: initial projection on the top eigenvector.
         lambda0: initial sharpness.
+
+    Returns:
+        The [`SelfStabilizationTrajectory`][eos_core.theory.self_stabilization.SelfStabilizationTrajectory], one
+        entry per state t = 0..steps.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     return _simulate("simulate_self_stabilization", lr_rule, steps=steps, a=a, b=b, x0=x0, lambda0=lambda0)
 
@@ -140,9 +152,24 @@ def simulate_constant_lr(
 ) -> SelfStabilizationTrajectory:
     """Eq. 4 with a constant learning rate (CDAT paper Fig. 4 and 10, blue).
 
-    Defaults: the paper's a = 3e-2, b = 3e-1, eta = 1; x0 = 0.3, lambda0 = 1.9 and ``steps = 85`` are our
+    Defaults: the paper's a = 3e-2, b = 3e-1, eta = 1; x0 = 0.3, lambda0 = 1.9 and `steps = 85` are our
     choice (the paper gives none): lambda rises from 1.9 to the edge 2/eta, then oscillates around it
     while y oscillates around 0. Longer runs leave the quasi-stable regime (see the module docstring).
+
+    Args:
+        eta: the learning rate (> 0).
+        a: progressive-sharpening rate.
+        b: feedback strength (>= 0).
+        x0: initial projection on the top eigenvector.
+        lambda0: initial sharpness.
+        steps: number of updates (>= 1).
+
+    Returns:
+        The [`SelfStabilizationTrajectory`][eos_core.theory.self_stabilization.SelfStabilizationTrajectory], one
+        entry per state t = 0..steps.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_constant_lr"
     eta = check.positive(owner, "eta", eta)
@@ -165,6 +192,21 @@ def simulate_fixed_y(
     the learning rate decays like 1/lambda. Defaults: the paper's a = 1, b = 0.5, eta_0 = 1 (so
     lambda_0 = 2 (1 - eps) / eta_0 = 1.9) and eps = 0.05 (eta = 1.9 / lambda); x0 = 0.3 and 200 steps are
     our choice (lambda grows about 14x).
+
+    Args:
+        eps: the distance below the edge, in [0, 1).
+        eta0: the initial learning rate (> 0), which sets lambda_0 = 2 (1 - eps) / eta0.
+        a: progressive-sharpening rate.
+        b: feedback strength (>= 0).
+        x0: initial projection on the top eigenvector.
+        steps: number of updates (>= 1).
+
+    Returns:
+        The [`SelfStabilizationTrajectory`][eos_core.theory.self_stabilization.SelfStabilizationTrajectory], one
+        entry per state t = 0..steps.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
     owner = "simulate_fixed_y"
     eps = check.in_interval(owner, "eps", eps, 0.0, 1.0, closed_low=True, closed_high=False)

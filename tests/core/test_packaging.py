@@ -97,3 +97,64 @@ def test_ci_runs_the_readme_test_command():
     test_command = quickstart[1]
     assert "tox" in test_command
     assert test_command in ci
+
+
+def test_the_version_has_one_source_and_the_changelog_describes_it():
+    import tomllib
+
+    import eos_core
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "eos_core.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", eos_core.__version__)
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[?(\d+\.\d+\.\d+)\]?", changelog, flags=re.M)
+    assert releases and releases[0] == eos_core.__version__, (releases, eos_core.__version__)
+    dist = next((d for d in importlib.metadata.distributions(name="eos-core") if d.read_text("RECORD")), None)
+    direct_url = dist.read_text("direct_url.json") if dist else None
+    if dist is not None and not (direct_url and json.loads(direct_url).get("dir_info", {}).get("editable")):
+        assert dist.version == eos_core.__version__  # the installed wheel's metadata came from that one source
+
+
+def _load_ci_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"ci_{name}", ROOT / ".ci" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"ci_{name}"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tox_writes_junit_for_every_test_env_and_the_summary_runs_last():
+    import configparser
+
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    envs = [e.strip() for e in tox["tox"]["env_list"].split(",")]
+    assert {"docs", "package", "summary"} <= set(envs) and envs[-1] == "summary"
+    assert "--junitxml={work_dir}{/}junit{/}{env_name}.xml" in tox["testenv"]["commands"]
+    assert tox["testenv"]["parallel_show_output"].strip() == "true"
+    depends = {e.strip() for e in tox["testenv:summary"]["depends"].split(",")}
+    assert depends == set(envs) - {"summary"}, "the summary must wait for every other environment"
+    assert "mkdocs build --strict" in tox["testenv:docs"]["commands"]
+
+
+def test_tox_summary_table_counts_and_flags_failures(tmp_path, capsys):
+    summary = _load_ci_script("tox_summary")
+    (tmp_path / "core.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="0" failures="0" skipped="3" '
+        'tests="120" time="41.5"/></testsuites>')
+    (tmp_path / "torch.xml").write_text(
+        '<testsuites><testsuite errors="1" failures="2" skipped="4" tests="200" time="300.2"/></testsuites>')
+    assert summary.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["core"], ["torch"],
+                                                                                              ["total"])}
+    assert rows["core"][1:7] == ["120", "117", "0", "0", "3", "42"]
+    assert rows["torch"][1:6] == ["200", "193", "2", "1", "4"]
+    assert rows["total"][1:6] == ["320", "310", "2", "1", "7"]
+    assert "FAILED: torch" in out
+    (tmp_path / "torch.xml").unlink()
+    assert summary.main([str(tmp_path)]) == 0
+    assert summary.main([str(tmp_path / "missing")]) == 0
+    assert "no JUnit file" in capsys.readouterr().out
