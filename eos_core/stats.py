@@ -40,6 +40,16 @@ GRAD_PREV_UPDATE_COSINE = "grad_prev_update_cosine"
 """cos(g_t, u_{t-1}): the current gradient against the previous step's update (hypergradient).
 Adapters pass 0 on the first step, when there is no previous update."""
 
+GRAD_DOT_PREVIOUS_UPDATE = "grad_dot_previous_update"
+"""g_t . u_{t-1}: the current batch's gradient against the previous step's update (for lr 1), a gradient that
+update did not see (CDAT's unbiased mini-batch numerator). Adapters pass NaN when there is no previous update."""
+
+PREVIOUS_UPDATE_CURVATURE = "previous_update_curvature"
+"""u_{t-1}^T H_t u_{t-1}: the curvature of the current batch along the previous step's update (NaN when none)."""
+
+PREVIOUS_LR = "previous_lr"
+"""The learning rate applied to u_{t-1}, the previous step's update (0 when there is no previous update)."""
+
 ALL = frozenset(
     {
         LOSS,
@@ -52,11 +62,14 @@ ALL = frozenset(
         PRECONDITIONED_TOP_EIGENVALUES,
         TRIAL_LOSS,
         GRAD_PREV_UPDATE_COSINE,
+        GRAD_DOT_PREVIOUS_UPDATE,
+        PREVIOUS_UPDATE_CURVATURE,
+        PREVIOUS_LR,
     }
 )
 """Every statistic a law may ask for."""
 
-CURVATURE_PROBES = frozenset({CURVATURE})
+CURVATURE_PROBES = frozenset({CURVATURE, PREVIOUS_UPDATE_CURVATURE})
 """The statistics that need the curvature probe u^T H u."""
 SPECTRAL = frozenset({SHARPNESS, PRECONDITIONED_SHARPNESS, TOP_EIGENVALUES, PRECONDITIONED_TOP_EIGENVALUES})
 """The statistics that need a spectral estimator (power iteration or Lanczos)."""

@@ -129,9 +129,14 @@ class Law(abc.ABC):
         Returns:
             The restored state.
 
+        Fields a release added to a law's state (`optional_state_fields`, e.g. CDAT's step counter) take the
+        template's value when an older checkpoint lacks them.
+
         Raises:
             ValueError: when `saved` lacks a field of the state.
         """
+        optional = getattr(type(self), "optional_state_fields", ())
+        saved = {**{f: np.asarray(getattr(template, f)) for f in optional if f not in saved}, **dict(saved)}
         missing = [f for f in template._fields if f not in saved]
         if missing:
             raise ValueError(f"{type(self).__name__}: the saved law state lacks {missing}")
