@@ -1,22 +1,22 @@
 """The diagnostics every adapter and callback reports: one registry of names, meanings and derivations.
 
-After each step the PyTorch tuner (``tuner.diagnostics``), the JAX transformation
-(:func:`eos_core.adapters.jax.diagnostics`), the Keras tuner and the trainer callbacks (``eos/<name>``)
-report the same keys with the same meaning, listed in :data:`REGISTRY`. For a given law the key set is
-fixed (:func:`keys_for`): values not measured on a step are NaN (left out of trainer logs).
+After each step the PyTorch tuner (`tuner.diagnostics`), the JAX transformation (`eos_core.adapters.jax.diagnostics`),
+the Keras tuner and the trainer callbacks (`eos/<name>`) report the same keys with the same meaning, listed in
+[`REGISTRY`][eos_core.diagnostics.REGISTRY]. For a given law the key set is fixed
+([`keys_for`][eos_core.diagnostics.keys_for]): values not measured on a step are NaN (left out of trainer logs).
 
 Two rules fix what used to differ between frameworks:
 
-* ``sharpness`` is lambda_max of the Hessian measured on this step: by sharpness tracking when it ran,
+* `sharpness` is lambda_max of the Hessian measured on this step: by sharpness tracking when it ran,
   else by the law's own probe when the law measures it (ExactSharpness and AdaEoS on H, DCAO's
-  lambda_1), else NaN. The same for ``preconditioned_sharpness``.
-* ``lr_sharpness`` is always the applied ``lr`` times ``sharpness`` (2 is the edge of stability of
-  gradient descent on a quadratic), ``preconditioned_lr_sharpness`` the applied ``lr`` times
-  ``preconditioned_sharpness``. Values internal to a law carry their own names (AdaEoS:
-  ``lr_smoothed_sharpness``; DCAO: ``lr_lambda_1``).
+  lambda_1), else NaN. The same for `preconditioned_sharpness`.
+* `lr_sharpness` is always the applied `lr` times `sharpness` (2 is the edge of stability of
+  gradient descent on a quadratic), `preconditioned_lr_sharpness` the applied `lr` times
+  `preconditioned_sharpness`. Values internal to a law carry their own names (AdaEoS:
+  `lr_smoothed_sharpness`; DCAO: `lr_lambda_1`).
 
-Nothing here imports a framework; :func:`derive_sharpness` works on numpy scalars and traced JAX
-arrays alike (it takes the array namespace).
+Nothing here imports a framework; [`derive_sharpness`][eos_core.diagnostics.derive_sharpness] works on numpy scalars
+and traced JAX arrays alike (it takes the array namespace).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class Diagnostic(NamedTuple):
 
     name: str
     meaning: str
-    #: when it holds a value: ``"step"`` (every step), ``"probe"`` (steps where the law measured),
-    #: ``"tracked"`` (steps where sharpness was measured), ``"total"`` (cumulative since the start)
+    #: when it holds a value: `"step"` (every step), `"probe"` (steps where the law measured),
+    #: `"tracked"` (steps where sharpness was measured), `"total"` (cumulative since the start)
     when: str
-    #: ``"float"``, ``"int"`` or ``"str"``
+    #: `"float"`, `"int"` or `"str"`
     kind: str = "float"
 
 
@@ -66,11 +66,30 @@ REGISTRY: tuple[Diagnostic, ...] = (
     Diagnostic("preconditioned_lr_sharpness", "lr * preconditioned_sharpness", "tracked"),
     Diagnostic("alignment", "|cos(u, v_max)|: how much of the update lies along the top eigenvector", "tracked"),
     Diagnostic("power_iterations", "Hessian-vector products the last sharpness estimate used", "tracked"),
+    # -- the sharpness monitor (monitor_budget; NaN when it is off) -----------------------------------------
+    Diagnostic("sharpness_residual", "relative residual |H y - theta y| / |theta| of the monitor's estimate behind "
+               "sharpness (Lanczos residual; NaN when sharpness is an exact measurement of this step)", "step"),
+    Diagnostic("sharpness_age", "steps since the Hessian-vector product behind sharpness (0: measured on this step)",
+               "step"),
+    Diagnostic("preconditioned_sharpness_residual", "the same for preconditioned_sharpness", "step"),
+    Diagnostic("preconditioned_sharpness_age", "the same for preconditioned_sharpness", "step"),
+    Diagnostic("edge", "the optimizer's edge of stability for lr * sharpness (preconditioned for adaptive "
+               "optimizers): 2 for gradient descent, 2(1 + beta)/(1 - dampening) with heavy-ball momentum, "
+               "2(1 + beta1)/(1 - beta1) for Adam; NaN when not known or the monitor is off", "step"),
+    Diagnostic("unstable", "1 while lr * sharpness (preconditioned for adaptive optimizers) has been above edge * "
+               "(1 + monitor_margin) for monitor_patience consecutive measurements (a RuntimeWarning marks each "
+               "onset), else 0; NaN before the first measurement and while the monitor is off", "step"),
+    Diagnostic("monitor_every", "the monitor's steady-state spacing k = ceil(cost of its products / (monitor_budget "
+               "x a training step))", "step"),
+    Diagnostic("monitor_exact", "1 when the monitor's products are exact (finite differences disagreed with the "
+               "exact product at the last check), 0 for one-sided finite differences", "step"),
     # -- the laws' own measurements (present for the laws that make them) -------------------------------
     Diagnostic("numerator", "CDAT's n = max(-g.u, 0) of this probe (eq. 8)", "probe"),
     Diagnostic("denominator", "CDAT's d = |u^T H u| + eps of this probe (eq. 8)", "probe"),
     Diagnostic("numerator_ema", "CDAT's EMA of n (equal to n when ema = 0)", "probe"),
     Diagnostic("denominator_ema", "CDAT's EMA of d (equal to d when ema = 0)", "probe"),
+    Diagnostic("decay", "CDAT with decay=: the horizon factor s(t/T) multiplying the rule's rate (no warm-up, no "
+               "peak lr)", "step"),
     Diagnostic("trials", "Armijo: trial losses evaluated by the line search", "probe"),
     Diagnostic("accepted", "Armijo: 1 when a trial step met the sufficient-decrease condition", "probe"),
     Diagnostic("grad_norm_sq", "Polyak: |g|^2 (eq. 14)", "probe"),
@@ -95,16 +114,26 @@ STEP_KEYS: tuple[str, ...] = ("step", "lr", "law_lr", "probed", "fallback", "ski
 #: Reported by every adapter on every step (NaN unless measured on that step).
 TRACKING_KEYS: tuple[str, ...] = ("sharpness", "lr_sharpness", "preconditioned_sharpness",
                                   "preconditioned_lr_sharpness", "alignment", "power_iterations")
+#: Reported by every adapter on every step (NaN while the monitor is off).
+MONITOR_KEYS: tuple[str, ...] = ("sharpness_residual", "sharpness_age", "preconditioned_sharpness_residual",
+                                 "preconditioned_sharpness_age", "edge", "unstable", "monitor_every", "monitor_exact")
 #: Keys whose value is not a float.
 INTEGER_KEYS: tuple[str, ...] = tuple(e.name for e in REGISTRY if e.kind == "int")
 STRING_KEYS: tuple[str, ...] = tuple(e.name for e in REGISTRY if e.kind == "str")
 
 
 def keys_for(law: Any) -> tuple[str, ...]:
-    """The exact keys an adapter reports after each step for ``law`` (None: measuring only), in table order.
+    """The exact keys an adapter reports after each step for `law` (None: measuring only), in table order.
+
+    Args:
+        law: a law, or None for an adapter that only measures.
+
+    Returns:
+        The names, in the order of [`REGISTRY`][eos_core.diagnostics.REGISTRY].
 
     Raises:
-        KeyError: when the law reports a name that is not in :data:`REGISTRY` (a programming error in a law).
+        KeyError: when the law reports a name that is not in [`REGISTRY`][eos_core.diagnostics.REGISTRY] (a
+            programming error in a law).
     """
     own: tuple[str, ...] = ()
     if law is not None:
@@ -113,15 +142,23 @@ def keys_for(law: Any) -> tuple[str, ...]:
         if unknown:
             raise KeyError(f"{type(law).__name__} reports names missing from eos_core.diagnostics.REGISTRY: "
                            f"{unknown}")
-    wanted = set(STEP_KEYS) | set(TRACKING_KEYS) | set(own)
+    wanted = set(STEP_KEYS) | set(TRACKING_KEYS) | set(MONITOR_KEYS) | set(own)
     return tuple(entry.name for entry in REGISTRY if entry.name in wanted)
 
 
 def law_sharpness(law: Any, values: Mapping[str, Any], nan: Any = math.nan) -> tuple[Any, Any]:
-    """``(sharpness, preconditioned_sharpness)`` the law measured itself on this step (``nan`` where it did not).
+    """`(sharpness, preconditioned_sharpness)` the law measured itself on this step (`nan` where it did not).
 
-    ExactSharpness and AdaEoS report their estimate under ``sharpness`` or ``preconditioned_sharpness``;
-    DCAO reports ``lambda_1`` of H or, with ``preconditioned=True``, of P^{-1/2} H P^{-1/2}.
+    ExactSharpness and AdaEoS report their estimate under `sharpness` or `preconditioned_sharpness`;
+    DCAO reports `lambda_1` of H or, with `preconditioned=True`, of P^{-1/2} H P^{-1/2}.
+
+    Args:
+        law: the law (None: no law).
+        values: the law's diagnostics of this step.
+        nan: the "not measured" value (a traced NaN in JAX).
+
+    Returns:
+        `(sharpness, preconditioned_sharpness)`.
     """
     if law is None:
         return nan, nan
@@ -138,10 +175,21 @@ def law_sharpness(law: Any, values: Mapping[str, Any], nan: Any = math.nan) -> t
 
 def derive_sharpness(xp: Any, lr: Any, tracked: Any, tracked_preconditioned: Any, law_value: Any,
                      law_preconditioned: Any) -> dict[str, Any]:
-    """``sharpness``, ``lr_sharpness`` and their preconditioned versions by the two rules of this module.
+    """`sharpness`, `lr_sharpness` and their preconditioned versions by the two rules of this module.
 
-    ``tracked*`` are the tracker's values (NaN when it did not run on this step), ``law_*`` the law's own
-    (:func:`law_sharpness`). Works for numpy and ``jax.numpy`` (``xp``), traced or not.
+    `tracked*` are the tracker's values (NaN when it did not run on this step), `law_*` the law's own
+    ([`law_sharpness`][eos_core.diagnostics.law_sharpness]). Works for numpy and `jax.numpy` (`xp`), traced or not.
+
+    Args:
+        xp: the array namespace.
+        lr: the applied learning rate.
+        tracked: the tracked lambda_max of H (NaN when not tracked on this step).
+        tracked_preconditioned: the tracked lambda_max of the preconditioned Hessian.
+        law_value: the law's own lambda_max of H.
+        law_preconditioned: the law's own lambda_max of the preconditioned Hessian.
+
+    Returns:
+        `sharpness`, `lr_sharpness`, `preconditioned_sharpness` and `preconditioned_lr_sharpness`.
     """
     sharpness = xp.where(xp.isnan(tracked), law_value, tracked)
     preconditioned = xp.where(xp.isnan(tracked_preconditioned), law_preconditioned, tracked_preconditioned)

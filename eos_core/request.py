@@ -107,8 +107,8 @@ class StatsRequest(NamedTuple):
 
     @property
     def previous_update(self) -> bool:
-        """The previous step's update u_{t-1} must be kept (cos(g_t, u_{t-1}))."""
-        return S.GRAD_PREV_UPDATE_COSINE in self.needs
+        """The previous step's update u_{t-1} must be kept (cos(g_t, u_{t-1}), CDAT's previous-update numerator)."""
+        return bool(self.needs & {S.GRAD_PREV_UPDATE_COSINE, S.GRAD_DOT_PREVIOUS_UPDATE, S.PREVIOUS_UPDATE_CURVATURE})
 
     @property
     def objective(self) -> bool:
@@ -116,7 +116,7 @@ class StatsRequest(NamedTuple):
 
         True for curvature, spectra and trial losses: the step's own loss, gradient and update are not enough.
         """
-        return bool(self.needs & ({S.CURVATURE, S.TRIAL_LOSS} | S.SPECTRAL))
+        return bool(self.needs & ({S.CURVATURE, S.PREVIOUS_UPDATE_CURVATURE, S.TRIAL_LOSS} | S.SPECTRAL))
 
     def lanczos_steps_for(self, dimension: int) -> int:
         """Lanczos steps on a problem of `dimension` parameters: `min(lanczos_steps, dimension)`, and >= k."""

@@ -1,11 +1,10 @@
 """The tuner options, with one name, one meaning and one check in every adapter and callback.
 
-The PyTorch ``CurvatureTuner``, JAX ``tune``, the Keras ``CurvatureTuner`` and the Lightning, Hugging Face
-and Keras callbacks all take these options by the same keyword names and validate them here, when the
-object is built, so a bad setting fails on the line that wrote it with a ValueError naming the setting.
-An adapter that cannot honour an option it was given (e.g. ``lr_mode`` in JAX, which has no scheduler to
-multiply) says so instead of ignoring it. Options renamed since 0.1 keep working for now with a
-DeprecationWarning (:data:`DEPRECATED`).
+The PyTorch `CurvatureTuner`, JAX `tune`, the Keras `CurvatureTuner` and the Lightning, Hugging Face and Keras
+callbacks all take these options by the same keyword names and validate them here, when the object is built, so a bad
+setting fails on the line that wrote it with a ValueError naming the setting. An adapter that cannot honour an option
+it was given (e.g. `lr_mode` in JAX, which has no scheduler to multiply) says so instead of ignoring it. Options
+renamed since 0.1 keep working for now with a DeprecationWarning ([`DEPRECATED`][eos_core.settings.DEPRECATED]).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from eos_core import _validation as check
+from eos_core import monitor as monitor_rules
 from eos_core import request as defaults
 from eos_core import routes
 
@@ -30,8 +30,9 @@ DEPRECATED: dict[str, str] = {
 
 WARN_MODES: tuple[Any, ...] = (True, "jit", False)
 LR_MODES: tuple[str, ...] = ("override", "multiply")
-#: ``route="auto"`` on PyTorch switches to one-sided finite differences above this many parameters (see fd_above)
-FD_ABOVE = 10_000_000
+#: `route="auto"` on PyTorch switches to one-sided finite differences, once they agree with the exact route, on
+#: models with at least this many parameters (see fd_above): 1, every model
+FD_ABOVE = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,32 +40,38 @@ class TunerSettings:
     """Options shared by every adapter and callback (each adapter documents which ones it supports).
 
     Attributes:
-        probe_every: measure the law's statistics every that many steps (steps 0, k, 2k, ...) and reuse the
-            learning rate in between (Sophia-style amortisation).
-        route: the u^T H u / H v route (:mod:`eos_core.routes`); ``"auto"`` lets the adapter pick.
-        sharpness_every: every that many steps, estimate lambda_max of the Hessian (and, for adaptive
-            optimizers, of the preconditioned Hessian) by warm-started power iteration; None: off.
+        probe_every: measure the law's statistics every that many steps (steps 0, k, 2k, ...) and reuse the learning
+            rate in between (Sophia-style amortisation).
+        route: the u^T H u / H v route ([`eos_core.routes`][]); `"auto"` lets the adapter pick.
+        sharpness_every: every that many steps, estimate lambda_max of the Hessian (and, for adaptive optimizers, of
+            the preconditioned Hessian) by warm-started power iteration; None: off.
         sharpness_iters: at most that many Hessian-vector products per sharpness estimate.
-        sharpness_tol: stop each sharpness estimate when the Rayleigh quotient changes by at most this,
-            relative (0: always ``sharpness_iters``).
-        lr_mode: ``"override"`` (the law's lr is applied; a scheduler only keeps per-group ratios) or
-            ``"multiply"`` (the law's lr times the scheduler's factor ``lr(t) / lr(0)``). PyTorch and the
-            trainer callbacks.
-        warn: how skipped steps and law fallbacks are reported: True (RuntimeWarning on the host), ``"jit"``
-            (JAX: from inside the compiled step, at about 10% per step), False (never; the counts stay in
-            the diagnostics).
-        skip_nonfinite: skip steps whose loss or gradient is NaN/Inf (parameters and optimizer state
-            untouched). PyTorch and JAX.
+        sharpness_tol: stop each sharpness estimate when the Rayleigh quotient changes by at most this, relative (0:
+            always `sharpness_iters`).
+        lr_mode: `"override"` (the law's lr is applied; a scheduler only keeps per-group ratios) or `"multiply"` (the
+            law's lr times the scheduler's factor `lr(t) / lr(0)`). PyTorch and the trainer callbacks.
+        warn: how skipped steps and law fallbacks are reported: True (RuntimeWarning on the host), `"jit"` (JAX: from
+            inside the compiled step, at about 10% per step), False (never; the counts stay in the diagnostics).
+        skip_nonfinite: skip steps whose loss or gradient is NaN/Inf (parameters and optimizer state untouched).
+            PyTorch and JAX.
         seed: seed of the random start vectors of the spectral estimators.
-        fd_eps: machine epsilon the finite-difference steps are sized for (default: that of the lowest
-            precision the loss is computed in).
-        reference_lr: the learning rate the law starts from and, with ``lr_mode="multiply"``, the lr that
-            means a schedule factor of 1 (default: the wrapped optimizer's base learning rate).
-        fd_above: PyTorch ``route="auto"``: on models with at least this many parameters, switch to one-sided
-            finite differences once they agree with the exact route (None: never).
-        clipped_gradients: the gradient the optimizer steps with is clipped (not the objective's own), so
-            one-sided finite differences evaluate g(w) again. PyTorch.
+        fd_eps: machine epsilon the finite-difference steps are sized for (default: that of the lowest precision the
+            loss is computed in).
+        reference_lr: the learning rate the law starts from and, with `lr_mode="multiply"`, the lr that means a
+            schedule factor of 1 (default: the wrapped optimizer's base learning rate).
+        fd_above: PyTorch `route="auto"`: on models with at least this many parameters (default 1: every model),
+            switch to one-sided finite differences once they agree with the exact route (checked at the 1st, 10th,
+            100th, ... exact probe; None: never).
+        clipped_gradients: the gradient the optimizer steps with is clipped (not the objective's own), so one-sided
+            finite differences evaluate g(w) again. PyTorch.
         linear_in_lr: drive a PyTorch optimizer outside the known list whose step is linear in lr.
+        monitor_budget: the fraction of training time the sharpness monitor may take, in (0, 1] (None: off): a
+            streaming lambda_max ([`eos_core.spectral.tracking`][]) advanced by one Hessian-vector product every
+            few steps, spaced to fit the budget ([`eos_core.monitor`][]).
+        monitor_edge: the edge of stability the early warning compares lr x sharpness with (None: derived from the
+            optimizer, e.g. 2 for gradient descent, 38 for Adam's preconditioned sharpness at beta1 = 0.9).
+        monitor_margin: the warning counts a measurement above `edge * (1 + monitor_margin)`.
+        monitor_patience: that many consecutive such measurements turn the warning on.
     """
 
     probe_every: int = 1
@@ -81,6 +88,10 @@ class TunerSettings:
     fd_above: int | None = FD_ABOVE
     clipped_gradients: bool = False
     linear_in_lr: bool | None = None
+    monitor_budget: float | None = None
+    monitor_edge: float | None = None
+    monitor_margin: float = monitor_rules.MARGIN
+    monitor_patience: int = monitor_rules.PATIENCE
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -103,16 +114,16 @@ class TunerSettings:
         Args:
             owner: the class or function the options were given to (named in errors).
             options: the keyword options as given by the user.
-            supported: the option names ``owner`` honours (default: all). Giving another one a value
+            supported: the option names `owner` honours (default: all). Giving another one a value
                 different from its default raises.
-            supported_routes: the routes ``owner`` implements.
+            supported_routes: the routes `owner` implements.
             stacklevel: of the DeprecationWarning, counted from the caller of this method.
 
         Returns:
             The settings, every option checked.
 
         Raises:
-            ValueError: for an unknown option, an option ``owner`` does not support, or an invalid value
+            ValueError: for an unknown option, an option `owner` does not support, or an invalid value
                 (the message names the option).
         """
         given = dict(options)
@@ -139,7 +150,7 @@ class TunerSettings:
         return settings
 
     def replace(self, owner: str = "TunerSettings", **changes: Any) -> TunerSettings:
-        """A copy with ``changes`` applied and checked."""
+        """A copy with `changes` applied and checked."""
         out = dataclasses.replace(self, **changes)
         out._check(owner, routes.ALL)
         return out
@@ -178,6 +189,16 @@ class TunerSettings:
         set_(self, "clipped_gradients", _flag(owner, "clipped_gradients", self.clipped_gradients))
         if self.linear_in_lr is not None:
             set_(self, "linear_in_lr", _flag(owner, "linear_in_lr", self.linear_in_lr))
+        if self.monitor_budget is not None:
+            if isinstance(self.monitor_budget, bool | np.bool_):
+                raise ValueError(f"{owner}: monitor_budget must be a fraction of training time in (0, 1] or None, "
+                                 f"got {self.monitor_budget!r}")
+            set_(self, "monitor_budget", check.in_interval(owner, "monitor_budget", self.monitor_budget, 0.0, 1.0,
+                                                           closed_low=False, closed_high=True))
+        if self.monitor_edge is not None:
+            set_(self, "monitor_edge", check.positive(owner, "monitor_edge", self.monitor_edge))
+        set_(self, "monitor_margin", check.non_negative(owner, "monitor_margin", self.monitor_margin))
+        set_(self, "monitor_patience", check.positive_int(owner, "monitor_patience", self.monitor_patience))
 
 
 def _flag(owner: str, name: str, value: Any) -> bool:

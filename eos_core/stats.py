@@ -48,7 +48,8 @@ PREVIOUS_UPDATE_CURVATURE = "previous_update_curvature"
 """u_{t-1}^T H_t u_{t-1}: the curvature of the current batch along the previous step's update (NaN when none)."""
 
 PREVIOUS_LR = "previous_lr"
-"""The learning rate applied to u_{t-1}, the previous step's update (0 when there is no previous update)."""
+"""The learning rate applied to u_{t-1}, the previous step's update (NaN when there is no previous update; 0 is a
+measurement: the previous step did not move, and g_t(w_t) is the gradient at w_{t-1})."""
 
 ALL = frozenset(
     {

@@ -18,13 +18,41 @@ from eos_core.adapters.torch.objective import capture_rng
 from eos_core.laws.base import Law
 from eos_core.settings import TunerSettings
 
-__all__ = ["STATE_KEY", "TunerSpec", "UnwrittenDiagnostics", "applied_group_lrs", "capture_rng", "loggable",
-           "probing", "replay_rng", "tuner_calls", "unwrap_optimizer"]
+__all__ = ["MONITOR_BUDGET", "STATE_KEY", "TunerSpec", "UnwrittenDiagnostics", "applied_group_lrs", "capture_rng",
+           "law_with_horizon", "loggable", "probing", "replay_rng", "tuner_calls", "unwrap_optimizer"]
 
 #: Diagnostics that are not logged as numbers: the step index (the trainers log their own) and the route (a name).
 _NOT_LOGGED = ("step", "route")
 #: Tuner arguments the callbacks set themselves (``initial_lr`` is the deprecated name of ``reference_lr``).
 SET_BY_CALLBACK = ("optimizer", "model", "grad_scaler", "reference_lr", "initial_lr")
+#: The callbacks' default share of training time for the sharpness monitor (`monitor_budget`; None turns it off).
+MONITOR_BUDGET = 0.05
+
+
+def law_with_horizon(owner: str, law: Law | None, horizon: Any, where: str) -> Law | None:
+    """`law` with the run's horizon filled in when it needs one (`law.needs_horizon`, e.g. `CDAT(decay="cosine")`
+    without `horizon=`); any other law (or None) unchanged.
+
+    Args:
+        owner: the callback's name, for the error.
+        law: the law, or None.
+        horizon: the number of optimizer steps of the run as the trainer knows it (None, inf or NaN: unknown).
+        where: where the number comes from, for the error (e.g. `"trainer.estimated_stepping_batches"`).
+
+    Returns:
+        `law.with_horizon(int(horizon))`, or `law`.
+
+    Raises:
+        ValueError: the law needs a horizon and the trainer does not know it.
+    """
+    if law is None or not getattr(law, "needs_horizon", False):
+        return law
+    known = isinstance(horizon, int | float) and not isinstance(horizon, bool) and math.isfinite(horizon)
+    if not known or int(horizon) < 1:
+        raise ValueError(f"{owner}: {type(law).__name__}(decay={getattr(law, 'decay', None)!r}) needs the number of "
+                         f"optimizer steps of the run, but {where} is {horizon!r} (unknown); pass "
+                         f"horizon=<optimizer steps> to the law")
+    return law.with_horizon(int(horizon))
 
 
 class TunerSpec:
@@ -75,7 +103,8 @@ class TunerSpec:
         return self.law is not None and self.settings.lr_mode == "override"
 
     def make_tuner(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None,
-                   grad_scaler: Any | None, clipped_gradients: bool, hint: str) -> CurvatureTuner:
+                   grad_scaler: Any | None, clipped_gradients: bool, hint: str,
+                   law: Law | None = None) -> CurvatureTuner:
         """Attach a tuner to ``optimizer``; the tuner's own ValueErrors get the callback's name and ``hint``.
 
         ``reference_lr`` is the scheduler's base lr (the group's ``initial_lr``, set by every torch
@@ -84,6 +113,18 @@ class TunerSpec:
         ``clipped_gradients``: the trainer clips the gradient before the step, so finite-difference
         curvature must not reuse the step's gradient as g(w) (the user's ``clipped_gradients=True``
         option, for clipping the trainer does not know about, is kept).
+
+        Args:
+            optimizer: the trainer's torch optimizer.
+            model: the module the probes run.
+            grad_scaler: the trainer's GradScaler, if any.
+            clipped_gradients: the trainer clips the gradient.
+            hint: appended to a refusal.
+            law: the law to run instead of the callback's own (its copy with the run's horizon,
+                [`law_with_horizon`][eos_core.integrations._common.law_with_horizon]); default: the callback's.
+
+        Returns:
+            The attached tuner.
 
         Raises:
             ValueError: the tuner refused the optimizer or the settings (message prefixed and completed).
@@ -94,7 +135,8 @@ class TunerSpec:
         settings = self.settings.replace(self.owner, reference_lr=reference,
                                          clipped_gradients=bool(clipped_gradients or self.settings.clipped_gradients))
         try:
-            return CurvatureTuner(optimizer, self.law, model=model, grad_scaler=grad_scaler, settings=settings)
+            return CurvatureTuner(optimizer, self.law if law is None else law, model=model, grad_scaler=grad_scaler,
+                                  settings=settings)
         except ValueError as error:
             raise ValueError(f"{self.owner}: {error}. {hint}") from error
 
@@ -160,19 +202,26 @@ class UnwrittenDiagnostics:
     measurement made between two writes (a sharpness tracked every 100 steps would never reach a logger
     that writes at steps 50, 100, ... one step later). So each write gets, per name, the latest value
     measured since the previous write; ``skipped`` and ``fallback`` are summed (the number of such steps
-    since the previous write). When the trainer writes at every step this is exactly that step's values.
+    since the previous write) and the monitor's warning ``unstable`` is the largest since then (1 when the run
+    was beyond the edge of stability at any step of the window). When the trainer writes at every step this is
+    exactly that step's values.
     """
 
     COUNTED = ("skipped", "fallback")
+    LARGEST = ("unstable",)
 
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
 
     def add(self, diagnostics: Mapping[str, Any]) -> None:
+        """Merge one step's diagnostics into the values of the next write."""
         values = loggable(diagnostics, "")
         for name in self.COUNTED:
             if name in values:
                 values[name] += self.values.get(name, 0.0)
+        for name in self.LARGEST:
+            if name in values and name in self.values:
+                values[name] = max(values[name], self.values[name])
         self.values.update(values)
 
     def clear(self) -> None:

@@ -70,7 +70,19 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
 * **Logging.** After each optimizer step the tuner's numeric diagnostics go through ``pl_module.log``
   (``on_step=True``), named ``"eos/<name>"`` (``eos/lr``, ``eos/sharpness``, ``eos/lr_sharpness``, ...),
   so every Lightning logger (TensorBoard, CSV, ...) records them at Lightning's ``log_every_n_steps``
-  cadence, and ``eos/lr`` shows in the progress bar. Values not measured on a step (NaN) are left out.
+  cadence, and ``eos/lr`` and ``eos/unstable`` show in the progress bar. Values not measured on a step (NaN) are
+  left out.
+* **The sharpness monitor** (`monitor_budget`, 0.05 of training time by default; None turns it off) runs in the
+  tuner (with a law and with `law=None`, which leaves the user's lr and scheduler untouched: the parameters are
+  those of a run without the callback). `eos/sharpness`, `eos/lr_sharpness` and, for adaptive optimizers,
+  `eos/preconditioned_sharpness` / `eos/preconditioned_lr_sharpness` carry its latest estimate on every step
+  (`eos/sharpness_age` steps old); `eos/unstable` turns 1 (and a RuntimeWarning is raised once) when lr x sharpness
+  has been beyond the optimizer's edge (`eos/edge`) by more than `monitor_margin` for `monitor_patience`
+  consecutive measurements. Its state (trackers, measured times, credit, warning) rides in the optimizer's state
+  dict like the rest of the tuner's, so a resumed fit continues it.
+* **The horizon of a decaying law** (`CDAT(decay="cosine" | "linear")` without `horizon=`): filled in at fit start
+  from `trainer.estimated_stepping_batches`, the optimizer steps of the whole fit (the same number when a fit
+  resumes from a checkpoint, whose law state holds the steps already taken).
   Loggers write every ``log_every_n_steps`` steps (50 by default): each write gets, per name, the
   latest value measured since the previous write (a sharpness tracked at step 100 is written at step
   149, not lost), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous write.
@@ -146,10 +158,12 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from eos_core import stats as S  # noqa: E402
 from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
+    MONITOR_BUDGET,
     TunerSpec,
     UnwrittenDiagnostics,
     applied_group_lrs,
     capture_rng,
+    law_with_horizon,
     probing,
     replay_rng,
     sum_losses,
@@ -179,26 +193,39 @@ class EdgeOfStabilityCallback(pl.Callback):
     """Tune the learning rate of a LightningModule's optimizer with an eos_core law and log the curvature.
 
     Args:
-        law: the tuning law (e.g. ``CDAT(scale=2.0, ema=0.9)``), or None to leave the lr alone and only
-            measure (with ``sharpness_every``).
+        law: the tuning law (e.g. `CDAT(scale=2.0, ema=0.9)`), or None to leave the lr (and the user's scheduler)
+            alone and only measure: the sharpness monitor, `sharpness_every`. A law with a decay over the run's
+            horizon (`CDAT(decay="cosine")` without `horizon=`) gets `trainer.estimated_stepping_batches` (optimizer
+            steps of the whole fit: max_steps, or max_epochs x batches / accumulate_grad_batches) at fit start.
+        monitor_budget: the sharpness monitor's share of training time, in (0, 1] (default 0.05; None turns it
+            off): a streaming lambda_max of the Hessian (and, for Adam / AdamW / RMSprop / Adagrad, of the
+            preconditioned Hessian) advanced by one Hessian-vector product every few steps
+            ([`eos_core.adapters.torch.monitor`][]), logged as `eos/sharpness`, `eos/lr_sharpness`,
+            `eos/preconditioned_sharpness`, `eos/preconditioned_lr_sharpness` on every step, with
+            `eos/unstable` (1 while lr x sharpness has been beyond the optimizer's edge of stability by more than
+            `monitor_margin` for `monitor_patience` measurements; a RuntimeWarning marks each onset) and `eos/edge`.
+            The options `monitor_edge`, `monitor_margin`, `monitor_patience` go in `tuner_options`.
         probe_every: measure the law's statistics every that many optimizer steps (reuse the lr between).
         sharpness_every: every that many steps, log ``sharpness`` (lambda_max), ``lr_sharpness`` and, for
             Adam-like optimizers, ``preconditioned_sharpness``.
         route: curvature route; ``"auto"`` falls back from double backward to the math SDPA kernel to
             finite differences.
         lr_mode: ``"override"`` or ``"multiply"`` (see the module docstring).
-        log_prefix: prefix of the logged names (``"eos/"``).
-        prog_bar: diagnostics (names without the prefix) also shown in the progress bar.
-        loss_fn: ``loss_fn(pl_module, batch, batch_idx) -> loss`` for the probes, one micro-batch's loss as
-            ``training_step`` returns it; default: ``training_step`` itself (its loss, or the dict's ``"loss"``).
-        **tuner_options: more tuner options, by the names of :class:`eos_core.settings.TunerSettings`
-            (``sharpness_iters``, ``sharpness_tol``, ``seed``, ``fd_eps``, ``fd_above``, ``skip_nonfinite``,
-            ``warn`` (True or False), ``clipped_gradients``, ``linear_in_lr``); ``power_iters`` /
-            ``power_tol`` still work, with a DeprecationWarning. ``reference_lr`` is set by the callback (the
-            scheduler's base lr).
+        log_prefix: prefix of the logged names (`"eos/"`).
+        prog_bar: diagnostics (names without the prefix) also shown in the progress bar: by default the applied
+            `lr` and the monitor's warning `unstable` (0, or 1 while the run is beyond the edge of stability).
+        loss_fn: `loss_fn(pl_module, batch, batch_idx) -> loss` for the probes, one micro-batch's loss as
+            `training_step` returns it; default: `training_step` itself (its loss, or the dict's `"loss"`).
+        **tuner_options: more tuner options, by the names of [`eos_core.settings.TunerSettings`][]
+            (`monitor_edge`, `monitor_margin`, `monitor_patience`, `sharpness_iters`, `sharpness_tol`, `seed`,
+            `fd_eps`, `fd_above`, `skip_nonfinite`, `warn` (True or False), `clipped_gradients`, `linear_in_lr`);
+            `power_iters` / `power_tol` still work, with a DeprecationWarning. `reference_lr` is set by the callback
+            (the scheduler's base lr).
 
     Raises:
-        ValueError: an invalid law, option or ``loss_fn``, named in the message (at construction).
+        ValueError: an invalid law, option or `loss_fn`, named in the message (at construction); at fit start, a
+            law that needs the run's horizon when Lightning does not know the number of steps (an iterable dataset
+            without a length and no `max_steps`).
 
     Attributes:
         settings: the validated :class:`~eos_core.settings.TunerSettings`.
@@ -211,18 +238,19 @@ class EdgeOfStabilityCallback(pl.Callback):
         self,
         law: Law | None,
         *,
+        monitor_budget: float | None = MONITOR_BUDGET,
         probe_every: int = 1,
         sharpness_every: int | None = None,
         route: str = "auto",
         lr_mode: str = "override",
         log_prefix: str = "eos/",
-        prog_bar: Sequence[str] = ("lr",),
+        prog_bar: Sequence[str] = ("lr", "unstable"),
         loss_fn: LossFunction | None = None,
         **tuner_options: Any,
     ) -> None:
         super().__init__()
         options = dict(probe_every=probe_every, sharpness_every=sharpness_every, route=route, lr_mode=lr_mode,
-                       **tuner_options)
+                       monitor_budget=monitor_budget, **tuner_options)
         self._spec = TunerSpec(_OWNER, law, options, stacklevel=2)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{_OWNER}: loss_fn must be callable(pl_module, batch, batch_idx), got {loss_fn!r}")
@@ -267,9 +295,13 @@ class EdgeOfStabilityCallback(pl.Callback):
         self._step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         clipping = bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)
         try:
+            law = self.law
+            if getattr(law, "needs_horizon", False):  # the whole fit's optimizer steps (accumulation counted)
+                law = law_with_horizon(_OWNER, law, trainer.estimated_stepping_batches,
+                                       "trainer.estimated_stepping_batches")
             self.tuner = self._spec.make_tuner(
                 optimizer, model=pl_module, grad_scaler=getattr(precision, "scaler", None),
-                clipped_gradients=clipping,
+                clipped_gradients=clipping, law=law,
                 hint="Return a supported optimizer from configure_optimizers and do not attach a CurvatureTuner to "
                      "it yourself (use one EdgeOfStabilityCallback per Trainer).")
         except ValueError:

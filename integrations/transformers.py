@@ -90,6 +90,17 @@ Design (the facts below are from ``transformers`` 5.25's ``trainer.py`` / ``trai
   GradScaler that skips ``optimizer.step`` on inf gradients leaves it unchanged).
 * **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
   untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr.
+* **The sharpness monitor** (`monitor_budget`, 0.05 of training time by default; None turns it off) runs in the
+  tuner, with a law and with `law=None` (which leaves the Trainer's lr and scheduler untouched: the parameters are
+  those of a run without the callback). Each log gets `eos/sharpness`, `eos/lr_sharpness` and, for AdamW,
+  `eos/preconditioned_sharpness` / `eos/preconditioned_lr_sharpness` (the latest estimates), `eos/edge` and
+  `eos/unstable`: 1 (with a RuntimeWarning at its onset) when lr x sharpness has been beyond the optimizer's edge of
+  stability by more than `monitor_margin` for `monitor_patience` consecutive measurements, so the console log
+  line, `trainer_state.json` and every reporting integration show it. Its state rides in `optimizer.pt` with
+  the rest of the tuner's.
+* **The horizon of a decaying law** (`CDAT(decay="cosine" | "linear")` without `horizon=`): filled in at
+  `on_train_begin` from `state.max_steps`, the Trainer's optimizer steps of the whole run (`max_steps`, or the
+  epochs' steps after gradient accumulation; the same number when training resumes).
 """
 
 from __future__ import annotations
@@ -112,10 +123,12 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  
 from eos_core import stats as S  # noqa: E402
 from eos_core.adapters.torch import CurvatureTuner  # noqa: E402
 from eos_core.integrations._common import (  # noqa: E402
+    MONITOR_BUDGET,
     STATE_KEY,
     TunerSpec,
     UnwrittenDiagnostics,
     capture_rng,
+    law_with_horizon,
     probing,
     replay_rng,
     sum_losses,
@@ -140,8 +153,17 @@ class EdgeOfStabilityCallback(TrainerCallback):
     """Tune the learning rate of a ``transformers.Trainer`` with an eos_core law and log the curvature.
 
     Args:
-        law: the tuning law (e.g. ``CDAT(scale=2.0, ema=0.9)``), or None to leave the lr alone and only
-            measure (with ``sharpness_every``).
+        law: the tuning law (e.g. `CDAT(scale=2.0, ema=0.9)`), or None to leave the lr (and the Trainer's
+            scheduler) alone and only measure: the sharpness monitor, `sharpness_every`. A law with a decay over the
+            run's horizon (`CDAT(decay="cosine")` without `horizon=`) gets `state.max_steps` (the Trainer's
+            optimizer steps of the whole run) when training begins.
+        monitor_budget: the sharpness monitor's share of training time, in (0, 1] (default 0.05; None turns it
+            off): a streaming lambda_max of the Hessian (and, for AdamW and the other adaptive optimizers, of the
+            preconditioned Hessian; [`eos_core.adapters.torch.monitor`][]), logged as `eos/sharpness`,
+            `eos/lr_sharpness`, `eos/preconditioned_sharpness`, `eos/preconditioned_lr_sharpness`, with
+            `eos/unstable` (1 while lr x sharpness has been beyond the optimizer's edge of stability by more than
+            `monitor_margin` for `monitor_patience` measurements; a RuntimeWarning marks each onset) and `eos/edge`.
+            The options `monitor_edge`, `monitor_margin`, `monitor_patience` go in `tuner_options`.
         probe_every: measure the law's statistics every that many optimizer steps (reuse the lr between).
         sharpness_every: every that many steps, log ``sharpness`` (lambda_max), ``lr_sharpness`` and, for
             Adam-like optimizers, ``preconditioned_sharpness``.
@@ -151,14 +173,15 @@ class EdgeOfStabilityCallback(TrainerCallback):
         loss_fn: ``loss_fn(model, inputs) -> loss`` for the probes, for one micro-batch's ``inputs`` (the
             keyword arguments the Trainer passed to the model), normalised as the Trainer's loss is before
             accumulation; default: ``model(**inputs)``'s ``loss``.
-        **tuner_options: more tuner options, by the names of :class:`eos_core.settings.TunerSettings`
-            (``sharpness_iters``, ``sharpness_tol``, ``seed``, ``fd_eps``, ``fd_above``, ``skip_nonfinite``,
-            ``warn`` (True or False), ``clipped_gradients``, ``linear_in_lr``); ``power_iters`` /
-            ``power_tol`` still work, with a DeprecationWarning. ``reference_lr`` is set by the callback (the
-            scheduler's base lr).
+        **tuner_options: more tuner options, by the names of [`eos_core.settings.TunerSettings`][]
+            (`monitor_edge`, `monitor_margin`, `monitor_patience`, `sharpness_iters`, `sharpness_tol`, `seed`,
+            `fd_eps`, `fd_above`, `skip_nonfinite`, `warn` (True or False), `clipped_gradients`, `linear_in_lr`);
+            `power_iters` / `power_tol` still work, with a DeprecationWarning. `reference_lr` is set by the callback
+            (the scheduler's base lr).
 
     Raises:
-        ValueError: an invalid law, option or ``loss_fn``, named in the message (at construction).
+        ValueError: an invalid law, option or `loss_fn`, named in the message (at construction); when training
+            begins, a law that needs the run's horizon when the Trainer does not know its number of steps.
 
     Attributes:
         settings: the validated :class:`~eos_core.settings.TunerSettings`.
@@ -171,6 +194,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self,
         law: Law | None,
         *,
+        monitor_budget: float | None = MONITOR_BUDGET,
         probe_every: int = 1,
         sharpness_every: int | None = None,
         route: str = "auto",
@@ -180,7 +204,7 @@ class EdgeOfStabilityCallback(TrainerCallback):
         **tuner_options: Any,
     ) -> None:
         options = dict(probe_every=probe_every, sharpness_every=sharpness_every, route=route, lr_mode=lr_mode,
-                       **tuner_options)
+                       monitor_budget=monitor_budget, **tuner_options)
         self._spec = TunerSpec(_OWNER, law, options, stacklevel=2)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"{_OWNER}: loss_fn must be callable(model, inputs), got {loss_fn!r}")
@@ -220,8 +244,9 @@ class EdgeOfStabilityCallback(TrainerCallback):
             self.tuner.detach()
             self.tuner = None
         inner = unwrap_optimizer(optimizer)
+        law = law_with_horizon(_OWNER, self.law, state.max_steps if state.max_steps else None, "state.max_steps")
         self.tuner = self._spec.make_tuner(
-            inner, model=model, grad_scaler=getattr(optimizer, "scaler", None),
+            inner, model=model, grad_scaler=getattr(optimizer, "scaler", None), law=law,
             clipped_gradients=bool(args.max_grad_norm and args.max_grad_norm > 0),
             hint="Use a supported optimizer (TrainingArguments(optim='adamw_torch' or 'sgd'), or optimizers=(...)) "
                  "and do not attach a CurvatureTuner to the Trainer's optimizer yourself (one callback per Trainer).")

@@ -14,6 +14,7 @@ from eos_core._optional import require
 require("jax", extra="jax", feature="eos_core.adapters.jax")
 require("optax", extra="jax", feature="eos_core.adapters.jax")
 
+from eos_core.adapters.jax.monitor import MonitorState, MonitorTimer, set_monitor_cost  # noqa: E402
 from eos_core.adapters.jax.numerics import jax_numerics  # noqa: E402
 from eos_core.adapters.jax.oracles import (  # noqa: E402
     CURVATURE_AUTO_CHAIN,
@@ -44,12 +45,15 @@ from eos_core.adapters.jax.transform import (  # noqa: E402
     hvp_route,
     tune,
     warn_bad_steps,
+    warn_unstable,
 )
 from eos_core.adapters.jax.tree_ops import TreeOps  # noqa: E402
 
 __all__ = [
     "CURVATURE_AUTO_CHAIN",
     "HVP_AUTO_CHAIN",
+    "MonitorState",
+    "MonitorTimer",
     "SUPPORTED_OPTIONS",
     "AdamPreconditioner",
     "Diagnostics",
@@ -68,8 +72,10 @@ __all__ = [
     "jax_numerics",
     "resolve_curvature_route",
     "resolve_hvp_route",
+    "set_monitor_cost",
     "top_eigenvalue",
     "top_eigenvalues",
     "tune",
     "warn_bad_steps",
+    "warn_unstable",
 ]

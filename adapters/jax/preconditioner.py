@@ -16,9 +16,11 @@ adaptive edge of stability (Cohen et al. 2022; CDAT paper appendix B.1).
 
 ``b1``, ``b2``, ``eps`` (``decay`` and ``eps`` for RMSProp) live in the optimizer's closure, not its
 state. When the base is built with ``optax.inject_hyperparams`` they are read from the state at
-every step (so a DCAO-adapted ``b1`` is honoured); otherwise they come from the spec object, whose
-defaults are optax's. :func:`identify` checks the spec against the optimizer once on a synthetic
-parameter vector (``P * (-u) == m`` after one step) and refuses a base it does not match.
+every step (so a DCAO-adapted ``b1`` is honoured); otherwise they come from the spec object.
+:func:`identify` builds it from the optimizer on a synthetic parameter vector: the closure's values are
+fitted from the state and the update of one step (``optax.adam(1.0, b2=0.95)`` is recognised), and the
+spec must then reproduce the step (``P * (-u) == lr * m`` on every entry); a base it does not match is
+refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -151,35 +154,134 @@ def _synthetic() -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((28,), jnp.float32), magnitudes * signs
 
 
-def identify(
-    base: optax.GradientTransformation, explicit: Spec | Callable[..., PyTree] | None = None
-) -> tuple[Spec | Callable[..., PyTree] | None, str]:
-    """Find the preconditioner spec of ``base`` and check it on one synthetic step.
+#: Synthetic steps :func:`identify` may take until the base's update is nonzero everywhere (a learning-rate
+#: warm-up that starts at 0, for ``tune(base, None)`` whose base carries its own learning rate).
+SYNTHETIC_STEPS = 8
+#: Relative precision of a moment's decay read from the float32 state (b1, b2, decay) and of an ``eps`` fitted from
+#: the update (a difference of float32 ratios)
+_EXACT, _FITTED = 1e-7, 1e-5
 
-    With parameters 0 (so decoupled weight decay adds nothing) and gradients spanning 1e-9..1 in
-    magnitude, one step of ``base`` gives ``u`` and the new state; a spec matches when
-    ``P * (-u) == m`` (Adam: ``m = mu``; RMSProp: ``m = g``) to 1e-3. Returns ``(spec, reason)``:
-    ``spec`` is None when the base is not adaptive or no candidate matches, and ``reason`` says why.
-    An ``explicit`` spec or callable is returned unchecked.
+
+def _snap(value: Any, rtol: float) -> float:
+    """The decimal with the fewest significant digits within ``rtol`` of ``value`` (0.9 for the float32 nearest
+    0.9): the synthetic step runs in float32, so a fitted hyperparameter is exact to about that precision and most
+    likely the literal the user wrote."""
+    value = float(value)
+    for digits in range(1, 18):
+        rounded = float(f"{value:.{digits - 1}e}")
+        if abs(rounded - value) <= rtol * abs(value):
+            return rounded
+    return value
+
+
+def _flat(tree: PyTree) -> np.ndarray:
+    return np.concatenate([np.asarray(leaf, np.float64).reshape(-1) for leaf in jax.tree.leaves(tree)])
+
+
+def _fit(spec: Spec, first: Any, last: Any, grads: jax.Array, updates: jax.Array, *, scaled: bool
+         ) -> tuple[Spec, float] | None:
+    r"""``spec`` with the hyperparameters of the base fitted from the synthetic run, and the learning rate.
+
+    With the same gradient ``g`` at every synthetic step from a zero state, the first step leaves
+    ``mu = (1 - b1) g`` and ``nu = (1 - b2) g^2`` (RMSProp: ``nu = (1 - decay) g^2``), which give ``b1`` and ``b2``
+    (``decay``) on the largest entry. ``eps`` enters only the update: with ``r_i = m_i / (-u_i) = P_i(eps) / lr``
+    and ``P`` affine in ``eps`` (Adam, RMSProp with ``eps`` outside the root; ``P^2`` affine for ``eps`` inside
+    it), the largest and the smallest entries give ``eps`` (with ``lr = 1``, or ``lr`` too when ``scaled``). Values
+    injected with ``optax.inject_hyperparams`` are read instead of fitted. Whether the fitted ``spec`` is the base's
+    preconditioner is for the caller to check, on every entry.
+
+    Returns:
+        ``(spec, lr)``, or None when ``last`` holds no state ``spec`` applies to or the fit is degenerate.
+    """
+    found = [(s, hp) for s, hp in walk_states(last) if spec.matches(s)]
+    before = [s for s, _ in walk_states(first) if spec.matches(s)]
+    if len(found) != 1 or len(before) != 1:
+        return None
+    sub, hyperparams = found[0]
+    g = _flat(grads)
+    top, bottom = int(np.argmax(np.abs(g))), int(np.argmin(np.abs(g)))
+    values: dict[str, float] = {}
+    moments = (("b1", "mu", 1), ("b2", "nu", 2)) if isinstance(spec, AdamPreconditioner) else (("decay", "nu", 2),)
+    for name, field, power in moments:
+        if name in hyperparams:
+            values[name] = _snap(np.asarray(hyperparams[name]), _EXACT)
+        else:
+            moment = _flat(getattr(before[0], field))[top]
+            values[name] = _snap(1.0 - moment / g[top] ** power, _EXACT)
+    spec = spec._replace(**values)
+    moment = _flat(spec.first_moment(sub, grads))
+    ratio = moment / -_flat(updates)  # r_i = P_i / lr
+    square = isinstance(spec, RmsPreconditioner) and spec.eps_in_sqrt
+    q0 = _flat(find_preconditioner(last, spec._replace(eps=0.0)))
+    q1 = _flat(find_preconditioner(last, spec._replace(eps=1.0)))
+    t = ratio
+    if square:
+        q0, q1, t = q0 * q0, q1 * q1, ratio * ratio
+    dq = q1 - q0  # q(eps) = q0 + eps dq; t = q(eps) / s with s = lr (lr^2 for P^2)
+    with np.errstate(all="ignore"):
+        if "eps" in hyperparams:
+            eps = float(np.asarray(hyperparams["eps"]))
+            s = (q0[top] + eps * dq[top]) / t[top] if scaled else 1.0
+        elif scaled:  # t_top s - eps dq_top = q0_top, t_bottom s - eps dq_bottom = q0_bottom
+            system = np.array([[t[top], -dq[top]], [t[bottom], -dq[bottom]]])
+            if not np.all(np.isfinite(system)) or abs(np.linalg.det(system)) == 0.0:
+                return None
+            s, eps = np.linalg.solve(system, np.array([q0[top], q0[bottom]]))
+        else:
+            s, eps = 1.0, (t[bottom] - q0[bottom]) / dq[bottom]
+    if not (np.isfinite(s) and s > 0 and np.isfinite(eps)):
+        return None
+    lr = float(np.sqrt(s)) if square else float(s)
+    return spec._replace(eps=_snap(max(float(eps), 0.0), _FITTED)), lr
+
+
+def identify(
+    base: optax.GradientTransformation, explicit: Spec | Callable[..., PyTree] | None = None, *,
+    scaled: bool = False,
+) -> tuple[Spec | Callable[..., PyTree] | None, str]:
+    """Find the preconditioner spec of ``base`` and check it on a synthetic step.
+
+    With parameters 0 (so decoupled weight decay adds nothing) and gradients spanning 1e-9..1 in magnitude,
+    ``base`` is stepped (at most :data:`SYNTHETIC_STEPS` times, until its update is nonzero everywhere). For each
+    candidate (Adam, RMSProp with ``eps`` inside and outside the root) the hyperparameters hidden in the optimizer's
+    closure (``b1``, ``b2``, ``eps``; ``decay``, ``eps``) are fitted from the state and the update (:func:`_fit`;
+    injected ones are read), and the candidate matches when ``P * (-u) == lr * m`` (Adam: ``m = mu``; RMSProp:
+    ``m = g``) on every entry to 1e-3, ``lr = 1`` (the contract of a base with learning rate 1) or, when
+    ``scaled``, the fitted learning rate of the base (``tune(base, None)``, whose base carries its own).
+
+    Args:
+        base: the base optimizer.
+        explicit: a spec or callable, returned unchecked.
+        scaled: the base's update includes its own learning rate.
+
+    Returns:
+        ``(spec, reason)``: ``spec`` (with the fitted hyperparameters) is None when the base is not adaptive or no
+        candidate matches, and ``reason`` says why.
     """
     if explicit is not None:
         return explicit, "given"
     params, grads = _synthetic()
     try:
         state = base.init(params)
-        updates, new_state = base.update(grads, state, params)
+        first = None
+        for _ in range(SYNTHETIC_STEPS):
+            updates, state = base.update(grads, state, params)
+            first = state if first is None else first
+            if bool(jnp.all(updates != 0)):
+                break
     except Exception as exc:  # noqa: BLE001 - a base that needs the real parameter structure
         return None, f"the base optimizer could not be run on a synthetic parameter vector ({exc!r})"
-    if not has_adaptive_state(new_state):
+    if not has_adaptive_state(state):
         return None, "the base optimizer has no Adam / RMSProp state (no preconditioner)"
-    for spec in CANDIDATES:
-        try:
-            precond = find_preconditioner(new_state, spec)
-        except ValueError:
+    for candidate in CANDIDATES:
+        fitted = _fit(candidate, first, state, grads, updates, scaled=scaled)
+        if fitted is None:
             continue
-        sub = next(s for s, _ in walk_states(new_state) if spec.matches(s))
+        spec, lr = fitted
+        precond = find_preconditioner(state, spec)
+        sub = next(s for s, _ in walk_states(state) if spec.matches(s))
         moment = spec.first_moment(sub, grads)
-        if bool(jnp.allclose(precond * (-updates), moment, rtol=1e-3, atol=0.0)):
+        if bool(jnp.allclose(precond * (-updates), lr * moment, rtol=1e-3, atol=0.0)):
             return spec, "identified"
-    return None, ("the base optimizer's step is not -P^{-1} m for optax's default b1/b2/eps (build it with "
+    return None, ("the base optimizer's step is not -P^{-1} m for Adam's or RMSProp's P (build it with "
                   "optax.inject_hyperparams or pass preconditioner=AdamPreconditioner(...)/RmsPreconditioner(...))")

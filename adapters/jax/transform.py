@@ -23,10 +23,11 @@ Options
 -------
 The tuner options of :class:`eos_core.settings.TunerSettings`, by the names every adapter uses, as
 keywords or as ``settings=``: ``probe_every``, ``route``, ``sharpness_every``, ``sharpness_iters``,
-``sharpness_tol``, ``warn``, ``skip_nonfinite``, ``seed``, ``fd_eps``, ``reference_lr``
-(:data:`SUPPORTED_OPTIONS`). ``lr_mode``, ``fd_above``, ``clipped_gradients`` and ``linear_in_lr`` concern
-the PyTorch optimizer and its scheduler: giving them a non-default value raises a ValueError. The old
-names ``power_iters``, ``power_tol`` and ``initial_lr`` still work with a DeprecationWarning.
+``sharpness_tol``, ``warn``, ``skip_nonfinite``, ``seed``, ``fd_eps``, ``reference_lr``, ``monitor_budget``,
+``monitor_edge``, ``monitor_margin``, ``monitor_patience`` (:data:`SUPPORTED_OPTIONS`). ``lr_mode``,
+``fd_above``, ``clipped_gradients`` and ``linear_in_lr`` concern the PyTorch optimizer and its scheduler:
+giving them a non-default value raises a ValueError. The old names ``power_iters``, ``power_tol`` and
+``initial_lr`` still work with a DeprecationWarning.
 
 Design
 ------
@@ -38,7 +39,11 @@ Design
   ``request.lanczos_steps_for(n)``; 20 steps unless the law sets them); the preconditioned variants
   (:mod:`.preconditioner`); ``trial_loss``, the callable ``eta -> value_fn(w + eta u)`` (forward
   passes only; the law loops with ``lax.while_loop``); ``cos(g_t, u_{t-1})`` from the previous
-  direction kept in the state (0 on the first step).
+  direction kept in the state (0 on the first step); CDAT's previous-update numerator
+  (``numerator="previous-update"``): ``g_t . u_{t-1}``, ``u_{t-1}^T H_t u_{t-1}`` (the curvature route,
+  along ``u_{t-1}``: still one curvature probe per probe step) and the lr applied to ``u_{t-1}``, where
+  ``u_{t-1}`` (kept in the state with that lr, the parameters' shardings included) is the update for lr 1
+  of the last applied step, also between probes; NaN before the first one (the law keeps ``lr_init``).
 * **Start vectors.** Power iteration and Lanczos start from :func:`eos_core.spectral.random_start`
   (numpy, float64, unit norm over the leaves in ``jax.tree.leaves`` order; ``seed`` for H, ``seed + 1``
   for the preconditioned operator), the start vector of every adapter, and are warm-started from the
@@ -107,7 +112,12 @@ Design
 * **Data parallel.** Every statistic is a function of ``value_fn`` and ``grads`` on the whole batch:
   under ``jax.jit`` with a batch-sharded input XLA inserts the reductions itself; under ``shard_map``
   ``value_fn`` must return the global loss (``lax.pmean(loss(p, local_batch), "data")``) and ``grads``
-  its gradient.
+  its gradient. jax < 0.7 runs ``tune`` under ``shard_map`` only with ``check_rep=False`` (no replication
+  rule for ``lax.cond``), and there the transpose of ``pmean`` does not sum over the devices: reverse mode
+  through that ``value_fn`` gives the local gradient divided by the device count (jax 0.4.30). There pass
+  ``grads = lax.pmean(jax.grad(local_loss)(p), "data")`` and keep the products forward-mode
+  (``route="jvp-jvp"``; no spectral law, ``sharpness_every`` or ``monitor_budget``), or use ``jit`` with a
+  batch-sharded input.
 * **State.** :class:`TuneState` is a NamedTuple of arrays (and ``None`` for unused slots; counters are
   int32, the law's included): it checkpoints with the parameters, and resuming from a saved copy
   continues bit-identically.
@@ -115,6 +125,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -127,15 +138,19 @@ import optax
 from jax import lax
 
 from eos_core import diagnostics as D
+from eos_core import monitor as monitor_rules
 from eos_core import routes
 from eos_core import stats as S
 from eos_core.adapters.jax import hyperparams as knobs
+from eos_core.adapters.jax import monitor as mon
+from eos_core.adapters.jax.monitor import MonitorState
 from eos_core.adapters.jax.numerics import jax_numerics
 from eos_core.adapters.jax.oracles import HVP_ROUTES, curvature, resolve_curvature_route, resolve_hvp_route
 from eos_core.adapters.jax.preconditioner import AdamPreconditioner, RmsPreconditioner, find_preconditioner, identify
 from eos_core.adapters.jax.spectral import hessian_operator, top_eigenvalue, top_eigenvalues
 from eos_core.adapters.jax.tree_ops import TreeOps, tree_dot, tree_norm, tree_random_start, tree_select
 from eos_core.laws.base import Law, LawOutput
+from eos_core.laws.schedules import Constant
 from eos_core.numerics import NUMPY, Numerics
 from eos_core.settings import DEPRECATED, TunerSettings
 
@@ -144,16 +159,18 @@ Preconditioner = AdamPreconditioner | RmsPreconditioner | Callable[[Any], PyTree
 
 #: The :class:`~eos_core.settings.TunerSettings` options ``tune`` honours.
 SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
-                                      "warn", "skip_nonfinite", "seed", "fd_eps", "reference_lr")
+                                      "warn", "skip_nonfinite", "seed", "fd_eps", "reference_lr", "monitor_budget",
+                                      "monitor_edge", "monitor_margin", "monitor_patience")
 
 #: Route names by code (the diagnostics vector stores the code; ``none``: no H v route was used).
 ROUTE_NAMES: tuple[str, ...] = ("none", *routes.EXACT, *routes.FINITE_DIFFERENCES, routes.AUTO)
 
-#: Entries of the diagnostics vector that are not diagnostics: the codes of the u^T H u and H v routes.
-CODE_KEYS: tuple[str, ...] = ("route_code", "hvp_route_code")
+#: Entries of the diagnostics vector that are not diagnostics: the codes of the u^T H u and H v routes, and 1 on
+#: the step the monitor's early warning fired (raised on the host by :func:`diagnostics`).
+CODE_KEYS: tuple[str, ...] = ("route_code", "hvp_route_code", "monitor_fired")
 
 
-def vector_keys(law: Law) -> tuple[str, ...]:
+def vector_keys(law: Law | None) -> tuple[str, ...]:
     """The entries of the :class:`Diagnostics` vector for ``law``: the float keys of
     :func:`eos_core.diagnostics.keys_for` (registry order) and :data:`CODE_KEYS`."""
     skip = set(D.INTEGER_KEYS) | set(D.STRING_KEYS)
@@ -170,18 +187,21 @@ class Diagnostics:
     warnings of a skipped or fallen-back last step).
     """
 
-    def __init__(self, keys: tuple[str, ...], values: Any, warn: bool | str = True) -> None:
+    def __init__(self, keys: tuple[str, ...], values: Any, warn: bool | str = True,
+                 rule: tuple[float, int] | None = None) -> None:
         self.keys = tuple(keys)
         self.values = values
         self.warn = warn
+        #: the early warning's ``(monitor_margin, monitor_patience)`` (None without a monitor), for its message
+        self.rule = rule
 
-    def tree_flatten(self) -> tuple[tuple[Any], tuple[tuple[str, ...], bool | str]]:
-        return (self.values,), (self.keys, self.warn)
+    def tree_flatten(self) -> tuple[tuple[Any], tuple[Any, ...]]:
+        return (self.values,), (self.keys, self.warn, self.rule)
 
     @classmethod
-    def tree_unflatten(cls, aux: tuple[tuple[str, ...], bool | str], children: tuple[Any, ...]) -> Diagnostics:
-        keys, warn = aux
-        return cls(keys, children[0], warn)
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Diagnostics:
+        keys, warn, rule = aux
+        return cls(keys, children[0], warn, rule)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys:
@@ -206,8 +226,11 @@ class TuneState(NamedTuple):
     reported_skips: jax.Array  #: int32, skipped steps counted up to the last probe (reported there by ``warn="jit"``)
     eigenvector: PyTree | None  #: warm start of power iteration / Lanczos on H (unit norm)
     preconditioned_eigenvector: PyTree | None  #: warm start on P^{-1/2} H P^{-1/2}
-    previous_update: PyTree | None  #: u_{t-1}, for cos(g_t, u_{t-1}) (HyperGradient)
+    previous_update: PyTree | None  #: u_{t-1}, the last applied step's update for lr 1 (HyperGradient, CDAT)
     diagnostics: Diagnostics  #: the last step's diagnostics (see :func:`diagnostics`)
+    monitor: MonitorState | None = None  #: the sharpness monitor (``monitor_budget``; :mod:`.monitor`)
+    #: the lr applied to ``previous_update`` (NaN before the first applied step; CDAT's previous-update numerator)
+    previous_lr: jax.Array | None = None
 
 
 # -- the stages' results (NamedTuples, so that both branches of a lax.cond return one structure) -----------
@@ -228,6 +251,8 @@ class _Inputs(NamedTuple):
     hvp_code: int  #: code of the H v route
     numerics: Numerics
     ops: TreeOps
+    raw: PyTree | None = None  #: law=None: the base's own update, applied unchanged
+    lr: Any = None  #: law=None: the learning rate the base applied (``raw = lr * u``)
 
 
 class _Probed(NamedTuple):
@@ -261,6 +286,95 @@ class _Decision(NamedTuple):
     applied: jax.Array
     lr: jax.Array
     fell_back: jax.Array
+
+
+#: The statistics of CDAT's previous-update numerator (they need u_{t-1} and its lr in the state).
+_PREVIOUS_STATS = frozenset({S.GRAD_DOT_PREVIOUS_UPDATE, S.PREVIOUS_UPDATE_CURVATURE, S.PREVIOUS_LR})
+
+_NO_LR = ("tune(base, None): with law=None the base's own update is applied and the learning rate it uses is needed "
+          "for lr * sharpness: build base with optax.inject_hyperparams (e.g. optax.inject_hyperparams(optax.sgd)("
+          "learning_rate=0.1)) or give reference_lr=<the base's constant learning rate>")
+
+
+def _injected_lr(base_state: Any) -> bool:
+    """Whether the base injects a ``learning_rate`` hyperparameter (``optax.inject_hyperparams``)."""
+    return any("learning_rate" in hyperparams for hyperparams, _ in knobs.injected(base_state))
+
+
+#: Zero-gradient steps :func:`_impulse_edge` may take until the base's learning rate is positive (a warm-up from 0).
+_WARM_STEPS = 64
+#: Steps of the impulse response (at least 4 for :func:`eos_core.monitor.edge_from_impulse_response`).
+_RESPONSE_STEPS = 6
+
+
+def _impulse_edge(base: optax.GradientTransformation, lr: float | None, spec: Any = None) -> float:
+    r"""The edge of ``base`` from its response to one unit gradient, in the coordinates of its preconditioner.
+
+    :func:`eos_core.monitor.edge_from_impulse_response` of the base run on a one-parameter problem: a unit gradient
+    at step 0 and zero gradients after, ``h_k = -u_k / lr_k`` (gradient descent: 1, 0, 0, ...; heavy ball
+    ``beta^k``). For an adaptive base ``P`` is frozen at its value (Cohen et al. 2022) and the response is taken on
+    ``P^{-1} H``: ``h_k = -P_k u_k / lr_k`` for Adam (the momentum filters the gradient, then ``P_k`` divides it:
+    ``h_k = (1 - b1) b1^k``, edge ``2 (1 + b1) / (1 - b1)``, Nesterov's Adam too), ``h_k = -P_0 u_k / lr_k`` for
+    RMSProp (a momentum, if any, filters the preconditioned gradient: edge 2, or ``2 (1 + beta)`` with heavy-ball
+    momentum). Zero-gradient steps come first while the base's learning rate is 0 (a warm-up from 0); they leave a
+    linear filter's state at 0.
+
+    Args:
+        base: the base optimizer.
+        lr: the base's learning rate (None: read from its injected ``learning_rate`` at each step; 1 for a base of
+            learning rate 1).
+        spec: the base's preconditioner spec (None: not adaptive).
+
+    Returns:
+        The edge; NaN when the base cannot run on one parameter, its learning rate stays 0, or its response is not
+        of a recognised form.
+    """
+    def rate(state: Any) -> float:
+        return float(lr) if lr is not None else float(knobs.read(state, "learning_rate"))
+
+    try:
+        params = jnp.zeros((1,), jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+        zeros = jnp.zeros_like(params)
+        state = base.init(params)
+        for _ in range(_WARM_STEPS):
+            _, after = base.update(zeros, state, params)
+            if rate(after) > 0:  # state is the one before a step with a positive learning rate
+                break
+            state = after
+        else:
+            return math.nan
+        response: list[float] = []
+        first = None
+        for k in range(_RESPONSE_STEPS):
+            update, state = base.update(jnp.ones_like(params) if k == 0 else zeros, state, params)
+            step_lr = rate(state)
+            if not step_lr > 0:
+                return math.nan
+            scale = 1.0
+            if isinstance(spec, AdamPreconditioner | RmsPreconditioner):
+                precond = float(np.asarray(find_preconditioner(state, spec))[0])
+                first = precond if first is None else first
+                scale = precond if isinstance(spec, AdamPreconditioner) else first
+            response.append(-float(np.asarray(update)[0]) * scale / step_lr)
+    except Exception:  # noqa: BLE001 - a base that needs its real parameter structure: edge unknown
+        return math.nan
+    return monitor_rules.edge_from_impulse_response(response)
+
+
+#: Edges of lr x sharpness as functions of a momentum hyperparameter (:mod:`eos_core.monitor`), traceable: the
+#: formulas of ``adam_edge``, ``heavy_ball_edge`` and ``nesterov_edge``.
+_EDGE_FORMULAS: dict[str, Callable[[Any], Any]] = {
+    "adam": lambda b: 2.0 * (1.0 + b) / (1.0 - b),
+    "heavy-ball": lambda b: 2.0 * (1.0 + b),
+    "nesterov": lambda b: 2.0 * (1.0 + b) / (1.0 + 2.0 * b),
+}
+
+
+def _warn_unstable(value: Any, edge: Any, *, margin: float, patience: int, count: Any, what: str) -> None:
+    """Host side of ``warn="jit"``'s early warning."""
+    warnings.warn(monitor_rules.warning_message(float(value), float(edge), margin, patience, int(count),
+                                                what.replace("_", " ").replace("lr ", "lr x ")),
+                  RuntimeWarning, stacklevel=2)
 
 
 def _route_code(name: str | None) -> int:
@@ -411,15 +525,21 @@ class _Tuner:
     pure function of arrays (the configuration is Python data), so all of it traces under ``jax.jit``.
     """
 
-    def __init__(self, base: optax.GradientTransformation, law: Law, settings: TunerSettings,
+    def __init__(self, base: optax.GradientTransformation, law: Law | None, settings: TunerSettings,
                  preconditioner: Preconditioner | None) -> None:
         self.base = optax.with_extra_args_support(base)
-        self.law = law
+        #: law=None: the base's update is applied unchanged, its learning rate only read (see :func:`tune`)
+        self.measuring = law is None
+        self.user_law = law
+        self.law = Constant(1.0) if law is None else law
         self.settings = settings
-        self.request = law.request()
-        self.decides = tuple(law.decides)
+        self.request = self.law.request()
+        self.decides = tuple(self.law.decides)
         self.keys = vector_keys(law)
+        #: CDAT's previous-update numerator: g_t . u_{t-1}, u_{t-1}^T H_t u_{t-1} and the lr of u_{t-1}
+        self.previous_stats = self.request.needs & _PREVIOUS_STATS
         self.tracking = settings.sharpness_every is not None
+        self.monitoring = settings.monitor_budget is not None
         self.spec = self._identify(preconditioner)
         self.tracks_preconditioned = self.tracking and self.spec is not None
         self.keeps_eigenvector = self.request.hessian_eigenvector or self.tracking
@@ -428,12 +548,15 @@ class _Tuner:
         #: tracking reuses the law's lambda_max of H / of the preconditioned Hessian on probe steps
         self.reuses = tuple(self._reuses(key) for key in (S.SHARPNESS, S.PRECONDITIONED_SHARPNESS))
         self._check_law()
+        #: the early warning's edge and whether it bounds the preconditioned sharpness
+        self.edge, self.edge_preconditioned, self.edge_rule = self._edge() if self.monitoring else (
+            math.nan, False, None)
 
     # -- construction ----------------------------------------------------------------------------------
     def _identify(self, explicit: Preconditioner | None) -> Preconditioner | None:
-        if not (self.request.preconditioned or self.tracking):
+        if not (self.request.preconditioned or self.tracking or self.monitoring):
             return None
-        spec, reason = identify(self.base, explicit)
+        spec, reason = identify(self.base, explicit, scaled=self.measuring)
         if self.request.preconditioned and spec is None:
             raise ValueError(f"tune: law {self.law!r} needs the preconditioned Hessian, but {reason}")
         return spec
@@ -444,8 +567,58 @@ class _Tuner:
         return (self.tracking and key in req.needs and req.power_iters >= s.sharpness_iters
                 and 0 < req.power_tol <= s.sharpness_tol)
 
+    def _edge(self) -> tuple[float, bool, tuple[str, Callable[[Any], Any]] | None]:
+        """The early warning's edge: ``monitor_edge``, else the base's (:func:`_impulse_edge`: gradient descent,
+        heavy-ball and Nesterov momentum; Adam's ``2 (1 + b1) / (1 - b1)`` and RMSProp's on the preconditioned
+        sharpness); NaN when not recognised (then no warning).
+
+        Returns:
+            ``(edge, preconditioned, rule)``: ``rule`` is ``(hyperparameter, formula)`` when the edge follows an
+            injected momentum (``b1`` of Adam, ``momentum`` of SGD / RMSProp; DCAO moves them): then each step's
+            edge is the formula of the value in the base's state (:meth:`_step_edge`).
+        """
+        preconditioned = self.spec is not None
+        if self.settings.monitor_edge is not None:
+            return float(self.settings.monitor_edge), preconditioned, None
+        if preconditioned and not isinstance(self.spec, AdamPreconditioner | RmsPreconditioner):
+            return math.nan, True, None  # a callable P: its optimizer's form is unknown
+        edge = _impulse_edge(self.base, self._constant_lr(), self.spec)
+        rule = None
+        synthetic = _synthetic_state(self.base) if math.isfinite(edge) else None
+        injected = {}
+        if synthetic is not None:
+            injected = {k: v for hyperparams, _ in knobs.injected(synthetic) for k, v in hyperparams.items()}
+        forms = (("b1", "adam"),) if isinstance(self.spec, AdamPreconditioner) else (
+            ("momentum", "heavy-ball"), ("momentum", "nesterov"))
+        for name, form in forms:
+            if name in injected:
+                formula = _EDGE_FORMULAS[form]
+                if math.isclose(edge, float(formula(float(np.asarray(injected[name])))), rel_tol=1e-4):
+                    rule = (name, formula)
+                    break
+        return edge, preconditioned, rule
+
+    def _step_edge(self, base_state: Any, numerics: Numerics) -> Any:
+        """This step's edge: the formula of the injected momentum in ``base_state`` (traced) when the edge follows
+        one, else the constant (a Python float; NaN when unknown)."""
+        if self.edge_rule is None:
+            return self.edge
+        name, formula = self.edge_rule
+        return numerics.scalar(formula(numerics.scalar(knobs.read(base_state, name))))
+
+    def _constant_lr(self) -> float | None:
+        """The base's learning rate when ``law=None`` (``reference_lr``; 1 with a law: the contract)."""
+        if not self.measuring:
+            return 1.0
+        return self.settings.reference_lr
+
     def _check_law(self) -> None:
         """A law that cannot start raises its ValueError here, at construction."""
+        if self.measuring:
+            synthetic = _synthetic_state(self.base)
+            if self.settings.reference_lr is None and synthetic is not None and not _injected_lr(synthetic):
+                raise ValueError(_NO_LR)
+            return
         try:
             self.law.init(self.settings.reference_lr, numerics=NUMPY)
         except ValueError as exc:
@@ -463,6 +636,8 @@ class _Tuner:
         numerics = jax_numerics()
         base_state = self.base.init(params)
         law_state = _init_law(self.law, base_state, numerics, self.settings.reference_lr)
+        if self.measuring and self.settings.reference_lr is None and not _injected_lr(base_state):
+            raise ValueError(_NO_LR)
         seed = self.settings.seed
 
         def zero() -> jax.Array:  # one buffer per counter: a caller may donate the state's buffers
@@ -480,16 +655,25 @@ class _Tuner:
                                         if self.keeps_preconditioned_eigenvector else None),
             previous_update=jax.tree.map(jnp.zeros_like, params) if self.request.previous_update else None,
             diagnostics=self._initial_diagnostics(law_state, numerics),
+            monitor=mon.monitor_init(params, seed, preconditioned=self.spec is not None, numerics=numerics)
+            if self.monitoring else None,
+            previous_lr=numerics.scalar(math.nan) if self.previous_stats else None,
         )
 
     def _initial_diagnostics(self, law_state: Any, numerics: Numerics) -> Diagnostics:
         lr = self.law.hold(law_state, numerics=numerics).lr
         values: dict[str, Any] = dict.fromkeys(self.keys, math.nan)
         values.update(probed=0.0, fallback=0.0, skipped=0.0, route_code=_route_code(self.settings.route),
-                      hvp_route_code=0.0, lr=lr, law_lr=lr)
+                      hvp_route_code=0.0, monitor_fired=0.0, lr=lr, law_lr=lr)
+        if self.measuring:
+            values.update(lr=math.nan, law_lr=math.nan)
         values.update({k: getattr(law_state, k) for k in self.decides})
         vector = jnp.stack([jnp.asarray(values[k], dtype=numerics.dtype) for k in self.keys])
-        return Diagnostics(self.keys, vector, self.settings.warn)
+        return Diagnostics(self.keys, vector, self.settings.warn, self._rule())
+
+    def _rule(self) -> tuple[float, int] | None:
+        settings = self.settings
+        return (settings.monitor_margin, settings.monitor_patience) if self.monitoring else None
 
     # -- update ------------------------------------------------------------------------------------------
     def update(self, updates: PyTree, state: TuneState, params: PyTree | None = None, *,
@@ -497,10 +681,14 @@ class _Tuner:
                **extra: Any) -> tuple[PyTree, TuneState]:
         inputs = self._check_inputs(updates, state, params, value_fn, value, extra)
         probed = self._probe(inputs, state)
+        if self.measuring:  # the base's own learning rate is the step's
+            lr = inputs.lr.astype(probed.out.lr.dtype)
+            probed = probed._replace(out=probed.out._replace(lr=lr, diagnostics={**probed.out.diagnostics, "lr": lr}))
         tracked = self._track(inputs, state, probed)
         decision = self._decide(probed)
         new_updates, base_state = self._apply(inputs, probed, decision)
-        report = self._report(inputs, state, probed, tracked, decision)
+        monitor = self._monitor(inputs, state) if self.monitoring else None
+        report, monitor = self._report(inputs, state, probed, tracked, decision, monitor)
         applied = decision.applied
         new_state = TuneState(
             base_state=tree_select(applied, base_state, state.base_state),
@@ -514,6 +702,9 @@ class _Tuner:
             previous_update=tree_select(applied, inputs.u, state.previous_update) if self.request.previous_update
             else None,
             diagnostics=report,
+            monitor=None if monitor is None else tree_select(applied, monitor, state.monitor),
+            previous_lr=jnp.where(applied, inputs.numerics.scalar(decision.lr), state.previous_lr)
+            if self.previous_stats else None,
         )
         return new_updates, new_state
 
@@ -522,12 +713,21 @@ class _Tuner:
                       extra: Mapping[str, Any]) -> _Inputs:
         if params is None:
             raise ValueError("tune: update needs params (call opt.update(grads, state, params, value_fn=...))")
-        needs_value_fn = self.request.objective or self.tracking or (S.LOSS in self.request.needs and value is None)
+        needs_value_fn = (self.request.objective or self.tracking or self.monitoring
+                          or (S.LOSS in self.request.needs and value is None))
         if needs_value_fn and value_fn is None:
-            raise ValueError(f"tune: update needs value_fn=... (the loss on the current batch as a function of the "
-                             f"parameters) for {self.law!r}" + (" and sharpness_every" if self.tracking else ""))
+            wanted = [f"{self.user_law!r}"] if self.request.objective else []
+            wanted += ["sharpness_every"] if self.tracking else []
+            wanted += ["monitor_budget"] if self.monitoring else []
+            raise ValueError("tune: update needs value_fn=... (the loss on the current batch as a function of the "
+                             f"parameters) for {' and '.join(wanted) or repr(self.user_law)}")
         numerics = _law_numerics(state.law_state)
         u, base_state = self.base.update(grads, state.base_state, params, **extra)
+        raw = lr = None
+        if self.measuring:  # u for lr = 1 from the base's own update
+            lr = self._base_lr(base_state, numerics)
+            raw, safe = u, jnp.where(lr > 0, lr, 1.0)
+            u = jax.tree.map(lambda d: (d / safe.astype(d.dtype)).astype(d.dtype), raw)
         # Squared norms double as the finiteness test: a NaN or Inf entry makes them non-finite (so does a
         # squared norm beyond the float range, a diverged step that is best skipped too).
         grad_sq, update_sq = tree_dot(grads, grads, numerics.dtype), tree_dot(u, u, numerics.dtype)
@@ -537,12 +737,41 @@ class _Tuner:
         curvature_code = hvp_code = 0
         if self.request.curvature:
             curvature_code = _route_code(resolve_curvature_route(value_fn, params, u, self.settings.route))
+        elif S.PREVIOUS_UPDATE_CURVATURE in self.request.needs:  # the same oracle, along u_{t-1}
+            curvature_code = _route_code(resolve_curvature_route(value_fn, params, state.previous_update,
+                                                                 self.settings.route))
         if self.request.spectral or self.tracking:
             hvp_code = _route_code(resolve_hvp_route(value_fn, params, self.hvp_route))
+        wants_precond = self.keeps_preconditioned_eigenvector or (self.monitoring and self.spec is not None)
         return _Inputs(grads=grads, params=params, u=u, base_state=base_state, value_fn=value_fn, value=value,
                        grad_sq=grad_sq, update_sq=update_sq, finite=finite,
-                       precond=self._preconditioner(base_state) if self.keeps_preconditioned_eigenvector else None,
-                       curvature_code=curvature_code, hvp_code=hvp_code, numerics=numerics, ops=TreeOps(numerics))
+                       precond=self._preconditioner(base_state) if wants_precond else None,
+                       curvature_code=curvature_code, hvp_code=hvp_code, numerics=numerics, ops=TreeOps(numerics),
+                       raw=raw, lr=lr)
+
+    def _base_lr(self, base_state: Any, numerics: Numerics) -> jax.Array:
+        """law=None: the learning rate of this step's base update (injected ``learning_rate``, else
+        ``reference_lr``).
+
+        Raises:
+            ValueError: neither is there.
+        """
+        if _injected_lr(base_state):
+            return numerics.scalar(knobs.read(base_state, "learning_rate"))
+        if self.settings.reference_lr is None:
+            raise ValueError(_NO_LR)
+        return numerics.scalar(self.settings.reference_lr)
+
+    # -- the sharpness monitor ---------------------------------------------------------------------------
+    def _monitor(self, inputs: _Inputs, state: TuneState) -> mon.Tick:
+        """A tick of the monitor at ``w`` when its credit allows (:func:`.monitor.monitor_step`)."""
+        settings = self.settings
+        return mon.monitor_step(
+            state.monitor, value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, precond=inputs.precond,
+            finite=inputs.finite, budget=settings.monitor_budget,
+            danger=mon.danger(state.monitor, self._step_edge(inputs.base_state, inputs.numerics),
+                              settings.monitor_margin),
+            exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops)
 
     def _preconditioner(self, base_state: Any) -> PyTree:
         if isinstance(self.spec, AdamPreconditioner | RmsPreconditioner):
@@ -620,6 +849,37 @@ class _Tuner:
                 params, u))
         if S.GRAD_PREV_UPDATE_COSINE in needs:
             stats[S.GRAD_PREV_UPDATE_COSINE] = _cosine(grads, state.previous_update, inputs.grad_sq, numerics)
+        if self.previous_stats:
+            previous, loss = self._previous_statistics(inputs, state, loss)
+            stats.update(previous)
+        return stats, loss
+
+    def _previous_statistics(self, inputs: _Inputs, state: TuneState, loss: Any) -> tuple[dict[str, Any], Any]:
+        r"""CDAT's previous-update statistics (CDAT docstring, ``numerator="previous-update"``) and the loss.
+
+        ``g_t(w_t) . u_{t-1}``, ``u_{t-1}^T H_t u_{t-1}`` (at ``w_t`` on this step's batch, with the route of
+        ``curvature``) and the lr applied to ``u_{t-1}``, where ``u_{t-1}`` is the update for lr 1 of the last
+        applied step (the step just before this probe, also with ``probe_every > 1``; skipped steps keep the one
+        before). All three are NaN before the first applied step: the law then keeps ``lr_init``. The curvature
+        probe runs on every probe step (a zero ``u_{t-1}`` on the first), so that the compiled step has no
+        branch.
+        """
+        needs, numerics = self.request.needs, inputs.numerics
+        previous_lr = numerics.scalar(state.previous_lr)
+        known = jnp.isfinite(previous_lr)
+        nan = numerics.scalar(math.nan)
+        stats: dict[str, Any] = {}
+        if S.GRAD_DOT_PREVIOUS_UPDATE in needs:
+            stats[S.GRAD_DOT_PREVIOUS_UPDATE] = jnp.where(
+                known, tree_dot(inputs.grads, state.previous_update, numerics.dtype), nan)
+        if S.PREVIOUS_UPDATE_CURVATURE in needs:
+            result, _ = curvature(inputs.value_fn, inputs.params, state.previous_update,
+                                  route=ROUTE_NAMES[inputs.curvature_code], grads=inputs.grads,
+                                  fd_eps=self.settings.fd_eps)
+            stats[S.PREVIOUS_UPDATE_CURVATURE] = jnp.where(known, numerics.scalar(result.value), nan)
+            loss = result.loss if loss is None else loss
+        if S.PREVIOUS_LR in needs:
+            stats[S.PREVIOUS_LR] = previous_lr
         return stats, loss
 
     def _spectral_statistics(self, inputs: _Inputs, state: TuneState, finite: jax.Array
@@ -720,6 +980,8 @@ class _Tuner:
             base_state = knobs.write(base_state, {names[k]: probed.out.hyperparams[k] for k in self.decides
                                                   if names[k]})
         lr, applied = decision.lr, decision.applied
+        if self.measuring:  # the base's own update, unchanged
+            return jax.tree.map(lambda d: jnp.where(applied, d, 0).astype(d.dtype), inputs.raw), base_state
         updates = jax.tree.map(lambda d: jnp.where(applied, jnp.asarray(lr).astype(d.dtype) * d, 0).astype(d.dtype),
                                inputs.u)
         return updates, base_state
@@ -732,27 +994,84 @@ class _Tuner:
         return inputs.curvature_code or inputs.hvp_code or _route_code(self.settings.route)
 
     def _report(self, inputs: _Inputs, state: TuneState, probed: _Probed, tracked: _Tracked,
-                decision: _Decision) -> Diagnostics:
-        """The diagnostics vector; a skipped step keeps the previous one with ``skipped = 1``."""
+                decision: _Decision, tick: mon.Tick | None) -> tuple[Diagnostics, MonitorState | None]:
+        """The diagnostics vector (a skipped step keeps the previous one with ``skipped = 1``) and the monitor's
+        state after its early warning."""
         scalar = inputs.numerics.scalar
+        nan = scalar(math.nan)
         values = {k: scalar(v) for k, v in probed.out.diagnostics.items()}
         lr = scalar(decision.lr)
-        law_plain, law_preconditioned = D.law_sharpness(self.law, values, scalar(math.nan))
-        values.update(D.derive_sharpness(jnp, lr, tracked.sharpness, tracked.preconditioned_sharpness, law_plain,
-                                         law_preconditioned))
+        law_plain, law_preconditioned = D.law_sharpness(self.user_law, values, nan)
+        monitor = None
+        readings = [(nan, nan, nan, jnp.asarray(False))] * 2
+        if tick is not None:
+            monitor = tick.state
+            trackers = (monitor.tracker, monitor.preconditioned)
+            readings = [(nan, nan, nan, jnp.asarray(False)) if t is None else self._reading(t, tick.ticked, scalar)
+                        for t in trackers]
+        exact = (tracked.sharpness, tracked.preconditioned_sharpness)
+        laws = (law_plain, law_preconditioned)
+        # exact measurements of this step (sharpness_every, then the law's own) win over the monitor's estimate
+        fallback = [jnp.where(jnp.isnan(law), reading[0], law) for law, reading in zip(laws, readings, strict=True)]
+        values.update(D.derive_sharpness(jnp, lr, tracked.sharpness, tracked.preconditioned_sharpness, fallback[0],
+                                         fallback[1]))
+        fired = jnp.asarray(False)
+        if monitor is not None:
+            fresh = []
+            for prefix, measured, law, reading in zip(("", "preconditioned_"), exact, laws, readings, strict=True):
+                known = ~jnp.isnan(measured) | ~jnp.isnan(law)
+                values[prefix + "sharpness_residual"] = jnp.where(known, nan, reading[1])
+                values[prefix + "sharpness_age"] = jnp.where(known, scalar(0.0), reading[2])
+                fresh.append(known | reading[3])
+            watched = "preconditioned_lr_sharpness" if self.edge_preconditioned else "lr_sharpness"
+            edge = self._step_edge(inputs.base_state, inputs.numerics)
+            index = int(self.edge_preconditioned)
+            counted = monitor_rules.counts_for_warning(jnp, fresh[index], state.count,
+                                                       values[("", "preconditioned_")[index] + "sharpness_residual"])
+            monitor, fired = mon.warning_step(monitor, fresh=fresh[index], counted=counted,
+                                              value=values[watched], edge=edge,
+                                              margin=self.settings.monitor_margin,
+                                              patience=self.settings.monitor_patience)
+            known_edge = math.isfinite(self.edge)
+            values.update(edge=scalar(edge),
+                          unstable=jnp.where((monitor.seen > 0) & known_edge, scalar(monitor.unstable), nan),
+                          monitor_every=scalar(mon.every(monitor, 1 + int(monitor.preconditioned is not None),
+                                                         self.settings.monitor_budget)),
+                          monitor_exact=scalar(monitor.exact))
+            if self.settings.warn == "jit":
+                # the static arguments bound in Python (jax < 0.4.3x's callbacks take arrays only)
+                report = functools.partial(_warn_unstable, margin=self.settings.monitor_margin,
+                                           patience=self.settings.monitor_patience, what=watched)
+                lax.cond(fired, lambda: jax.debug.callback(report, values[watched], edge, count=state.count),
+                         lambda: None)
         values.update(lr=lr, law_lr=lr, loss=probed.loss, grad_norm=inputs.grad_sq ** 0.5,
                       update_norm=inputs.update_sq ** 0.5, skipped=scalar(0.0), alignment=tracked.alignment,
                       power_iterations=tracked.iterations, route_code=scalar(self._route_in_use(inputs)),
-                      hvp_route_code=scalar(inputs.hvp_code))
+                      hvp_route_code=scalar(inputs.hvp_code), monitor_fired=scalar(fired))
         values.update({name: probed.out.hyperparams[name] for name in self.decides})
+        for key in D.MONITOR_KEYS:  # NaN while the monitor is off
+            values.setdefault(key, nan)
         measured = jnp.stack([scalar(values[k]) for k in self.keys])
         kept = state.diagnostics.values.at[self.keys.index("skipped")].set(1.0)
-        return Diagnostics(self.keys, jnp.where(decision.applied, measured, kept), self.settings.warn)
+        kept = kept.at[self.keys.index("monitor_fired")].set(0.0)
+        return Diagnostics(self.keys, jnp.where(decision.applied, measured, kept), self.settings.warn,
+                           self._rule()), monitor
+
+    @staticmethod
+    def _reading(tracker: Any, ticked: jax.Array, scalar: Callable[[Any], jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(eigenvalue, relative residual, age, fresh)`` of a tracker (NaNs before its first product)."""
+        started = tracker.products > 0
+        nan = scalar(math.nan)
+        value = jnp.where(started, scalar(tracker.eigenvalue), nan)
+        residual = jnp.where(started, scalar(monitor_rules.relative_residual(jnp, tracker.residual,
+                                                                             tracker.eigenvalue)), nan)
+        return value, residual, jnp.where(started, scalar(tracker.age), nan), started & ticked
 
 
 def tune(
     base: optax.GradientTransformation,
-    law: Law,
+    law: Law | None,
     *,
     preconditioner: Preconditioner | None = None,
     settings: TunerSettings | None = None,
@@ -771,7 +1090,9 @@ def tune(
 
     Args:
         base: an ``optax.GradientTransformation`` with learning rate 1.
-        law: a tuning law from :mod:`eos_core.laws`.
+        law: a tuning law from :mod:`eos_core.laws`, or None to only measure: the base's own update
+            (with its own learning rate, injected with ``optax.inject_hyperparams`` or given as
+            ``reference_lr``) is applied unchanged, and the diagnostics report it (with ``monitor_budget``).
         preconditioner: P of an adaptive base; by default identified from ``base``
             (:func:`eos_core.adapters.jax.preconditioner.identify`). Either a spec
             (:class:`AdamPreconditioner`, :class:`RmsPreconditioner`) or a callable
@@ -797,7 +1118,13 @@ def tune(
             * ``fd_eps``: machine epsilon the finite-difference routes size their step for (default: that
               of the lowest-precision parameter).
             * ``reference_lr``: the learning rate the law starts from when it has no ``lr_init``
-              (``law.init(reference_lr)``; the base's own rate is 1 by contract).
+              (``law.init(reference_lr)``; the base's own rate is 1 by contract). With ``law=None``: the
+              base's constant learning rate, when it does not inject one.
+            * ``monitor_budget``: the sharpness monitor (:mod:`eos_core.adapters.jax.monitor`), the share of
+              training time it may take (None: off); ``monitor_edge`` (default: the base's edge, derived from
+              its impulse response in the coordinates of its preconditioner, and following an injected
+              ``b1`` / ``momentum``), ``monitor_margin`` and ``monitor_patience`` set its early warning
+              (:mod:`eos_core.monitor`).
 
             The old names ``power_iters``, ``power_tol`` and ``initial_lr`` warn with a DeprecationWarning.
 
@@ -816,8 +1143,9 @@ def tune(
     if not isinstance(base, optax.GradientTransformation):
         raise ValueError(f"tune: base must be an optax.GradientTransformation (e.g. optax.sgd(1.0)), "
                          f"got {type(base).__name__}")
-    if not isinstance(law, Law):
-        raise ValueError(f"tune: law must be an eos_core law (e.g. CDAT(scale=2.0)), got {type(law).__name__}")
+    if law is not None and not isinstance(law, Law):
+        raise ValueError(f"tune: law must be an eos_core law (e.g. CDAT(scale=2.0)) or None to only measure, got "
+                         f"{type(law).__name__}")
     tuner = _Tuner(base, law, _resolve_settings(settings, options), preconditioner)
     return optax.GradientTransformationExtraArgs(tuner.init, tuner.update)
 
@@ -902,7 +1230,26 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
                              fallback_steps=fallbacks)
     if state.diagnostics.warn is True:
         warn_bad_steps(out, stacklevel=2)
+        if "monitor_fired" in state.diagnostics.keys and float(values[state.diagnostics.keys.index("monitor_fired")]):
+            warn_unstable(out, state.diagnostics.rule, stacklevel=2)
     return out
+
+
+def warn_unstable(found: Mapping[str, Any], rule: tuple[float, int] | None = None, *, stacklevel: int = 1) -> None:
+    """The early warning's RuntimeWarning (:mod:`eos_core.monitor`) from host diagnostics (:func:`diagnostics`' dict)
+    of the step it fired on.
+
+    Args:
+        found: host diagnostics with ``edge``, ``step`` and ``lr_sharpness`` / ``preconditioned_lr_sharpness``.
+        rule: ``(monitor_margin, monitor_patience)`` (default: the core's defaults).
+        stacklevel: as in ``warnings.warn``; 1 points the warning at the caller of this function.
+    """
+    margin, patience = rule if rule is not None else (monitor_rules.MARGIN, monitor_rules.PATIENCE)
+    preconditioned = np.isfinite(float(found.get("preconditioned_lr_sharpness", math.nan)))
+    what = "preconditioned_lr_sharpness" if preconditioned else "lr_sharpness"
+    warnings.warn(monitor_rules.warning_message(float(found[what]), float(found["edge"]), margin, patience,
+                                                int(found["step"]), what.replace("_", " ").replace("lr ", "lr x ")),
+                  RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def hvp_route(state: Any) -> str:

@@ -83,15 +83,20 @@ def tree_random_normal(x: PyTree, seed: Any) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
+def _spread(leaf: Any) -> bool:
+    """A concrete array on more than one device."""
+    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and len(leaf.sharding.device_set) > 1
+
+
 def tree_random_start(x: PyTree, seed: int) -> PyTree:
     """The spectral estimators' start vector: :func:`eos_core.spectral.random_start` shaped like ``x``.
 
     The core draws it with numpy in float64 from the shapes of the leaves in ``jax.tree.leaves`` order
     (unit norm over all leaves), so PyTorch, JAX and Keras start power iteration and Lanczos from the
     same vector for the same parameters; each leaf is then cast to the dtype of the matching leaf of
-    ``x``. Only shapes and dtypes of ``x`` are read, so this works under ``jax.jit`` too: traced, the
-    vector is drawn on the host at run time by ``jax.pure_callback`` (a model-sized constant is never
-    embedded in the compiled program).
+    ``x`` and, for a leaf spread over several devices, placed with its sharding. Only shapes, dtypes and
+    shardings of ``x`` are read, so this works under ``jax.jit`` too: traced, the vector is drawn on the host
+    at run time by ``jax.pure_callback`` (a model-sized constant is never embedded in the compiled program).
 
     Args:
         x: a pytree of arrays (the parameters), concrete or traced.
@@ -109,8 +114,10 @@ def tree_random_start(x: PyTree, seed: int) -> PyTree:
 
     if any(isinstance(a, jax.core.Tracer) for a in leaves):
         out = jax.pure_callback(draw, [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)])
-    else:
-        out = [jnp.asarray(a) for a in draw()]
+    else:  # a leaf spread over devices gives its sharding (a sharded parameter gets a sharded vector); a leaf on
+        # one device gives an uncommitted array, as jnp.asarray does (committed, jit would refuse to move it)
+        out = [jax.device_put(a, leaf.sharding) if _spread(leaf) else jnp.asarray(a)
+               for a, leaf in zip(draw(), leaves, strict=True)]
     return jax.tree.unflatten(treedef, list(out))
 
 

@@ -1,6 +1,10 @@
 """Keras 3 adapter: ``CurvatureTuner``, a Keras optimizer driven by an eos_core law, on the JAX and torch backends.
 
-Quick use (the callback wraps the model's ``train_step`` and puts the diagnostics into ``logs``)::
+Monitoring only: `model.fit(..., callbacks=[EdgeOfStabilityCallback()])` on a model compiled with any supported
+Keras optimizer puts a `CurvatureTuner(optimizer, None, monitor_budget=0.05)` around it (the optimizer's own steps,
+measured: lambda_max, lr * lambda_max and the early warning in `logs`).
+
+Quick use with a law (the callback wraps the model's ``train_step`` and puts the diagnostics into ``logs``)::
 
     from eos_core import CDAT
     from eos_core.adapters.keras import CurvatureTuner
@@ -74,9 +78,22 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
     ``power_iterations`` and the law's own measurements (CDAT: ``numerator``, ``denominator``, their EMAs).
     NaN marks a value not measured on the last step.
 
+    With the sharpness monitor (`monitor_budget`) the keys also hold its estimate in `sharpness` /
+    `preconditioned_sharpness` (and `lr_sharpness`, `preconditioned_lr_sharpness`) on every step, with
+    `sharpness_age`, `sharpness_residual`, `edge`, `unstable`, `monitor_every` and `monitor_exact`.
+
     On JAX with the tuner's ``warn=True`` (the default), this read raises a RuntimeWarning for the steps
-    skipped and the law fallbacks since the previous read (the jitted step itself holds no host callback;
-    see :class:`CurvatureTuner`'s ``warn``).
+    skipped and the law fallbacks since the previous read, and the monitor's early warning when `unstable`
+    turned on since then (the jitted step itself holds no host callback; see :class:`CurvatureTuner`'s ``warn``).
+
+    Args:
+        model: a model compiled with a `CurvatureTuner` (also inside a `LossScaleOptimizer`).
+
+    Returns:
+        The diagnostics (empty before the tuner is built).
+
+    Raises:
+        ValueError: the model has no `CurvatureTuner`.
     """
     tuner = find_tuner(model)
     if tuner is None:

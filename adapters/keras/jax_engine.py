@@ -31,6 +31,17 @@ report, so each bad step is reported once and reading every few batches misses n
 loaded checkpoint are the baseline of the next report (:meth:`JaxEngine.mark_loaded`). ``warn="jit"``
 warns from inside the step instead (``jax.debug.callback``), ``False`` never.
 
+**Monitoring only** (`law=None`): the base is [`keras_measured`][eos_core.adapters.keras.jax_engine.keras_measured],
+the Keras optimizer's own `stateless_apply` (its learning rate or schedule, its constraints) as an optax
+transformation whose state also carries the new weights and, as an injected `learning_rate`, the rate it applied;
+`tune(base, None)` measures beside it and the weights are those of a plain Keras run.
+
+**The sharpness monitor** (`monitor_budget`) is the JAX adapter's ([`eos_core.adapters.jax.monitor`][]): its
+state is part of the `TuneState`, hence Keras variables like the rest. The edge of its warning is the Keras
+optimizer's ([`eos_core.adapters.keras.optimizers.edge`][]), passed to `tune` as `monitor_edge`. With
+`warn=True` its RuntimeWarning is raised by [`JaxEngine.report`][eos_core.adapters.keras.jax_engine.JaxEngine.report]
+when a read finds `unstable` turned on since the previous read.
+
 Preconditioned sharpness (``sharpness_every``, ``ExactSharpness(preconditioned=True)``,
 ``AdaEoS(preconditioned=True)``) is available for Adam, AdamW (``amsgrad`` too) and RMSprop without
 momentum: with lr = 1 Keras's Adam takes ``u = -P^{-1} m`` with
@@ -40,6 +51,7 @@ momentum: with lr = 1 Keras's Adam takes ``u = -P^{-1} m`` with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,10 +61,13 @@ import keras
 import numpy as np
 import optax
 
-from eos_core.adapters.jax import decode_diagnostics, tune, warn_bad_steps
+from eos_core.adapters.jax import decode_diagnostics, tune, warn_bad_steps, warn_unstable
 from eos_core.adapters.jax.transform import TuneState
 from eos_core.adapters.keras.optimizers import apply_update, decay_rates
 from eos_core.laws.base import Law
+
+#: dtype of the learning rate a monitoring-only base reports (Keras keeps learning rates in float32)
+_LR_DTYPE = jnp.float32
 
 
 def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTransformation:
@@ -85,6 +100,58 @@ def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientT
         return u, [scope.get_current_value(v) for v in optimizer.variables]
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keras_measured(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTransformation:
+    """`optimizer` (built on `trainable`) stepping with its own learning rate, as an optax transformation.
+
+    The update is Keras's own step, `optimizer.stateless_apply` (its learning rate or `LearningRateSchedule` at
+    its `iterations`, gradient clipping, weight decay, constraints), reported as `new - w`. The state is an
+    `optax.InjectHyperparamsState` whose `hyperparams["learning_rate"]` is the rate the last update applied (how
+    `tune(base, None)` reads a base's learning rate) and whose `inner_state` is `(optimizer values, new
+    weights)`: the weights Keras computed, which the engine applies as they are (`w + (new - w)` would round).
+
+    Args:
+        optimizer: the Keras optimizer, built on `trainable`.
+        trainable: the model's trainable variables.
+
+    Returns:
+        The transformation.
+    """
+    trainable = list(trainable)
+    shapes = [tuple(v.shape) for v in trainable]
+
+    def check(params: Any) -> list[Any]:
+        params = list(params) if isinstance(params, list | tuple) else None
+        if params is None or [tuple(jnp.shape(p)) for p in params] != shapes:
+            raise ValueError("keras_measured: params must be the list of the model's trainable values")
+        return params
+
+    def rate(values: list[Any]) -> Any:
+        with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, values, strict=True))):
+            return jnp.asarray(optimizer.learning_rate, _LR_DTYPE)
+
+    def init_fn(params: Any) -> optax.InjectHyperparamsState:
+        params = check(params)
+        values = [jnp.asarray(v.value) for v in optimizer.variables]
+        return measured_state(values, params, rate(values))
+
+    def update_fn(grads: Any, state: Any, params: Any = None) -> tuple[list[Any], Any]:
+        params = check(params)
+        values = list(state.inner_state[0])
+        lr = rate(values)
+        weights, new_values = optimizer.stateless_apply(values, list(grads), params)
+        updates = [new - old for new, old in zip(weights, params, strict=True)]
+        return updates, measured_state(list(new_values), list(weights), lr)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def measured_state(values: list[Any], weights: list[Any], lr: Any) -> optax.InjectHyperparamsState:
+    """The state of [`keras_measured`][eos_core.adapters.keras.jax_engine.keras_measured]."""
+    return optax.InjectHyperparamsState(count=jnp.zeros((), jnp.int32),
+                                        hyperparams={"learning_rate": jnp.asarray(lr, _LR_DTYPE)},
+                                        inner_state=(list(values), list(weights)))
 
 
 def keras_preconditioner(optimizer: Any, trainable: Sequence[Any]) -> Callable[[list[Any]], list[Any]] | None:
@@ -123,9 +190,10 @@ def keras_preconditioner(optimizer: Any, trainable: Sequence[Any]) -> Callable[[
 class JaxEngine:
     """Runs the tuner's step on the JAX backend (see the module docstring)."""
 
-    def __init__(self, tuner: Any, law: Law) -> None:
+    def __init__(self, tuner: Any, law: Law | None) -> None:
         self.tuner = tuner
         self.law = law
+        self.measuring = law is None
         self.transform: Any = None
         self.treedef: Any = None
         self.state_variables: list[Any] = []
@@ -133,17 +201,37 @@ class JaxEngine:
         self.offsets: dict[str, int] = {}
         #: (skipped_steps, fallback_steps) at the last report; None: unknown (the next read sets it silently)
         self.reported: tuple[int, int] | None = (0, 0)
+        #: the monitor's `unstable` at the last report (a read that finds it turned on since then warns)
+        self.reported_unstable = False
 
     # -- build -----------------------------------------------------------------------------------
     def build(self, trainable: Sequence[Any]) -> None:
+        """The `tune` transformation around the Keras optimizer, and one Keras variable per leaf of its state.
+
+        Args:
+            trainable: the model's trainable variables.
+        """
         tuner, optimizer = self.tuner, self.tuner.inner_optimizer
         self.trainable = list(trainable)
-        base = keras_direction(optimizer, self.trainable)
         precond = keras_preconditioner(optimizer, self.trainable)
         self.has_preconditioner = precond is not None
-        # the law starts from the tuner's reference lr (the base's own rate is 1); 0 means "none" to tune
-        reference = tuner.reference_lr if tuner.reference_lr > 0 else None
-        self.transform = tune(base, self.law, preconditioner=precond, settings=tuner.settings, reference_lr=reference)
+        settings = tuner.settings
+        if settings.monitor_budget is not None and settings.monitor_edge is None and np.isfinite(tuner.edge[0]):
+            settings = settings.replace("CurvatureTuner", monitor_edge=tuner.edge[0])  # the Keras optimizer's edge
+        if self.measuring:
+            base = keras_measured(optimizer, self.trainable)
+            if precond is not None:
+                own = precond
+
+                def precond(state: Any) -> list[Any]:
+                    return own(list(state.inner_state[0]))
+
+            self.transform = tune(base, None, preconditioner=precond, settings=settings)
+        else:
+            base = keras_direction(optimizer, self.trainable)
+            # the law starts from the tuner's reference lr (the base's own rate is 1); 0 means "none" to tune
+            reference = tuner.reference_lr if tuner.reference_lr > 0 else None
+            self.transform = tune(base, self.law, preconditioner=precond, settings=settings, reference_lr=reference)
         # eager: the random start vectors are drawn on the host (under jit they would need a host callback)
         state = self.transform.init([jnp.asarray(v.value) for v in self.trainable])
         offset = 0
@@ -155,7 +243,9 @@ class JaxEngine:
         leaves, self.treedef = jax.tree.flatten(state._replace(base_state=None))
         for i, leaf in enumerate(leaves):
             variable = tuner.add_variable(shape=tuple(leaf.shape), dtype=str(leaf.dtype), name=f"eos_core_state_{i}")
-            variable.assign(leaf)
+            # through the host: one buffer per variable (fit donates the state's buffers), and not committed to a
+            # device, like Keras's own variables (a committed one among them makes fit compile its step twice)
+            variable.assign(jnp.asarray(np.array(leaf)))
             self.state_variables.append(variable)
         self.keys = state.diagnostics.keys
 
@@ -168,12 +258,18 @@ class JaxEngine:
         non-finite check, as the PyTorch tuner has them from the step's closure): the same function of the same
         inputs as the forward pass Keras differentiated in this jitted step, which XLA computes once.
         """
-        state = self.treedef.unflatten(list(state_values))._replace(base_state=list(optimizer_values))
+        base_state: Any = list(optimizer_values)
+        if self.measuring:  # the learning rate entering the state is not read: update_fn writes this step's
+            base_state = measured_state(list(optimizer_values), list(params), jnp.zeros((), _LR_DTYPE))
+        state = self.treedef.unflatten(list(state_values))._replace(base_state=base_state)
         value = None if value_fn is None else value_fn(list(params))
         updates, new_state = self.transform.update(list(grads), state, list(params), value_fn=value_fn, value=value)
-        weights = [(p + u.astype(p.dtype)).astype(p.dtype) for p, u in zip(params, updates, strict=True)]
         leaves = jax.tree.leaves(new_state._replace(base_state=None))
         leaves = [jnp.asarray(new).astype(old.dtype) for new, old in zip(leaves, state_values, strict=True)]
+        if self.measuring:  # Keras's own weights (the entering ones on a skipped step)
+            new_values, weights = new_state.base_state.inner_state
+            return list(weights), leaves, list(new_values), new_state.diagnostics["lr"]
+        weights = [(p + u.astype(p.dtype)).astype(p.dtype) for p, u in zip(params, updates, strict=True)]
         return weights, leaves, list(new_state.base_state), new_state.diagnostics["lr"]
 
     # -- reading ----------------------------------------------------------------------------------
@@ -191,12 +287,22 @@ class JaxEngine:
                                   skipped_steps=counter("skipped"), fallback_steps=counter("fallbacks"))
 
     def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
-        """With ``warn=True``: RuntimeWarnings for the steps skipped and the law fallbacks since the last report,
-        from diagnostics just read (``stacklevel`` as in ``warnings.warn``, 1 being the caller)."""
+        """With `warn=True`: RuntimeWarnings for the steps skipped and the law fallbacks since the last report, and
+        the sharpness monitor's early warning when `unstable` turned on since then, from diagnostics just read.
+
+        Args:
+            found: the diagnostics just read.
+            stacklevel: as in `warnings.warn`, 1 being the caller.
+        """
         if self.tuner.warn is not True or not found:
             return
+        unstable = float(found.get("unstable", math.nan)) == 1.0
+        was_unstable, self.reported_unstable = self.reported_unstable, unstable
         seen = (int(found["skipped_steps"]), int(found["fallback_steps"]))
         before, self.reported = self.reported, seen
+        if unstable and not was_unstable:
+            settings = self.tuner.settings
+            warn_unstable(found, (settings.monitor_margin, settings.monitor_patience), stacklevel=stacklevel + 1)
         if before is None:
             return
         warn_bad_steps(found, new_skips=max(seen[0] - before[0], 0), new_fallbacks=max(seen[1] - before[1], 0),
@@ -211,3 +317,5 @@ class JaxEngine:
             self.reported = None
         else:
             self.reported = (int(np.asarray(counters[0].value)), int(np.asarray(counters[1].value)))
+            found = self.decode(lambda variable: variable.value)
+            self.reported_unstable = float(found.get("unstable", math.nan)) == 1.0  # warned before the save

@@ -25,10 +25,14 @@ direction (the same as ``torch.optim.SGD``'s and ``optax.sgd``'s with momentum).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
+
+from eos_core import monitor as monitor_rules
 
 #: Keras optimizers whose ``update_step`` is ``w += lr * (direction independent of w and lr)``.
 SUPPORTED: tuple[type, ...] = (
@@ -44,8 +48,23 @@ SUPPORTED: tuple[type, ...] = (
 )
 
 
-def check_supported(owner: str, optimizer: Any) -> None:
-    """Raise ValueError, naming the setting, for an optimizer the tuner cannot take ``u`` from."""
+def check_supported(owner: str, optimizer: Any, *, measuring: bool = False) -> None:
+    """Raise ValueError, naming the setting, for an optimizer the tuner cannot take `u` from.
+
+    Args:
+        owner: the class named in the messages.
+        optimizer: the Keras optimizer to wrap.
+        measuring: the tuner only measures (`law=None`): the optimizer keeps its own learning rate, which may
+            then be a `LearningRateSchedule`, and may have stepped already (its update is applied unchanged).
+            With a law the learning rate must be a number and the optimizer must not have stepped (built on the
+            model's variables by `fit` before any step is fine: its state is still zero).
+
+    Raises:
+        ValueError: a `LossScaleOptimizer`, an optimizer outside
+            [`SUPPORTED`][eos_core.adapters.keras.optimizers.SUPPORTED], a schedule as the learning rate of a tuned
+            optimizer, `use_ema`, `gradient_accumulation_steps`, `loss_scale_factor`, or a tuned optimizer that has
+            stepped.
+    """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise ValueError(
             f"{owner}: optimizer must be a plain Keras optimizer, got a LossScaleOptimizer; wrap the tuner instead "
@@ -57,19 +76,59 @@ def check_supported(owner: str, optimizer: Any) -> None:
             f"{owner}: optimizer must be one of the Keras optimizers {names} (their update does not depend on the "
             f"weights, so the update for learning rate 1 is well defined), got {type(optimizer).__name__}")
     lr = optimizer._learning_rate
-    if not isinstance(lr, keras.Variable):
+    if not measuring and not isinstance(lr, keras.Variable):
         raise ValueError(
             f"{owner}: the optimizer's learning_rate must be a number (the law decides the learning rate; it "
-            f"starts from this one), got {type(lr).__name__}. For a schedule use the WarmupCosine / Constant laws.")
+            f"starts from this one), got {type(lr).__name__}. For a schedule use the WarmupCosine / Constant laws, "
+            "or law=None to only measure.")
     for name, bad in (("use_ema", bool(optimizer.use_ema)),
                       ("gradient_accumulation_steps", bool(optimizer.gradient_accumulation_steps)),
                       ("loss_scale_factor", optimizer.loss_scale_factor is not None)):
         if bad:
             raise ValueError(f"{owner}: the optimizer's {name} is not supported (got {getattr(optimizer, name)!r}); "
                              "create the optimizer without it")
-    if optimizer.built:
-        raise ValueError(f"{owner}: the optimizer is already built (it has stepped or was compiled into a model); "
-                         "pass a freshly created optimizer")
+    if not measuring and optimizer.built and int(np.asarray(optimizer.iterations.numpy())) > 0:
+        raise ValueError(f"{owner}: the optimizer has already stepped (its state holds the steps of another "
+                         "learning rate); pass a freshly created optimizer")
+
+
+def current_lr(optimizer: Any) -> float:
+    """The learning rate `optimizer` applies at its next step (a schedule evaluated at its `iterations`)."""
+    return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+
+
+def edge(optimizer: Any) -> tuple[float, bool]:
+    r"""The edge of stability of `optimizer` for the sharpness monitor's warning, and whether it bounds the
+    preconditioned sharpness `lambda_max(P^{-1/2} H P^{-1/2})` rather than that of H.
+
+    * `SGD` (Keras: `m <- mu m - lr g`, `w <- w + m`): heavy-ball momentum without dampening,
+      $\text{lr}\,\lambda < 2 (1 + \mu)$ ([`eos_core.monitor.heavy_ball_edge`][]); with `nesterov=True`
+      ($w \leftarrow w + \mu m - \text{lr}\,g$) $2 (1 + \mu) / (1 + 2 \mu)$
+      ([`eos_core.monitor.nesterov_edge`][]).
+    * `Adam` / `AdamW`: $2 (1 + \beta_1) / (1 - \beta_1)$ on the preconditioned sharpness (Cohen et al. 2022,
+      "Adaptive gradient methods at the edge of stability"; [`eos_core.monitor.adam_edge`][]).
+    * `RMSprop` without momentum: 2 on the preconditioned sharpness.
+    * Any other optimizer (RMSprop with momentum, Adagrad, Adamax, Nadam, Adadelta, Lion): NaN, not known (give
+      `monitor_edge`; it then bounds lr x lambda_max of H).
+
+    Decoupled weight decay shifts every eigenvalue by `weight_decay` and is left out, as in the other adapters.
+
+    Args:
+        optimizer: a Keras optimizer.
+
+    Returns:
+        `(edge, preconditioned)`.
+    """
+    if isinstance(optimizer, keras.optimizers.SGD):
+        momentum = float(optimizer.momentum)
+        if optimizer.nesterov:
+            return monitor_rules.nesterov_edge(momentum), False
+        return monitor_rules.heavy_ball_edge(momentum), False
+    if isinstance(optimizer, keras.optimizers.Adam):  # AdamW too
+        return monitor_rules.adam_edge(float(optimizer.beta_1)), True
+    if isinstance(optimizer, keras.optimizers.RMSprop) and float(optimizer.momentum) == 0.0:
+        return monitor_rules.heavy_ball_edge(0.0), True
+    return math.nan, False
 
 
 def decay_rates(optimizer: Any, variables: Sequence[Any]) -> list[float]:

@@ -23,6 +23,19 @@ The diagnostics are the PyTorch tuner's (exactly ``eos_core.diagnostics.keys_for
 skips non-finite steps, counts them and the law fallbacks, and warns as ``warn`` says (``warn="jit"`` is
 ``True`` here: the step runs on the host).
 
+**Monitoring only** (`law=None`): [`KerasDirection`][eos_core.adapters.keras.torch_engine.KerasDirection] then
+runs the Keras optimizer's own `apply` on the weights (its learning rate or schedule, its constraints), so the
+weights are those of a plain Keras run; the PyTorch tuner measures beside it with the optimizer's current learning
+rate in its param group (for `lr` and `lr_sharpness`).
+
+**The sharpness monitor** (`monitor_budget`) is the PyTorch adapter's
+([`eos_core.adapters.torch.monitor`][]), ticking in the step's pre-hook at `w` with the step's gradient. The
+Keras optimizer's edge of stability and preconditioner
+([`eos_core.adapters.keras.optimizers.edge`][], [`keras_preconditioner`][
+eos_core.adapters.keras.torch_engine.keras_preconditioner]) replace the torch optimizer's. Its state (the
+trackers' Lanczos bases, the scalars of `state_dict()["eos_core"]["monitor"]` as JSON) is kept in Keras variables
+like the rest (see [`TorchEngine.build`][eos_core.adapters.keras.torch_engine.TorchEngine.build]).
+
 Routes: ``auto`` (double backward, falling back to one-sided finite differences), ``double-backward``,
 ``fd-central``, ``fd-onesided``. ``jvp-jvp`` / ``jvp-grad`` need ``torch.func.functional_call`` to swap the
 parameters, which Keras layers do not read through their module attributes, so they are refused.
@@ -32,6 +45,7 @@ that *need* the preconditioned Hessian (``preconditioned=True``) run on the JAX 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,10 +54,11 @@ import numpy as np
 import torch
 
 from eos_core import diagnostics as D
-from eos_core.adapters.keras.optimizers import apply_update, decay_rates
+from eos_core.adapters.keras.optimizers import apply_update, current_lr, decay_rates
 from eos_core.adapters.keras.train_step import TorchBatch, current_batch
 from eos_core.adapters.torch import STATE_KEY
 from eos_core.adapters.torch import CurvatureTuner as TorchCurvatureTuner
+from eos_core.adapters.torch.checkpoint import MONITOR_VECTORS
 from eos_core.laws.base import Law
 
 #: Counters of the PyTorch tuner's state kept in the ``eos_core_counters`` variable (int64), in this order; the
@@ -55,9 +70,11 @@ COUNTERS: tuple[str, ...] = ("version", "step", "calls", "skipped_steps", "fallb
 VECTORS: tuple[str, ...] = ("eigenvector", "preconditioned_eigenvector", "previous_update")
 #: Every field of the PyTorch tuner's state this engine stores.
 STATE_FIELDS = frozenset({*COUNTERS[:6], "law", "law_state", "route", "reference_lr", "hyperparam_ratios",
-                          "diagnostics", *VECTORS})
+                          "diagnostics", *VECTORS, "previous_lr", "monitor", *MONITOR_VECTORS})
 #: Bytes kept for a route name (UTF-8, zero-padded).
 TEXT_BYTES = 64
+#: Bytes kept for the sharpness monitor's scalars (JSON, UTF-8, zero-padded; about 700 are used).
+MONITOR_BYTES = 4096
 
 
 def _host(variable: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -65,11 +82,16 @@ def _host(variable: Any, dtype: Any = np.float64) -> np.ndarray:
     return variable.value.detach().cpu().numpy().astype(dtype)
 
 
-def _encode(text: str | None) -> np.ndarray:
-    data = np.zeros(TEXT_BYTES, dtype=np.int32)
+def _wide_dtype(variable: Any) -> str:
+    """The dtype of a tracker's vector for `variable` (at least float32, as the PyTorch monitor keeps it)."""
+    return str(torch.promote_types(variable.value.dtype, torch.float32)).removeprefix("torch.")
+
+
+def _encode(text: str | None, size: int = TEXT_BYTES) -> np.ndarray:
+    data = np.zeros(size, dtype=np.int32)
     raw = (text or "").encode()
-    if len(raw) > TEXT_BYTES:
-        raise RuntimeError(f"eos_core Keras torch engine: the name {text!r} is longer than {TEXT_BYTES} bytes")
+    if len(raw) > size:
+        raise RuntimeError(f"eos_core Keras torch engine: the text {text!r} is longer than {size} bytes")
     data[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     return data
 
@@ -79,16 +101,22 @@ def _decode(row: np.ndarray) -> str:
 
 
 class KerasDirection(torch.optim.Optimizer):
-    """A torch optimizer whose step is ``w <- w + lr * u``, ``u`` the Keras ``optimizer``'s update for lr = 1.
+    """A torch optimizer whose step is `w <- w + lr * u`, `u` the Keras `optimizer`'s update for lr = 1.
 
-    ``optimizer`` must be built on ``variables`` with learning rate 1. Parameters without a gradient are
-    left alone (as Keras does), and a step where no parameter has one changes nothing (the PyTorch
-    tuner's way of skipping a non-finite step).
+    Parameters without a gradient are left alone (as Keras does), and a step where no parameter has one changes
+    nothing (the PyTorch tuner's way of skipping a non-finite step).
+
+    Args:
+        optimizer: the Keras optimizer, built on `variables` (with learning rate 1 unless `measuring`).
+        variables: the model's trainable variables.
+        lr: the group's initial learning rate.
+        measuring: the step is the Keras optimizer's own `apply` (its own learning rate; `lr` is only reported).
     """
 
-    def __init__(self, optimizer: Any, variables: Sequence[Any], lr: float) -> None:
+    def __init__(self, optimizer: Any, variables: Sequence[Any], lr: float, *, measuring: bool = False) -> None:
         self.keras_optimizer = optimizer
         self.keras_variables = list(variables)
+        self.measuring = measuring
         self.decay = decay_rates(optimizer, self.keras_variables)
         super().__init__([v.value for v in self.keras_variables], {"lr": float(lr)})
 
@@ -102,6 +130,9 @@ class KerasDirection(torch.optim.Optimizer):
         params, lr = group["params"], float(group["lr"])
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
+            return loss
+        if self.measuring:  # Keras's own step, as its torch trainer runs it
+            self.keras_optimizer.apply([params[i].grad for i in active], [self.keras_variables[i] for i in active])
             return loss
         weights = [params[i].detach().clone() for i in active]
         for i in active:
@@ -117,17 +148,31 @@ class KerasDirection(torch.optim.Optimizer):
 
 
 class _KerasTorchTuner(TorchCurvatureTuner):
-    """The PyTorch tuner, with the preconditioner of the Keras optimizer for preconditioned sharpness."""
+    """The PyTorch tuner, with the Keras optimizer's preconditioner (preconditioned sharpness) and edge of stability
+    (the monitor's warning) in place of the torch optimizer's."""
 
     keras_preconditioner: Callable[[], list[torch.Tensor] | None] = staticmethod(lambda: None)
+    #: the Keras optimizer exposes a diagonal preconditioner (Adam, AdamW, RMSprop without momentum)
+    keras_has_preconditioner = False
+    #: `(edge, preconditioned)` of the monitor's warning (the Keras tuner's `edge`)
+    keras_edge: tuple[float, bool] = (math.nan, False)
 
     def _preconditioner(self, pending: Any) -> list[torch.Tensor] | None:
         return self.keras_preconditioner()
 
+    def _has_preconditioner(self) -> bool:
+        return self.keras_has_preconditioner
+
+    def _edge(self) -> tuple[float, bool]:
+        return self.keras_edge
+
 
 def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[], list[torch.Tensor]] | None:
-    """``() -> P`` (tensors like the weights) of Adam / AdamW / RMSprop without momentum, read after the step;
-    None for the other optimizers."""
+    """`() -> P` (tensors like the weights) of Adam / AdamW / RMSprop without momentum, None for the other optimizers.
+
+    Read after the step by `sharpness_every` and before it by the monitor (P as the previous step left it; NaN before
+    Adam's first step, when its bias corrections are not defined).
+    """
     import keras
 
     positions = [optimizer._get_variable_index(v) for v in variables]
@@ -135,6 +180,8 @@ def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[
         def adam() -> list[torch.Tensor]:
             second = optimizer._velocity_hats if optimizer.amsgrad else optimizer._velocities
             t = float(optimizer._iterations.value)
+            if t == 0:  # no step yet (the monitor reads P before the step): no preconditioner
+                return [torch.full_like(second[i].value, math.nan) for i in positions]
             scale = (1.0 - float(optimizer.beta_1) ** t) / math.sqrt(1.0 - float(optimizer.beta_2) ** t)
             return [(second[i].value.sqrt() + float(optimizer.epsilon)) * scale for i in positions]
 
@@ -154,17 +201,19 @@ def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[
 class TorchEngine:
     """Runs the tuner's step on the torch backend (see the module docstring)."""
 
-    def __init__(self, tuner: Any, law: Law) -> None:
+    def __init__(self, tuner: Any, law: Law | None) -> None:
         self.tuner = tuner
         self.law = law
         self.dirty = False
-        self.request = law.request()
-        self.needs_objective = self.request.objective or tuner.sharpness_every is not None
+        self.request = law.request() if law is not None else None
+        self.monitoring = tuner.monitor_budget is not None
+        self.needs_objective = ((self.request is not None and self.request.objective)
+                                or tuner.sharpness_every is not None or self.monitoring)
         self.keys = D.keys_for(law)
         self.float_keys = tuple(k for k in self.keys if k not in D.INTEGER_KEYS and k not in D.STRING_KEYS)
         self.int_keys = tuple(k for k in self.keys if k in D.INTEGER_KEYS)
         self.text_keys = tuple(k for k in self.keys if k in D.STRING_KEYS)
-        initial = law.state_to_host(law.init(tuner.reference_lr))
+        initial = {} if law is None else law.state_to_host(law.init(tuner.reference_lr))
         self.law_ints = tuple(f for f, v in initial.items() if isinstance(v, int))
         self.law_floats = tuple(f for f in initial if f not in self.law_ints)
 
@@ -183,21 +232,35 @@ class TorchEngine:
         * ``eos_core_diagnostics`` (float64) and ``eos_core_diagnostic_counts`` (int64): the last step's
           diagnostics, float and integer keys of ``keys_for(law)``;
         * ``eos_core_<vector>``: one variable per trainable variable for each vector of :data:`VECTORS` the
-          run can produce.
+          run can produce;
+        * for a law that uses the previous update, `eos_core_previous_lr` (float64): the lr applied to it;
+        * with the sharpness monitor (`monitor_budget`), `eos_core_monitor` (int32, UTF-8 bytes): the monitor's
+          scalars (`state_dict()["eos_core"]["monitor"]`: trackers' tridiagonal entries and counters, measured
+          times, credit, the warning's state) as JSON, whose float reprs restore every value exactly; and
+          `eos_core_<monitor vector>` for each of the trackers' Lanczos vectors
+          ([`MONITOR_VECTORS`][eos_core.adapters.torch.checkpoint.MONITOR_VECTORS]; the preconditioned ones with
+          a preconditioner only), in at least float32. A tracker not started yet is None in the JSON.
 
-        ``law`` is the law the tuner was built with; ``hyperparam_ratios`` is empty (the Keras tuner refuses
-        laws that decide hyperparameters).
+        ``law`` is the law the tuner was built with (None: measuring only); ``hyperparam_ratios`` is empty (the
+        Keras tuner refuses laws that decide hyperparameters).
+
+        Args:
+            trainable: the model's trainable variables.
         """
         tuner, optimizer = self.tuner, self.tuner.inner_optimizer
         self.trainable = list(trainable)
         self.params = [v.value for v in self.trainable]
-        self.shim = KerasDirection(optimizer, self.trainable, tuner.reference_lr)
-        reference = tuner.reference_lr if tuner.reference_lr > 0 else None
+        measuring = self.law is None
+        start = current_lr(optimizer) if measuring else tuner.reference_lr
+        self.shim = KerasDirection(optimizer, self.trainable, start, measuring=measuring)
+        reference = tuner.reference_lr if tuner.reference_lr > 0 and not measuring else None
         self.torch_tuner = _KerasTorchTuner(self.shim, self.law, settings=tuner.settings, reference_lr=reference,
                                             linear_in_lr=True)
         precond = keras_preconditioner(optimizer, self.trainable)
         if precond is not None:
             self.torch_tuner.keras_preconditioner = precond
+        self.torch_tuner.keras_has_preconditioner = precond is not None
+        self.torch_tuner.keras_edge = tuner.edge
         add = tuner.add_variable
         self.counters = add(shape=(len(COUNTERS) + len(self.law_ints),), dtype="int64", name="eos_core_counters")
         self.scalars = add(shape=(1 + len(self.law_floats),), dtype="float64", name="eos_core_scalars")
@@ -205,16 +268,31 @@ class TorchEngine:
         self.diagnostics_variable = add(shape=(len(self.float_keys),), dtype="float64", name="eos_core_diagnostics")
         self.counts_variable = add(shape=(len(self.int_keys),), dtype="int64", name="eos_core_diagnostic_counts")
         tracking = tuner.sharpness_every is not None
+        request = self.request
         wanted = {
-            "eigenvector": self.request.hessian_eigenvector or tracking,
-            "preconditioned_eigenvector": self.request.preconditioned or (tracking and precond is not None),
-            "previous_update": self.request.previous_update,
+            "eigenvector": (request is not None and request.hessian_eigenvector) or tracking,
+            "preconditioned_eigenvector": (request is not None and request.preconditioned)
+            or (tracking and precond is not None),
+            "previous_update": request is not None and request.previous_update,
         }
         self.vectors: dict[str, list[Any] | None] = {
             key: [tuner.add_variable_from_reference(v, name=f"eos_core_{key}") for v in self.trainable]
             if wanted[key] else None
             for key in VECTORS
         }
+        #: the lr applied to the previous update (laws that use the previous update only; 0 for the others)
+        self.previous_lr = (add(shape=(), dtype="float64", name="eos_core_previous_lr")
+                            if wanted["previous_update"] else None)
+        self.monitor_text = None
+        self.monitor_vectors: dict[str, list[Any] | None] = dict.fromkeys(MONITOR_VECTORS)
+        if self.monitoring:
+            self.monitor_text = add(shape=(MONITOR_BYTES,), dtype="int32", name="eos_core_monitor")
+            for key in MONITOR_VECTORS:
+                if precond is None and key.startswith("preconditioned_"):
+                    continue
+                self.monitor_vectors[key] = [
+                    add(shape=tuple(v.shape), dtype=_wide_dtype(v), initializer="zeros", name=f"eos_core_{key}")
+                    for v in self.trainable]
         self._write()
 
     # -- step --------------------------------------------------------------------------------------
@@ -229,6 +307,8 @@ class TorchEngine:
             self.dirty = False
         for p, g in zip(self.params, grads, strict=True):
             p.grad = None if g is None else g.detach()
+        if self.law is None:  # the optimizer's own lr (a schedule's value at this step), for lr and lr_sharpness
+            self.shim.param_groups[0]["lr"] = current_lr(self.tuner.inner_optimizer)
         produced = batch.snapshot() if batch is not None else None
         try:
             closure = None
@@ -275,6 +355,53 @@ class TorchEngine:
                                    "expect; a Keras checkpoint would lose it")
             for variable, value in zip(variables, values, strict=True):
                 variable.assign(value)
+        previous_lr = float(saved.get("previous_lr", 0.0))
+        if self.previous_lr is not None:
+            self.previous_lr.assign(np.float64(previous_lr))
+        elif previous_lr != 0.0:
+            raise RuntimeError("eos_core Keras torch engine: the PyTorch tuner keeps a previous_lr for a law without a "
+                               "previous update; a Keras checkpoint would lose it")
+        self._write_monitor(saved)
+
+    def _write_monitor(self, saved: dict[str, Any]) -> None:
+        """The monitor's scalars (JSON) and its trackers' vectors into their variables."""
+        monitor = saved.get("monitor")
+        if monitor is None:
+            if self.monitor_text is not None:
+                raise RuntimeError("eos_core Keras torch engine: the PyTorch tuner has no sharpness monitor state")
+            return
+        if self.monitor_text is None:
+            raise RuntimeError("eos_core Keras torch engine: the PyTorch tuner keeps a sharpness monitor this engine "
+                               "did not expect; a Keras checkpoint would lose it")
+        self.monitor_text.assign(_encode(json.dumps(monitor, allow_nan=True), MONITOR_BYTES))
+        for key in MONITOR_VECTORS:
+            values, variables = saved.get(key), self.monitor_vectors[key]
+            if values is None:
+                continue
+            if variables is None:
+                raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner keeps a {key} this engine did not "
+                                   "expect; a Keras checkpoint would lose it")
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
+
+    def _read_monitor(self) -> dict[str, Any]:
+        """The monitor's part of the state for `load_tuner_state` (empty without a monitor)."""
+        if self.monitor_text is None:
+            return {}
+        text = _decode(_host(self.monitor_text, np.int32))
+        if not text:
+            return {}
+        monitor = json.loads(text)
+        trackers = list(monitor.get("trackers") or [None, None])
+        out: dict[str, Any] = {"monitor": monitor}
+        for index, prefix in enumerate(("", "preconditioned_")):
+            started = index < len(trackers) and trackers[index] is not None
+            for i in range(2):
+                key = f"{prefix}monitor_basis_{i}"
+                variables = self.monitor_vectors[key]
+                out[key] = ([v.value.detach().clone() for v in variables]
+                            if started and variables is not None else None)
+        return out
 
     def _read(self) -> None:
         """Hand the state held by the variables back to the PyTorch tuner (``load_tuner_state``)."""
@@ -292,21 +419,27 @@ class TorchEngine:
 
         self.torch_tuner.load_tuner_state({
             **{k: int(counters[k]) for k in COUNTERS[:6]},
-            "law": type(self.law).__name__,
+            "law": None if self.law is None else type(self.law).__name__,
             "law_state": law_state,
             "route": _decode(_host(self.text, np.int32)[0]) or None,
             "reference_lr": float(scalars[0]),
             "hyperparam_ratios": {},
             **{key: vector(key) for key in VECTORS},
             "diagnostics": self.decode(_host_read) if counters["has_diagnostics"] else {},
+            "previous_lr": float(_host(self.previous_lr)) if self.previous_lr is not None else 0.0,
+            **self._read_monitor(),
         })
 
     def _initial_diagnostics(self) -> dict[str, Any]:
-        """What is reported before the first step: the law's initial lr, nothing measured, no step taken."""
-        held = self.law.hold(self.law.init(self.tuner.reference_lr))
-        lr = float(held.lr)
+        """What is reported before the first step: the law's initial lr (with `law=None` the optimizer's), nothing
+        measured, no step taken."""
         values: dict[str, Any] = dict.fromkeys(self.keys, math.nan)
-        values.update({k: float(v) for k, v in held.diagnostics.items()})
+        if self.law is None:
+            lr = current_lr(self.tuner.inner_optimizer)
+        else:
+            held = self.law.hold(self.law.init(self.tuner.reference_lr))
+            lr = float(held.lr)
+            values.update({k: float(v) for k, v in held.diagnostics.items()})
         values.update(lr=lr, law_lr=lr, skipped=0.0, step=0, skipped_steps=0, fallback_steps=0,
                       route=self.torch_tuner.route)
         return values

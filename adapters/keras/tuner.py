@@ -30,7 +30,8 @@ from eos_core import _validation as check
 from eos_core import laws as core_laws
 from eos_core import routes
 from eos_core import stats as S
-from eos_core.adapters.keras.optimizers import check_supported
+from eos_core.adapters.keras.optimizers import check_supported, current_lr
+from eos_core.adapters.keras.optimizers import edge as optimizer_edge
 from eos_core.adapters.keras.train_step import JaxBatch, current_batch
 from eos_core.laws.base import Law
 from eos_core.settings import DEPRECATED, TunerSettings
@@ -40,7 +41,8 @@ _NEEDS_VALUE_FN = frozenset({S.CURVATURE, S.TRIAL_LOSS, S.LOSS}) | S.SPECTRAL
 
 #: The :class:`~eos_core.settings.TunerSettings` options the Keras tuner honours (on both backends).
 SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
-                                      "warn", "seed", "reference_lr")
+                                      "warn", "seed", "reference_lr", "monitor_budget", "monitor_edge",
+                                      "monitor_margin", "monitor_patience")
 #: Routes on the torch backend (``jvp-*`` need ``torch.func.functional_call``, which Keras layers do not follow).
 TORCH_ROUTES: tuple[str, ...] = (routes.AUTO, routes.DOUBLE_BACKWARD, *routes.FINITE_DIFFERENCES)
 #: Version of the tuner's state layout in the optimizer's variables (read back by ``load_own_variables``).
@@ -125,29 +127,46 @@ def _law_class(config: Mapping[str, Any], custom_objects: Mapping[str, Any] | No
 
 
 # -- settings ------------------------------------------------------------------------------------------------
-def resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any], backend: str) -> TunerSettings:
-    """The tuner's settings: ``settings`` with ``options`` on top (old names accepted with a DeprecationWarning),
-    checked by :meth:`TunerSettings.from_options` against :data:`SUPPORTED_OPTIONS` and the backend's routes.
+def resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any], backend: str, *,
+                     measuring: bool = False, owner: str = _OWNER) -> TunerSettings:
+    """The tuner's settings: `settings` with `options` on top (old names accepted with a DeprecationWarning),
+    checked by `TunerSettings.from_options` against
+    [`SUPPORTED_OPTIONS`][eos_core.adapters.keras.tuner.SUPPORTED_OPTIONS] and the backend's routes.
+
+    Args:
+        settings: the options as one `TunerSettings`, or None.
+        options: keyword options given to the tuner (they replace the values of `settings`).
+        backend: `"jax"` or `"torch"`.
+        measuring: the tuner has no law (`law=None`): `reference_lr` has no meaning then.
+        owner: the name in the messages (the Keras callback validates its options here too).
+
+    Returns:
+        The checked settings.
 
     Raises:
-        ValueError: naming the option, for an unknown or unsupported option or an invalid value.
+        ValueError: naming the option, for an unknown or unsupported option or an invalid value, and for
+            `reference_lr` with `law=None`.
     """
     given: dict[str, Any] = {}
     if settings is not None:
         if not isinstance(settings, TunerSettings):
-            raise ValueError(f"{_OWNER}: settings must be an eos_core.settings.TunerSettings, got {settings!r}")
+            raise ValueError(f"{owner}: settings must be an eos_core.settings.TunerSettings, got {settings!r}")
         given = settings.as_dict()
         for name in options:
             given.pop(DEPRECATED.get(name, name), None)
     merged = {**given, **options}
     if backend == "torch" and merged.get("route") in (routes.JVP_JVP, routes.JVP_GRAD):
-        raise ValueError(f"{_OWNER}: route {merged['route']!r} is not available on the torch backend (forward-mode "
+        raise ValueError(f"{owner}: route {merged['route']!r} is not available on the torch backend (forward-mode "
                          "routes need torch.func.functional_call, which Keras layers do not follow); choose one of "
                          f"{', '.join(TORCH_ROUTES)}")
     # stacklevel 4: a DeprecationWarning points at the line that built the tuner
-    return TunerSettings.from_options(_OWNER, merged, supported=SUPPORTED_OPTIONS,
-                                      supported_routes=TORCH_ROUTES if backend == "torch" else routes.ALL,
-                                      stacklevel=4)
+    resolved = TunerSettings.from_options(owner, merged, supported=SUPPORTED_OPTIONS,
+                                          supported_routes=TORCH_ROUTES if backend == "torch" else routes.ALL,
+                                          stacklevel=4)
+    if measuring and resolved.reference_lr is not None:
+        raise ValueError(f"{owner}: reference_lr is the learning rate a law starts from; with law=None the wrapped "
+                         "optimizer applies its own learning rate (or schedule): leave reference_lr unset")
+    return resolved
 
 
 @keras.saving.register_keras_serializable(package="eos_core")
@@ -163,20 +182,28 @@ class CurvatureTuner(keras.optimizers.Optimizer):
                       loss="sparse_categorical_crossentropy")
         model.fit(x, y, batch_size=128, epochs=5, callbacks=[EdgeOfStabilityCallback()])
 
-    Laws that need no curvature (``Constant``, ``WarmupCosine``) work without the wrapper.
+    Laws that need no curvature (`Constant`, `WarmupCosine`) work without the wrapper.
+
+    **Monitoring only** (`law=None`): the wrapped optimizer steps exactly as it would on its own (its own learning
+    rate or `LearningRateSchedule`, its own update: the weights are bit for bit those of a run without the tuner)
+    and the tuner measures beside it: the sharpness monitor (`monitor_budget`), `sharpness_every`, the loss, the
+    gradient and update norms. This is what
+    [`EdgeOfStabilityCallback(law=None)`][eos_core.integrations.keras.EdgeOfStabilityCallback] installs on a model
+    compiled with a plain Keras optimizer.
 
     Args:
-        optimizer: a fresh Keras optimizer (SGD with or without momentum / Nesterov, Adam, AdamW, RMSprop,
-            Adagrad, Adamax, Nadam, Adadelta, Lion) with a numeric ``learning_rate``. The tuner takes it over:
-            its learning rate is set to 1 (its update is then ``u``) and the law starts from the learning rate
-            it had. Gradient clipping and weight decay set on it are honoured (``u`` is formed from the clipped
-            gradient and includes ``-weight_decay * w``); ``use_ema``, ``gradient_accumulation_steps`` and
-            ``loss_scale_factor`` are refused.
-        law: a law from :mod:`eos_core.laws`: ``CDAT``, ``Polyak``, ``Constant``, ``WarmupCosine``, ``Armijo``,
-            ``HyperGradient``, ``ExactSharpness``, ``AdaEoS`` (their ``preconditioned=True`` variants on the JAX
-            backend with Adam / AdamW / RMSprop), or a subclass registered with Keras. ``DCAO`` is refused: it
-            rewrites the momentum and weight decay, which Keras optimizers keep as Python constants compiled
-            into the train step.
+        optimizer: a Keras optimizer (SGD with or without momentum / Nesterov, Adam, AdamW, RMSprop, Adagrad,
+            Adamax, Nadam, Adadelta, Lion). With a law it must have a numeric `learning_rate` and not have stepped;
+            the tuner takes it over: its learning rate is set to 1 (its update is then `u`) and the law starts from
+            the learning rate it had. Gradient clipping and weight decay set on it are honoured (`u` is formed from
+            the clipped gradient and includes `-weight_decay * w`); `use_ema`, `gradient_accumulation_steps` and
+            `loss_scale_factor` are refused. With `law=None` it keeps its learning rate (a schedule too) and may
+            have stepped already.
+        law: a law from [`eos_core.laws`][]: `CDAT`, `Polyak`, `Constant`, `WarmupCosine`, `Armijo`,
+            `HyperGradient`, `ExactSharpness`, `AdaEoS` (their `preconditioned=True` variants on the JAX
+            backend with Adam / AdamW / RMSprop), or a subclass registered with Keras; None to only measure (see
+            above). `DCAO` is refused: it rewrites the momentum and weight decay, which Keras optimizers keep as
+            Python constants compiled into the train step.
         settings: the options as one :class:`eos_core.settings.TunerSettings`; keyword ``options`` given as
             well replace its values.
         name: the optimizer's name.
@@ -194,7 +221,26 @@ class CurvatureTuner(keras.optimizers.Optimizer):
               for Adam / AdamW / RMSprop without momentum, ``preconditioned_sharpness``. None: off.
             * ``sharpness_iters``, ``sharpness_tol``: power-iteration budget and relative stopping tolerance.
             * ``reference_lr``: the learning rate the law starts from when it sets no ``lr_init``; default:
-              the wrapped optimizer's.
+              the wrapped optimizer's. Refused with `law=None`.
+            * `monitor_budget`: the sharpness monitor, a fraction of training time in (0, 1] (None, the default:
+              off). A streaming estimate of lambda_max of the Hessian (and, with Adam / AdamW / RMSprop without
+              momentum, of the preconditioned Hessian `P^{-1/2} H P^{-1/2}`) advanced by one Hessian-vector
+              product every `k` steps ([`eos_core.monitor`][]), reported as `sharpness`, `lr_sharpness`,
+              `preconditioned_sharpness`, `preconditioned_lr_sharpness` on every step (the latest estimate, with
+              `sharpness_age` and `sharpness_residual`), plus `edge`, `unstable`, `monitor_every`,
+              `monitor_exact`. On torch `k` follows the measured cost of a product relative to a step (the
+              PyTorch adapter's monitor); on JAX, where nothing can be timed inside `jit`, the JAX adapter's cost
+              model (one finite-difference product = 1.1 steps: `k = 22` at 0.05 with one operator).
+            * `monitor_edge`: the edge of stability lr x sharpness is compared with (default: the optimizer's,
+              `eos_core.adapters.keras.optimizers.edge`: 2 (1 + momentum) for SGD, 2 (1 + momentum) /
+              (1 + 2 momentum) with Nesterov, 2 (1 + beta_1) / (1 - beta_1) on the preconditioned sharpness for
+              Adam / AdamW, 2 on it for RMSprop without momentum; not known for the others, which then never
+              warn unless it is given).
+            * `monitor_margin`, `monitor_patience`: the early warning: lr x sharpness (preconditioned for Adam /
+              AdamW / RMSprop) above `edge * (1 + monitor_margin)` on `monitor_patience` consecutive fresh
+              measurements sets `unstable` = 1 and raises a RuntimeWarning (once per episode). On torch the step
+              warns as it runs; on JAX (with `warn=True`) the read of the diagnostics does
+              ([`current_diagnostics`][eos_core.adapters.keras.current_diagnostics], which the callback calls).
             * ``seed``: seed of the spectral start vectors (:func:`eos_core.spectral.random_start`; ``seed``
               for H, ``seed + 1`` for the preconditioned Hessian), the same start as PyTorch's and JAX's.
             * ``warn``: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts
@@ -210,7 +256,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
               (``jax.debug.callback``, with its per-step cost) without any read; on torch the same as True.
               ``False``: no warnings.
 
-            ``initial_lr`` is the deprecated name of ``reference_lr`` (DeprecationWarning). The other
+            `initial_lr` is the deprecated name of `reference_lr` (DeprecationWarning). The other
             options of :class:`~eos_core.settings.TunerSettings` (``lr_mode``, ``skip_nonfinite``,
             ``fd_eps``, ``fd_above``, ``clipped_gradients``, ``linear_in_lr``) raise a ValueError when given
             a value other than their default.
@@ -225,43 +271,63 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     :data:`eos_core.diagnostics.REGISTRY`, on both backends (``step`` is the index of the step described,
     skipped steps not counted).
 
-    State: everything (law state, counters, warm-start vectors, the wrapped optimizer's slots, the last
-    step's diagnostics) lives in Keras variables, so ``model.save`` / ``keras.models.load_model`` and the
-    checkpoint callbacks restore it and a resumed run continues the same learning-rate trajectory. The
-    first of the tuner's own variables after ``iterations`` and ``learning_rate`` holds the layout's version
-    (:data:`STATE_VERSION`); loading a state of a newer version, or one with another number of variables (another
-    law, other settings, another release), raises a ValueError instead of Keras's skip-with-a-warning. The
-    ``learning_rate`` variable holds the learning rate the last step applied (writing it has no effect:
-    the law decides).
+    State: everything (law state, counters, warm-start vectors, the sharpness monitor's trackers, credit and
+    warning, the wrapped optimizer's slots, the last step's diagnostics) lives in Keras variables, so `model.save` /
+    `keras.models.load_model` and the checkpoint callbacks restore it and a resumed run continues the same
+    learning-rate trajectory and the same monitor schedule. The first of the tuner's own variables after
+    `iterations` and `learning_rate` holds the layout's version
+    (`eos_core.adapters.keras.tuner.STATE_VERSION`); loading a state of a newer version, or one
+    with another number of variables (another law, other settings such as `sharpness_every` or `monitor_budget`,
+    another release), raises a ValueError instead of Keras's skip-with-a-warning. The `learning_rate` variable
+    holds the learning rate the last step applied (writing it has no effect: the law decides; with `law=None` the
+    wrapped optimizer's rate of that step).
+
+    Raises:
+        ValueError: an optimizer, law or option this tuner cannot honour (see `optimizer`, `law` and the options
+            above), naming it.
     """
 
     def __init__(
         self,
         optimizer: Any,
-        law: Law,
+        law: Law | None,
         *,
         settings: TunerSettings | None = None,
         name: str | None = None,
         **options: Any,
     ) -> None:
         backend = keras.backend.backend()
-        resolved = resolve_settings(settings, options, backend)
-        check_supported(_OWNER, optimizer)
-        self._check_law(law)
-        start = resolved.reference_lr
-        if start is None:
-            start = check.non_negative(_OWNER, "the optimizer's learning_rate", float(optimizer._learning_rate.value))
-        law.init(start)  # a law that cannot start raises its ValueError here, at construction
-        if law.request().preconditioned:
-            self._check_preconditioned(backend, optimizer, law)
+        measuring = law is None
+        resolved = resolve_settings(settings, options, backend, measuring=measuring)
+        check_supported(_OWNER, optimizer, measuring=measuring)
+        if measuring:
+            start = current_lr(optimizer)
+        else:
+            self._check_law(law)
+            start = resolved.reference_lr
+            if start is None:
+                start = check.non_negative(_OWNER, "the optimizer's learning_rate",
+                                           float(optimizer._learning_rate.value))
+            law.init(start)  # a law that cannot start raises its ValueError here, at construction
+            if law.request().preconditioned:
+                self._check_preconditioned(backend, optimizer, law)
 
         super().__init__(learning_rate=float(start), name=name)
         self.settings = resolved
-        #: the learning rate the law starts from (``reference_lr``, else the wrapped optimizer's)
+        #: the learning rate the law starts from (`reference_lr`, else the wrapped optimizer's); with `law=None`
+        #: the wrapped optimizer's learning rate when the tuner was built
         self.reference_lr = float(start)
         self.inner_optimizer = optimizer
-        optimizer.learning_rate = 1.0
+        #: `law=None`: the wrapped optimizer applies its own update, the tuner only measures
+        self.measuring = measuring
+        if not measuring:
+            optimizer.learning_rate = 1.0
         self.law = law
+        #: the edge of stability of the monitor's warning and whether it bounds the preconditioned sharpness
+        #: (`monitor_edge` when given, else `eos_core.adapters.keras.optimizers.edge` of the optimizer)
+        found_edge, preconditioned_edge = optimizer_edge(optimizer)
+        self.edge: tuple[float, bool] = (
+            float(resolved.monitor_edge) if resolved.monitor_edge is not None else found_edge, preconditioned_edge)
         self._state_version: Any = None
         if backend == "jax":
             from eos_core.adapters.keras.jax_engine import JaxEngine
@@ -327,15 +393,46 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         return self.settings.warn
 
     @property
+    def monitor_budget(self) -> float | None:
+        return self.settings.monitor_budget
+
+    @property
+    def monitor_edge(self) -> float | None:
+        return self.settings.monitor_edge
+
+    @property
+    def monitor_margin(self) -> float:
+        return self.settings.monitor_margin
+
+    @property
+    def monitor_patience(self) -> int:
+        return self.settings.monitor_patience
+
+    @property
     def initial_lr(self) -> float:
         """Deprecated name of :attr:`reference_lr`."""
         return self.reference_lr
 
     # -- Keras optimizer protocol ------------------------------------------------------------------
     def build(self, var_list: list[Any]) -> None:
+        """Build the wrapped optimizer on `var_list` (unless `fit` built it already, on the same variables) and the
+        tuner's own variables (the engine's state).
+
+        Args:
+            var_list: the model's trainable variables.
+
+        Raises:
+            ValueError: the wrapped optimizer was built on other variables.
+        """
         if self.built:
             return
-        self.inner_optimizer.build(var_list)
+        inner = self.inner_optimizer
+        if not inner.built:
+            inner.build(var_list)
+        elif [id(v) for v in inner._trainable_variables] != [id(v) for v in var_list]:
+            # fit builds a compiled optimizer on the model's variables before the callback wraps it: those are fine
+            raise ValueError(f"{_OWNER}: the wrapped optimizer was built on other variables than the model's "
+                             "trainable variables; pass a freshly created optimizer")
         super().build(var_list)
         self._state_version = self.add_variable(shape=(), dtype="int32", initializer="zeros",
                                                 name="eos_core_state_version")
@@ -360,8 +457,9 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         state_values = [own[position[id(v)]] for v in engine.state_variables]
         weights, new_state, new_inner, lr = engine.update(state_values, inner, list(grads), params,
                                                           self._value_fn(len(params)))
-        weights = [v.constraint(w) if v.constraint is not None else w
-                   for v, w in zip(self._trainable_variables, weights, strict=True)]
+        if not self.measuring:  # law=None: the wrapped optimizer's own step applied the constraints
+            weights = [v.constraint(w) if v.constraint is not None else w
+                       for v, w in zip(self._trainable_variables, weights, strict=True)]
         new_own = list(own)
         for variable, value in zip(engine.state_variables, new_state, strict=True):
             new_own[position[id(variable)]] = value
@@ -390,7 +488,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
                 variable.assign(value)
             return
         lr = self._engine.apply(list(grads))
-        for variable in self._trainable_variables:
+        for variable in self._trainable_variables if not self.measuring else ():  # law=None: applied by the optimizer
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
         self._iterations.assign_add(1)
@@ -400,13 +498,21 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     def _value_fn(self, n_params: int) -> Any:
         batch = current_batch()
         if not isinstance(batch, JaxBatch) or len(batch.trainable) != n_params:
-            if self.law.needs & _NEEDS_VALUE_FN or self.sharpness_every is not None:
+            if self.needs_batch:
                 raise RuntimeError(self.no_batch_message())
             return None
         return batch.value_fn
 
+    @property
+    def needs_batch(self) -> bool:
+        """Whether a step needs the loss on the batch: the law evaluates it, or `sharpness_every` / the monitor."""
+        law_needs = self.law is not None and bool(self.law.needs & _NEEDS_VALUE_FN)
+        return law_needs or self.sharpness_every is not None or self.monitor_budget is not None
+
     def no_batch_message(self) -> str:
-        return (f"{_OWNER}: {type(self.law).__name__} needs the loss on the current batch, but the model's train_step "
+        """The error of a step that needs the loss on the batch and was not given it."""
+        who = type(self.law).__name__ if self.law is not None else "the sharpness measurement"
+        return (f"{_OWNER}: {who} needs the loss on the current batch, but the model's train_step "
                 "does not provide it. Pass eos_core.integrations.keras.EdgeOfStabilityCallback() to fit, or call "
                 "eos_core.adapters.keras.attach(model) after compile (and again after keras.models.load_model).")
 
@@ -458,7 +564,8 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             raise ValueError(
                 f"{_OWNER}: the checkpoint holds {count} optimizer variables ({saved_by}), this tuner has {expected} "
                 f"(state version {STATE_VERSION}): it was saved with another law, other settings (sharpness_every, "
-                "...), another wrapped optimizer or another eos_core release, and cannot resume this run")
+                "monitor_budget, ...), another wrapped optimizer or another eos_core release, and cannot resume this "
+                "run")
 
     def finalize_variable_values(self, var_list: list[Any]) -> None:
         """Nothing to finalise (no EMA of the weights)."""
@@ -490,28 +597,47 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     # -- serialisation -----------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
+        """The tuner's constructor arguments (`law` None when only measuring; the wrapped optimizer's config)."""
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "law": law_config(self.law),
+            "law": None if self.law is None else law_config(self.law),
             "probe_every": self.probe_every,
             "route": self.route,
             "sharpness_every": self.sharpness_every,
             "sharpness_iters": self.sharpness_iters,
             "sharpness_tol": self.sharpness_tol,
-            "reference_lr": self.reference_lr,
+            "reference_lr": None if self.measuring else self.reference_lr,
             "seed": self.seed,
             "warn": self.warn,
+            "monitor_budget": self.monitor_budget,
+            "monitor_edge": self.monitor_edge,
+            "monitor_margin": self.monitor_margin,
+            "monitor_patience": self.monitor_patience,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CurvatureTuner:
-        """The tuner :meth:`get_config` described (configs saved with ``initial_lr`` load too).
+        """The tuner [`get_config`][eos_core.adapters.keras.CurvatureTuner.get_config] described (configs saved
+        with `initial_lr`, or before the monitor options, load too).
 
-        The law is resolved by :func:`law_from_config` (eos_core laws and Keras-registered classes only)."""
+        The law is resolved by `eos_core.adapters.keras.tuner.law_from_config` (eos_core laws
+        and Keras-registered classes only); a saved `law` of None is a monitoring-only tuner.
+
+        Args:
+            config: [`get_config`][eos_core.adapters.keras.CurvatureTuner.get_config]'s dict.
+            custom_objects: extra `{name: class}` for the law and the optimizer.
+
+        Returns:
+            The tuner.
+
+        Raises:
+            ValueError: a law that cannot be resolved, or an invalid option.
+        """
         config = dict(config)
         optimizer = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
-        law = law_from_config(config.pop("law"), custom_objects)
+        saved_law = config.pop("law")
+        law = None if saved_law is None else law_from_config(saved_law, custom_objects)
         reference = config.pop("reference_lr", None)
         legacy = config.pop("initial_lr", None)  # configs saved before reference_lr: the same value
         reference = legacy if reference is None else reference
@@ -523,4 +649,4 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     def __repr__(self) -> str:
         return (f"CurvatureTuner({type(self.inner_optimizer).__name__}, {self.law!r}, probe_every={self.probe_every}, "
-                f"route={self.route!r}, sharpness_every={self.sharpness_every})")
+                f"route={self.route!r}, sharpness_every={self.sharpness_every}, monitor_budget={self.monitor_budget})")

@@ -2,7 +2,7 @@
 
 The tuner's state (law state, step counters, resolved route, warm-start eigenvectors, previous update, last
 diagnostics) travels in the optimizer's own ``state_dict()``, so every framework that checkpoints the
-optimizer checkpoints the tuner, and resuming is bit-identical. Version 3 writes it in three places, all
+optimizer checkpoints the tuner, and resuming is bit-identical. Versions 3 and 4 write it in three places,
 filled by the optimizer's state-dict post-hook and emptied by its load pre-hook (tensors are shared, so
 ``torch.save`` stores each once):
 
@@ -10,8 +10,9 @@ filled by the optimizer's state-dict post-hook and emptied by its load pre-hook 
   ``law`` (class name), ``law_state`` (``law.state_to_host``: floats, integer counters as int), ``step``
   (steps taken, skipped ones excluded), ``calls``, ``skipped_steps``, ``fallback_steps``, ``route``
   (resolved, or None), ``exact_probes``, ``reference_lr``, ``hyperparam_ratios``, ``diagnostics`` (the
-  last step's) and the vectors ``eigenvector``, ``preconditioned_eigenvector``, ``previous_update``
-  (lists of tensors shaped like the parameters, or None).
+  last step's), ``monitor`` (the sharpness monitor's scalars, version 4) and the vectors ``eigenvector``,
+  ``preconditioned_eigenvector``, ``previous_update`` and the monitor's :data:`MONITOR_VECTORS` (lists of tensors
+  shaped like the parameters, or None).
 * ``state_dict["param_groups"][0]["eos_core"]``: the same without the vectors, as a JSON string (plus
   ``vectors``, the names of those present), and
 * ``state_dict["state"][param]["eos_core_<vector>"]``: each vector's tensor for that parameter (a
@@ -49,12 +50,15 @@ import torch
 
 #: the key of the tuner's state in ``optimizer.state_dict()`` and in its first param group
 STATE_KEY = "eos_core"
-#: the version of that state written now; versions 1 to 3 are read
-STATE_VERSION = 3
+#: the version of that state written now; versions 1 to 4 are read (4 added the sharpness monitor's state)
+STATE_VERSION = 4
 #: the fields a saved tuner state cannot do without (every version)
 REQUIRED_STATE_FIELDS = ("version", "law", "law_state", "step", "reference_lr")
+#: the sharpness monitor's vectors (its trackers' Lanczos bases; :mod:`eos_core.adapters.torch.monitor`)
+MONITOR_VECTORS = ("monitor_basis_0", "monitor_basis_1", "preconditioned_monitor_basis_0",
+                   "preconditioned_monitor_basis_1")
 #: the state's vectors, shaped like the parameters
-VECTORS = ("eigenvector", "preconditioned_eigenvector", "previous_update")
+VECTORS = ("eigenvector", "preconditioned_eigenvector", "previous_update", *MONITOR_VECTORS)
 #: prefix of the vectors' keys in the per-parameter state
 VECTOR_PREFIX = STATE_KEY + "_"
 

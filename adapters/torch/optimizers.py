@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from eos_core import monitor as monitor_rules
+
 #: Optimizers whose step is exactly linear in the learning rate (their state updates do not depend
 #: on it): the step for lr = eta is eta times the step for lr = 1.
 LINEAR_IN_LR = (
@@ -179,3 +181,27 @@ def preconditioner(optimizer: torch.optim.Optimizer, params_by_group: list[list[
                 p_diag = (state["sum"].sqrt() + group["eps"]) * (1 + (step - 1) * group.get("lr_decay", 0.0))
             out.append(p_diag / ratio if ratio > 0 else torch.full_like(p_diag, float("inf")))
     return out
+
+
+def edge(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """The edge of stability of ``optimizer``'s first param group and whether it bounds the preconditioned
+    sharpness: ``(edge, preconditioned)`` (:mod:`eos_core.monitor`; NaN when not known).
+
+    SGD: 2 (1 + momentum) / (1 - dampening), Nesterov 2 (1 + momentum) / (1 + 2 momentum); Adam / AdamW:
+    2 (1 + beta1) / (1 - beta1) on ``P^{-1/2} H P^{-1/2}``; RMSprop: 2 (1 + momentum) on it (its momentum buffer
+    accumulates ``g / P`` undamped); Adagrad: 2 on it. Other optimizers (Adamax, NAdam, RAdam, Adadelta, custom
+    ones): NaN (give ``monitor_edge``). Weight decay adds ``weight_decay`` to every eigenvalue and is left out.
+    """
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+        if group.get("nesterov"):
+            return monitor_rules.nesterov_edge(momentum), False
+        return monitor_rules.heavy_ball_edge(momentum, dampening if momentum > 0 else 0.0), False
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return monitor_rules.adam_edge(float(group["betas"][0])), True
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return monitor_rules.heavy_ball_edge(float(group.get("momentum", 0.0))), True
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return 2.0, True
+    return float("nan"), isinstance(optimizer, PRECONDITIONED)

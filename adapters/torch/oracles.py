@@ -28,7 +28,7 @@ Only an error that means "this route cannot differentiate this model" moves to t
 PyTorch's "derivative / forward AD not implemented" errors). Every other error, an error raised by the
 user's closure or loss function and ``torch.OutOfMemoryError`` included, propagates unchanged.
 
-On large models (at least ``fd_above`` parameters, 10 million by default) ``auto`` also measures
+On every model (at least ``fd_above`` parameters, 1 by default; None turns it off) ``auto`` also measures
 the 1st, 10th, 100th, ... exact probe by one-sided finite differences and, as soon as both agree to
 ``fd_tolerance`` (1%), keeps finite differences from then on (checking again later matters: at
 initialisation u^T H u along -g nearly cancels on a transformer, and the two disagree there while
@@ -68,6 +68,9 @@ from eos_core.adapters.torch.sharding import ParameterSpace
 from eos_core.routes import finite_difference_step
 from eos_core.settings import FD_ABOVE  # ``auto`` considers finite differences from this many parameters
 
+#: torch.OutOfMemoryError (torch >= 2.5; torch.cuda.OutOfMemoryError before, the same class since)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 SDPA_MATH = "+sdpa-math"
 Vector = list[torch.Tensor]
 
@@ -102,7 +105,7 @@ def is_route_unavailable(error: BaseException) -> bool:
     """
     if isinstance(error, RouteUnavailable):
         return True
-    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError | NotImplementedError):
+    if isinstance(error, OUT_OF_MEMORY) or not isinstance(error, RuntimeError | NotImplementedError):
         return False
     message = str(error).lower()
     return any(fragment in message for fragment in _UNAVAILABLE_MESSAGES)
@@ -340,7 +343,7 @@ class Oracle:
     def _upgrade_to_finite_differences(self, objective: Objective, params: Vector, u: Vector,
                                        grad_dot_u: float | None, exact: float,
                                        norms: tuple[float, float] | None) -> None:
-        """On a large model, keep the one-extra-gradient route when it agrees with the exact value."""
+        """Keep the one-extra-gradient route when it agrees with the exact value."""
         try:
             approximate = self._uhu_finite_differences(objective, params, u, routes.FD_ONESIDED, grad_dot_u,
                                                        norms)

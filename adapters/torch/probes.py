@@ -7,7 +7,9 @@ order (lambda_max before Lanczos, so Lanczos starts from this step's power-itera
 * ``curvature`` u^T H u by the oracle's route (one-sided finite differences reuse g(w).u unless the
   optimizer stepped with a clipped gradient);
 * ``loss`` f(w) and ``trial_loss`` eta -> f(w + eta u), averaged over data-parallel ranks;
-* ``grad_prev_update_cosine`` cos(g_t, u_{t-1});
+* ``grad_prev_update_cosine`` cos(g_t, u_{t-1}); ``grad_dot_previous_update`` g_t.u_{t-1},
+  ``previous_update_curvature`` u_{t-1}^T H_t u_{t-1} (the oracle's route, at ``w_t``) and ``previous_lr``
+  (CDAT's previous-update numerator), u_{t-1} being the update of the last step taken, for lr 1;
 * ``sharpness`` / ``preconditioned_sharpness`` by power iteration, ``top_eigenvalues`` /
   ``preconditioned_top_eigenvalues`` by Lanczos
   (:class:`~eos_core.adapters.torch.spectral_estimates.SpectralEstimates`).
@@ -33,6 +35,7 @@ from eos_core.adapters.torch.sharding import ParameterSpace
 from eos_core.adapters.torch.spectral_estimates import SpectralEstimates
 from eos_core.adapters.torch.step import Estimate, Probe
 from eos_core.request import StatsRequest
+from eos_core.routes import parameter_scale_along
 from eos_core.settings import TunerSettings
 
 
@@ -92,6 +95,33 @@ class Probes:
         denominator = math.sqrt(max(probe.pending.grad_sq * previous_sq, 0.0))
         return along / denominator if denominator > 0 else 0.0
 
+    def grad_dot_previous_update(self, probe: Probe) -> float:
+        """g_t . u_{t-1} (u_{t-1} for lr 1); NaN on the first step, when there is no previous update."""
+        previous = probe.previous_update
+        if previous is None:
+            return math.nan
+        return self.space.dots([(probe.at.grads, previous)])[0]
+
+    def previous_update_curvature(self, probe: Probe) -> float:
+        """u_{t-1}^T H_t u_{t-1} at ``w_t`` on the current batch, by the oracle's route (NaN without a previous
+        update); one-sided finite differences reuse g_t . u_{t-1} unless the gradient is clipped."""
+        previous = probe.previous_update
+        if previous is None:
+            return math.nan
+        objective, at = probe.objective("u_{t-1}^T H u_{t-1}"), probe.at
+        along, norm_sq, weighted = self.space.dots([(at.grads, previous), (previous, previous), (at.params, previous)],
+                                                   absolute=(False, False, True))
+        norm = math.sqrt(max(norm_sq, 0.0))
+        if norm == 0.0:
+            return 0.0
+        exact = None if probe.clipped else along
+        return self.oracle.curvature(objective, at.params, previous, grad_dot_u=exact,
+                                     norms=(parameter_scale_along(weighted, norm), norm))
+
+    def previous_lr(self, probe: Probe) -> float:
+        """The learning rate applied to u_{t-1} (NaN without a previous update)."""
+        return probe.previous_lr if probe.previous_update is not None else math.nan
+
     def trial_loss(self, probe: Probe) -> Callable[[Any], float]:
         """``eta -> f(w + eta u)`` for line searches (averaged over data-parallel ranks)."""
         objective, at = probe.objective("trial losses"), probe.at
@@ -135,6 +165,9 @@ class Probes:
         S.CURVATURE: curvature,
         S.LOSS: loss,
         S.GRAD_PREV_UPDATE_COSINE: cosine,
+        S.GRAD_DOT_PREVIOUS_UPDATE: grad_dot_previous_update,
+        S.PREVIOUS_UPDATE_CURVATURE: previous_update_curvature,
+        S.PREVIOUS_LR: previous_lr,
         S.TRIAL_LOSS: trial_loss,
         S.SHARPNESS: sharpness,
         S.PRECONDITIONED_SHARPNESS: preconditioned_sharpness,

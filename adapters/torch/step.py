@@ -86,6 +86,7 @@ class Probe:
     seed: int  #: seed of the spectral start vectors (seed + 1 for the preconditioned Hessian)
     preconditioner: Callable[[], Vector | None]
     previous_update: Vector | None = None
+    previous_lr: float = 0.0  #: the lr applied to ``previous_update``
 
     def objective(self, what: str) -> Objective:
         """The step's objective; a clear error when the step has none (no closure, no ``set_objective``)."""

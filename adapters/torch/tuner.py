@@ -61,17 +61,20 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from eos_core import diagnostics as diag
+from eos_core import monitor as rules
 from eos_core import stats as S
 from eos_core.adapters.torch import checkpoint, configuration
 from eos_core.adapters.torch import optimizers as opt_info
 from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.checkpoint import REQUIRED_STATE_FIELDS, STATE_KEY, STATE_VERSION
+from eos_core.adapters.torch.monitor import Monitor
 from eos_core.adapters.torch.objective import Objective, capture_rng
 from eos_core.adapters.torch.oracles import Oracle
 from eos_core.adapters.torch.probes import Probes
@@ -183,6 +186,9 @@ class CurvatureTuner:
         #: the warm-started spectral estimators (their eigenvectors are part of the checkpoint)
         self.spectral = SpectralEstimates(self.oracle, self.space)
         self.probes = Probes(self._request, self.oracle, self.space, self.spectral)
+        #: the sharpness monitor (``monitor_budget``; None when off)
+        self.monitor = (Monitor(self.settings, self.space, self.oracle, model)
+                        if self.settings.monitor_budget is not None else None)
         self._keys = diag.keys_for(law)
         self._reference_lr = self._initial_reference_lr()
         #: per-group momentum / weight-decay proportions kept when a law (DCAO) decides them
@@ -198,6 +204,7 @@ class CurvatureTuner:
         self._objective_fn: Callable[[], Any] | None = None
         self._pending: PendingStep | None = None
         self._previous_update: Vector | None = None
+        self._previous_lr = 0.0  #: the lr applied to ``_previous_update``
         self.diagnostics: dict[str, Any] = {}
         left = checkpoint.take_from_optimizer(optimizer, self._params())  # loaded before the tuner attached
         if left is not None:
@@ -293,7 +300,7 @@ class CurvatureTuner:
 
         For trainers that load the optimizer's state before the tuner can attach and keep the file (the
         tuner also picks up a state such a load left in the optimizer by itself). Reads the state of versions
-        3 and 2 and version 1 (the first release: the step count then included skipped steps, and the law
+        4, 3 and 2 and version 1 (the first release: the step count then included skipped steps, and the law
         state was stored as floats; integer counters are cast back).
 
         Args:
@@ -315,6 +322,8 @@ class CurvatureTuner:
                 self.oracle.exact_probes = value
             elif name in ("eigenvector", "preconditioned_eigenvector"):
                 setattr(self.spectral, name, value)
+            elif name == "monitor":
+                self.monitor.load(*value)
             else:
                 setattr(self, name, value)
 
@@ -386,9 +395,30 @@ class CurvatureTuner:
         """
         return opt_info.preconditioner(self.optimizer, self._params_by_group(), pending.ratios)
 
+    def _edge(self) -> tuple[float, bool]:
+        """The edge of stability the early warning uses and whether it bounds the preconditioned sharpness:
+        ``monitor_edge`` when given, else the optimizer's (:func:`eos_core.adapters.torch.optimizers.edge`).
+        Extension point like :meth:`_preconditioner` (the Keras torch backend reads the Keras optimizer)."""
+        found, preconditioned = opt_info.edge(self.optimizer)
+        preconditioned = preconditioned and self._has_preconditioner()
+        if self.settings.monitor_edge is not None:
+            return float(self.settings.monitor_edge), preconditioned
+        return found, preconditioned
+
     # ---------------------------------------------------------------------------------------------
     # helpers
     # ---------------------------------------------------------------------------------------------
+    def _has_preconditioner(self) -> bool:
+        """Whether the optimizer has a diagonal preconditioner (known, or given by a subclass)."""
+        return isinstance(self.optimizer, opt_info.PRECONDITIONED) or (
+            type(self)._preconditioner is not CurvatureTuner._preconditioner)
+
+    def _current_preconditioner(self, pending: PendingStep) -> Vector | None:
+        """P as the optimizer's state holds it now, as local tensors (not cached: before the step it is the
+        previous step's)."""
+        found = self._preconditioner(pending)
+        return None if found is None else [local(t) for t in found]
+
     def _params_by_group(self) -> list[list[torch.Tensor]]:
         return [[p for p in group["params"] if p.requires_grad] for group in self.optimizer.param_groups]
 
@@ -431,12 +461,18 @@ class CurvatureTuner:
             self._pending = PendingStep(step=self._step_count, passthrough=True)
             return None
         self._sync_space()
+        if self.monitor is not None:
+            self.monitor.start_step()
         positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs))
         pending = PendingStep(step=self._step_count, objective=objective)
         if self._check_inputs(pending, loss):
             self._plan(pending)
             self._set_step_lr(pending)
             pending.saved = vec.clone(self.space.local())
+            if self.monitor is not None:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
+                self.monitor.step(objective=objective, saved=pending.saved, clipped=self.clipped_gradients,
+                                  seed=self.settings.seed, preconditioner=lambda: self._current_preconditioner(pending),
+                                  wants_preconditioned=self._has_preconditioner())
         else:
             self._skip_inputs(pending)
         self._pending = pending
@@ -586,7 +622,8 @@ class CurvatureTuner:
         """What the probes of this step work with."""
         measuring = type(self.law).__name__ if self.law is not None else "sharpness tracking"
         return Probe(pending, at, measuring=measuring, clipped=self.clipped_gradients, seed=self.settings.seed,
-                     preconditioner=lambda: self._preconditioner_of(pending), previous_update=self._previous_update)
+                     preconditioner=lambda: self._preconditioner_of(pending), previous_update=self._previous_update,
+                     previous_lr=self._previous_lr)
 
     def _preconditioner_of(self, pending: PendingStep) -> Vector | None:
         """:meth:`_preconditioner`, computed once per step, as local tensors."""
@@ -631,7 +668,8 @@ class CurvatureTuner:
         with torch.no_grad():
             torch._foreach_add_(at.params, at.delta, alpha=eta / at.eta_probe)
         if self._request.previous_update:
-            self._previous_update = [d.div_(at.eta_probe) for d in at.delta]  # u, for cos(g_{t+1}, u_t)
+            self._previous_update = [d.div_(at.eta_probe) for d in at.delta]  # u for lr 1, for the next probe
+            self._previous_lr = eta
         pending.saved = None
         self._adopt(pending, output)
         return eta
@@ -663,8 +701,8 @@ class CurvatureTuner:
                 "grad_norm": math.sqrt(pending.grad_sq) if pending.grad_sq >= 0 else _NAN,
                 "update_norm": float(update_norm)}
 
-    def _values(self, step: int, output: LawOutput | None, lr: float, measured: Mapping[str, float]
-                ) -> dict[str, Any]:
+    def _values(self, step: int, output: LawOutput | None, lr: float, measured: Mapping[str, float],
+                update: bool = False) -> dict[str, Any]:
         """The diagnostics of a step: exactly ``keys_for(law)``, NaN where nothing was measured."""
         values: dict[str, Any] = dict.fromkeys(self._keys, _NAN)
         law_values = {} if output is None else {k: float(v) for k, v in output.diagnostics.items()}
@@ -675,11 +713,46 @@ class CurvatureTuner:
         values.update(lr=float(lr), law_lr=float(lr) if output is None else float(output.lr),
                       probed=law_values.get("probed", 0.0), fallback=law_values.get("fallback", 0.0), skipped=0.0)
         plain, preconditioned = diag.law_sharpness(self.law, law_values)
-        derived = diag.derive_sharpness(np, float(lr), measured.get("sharpness", _NAN),
-                                        measured.get("preconditioned_sharpness", _NAN), plain, preconditioned)
+        exact = (measured.get("sharpness", _NAN), measured.get("preconditioned_sharpness", _NAN))
+        laws = (float(plain), float(preconditioned))
+        readings = [self.monitor.reading(i) if self.monitor is not None else (_NAN, _NAN, _NAN, False)
+                    for i in range(2)]
+        # exact measurements of this step (sharpness_every, then the law's own) win over the monitor's estimate
+        fallback = [law if math.isfinite(law) else reading[0] for law, reading in zip(laws, readings, strict=True)]
+        derived = diag.derive_sharpness(np, float(lr), exact[0], exact[1], fallback[0], fallback[1])
         values.update({k: float(v) for k, v in derived.items()})
+        if self.monitor is not None:
+            values.update(self._monitor_values(step, float(lr), exact, laws, readings, values, update))
         values.update(self._counters(step))
         return {key: values[key] for key in self._keys}
+
+    def _monitor_values(self, step: int, lr: float, exact: tuple[float, float], laws: tuple[float, float],
+                        readings: list[tuple[float, float, float, bool]], values: Mapping[str, float],
+                        update: bool) -> dict[str, float]:
+        """The monitor's diagnostics of a step (residual, age, edge, unstable, k, route) and its early warning."""
+        monitor = self.monitor
+        out: dict[str, float] = {}
+        fresh = []
+        for prefix, measured, law, reading in zip(("", "preconditioned_"), exact, laws, readings, strict=True):
+            if math.isfinite(measured) or math.isfinite(law):
+                residual, age, new = _NAN, 0.0, True
+            else:
+                residual, age, new = reading[1], reading[2], reading[3]
+            out[prefix + "sharpness_residual"], out[prefix + "sharpness_age"] = residual, age
+            fresh.append(new)
+        edge, on_preconditioned = self._edge()
+        watched = "preconditioned_lr_sharpness" if on_preconditioned else "lr_sharpness"
+        unstable = monitor.unstable
+        if update:
+            index = int(on_preconditioned)
+            counted = bool(rules.counts_for_warning(np, fresh[index], step,
+                                                    out[("", "preconditioned_")[index] + "sharpness_residual"]))
+            unstable = monitor.warn_update(fresh=fresh[index], counted=counted, value=float(values[watched]),
+                                           edge=edge, step=step, what=watched.replace("_", " ").replace("lr ", "lr x "),
+                                           warn=self.settings.warn is not False)
+        out.update(edge=edge, unstable=float(unstable) if monitor.seen and math.isfinite(edge) else _NAN,
+                   monitor_every=monitor.every, monitor_exact=float(monitor.exact))
+        return out
 
     def _counters(self, step: int) -> dict[str, Any]:
         return {"step": int(step), "route": self.route, "skipped_steps": self._skipped_steps,
@@ -687,7 +760,7 @@ class CurvatureTuner:
 
     def _report(self, pending: PendingStep, output: LawOutput | None, lr: float,
                 measured: Mapping[str, float]) -> None:
-        self.diagnostics = self._values(pending.step, output, lr, measured)
+        self.diagnostics = self._values(pending.step, output, lr, measured, update=True)
 
     def _report_skipped(self, pending: PendingStep) -> None:
         """The previous step's values with ``skipped = 1``; ``step`` is the index the next real step gets."""
@@ -718,8 +791,10 @@ class CurvatureTuner:
             "route": self.oracle.resolved,
             "exact_probes": self.oracle.exact_probes,
             "reference_lr": self._reference_lr,
+            "previous_lr": self._previous_lr,
             "hyperparam_ratios": {k: list(v) for k, v in self._hyperparam_ratios.items()},
             "diagnostics": dict(self.diagnostics),
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
         }
 
     def _vector_slots(self) -> tuple[str, ...]:
@@ -729,19 +804,22 @@ class CurvatureTuner:
         slots = []
         if tracking or needs & {S.SHARPNESS, S.TOP_EIGENVALUES}:
             slots.append("eigenvector")
-        precondition = isinstance(self.optimizer, opt_info.PRECONDITIONED) or (
-            type(self)._preconditioner is not CurvatureTuner._preconditioner)
+        precondition = self._has_preconditioner()
         if needs & configuration.PRECONDITIONED_NEEDS or (tracking and precondition):
             slots.append("preconditioned_eigenvector")
         if self._request.previous_update:
             slots.append("previous_update")
+        if self.monitor is not None:
+            slots.extend(name for name in checkpoint.MONITOR_VECTORS
+                         if precondition or not name.startswith("preconditioned_"))
         return tuple(slots)
 
     def _state_dict_post(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         space = self.space
         vectors = {"eigenvector": self.spectral.eigenvector,
                    "preconditioned_eigenvector": self.spectral.preconditioned_eigenvector,
-                   "previous_update": self._previous_update}
+                   "previous_update": self._previous_update,
+                   **(dict.fromkeys(checkpoint.MONITOR_VECTORS) if self.monitor is None else self.monitor.vectors())}
         vectors = {name: None if value is None else space.saved(value) for name, value in vectors.items()}
         keys = checkpoint.parameter_keys(state_dict, optimizer, self._params())
         return checkpoint.write(state_dict, keys, self._tuner_header(), vectors, self._vector_slots(),
@@ -774,6 +852,7 @@ class CurvatureTuner:
             "route": saved.get("route"),
             "exact_probes": int(saved.get("exact_probes", 0)),
             "_reference_lr": float(saved["reference_lr"]),
+            "_previous_lr": float(saved.get("previous_lr", 0.0)),
         }
         if saved.get("hyperparam_ratios") is not None:
             out["_hyperparam_ratios"] = {k: [float(r) for r in v] for k, v in saved["hyperparam_ratios"].items()}
@@ -785,6 +864,16 @@ class CurvatureTuner:
             out[attribute] = None if value is None else self.space.restored(key, value, like)
         if saved.get("diagnostics") is not None:
             out["diagnostics"] = dict(saved["diagnostics"])
+        if self.monitor is not None and saved.get("monitor") is not None:
+            wide = [SimpleNamespace(shape=t.shape, device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
+                    for t in like]  # the trackers' vectors are at least float32
+            vectors = {name: None if saved.get(name) is None else self.space.restored(name, saved[name], wide)
+                       for name in checkpoint.MONITOR_VECTORS}
+            for prefix, entry in zip(("", "preconditioned_"), saved["monitor"].get("trackers", ()), strict=False):
+                if entry is not None and any(vectors[f"{prefix}monitor_basis_{i}"] is None for i in range(2)):
+                    raise ValueError(f"the checkpoint's tuner state has a {prefix}monitor tracker without its basis "
+                                     "vectors")
+            out["monitor"] = (dict(saved["monitor"]), vectors)
         return out
 
     def _restored_law_state(self, saved: Any) -> Any:

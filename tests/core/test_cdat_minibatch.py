@@ -54,7 +54,7 @@ def test_the_previous_update_rate_is_the_scaled_ratio_of_signed_emas():
 
 def test_without_a_previous_update_the_rate_stays_at_its_start_and_it_is_not_a_fallback():
     law = CDAT(numerator="previous-update")
-    out = law.update(law.init(0.02), previous(math.nan, math.nan, 0.0))
+    out = law.update(law.init(0.02), previous(math.nan, math.nan, math.nan))
     assert float(out.lr) == 0.02 and float(out.diagnostics["fallback"]) == 0.0
     assert float(out.state.numerator_ema) == 0.0
 
@@ -118,3 +118,21 @@ def test_the_classic_rule_is_unchanged():
     assert float(out.lr) == 4.0 and "decay" not in out.diagnostics
     assert isinstance(out.state, CDATState) and int(out.state.count) == 1
     assert float(decay_factor(None, 5, 10)) == 1.0
+
+
+def test_a_previous_step_at_lr_0_is_a_measurement_so_the_rate_can_leave_0():
+    """lr 0 (the signed EMA went negative) must not be absorbing: w_t = w_{t-1}, so n = -g_t . u_{t-1}."""
+    law = CDAT(scale=1.0, numerator="previous-update")
+    out = law.update(law.init(0.0), previous(-2.0, 4.0, 0.0))
+    assert float(out.lr) == 0.5 and float(out.diagnostics["fallback"]) == 0.0
+
+
+def test_the_minibatch_preset_is_the_previous_update_rule_and_takes_overrides():
+    law = CDAT.minibatch()
+    assert law.get_config() == CDAT(scale=2.0, ema=0.99, numerator="previous-update").get_config()
+    assert law.needs == {S.GRAD_DOT_PREVIOUS_UPDATE, S.PREVIOUS_UPDATE_CURVATURE, S.PREVIOUS_LR}
+    decayed = CDAT.minibatch(decay="cosine", lr_min=1e-5)
+    assert decayed.needs_horizon and decayed.lr_min == 1e-5 and decayed.numerator == "previous-update"
+    assert decayed.with_horizon(100).horizon == 100
+    with pytest.raises(ValueError, match="scale"):
+        CDAT.minibatch(scale=-1.0)

@@ -42,7 +42,7 @@ def mlp(dtype=jnp.float64, sizes=(4, 6, 3), n=24, seed=0):
         params[f"w{i}"] = _normal(rng, (a, b), dtype, 1.0 / np.sqrt(a))
         params[f"b{i}"] = jnp.full((b,), 0.1, dtype)
     x = _normal(rng, (n, sizes[0]), dtype)
-    y = jnp.asarray(rng.integers(0, sizes[-1], n))
+    y = jnp.asarray(rng.integers(0, sizes[-1], n), dtype=jnp.int32)  # the same dtype with and without x64
     depth = len(sizes) - 1
 
     def apply(p, inputs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -264,17 +265,34 @@ def test_preconditioned_spectrum_matches_explicit(x64, models):
     (lambda: optax.adam(1.0), AdamPreconditioner()),
     (lambda: optax.adamw(1.0, weight_decay=0.1), AdamPreconditioner()),
     (lambda: optax.rmsprop(1.0), RmsPreconditioner()),
-    (lambda: optax.rmsprop(1.0, eps_in_sqrt=False), RmsPreconditioner(eps_in_sqrt=False)),
-    (lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=0.5, eps=1e-4), AdamPreconditioner()),
+    pytest.param(lambda: optax.rmsprop(1.0, eps_in_sqrt=False), RmsPreconditioner(eps_in_sqrt=False),
+                 marks=pytest.mark.skipif("eps_in_sqrt" not in inspect.signature(optax.rmsprop).parameters,
+                                          reason="optax < 0.2.4 has no eps_in_sqrt option (eps is outside the sqrt)")),
+    (lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=0.5, eps=1e-4),
+     AdamPreconditioner(b1=0.5, eps=1e-4)),
+    # hyperparameters hidden in the optimizer's closure are fitted from the synthetic step
+    (lambda: optax.adam(1.0, eps=1e-4), AdamPreconditioner(eps=1e-4)),
+    (lambda: optax.adamw(1.0, b1=0.8, b2=0.95, eps=1.0, weight_decay=0.1), AdamPreconditioner(b1=0.8, b2=0.95,
+                                                                                              eps=1.0)),
+    (lambda: optax.rmsprop(1.0, decay=0.95, eps=1e-6), RmsPreconditioner(decay=0.95, eps=1e-6)),
 ])
 def test_identify_finds_the_preconditioner(make, spec):
     found, reason = identify(make())
     assert found == spec, reason
 
 
+def test_identify_with_the_base_learning_rate_for_law_none():
+    """tune(base, None): the base's update carries its own learning rate (even 0 on a warm-up's first step)."""
+    assert identify(optax.adam(1e-3))[0] is None  # a law's base must have learning rate 1
+    assert identify(optax.adam(1e-3, b2=0.95), scaled=True)[0] == AdamPreconditioner(b2=0.95)
+    warm = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(0.0, 1e-3, 10), eps=1e-6)
+    assert identify(warm, scaled=True)[0] == AdamPreconditioner(eps=1e-6)
+
+
 def test_identify_refuses_a_base_it_cannot_match():
-    found, reason = identify(optax.adam(1.0, eps=1e-4))  # non-default eps hidden in the closure
+    found, reason = identify(optax.adam(1.0, eps_root=1e-4))  # P has another form
     assert found is None and "inject_hyperparams" in reason
+    assert identify(optax.adam(1.0, nesterov=True))[0] is None  # u is not -P^{-1} m
     assert identify(optax.sgd(1.0))[0] is None
     injected = optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=0.5, b2=0.9, eps=1e-4)
     params = jnp.linspace(-1.0, 1.0, 5)

@@ -46,8 +46,9 @@ def test_cdat_scale_2_keeps_a_quadratic_on_the_edge(x64, models, route):
     _, _, records = models.run(tune(optax.sgd(1.0), CDAT(scale=2.0), route=route), loss, params, 12)
     losses = [r["loss"] for r in records]
     # exact routes and central differences (exact on a quadratic up to rounding eps/h, h ~ eps^(1/3)) to 1e-9;
-    # one-sided differences carry the rounding error eps/h ~ eps^(1/2) = 1.5e-8 of their step
-    tol = 1e-7 if route == routes.FD_ONESIDED else 1e-9
+    # one-sided differences carry the rounding error eps/h ~ eps^(1/2) = 1.5e-8 of their step, amplified by the
+    # cancellation in g(w + h u) - g(w) (measured up to 1.45e-7 with jax 0.4.30's XLA, 1e-8 with jax 0.10)
+    tol = 1e-6 if route == routes.FD_ONESIDED else 1e-9
     for before, after in zip(losses, losses[1:], strict=False):
         assert abs(after - before) <= tol * abs(before)
     # and the rate is the one of eq. 8 with u = -g: 2 |g|^2 / g^T A g

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+TESTS = Path(__file__).resolve().parents[2]  # tests/, for stopped_clock.py
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from stopped_clock import stopped_monitor_clock  # noqa: E402
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 if os.environ["KERAS_BACKEND"] not in ("jax", "torch"):
     collect_ignore_glob = ["test_*.py"]  # the backend guard itself is tested in a subprocess (test_settings.py)
@@ -29,3 +34,14 @@ def pytest_configure(config):
     # Keras 3 converts its variables with np.array(x, copy=False) semantics that NumPy 2 deprecates; noise only
     config.addinivalue_line("filterwarnings",
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def steady_monitor_clock():
+    """The PyTorch monitor on a clock that never advances: runs and resumed runs tick at the same steps
+    (tests/stopped_clock.py)."""
+    if os.environ.get("KERAS_BACKEND") != "torch":
+        yield
+        return
+    with stopped_monitor_clock():
+        yield

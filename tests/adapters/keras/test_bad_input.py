@@ -91,10 +91,17 @@ def test_curvature_probe_without_the_train_step_wrapper_says_what_to_do():
             np.testing.assert_array_equal(now, start)
 
 
-def test_callback_refuses_a_model_without_a_tuner():
+@pytest.mark.parametrize("optimizer, message", [
+    (lambda: keras.optimizers.Ftrl(0.1), "optimizer must be one of the Keras optimizers"),
+    (lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), "LossScaleOptimizer"),
+], ids=["unsupported", "loss-scale"])
+def test_callback_refuses_an_optimizer_it_cannot_wrap(optimizer, message):
+    """The callback installs a tuner around the compiled optimizer when fit starts; one it cannot wrap is refused
+    there, with the callback's name, before any step."""
     x, y = digits(64)
     model = mlp(hidden=8)
-    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="CurvatureTuner"), warnings.catch_warnings():
+    model.compile(optimizer=optimizer(), loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=f"EdgeOfStabilityCallback: .*{message}"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(x, y, epochs=1, verbose=0, callbacks=[EdgeOfStabilityCallback()])
+    assert model.optimizer.iterations.numpy() == 0

@@ -1,5 +1,6 @@
 """Invalid settings raise ValueError at construction, naming the setting; unsupported backends say so at import."""
 
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,13 @@ from eos_core.settings import TunerSettings
 
 def sgd():
     return keras.optimizers.SGD(0.1)
+
+
+def stepped_sgd():
+    optimizer = sgd()
+    variable = keras.Variable([1.0, 2.0])
+    optimizer.apply([keras.ops.ones((2,))], [variable])
+    return optimizer
 
 
 def built_sgd():
@@ -56,7 +64,19 @@ def built_sgd():
     (lambda: CurvatureTuner(keras.optimizers.SGD(0.1, loss_scale_factor=128.0), CDAT()), "loss_scale_factor"),
     (lambda: CurvatureTuner(keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)), CDAT()),
      "learning_rate"),
-    (lambda: CurvatureTuner(built_sgd(), CDAT()), "already built"),
+    (lambda: CurvatureTuner(stepped_sgd(), CDAT()), "already stepped"),
+    (lambda: CurvatureTuner(sgd(), None, reference_lr=0.5), "reference_lr"),
+    (lambda: CurvatureTuner(sgd(), CDAT(), monitor_budget=0.0), "monitor_budget"),
+    (lambda: CurvatureTuner(sgd(), None, monitor_budget=1.5), "monitor_budget"),
+    (lambda: CurvatureTuner(sgd(), None, monitor_budget=True), "monitor_budget"),
+    (lambda: CurvatureTuner(sgd(), None, monitor_budget=0.05, monitor_patience=0), "monitor_patience"),
+    (lambda: CurvatureTuner(sgd(), None, monitor_budget=0.05, monitor_edge=-1.0), "monitor_edge"),
+    (lambda: EdgeOfStabilityCallback(monitor_budget=2.0), "EdgeOfStabilityCallback: monitor_budget"),
+    (lambda: EdgeOfStabilityCallback(monitor_margin=-0.5), "EdgeOfStabilityCallback: monitor_margin"),
+    (lambda: EdgeOfStabilityCallback(lr_mode="multiply"), "EdgeOfStabilityCallback.*lr_mode"),
+    (lambda: EdgeOfStabilityCallback(reference_lr=0.1), "EdgeOfStabilityCallback: reference_lr"),
+    (lambda: EdgeOfStabilityCallback("cdat"), "EdgeOfStabilityCallback: law"),
+    (lambda: EdgeOfStabilityCallback(DCAO()), "EdgeOfStabilityCallback: .*DCAO decides"),
     (lambda: EdgeOfStabilityCallback(log_every=0), "log_every"),
     (lambda: EdgeOfStabilityCallback(keys="lr"), "keys"),
     (lambda: EdgeOfStabilityCallback(log_prefix=None), "log_prefix"),
@@ -117,7 +137,8 @@ def test_default_reference_lr_is_the_wrapped_optimizers_learning_rate():
 
 
 CONFIG_KEYS = {"name", "optimizer", "law", "probe_every", "route", "sharpness_every", "sharpness_iters",
-               "sharpness_tol", "reference_lr", "seed", "warn"}
+               "sharpness_tol", "reference_lr", "seed", "warn", "monitor_budget", "monitor_edge", "monitor_margin",
+               "monitor_patience"}
 
 
 @pytest.mark.parametrize("make", [
@@ -126,7 +147,9 @@ CONFIG_KEYS = {"name", "optimizer", "law", "probe_every", "route", "sharpness_ev
                            warn=False, name="tuned"),
     lambda: CurvatureTuner(keras.optimizers.Adam(0.01), AdaEoS(), reference_lr=0.3),
     lambda: CurvatureTuner(keras.optimizers.SGD(0.0), CDAT()),  # lr 0: the law starts from 0
-], ids=["every-option", "reference-lr", "zero-lr"])
+    lambda: CurvatureTuner(keras.optimizers.Adam(0.01), None, monitor_budget=0.1, monitor_edge=20.0,
+                           monitor_margin=0.5, monitor_patience=2),
+], ids=["every-option", "reference-lr", "zero-lr", "measuring-monitor"])
 def test_config_round_trips_with_the_new_names(make):
     tuner = make()
     config = tuner.get_config()
@@ -136,6 +159,33 @@ def test_config_round_trips_with_the_new_names(make):
     assert restored.settings.as_dict() | {"reference_lr": None} == tuner.settings.as_dict() | {"reference_lr": None}
     assert restored.reference_lr == tuner.reference_lr and restored.law == tuner.law
     assert type(restored.inner_optimizer) is type(tuner.inner_optimizer)
+
+
+def test_without_a_law_the_optimizer_keeps_its_learning_rate_and_schedule():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    tuner = CurvatureTuner(keras.optimizers.SGD(schedule), None)
+    assert tuner.law is None and tuner.measuring and tuner.reference_lr == pytest.approx(0.1)
+    assert tuner.inner_optimizer._learning_rate is schedule
+    plain = CurvatureTuner(keras.optimizers.SGD(0.125), None)
+    assert float(plain.inner_optimizer.learning_rate.numpy()) == 0.125  # not set to 1: its own update is applied
+    # a built optimizer that has stepped is fine too (its own steps continue)
+    assert CurvatureTuner(stepped_sgd(), None).measuring
+    # a built one that has not stepped can be taken over by a law (what fit leaves before the first step)
+    assert CurvatureTuner(built_sgd(), CDAT()).law == CDAT()
+
+
+def test_the_monitor_edge_is_the_keras_optimizers():
+    cases = [(keras.optimizers.SGD(0.1), 2.0, False), (keras.optimizers.SGD(0.1, momentum=0.9), 3.8, False),
+             (keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), 3.8 / 2.8, False),
+             (keras.optimizers.Adam(0.1), 38.0, True), (keras.optimizers.AdamW(0.1, beta_1=0.8), 18.0, True),
+             (keras.optimizers.RMSprop(0.1), 2.0, True)]
+    for optimizer, edge, preconditioned in cases:
+        found = CurvatureTuner(optimizer, None, monitor_budget=0.05).edge
+        assert found[0] == pytest.approx(edge) and found[1] is preconditioned, optimizer
+    unknown = CurvatureTuner(keras.optimizers.Adagrad(0.1), None, monitor_budget=0.05).edge
+    assert math.isnan(unknown[0]) and unknown[1] is False
+    given = CurvatureTuner(keras.optimizers.Adam(0.1), None, monitor_budget=0.05, monitor_edge=10.0).edge
+    assert given == (10.0, True)
 
 
 def test_configs_saved_with_initial_lr_still_load():

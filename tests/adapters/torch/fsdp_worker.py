@@ -7,6 +7,10 @@ Every run trains a small pre-LN transformer (2 blocks, SDPA attention) for :data
 batch of 16 sequences; rank r of 2 trains on sequences ``8r .. 8r + 7`` (the union batch is the single
 process's). A run records, per step, the applied lr, the tracked sharpness and the loss, and the parameters
 at the end (gathered whole from the shards).
+
+The "cdat" run also monitors the sharpness (``monitor_budget``). Its schedule follows measured times, so the
+monitor here reads a fake clock that advances one second per forward pass of the model: every rank and the single
+process then tick on the same steps.
 """
 
 import gc
@@ -19,11 +23,25 @@ import torch.distributed as dist
 
 from eos_core import CDAT, DCAO, ExactSharpness
 from eos_core.adapters.torch import CurvatureTuner
+from eos_core.adapters.torch import monitor as monitor_module
 
 STEPS = 20
 CHECKPOINT_AT = 10
 WORLD = 2
-RECORDED = ("lr", "sharpness", "loss", "step", "route")
+RECORDED = ("lr", "sharpness", "loss", "step", "route", "sharpness_age", "sharpness_residual", "edge", "unstable",
+            "monitor_every")
+
+
+class Clock:
+    """The monitor's fake ``time``: one second per forward pass of a :class:`TinyTransformer`."""
+
+    now = 0.0
+
+    def perf_counter(self):
+        return Clock.now
+
+
+monitor_module.time = Clock()
 
 
 class Block(torch.nn.Module):
@@ -56,6 +74,7 @@ class TinyTransformer(torch.nn.Module):
         self.head = torch.nn.Linear(width, classes)
 
     def forward(self, x):
+        Clock.now += 1.0
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
@@ -70,7 +89,8 @@ def data(dtype):
 LAWS = {
     # CDAT with an EMA, one-sided finite differences ("auto" under FSDP), lambda_max tracked by power iteration
     "cdat": (lambda: CDAT(scale=2.0, ema=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-             {"route": "auto", "sharpness_every": 4, "sharpness_iters": 30, "sharpness_tol": 1e-12}),
+             {"route": "auto", "sharpness_every": 4, "sharpness_iters": 30, "sharpness_tol": 1e-12,
+              "monitor_budget": 0.25}),
     # CDAT on central differences (two extra gradients per probe)
     "cdat-central": (lambda: CDAT(scale=1.0), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                      {"route": "fd-central", "sharpness_every": 4, "sharpness_iters": 30, "sharpness_tol": 1e-12}),
@@ -101,6 +121,8 @@ def build(law_name, dtype, mesh=None, with_model=False, **overrides):
         fully_shard(model, mesh=mesh)
     optimizer = make_optimizer(model.parameters())
     tuner = CurvatureTuner(optimizer, law(), model=model if with_model else None, **{**options, **overrides})
+    if tuner.monitor is not None and mesh is None:
+        tuner.monitor.exact_available = False  # as on sharded parameters: no checks against the exact product
     return model, optimizer, tuner
 
 

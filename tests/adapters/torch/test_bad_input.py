@@ -8,6 +8,7 @@ import torch
 
 from eos_core import CDAT
 from eos_core.adapters.torch import CurvatureTuner
+from eos_core.adapters.torch.oracles import OUT_OF_MEMORY
 
 
 def same_values(a, b):
@@ -164,7 +165,7 @@ def test_a_non_finite_update_from_a_finite_gradient_leaves_the_parameters():
 
 
 @pytest.mark.parametrize("error", [ValueError("labels out of range"),
-                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+                                   OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")])
 def test_an_error_in_a_probe_propagates_unchanged_and_the_step_is_completed(error):
     """The user's closure fails while the curvature route is being resolved (a bad batch, out of memory): the
     error reaches the caller unchanged (not "wrong values on this model", not a silent switch to finite
@@ -174,7 +175,7 @@ def test_an_error_in_a_probe_propagates_unchanged_and_the_step_is_completed(erro
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0))
+    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0), fd_above=None)  # auto resolves to double backward
     calls = [0]
 
     def closure():

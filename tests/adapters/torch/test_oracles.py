@@ -10,6 +10,7 @@ from eos_core import CDAT, routes
 from eos_core.adapters.torch import CurvatureTuner, Objective, Oracle, RouteUnavailable, gradient
 from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.objective import shifted
+from eos_core.adapters.torch.oracles import OUT_OF_MEMORY
 from eos_core.routes import finite_difference_step
 
 EXACT = [routes.DOUBLE_BACKWARD, routes.JVP_JVP, routes.JVP_GRAD, routes.AUTO]
@@ -30,7 +31,7 @@ def measure(model, inputs, targets, route, direction_seed=1):
     else:
         g = torch.Generator().manual_seed(direction_seed)
         u = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-    oracle = Oracle(route, module=model)
+    oracle = Oracle(route, module=model, fd_above=None)  # auto: the exact route, not verified differences
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         curvature = oracle.curvature(objective, params, u, grad_dot_u=vec.dot(grads, u))
@@ -114,7 +115,7 @@ def test_auto_falls_back_to_math_sdpa_and_says_so(small_problems):
     model = factory()
     params = list(model.parameters())
     objective = Objective(lambda: torch.nn.functional.cross_entropy(model(inputs), targets), params)
-    oracle = Oracle(routes.AUTO)
+    oracle = Oracle(routes.AUTO, fd_above=None)
     u = [torch.ones_like(p) for p in params]
     with pytest.warns(RuntimeWarning, match="fell back to 'double-backward\\+sdpa-math'"):
         oracle.curvature(objective, params, u)
@@ -140,7 +141,7 @@ def test_auto_falls_back_to_finite_differences_when_nothing_is_twice_differentia
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     # f(w) = sum(w^6): the op's backward runs with a gradient that itself needs differentiating
     objective = Objective(lambda: OnceDifferentiable.apply(w).pow(2).sum(), [w])
-    oracle = Oracle(routes.AUTO)
+    oracle = Oracle(routes.AUTO, fd_above=None)
     u = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
     with pytest.warns(RuntimeWarning, match="fd-onesided"):
         value = oracle.curvature(objective, [w], u, grad_dot_u=6.0)
@@ -259,9 +260,12 @@ def test_auto_keeps_verified_finite_differences_on_large_smooth_models():
     exact_value, fd_value = oracle.verification
     assert abs(fd_value - exact_value) <= 1e-2 * abs(exact_value)
     assert oracle.curvature(objective, params, u, grad_dot_u=gu) == pytest.approx(exact, rel=1e-2)
-    small = Oracle(routes.AUTO)  # default threshold: this model is small, stays exact
-    small.curvature(objective, params, u, grad_dot_u=gu)
-    assert small.resolved == routes.DOUBLE_BACKWARD
+    default = Oracle(routes.AUTO)  # the default threshold (1 parameter): every model switches
+    default.curvature(objective, params, u, grad_dot_u=gu)
+    assert default.resolved == routes.FD_ONESIDED
+    kept = Oracle(routes.AUTO, fd_above=None)  # None: auto stays exact
+    kept.curvature(objective, params, u, grad_dot_u=gu)
+    assert kept.resolved == routes.DOUBLE_BACKWARD
 
 
 def test_auto_stays_exact_where_finite_differences_disagree():
@@ -311,7 +315,7 @@ def _failing_objective(error, *, after=0):
 
 
 @pytest.mark.parametrize("error", [ValueError("bad batch"), RuntimeError("CUDA error: device-side assert"),
-                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    TypeError("unsupported operand"), NotImplementedError("my layer")])
 @pytest.mark.parametrize("route", [routes.AUTO, routes.DOUBLE_BACKWARD])
 def test_route_resolution_lets_the_users_errors_through(error, route):

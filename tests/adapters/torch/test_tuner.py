@@ -14,7 +14,7 @@ from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
 def test_on_edge_property_through_the_wrapper(quadratic, make_closure):
     w, loss, _, _ = quadratic
     optimizer = torch.optim.SGD([w], lr=0.1)
-    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0))
+    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0), fd_above=None)  # exact u^T H u
     closure = make_closure(optimizer, loss)
     for _ in range(10):
         before = float(loss())
@@ -26,7 +26,7 @@ def test_on_edge_property_through_the_wrapper(quadratic, make_closure):
 def test_greedy_scale_is_the_exact_line_minimiser(quadratic, make_closure):
     w, loss, a, b = quadratic
     optimizer = torch.optim.SGD([w], lr=0.1)
-    tuner = CurvatureTuner(optimizer, CDAT(scale=1.0))
+    tuner = CurvatureTuner(optimizer, CDAT(scale=1.0), fd_above=None)
     closure = make_closure(optimizer, loss)
     for _ in range(3):
         g = (a @ w - b).detach()
@@ -180,7 +180,7 @@ def test_multiply_mode_follows_a_warm_up_created_before_or_after_the_tuner(quadr
 def test_set_objective_path_and_missing_objective_error(quadratic):
     w, loss, _, _ = quadratic
     optimizer = torch.optim.SGD([w], lr=0.1)
-    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0))
+    tuner = CurvatureTuner(optimizer, CDAT(scale=2.0), fd_above=None)  # exact u^T H u
     optimizer.zero_grad()
     loss().backward()
     tuner.set_objective(loss)
@@ -382,7 +382,7 @@ def test_state_dict_carries_the_tuner_state(quadratic, make_closure):
     tuner = CurvatureTuner(optimizer, CDAT(ema=0.9))
     tuner.step(make_closure(optimizer, loss))
     state = tuner.state_dict()
-    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1 and state[STATE_KEY]["version"] == 3
+    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1 and state[STATE_KEY]["version"] == 4
     assert state[STATE_KEY]["calls"] == 1 and state[STATE_KEY]["skipped_steps"] == 0
     assert math.isclose(state[STATE_KEY]["law_state"]["lr"], tuner.diagnostics["law_lr"])
     with warnings.catch_warnings():

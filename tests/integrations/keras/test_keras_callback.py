@@ -9,7 +9,7 @@ import pytest
 from keras_helpers import compile_tuned, digits, mlp
 
 from eos_core import CDAT, AdaEoS, Polyak, WarmupCosine
-from eos_core.adapters.keras import CurvatureTuner, is_attached
+from eos_core.adapters.keras import CurvatureTuner, find_tuner, is_attached
 from eos_core.diagnostics import BY_NAME, keys_for
 from eos_core.integrations.keras import EdgeOfStabilityCallback
 
@@ -112,3 +112,129 @@ def test_diagnostics_are_exactly_the_registry_keys_before_and_after_steps(law, o
     # the callback logs every numeric diagnostic but the step index
     assert {k for k in history if k.startswith("eos/")} == {"eos/" + k for k in keys if k not in ("step", "route")}
     assert set(callback.history) == set(keys) - {"route"}
+
+
+# -- the sharpness monitor and the tuner the callback installs --------------------------------------------------
+def plain_model(optimizer, **mlp_options):
+    model = mlp(hidden=16, seed=9, **mlp_options)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_monitoring_only_by_default_leaves_the_run_untouched():
+    """A model compiled with a plain Adam (a learning-rate schedule, weight decay, a kernel constraint): with the
+    callback's defaults (law=None, monitor_budget=0.05) the weights are bit for bit those of fit without it, and the
+    monitor's estimates are in the logs."""
+    x, y = digits(64 * STEPS_PER_EPOCH)
+
+    def make():
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.8)
+        return plain_model(keras.optimizers.Adam(schedule, weight_decay=0.01),
+                           kernel_constraint=keras.constraints.MaxNorm(1.5))
+
+    alone = make()
+    alone.fit(x, y, batch_size=64, epochs=EPOCHS, shuffle=False, verbose=0)
+    model = make()
+    callback = EdgeOfStabilityCallback()
+    history = model.fit(x, y, batch_size=64, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[callback]).history
+    for a, b in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    tuner = callback.tuner
+    assert isinstance(model.optimizer, CurvatureTuner) and model.optimizer is tuner and tuner.law is None
+    assert tuner.settings.monitor_budget == 0.05 and tuner.edge == (pytest.approx(38.0), True)
+    steps = STEPS_PER_EPOCH * EPOCHS
+    schedule = [0.01 * 0.8 ** (t / 2) for t in range(steps)]
+    np.testing.assert_allclose(callback.history["lr"], schedule, rtol=1e-6)  # the optimizer's own, untouched
+    ages = callback.history["sharpness_age"]  # the cold start at the first steps (H, then P^-1/2 H P^-1/2), k >= 22
+    assert ages[0] == 0.0 and ages[-1] >= steps - 3 and (np.diff(ages[2:]) == 1).all()
+    assert np.isfinite(callback.history["sharpness"]).all()
+    np.testing.assert_allclose(callback.history["lr_sharpness"],  # float32 products on JAX
+                               np.array(callback.history["lr"]) * np.array(callback.history["sharpness"]), rtol=1e-6)
+    for key in ("eos/sharpness", "eos/lr_sharpness", "eos/sharpness_age", "eos/edge", "eos/monitor_every"):
+        assert len(history[key]) == EPOCHS, key
+
+
+def test_a_too_large_learning_rate_raises_the_warning_and_logs_unstable(capsys):
+    """Least squares (a quadratic: lambda_max does not move) with plain SGD at 3 times its edge: the monitor measures
+    at every step once beyond the warning threshold, a RuntimeWarning comes at the third measurement (on JAX from the
+    callback's read), and eos/unstable = 1 reaches the logs and the progress bar."""
+    x, y = digits(256)
+    targets = (y / 9.0).astype("float32")
+    top = float(np.linalg.eigvalsh(2.0 * (x.astype(np.float64).T @ x) / len(x))[-1])  # without the bias: a bound
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model.compile(optimizer=keras.optimizers.SGD(3.0 * 2.0 / top), loss="mse")
+    callback = EdgeOfStabilityCallback()
+    with pytest.warns(RuntimeWarning, match="edge of stability 2 by more than 25% for 3 consecutive") as caught:
+        history = model.fit(x, targets, batch_size=len(x), epochs=5, shuffle=False, verbose=1,
+                            callbacks=[callback]).history
+    assert len([w for w in caught if "edge of stability" in str(w.message)]) == 1  # once per episode
+    assert callback.history["unstable"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert min(callback.history["lr_sharpness"]) > 6.0
+    assert history["eos/unstable"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert "eos/unstable: 1" in capsys.readouterr().out
+
+
+def test_a_law_installed_by_the_callback_gets_the_horizon_and_resumes_from_the_saved_model(tmp_path):
+    """EdgeOfStabilityCallback(CDAT(decay="cosine")) on a plain SGD model: the tuner it installs has the horizon
+    epochs * steps of fit (the whole run), the applied lr is the rule's times s(t / T), and the model saved by
+    ModelCheckpoint (the tuner in its compile config) continues the run bit for bit, monitor included."""
+    x, y = digits(128)  # 2 steps per epoch, 4 epochs: T = 8
+    law = CDAT(scale=2.0, ema=0.9, decay="cosine")
+
+    def run(model, epochs, initial_epoch=0, callbacks=()):
+        callback = EdgeOfStabilityCallback(law, monitor_budget=0.6)
+        model.fit(x, y, batch_size=64, epochs=epochs, initial_epoch=initial_epoch, shuffle=False, verbose=0,
+                  callbacks=[callback, *callbacks])
+        return callback
+
+    full = run(plain_model(keras.optimizers.SGD(0.05)), 4)
+    assert full.tuner.law == CDAT(scale=2.0, ema=0.9, decay="cosine", horizon=8) and law.horizon is None
+    decays = full.history["decay"]
+    np.testing.assert_allclose(decays, [0.5 * (1.0 + math.cos(math.pi * t / 8)) for t in range(8)], rtol=1e-5)
+    assert decays[-1] < 0.04
+    rule = 2.0 * np.array(full.history["numerator_ema"]) / np.array(full.history["denominator_ema"])
+    np.testing.assert_allclose(full.history["lr"], rule * np.array(decays), rtol=1e-5)
+
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
+    run(plain_model(keras.optimizers.SGD(0.05)), 4, callbacks=[checkpoint])
+    restored = keras.models.load_model(tmp_path / "epoch2.keras")
+    assert find_tuner(restored).law.horizon == 8 and find_tuner(restored).monitor_budget == 0.6
+    tail = run(restored, 4, initial_epoch=2)
+    assert tail.tuner is find_tuner(restored)  # the restored tuner is logged, not replaced
+    for key, values in full.history.items():
+        np.testing.assert_array_equal(tail.history[key], values[4:], err_msg=key)
+    assert 0.0 in tail.history["sharpness_age"]  # the monitor ticked after the load
+
+
+def test_a_decaying_law_without_a_known_number_of_steps_asks_for_the_horizon():
+    x, y = digits(128)
+
+    def batches():  # a generator: fit does not know the steps of an epoch
+        for i in range(0, len(x), 64):
+            yield x[i:i + 64], y[i:i + 64]
+
+    model = plain_model(keras.optimizers.SGD(0.05))
+    with pytest.raises(ValueError, match="EdgeOfStabilityCallback: CDAT.*number of optimizer steps.*horizon="):
+        model.fit(batches(), epochs=1, verbose=0, callbacks=[EdgeOfStabilityCallback(CDAT(decay="cosine"))])
+    assert not isinstance(model.optimizer, CurvatureTuner)
+
+
+def test_a_compiled_tuner_is_logged_as_it_is_and_must_agree_with_the_callback():
+    model = tuned(sharpness_every=None)
+    tuner = model.optimizer
+    params = {"epochs": 1, "steps": 2, "verbose": 0}
+    callback = EdgeOfStabilityCallback()  # the defaults: log the tuner as it is configured (monitor off)
+    callback.set_model(model)
+    callback.set_params(params)
+    assert model.optimizer is tuner and callback.tuner is tuner and tuner.monitor_budget is None
+    EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9)).set_params(params)  # no model yet: nothing to check
+    for disagreeing, match in ((EdgeOfStabilityCallback(CDAT(scale=3.0)), "law CDAT"),
+                               (EdgeOfStabilityCallback(monitor_budget=0.2), "monitor_budget=0.2"),
+                               (EdgeOfStabilityCallback(sharpness_every=5), "sharpness_every=5")):
+        disagreeing.set_model(model)
+        with pytest.raises(ValueError, match=f"compiled with a CurvatureTuner of its own.*{match}"):
+            disagreeing.set_params(params)
+    agreeing = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=1)
+    agreeing.set_model(model)
+    agreeing.set_params(params)
+    assert agreeing.tuner is tuner

@@ -5,9 +5,22 @@ from pathlib import Path
 
 import pytest
 
+TESTS = Path(__file__).resolve().parents[2]  # tests/, for stopped_clock.py
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from stopped_clock import stopped_monitor_clock  # noqa: E402
+
 pytest.importorskip("lightning")
 pytest.importorskip("sklearn")
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def steady_monitor_clock():
+    """The PyTorch monitor on a clock that never advances: runs and resumed runs tick at the same steps
+    (tests/stopped_clock.py)."""
+    with stopped_monitor_clock():
+        yield

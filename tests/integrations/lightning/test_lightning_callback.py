@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning_helpers import DigitsMLP, Recorder, digits, full_loss, loader, measured, trainer
+from lightning_helpers import DigitsMLP, Recorder, digits, full_loss, loader, measured, same_diagnostics, trainer
 
 from eos_core import CDAT, Constant, Polyak
 from eos_core.adapters.torch import CurvatureTuner
@@ -38,7 +38,7 @@ def test_loss_falls_and_every_logger_gets_the_diagnostics(tmp_path):
     data = digits()
     model = DigitsMLP()
     before = full_loss(model, data)
-    eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=3)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=3, fd_above=None)  # auto stays exact
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
     run, model, recorder = fit(tmp_path, eos, model=model, logger=loggers)
 
@@ -46,16 +46,19 @@ def test_loss_falls_and_every_logger_gets_the_diagnostics(tmp_path):
     assert all(s["route"] == "double-backward" and s["skipped"] == 0 for s in recorder.steps)
     assert recorder.lrs()[0] != pytest.approx(0.05)  # the law's lr, not the optimizer's
 
-    # CSV: one row per step with the tuner's values (sharpness only on tracked steps 0, 3, 6, 9)
+    # CSV: one row per step with the tuner's values. sharpness on every step: measured exactly on the tracked steps
+    # 0, 3, 6, 9 (no monitor residual there), the sharpness monitor's latest estimate (on by default) in between
     with open(loggers[0].experiment.metrics_file_path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("eos/lr")]
     assert [int(r["step"]) for r in rows] == list(range(12))
     assert [float(r["eos/lr"]) for r in rows] == pytest.approx(recorder.lrs(), rel=1e-6)
-    tracked = [i for i, r in enumerate(rows) if r.get("eos/sharpness")]
+    assert all(r.get("eos/sharpness") for r in rows)
+    tracked = [i for i, r in enumerate(rows) if not r.get("eos/sharpness_residual")]
     assert tracked == [0, 3, 6, 9]
-    for i in tracked:
-        assert float(rows[i]["eos/lr_sharpness"]) == pytest.approx(
+    for i, row in enumerate(rows):
+        assert float(row["eos/lr_sharpness"]) == pytest.approx(
             recorder.steps[i]["lr"] * recorder.steps[i]["sharpness"], rel=1e-5)
+        assert float(row["eos/unstable"]) == 0.0 and float(row["eos/edge"]) == 2.0  # SGD: lr * lambda_max < 2
     assert {"eos/numerator", "eos/denominator", "eos/grad_norm", "eos/loss"} <= set(rows[0])
 
     # TensorBoard event files
@@ -66,8 +69,8 @@ def test_loss_falls_and_every_logger_gets_the_diagnostics(tmp_path):
     assert {"eos/lr", "eos/sharpness", "eos/lr_sharpness", "eos/denominator"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("eos/lr")] == pytest.approx(recorder.lrs(), rel=1e-6)
 
-    # progress bar
-    assert "eos/lr" in run.progress_bar_metrics
+    # progress bar: the applied lr and the monitor's warning
+    assert "eos/lr" in run.progress_bar_metrics and run.progress_bar_metrics["eos/unstable"] == 0.0
 
 
 def test_loggers_writing_every_few_steps_get_the_measurements_in_between(tmp_path):
@@ -104,8 +107,10 @@ def test_probes_do_not_count_in_the_users_logged_metrics(tmp_path):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumulate):
     def make():
-        # EMA and probe_every=2: the lr depends on the tuner's state, not only on the current weights
-        return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
+        # EMA and probe_every=2: the lr depends on the tuner's state, not only on the current weights; the sharpness
+        # monitor at a budget that makes it tick in the resumed part too (every 3 steps: two operators for Adam)
+        return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3,
+                                       monitor_budget=1.0)
 
     def adam():
         return DigitsMLP(optimizer="adam", lr=1e-3)
@@ -120,7 +125,7 @@ def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumula
         setup = dict(batch_size=128, accumulate_grad_batches=2, max_steps=-1)
         stop, until, total = 4, dict(max_epochs=2), dict(max_epochs=6)
     _, _, straight = fit(tmp_path / "a", make(), model=adam(), **total, **setup)
-    first, _, _ = fit(tmp_path / "b", make(), model=adam(), **until, **setup)
+    first, _, first_recorder = fit(tmp_path / "b", make(), model=adam(), **until, **setup)
     path = tmp_path / "k.ckpt"
     first.save_checkpoint(path)
     assert torch.load(path, weights_only=True)["optimizer_states"][0]["eos_core"]["step"] == stop
@@ -129,6 +134,11 @@ def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumula
 
     assert resumed.lrs() == straight.lrs()[stop:]  # bit-identical
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
+    # every diagnostic, the sharpness monitor's included (its trackers, credit and warning were resumed), and the
+    # monitor ticked in the resumed part
+    assert all(same_diagnostics(a, b) for a, b in zip(resumed.steps, straight.steps[stop:], strict=True))
+    ticks = [recorder.eos.tuner.monitor.ticks for recorder in (first_recorder, resumed, straight)]
+    assert ticks[0] < ticks[1] == ticks[2]
 
     # the same resume without the tuner's state (a plain optimizer checkpoint: none of its three copies, the
     # top-level key, the first param group's and the per-parameter entries) does not continue it
@@ -147,9 +157,9 @@ def test_resume_from_a_checkpoint_continues_the_lr_trajectory(tmp_path, accumula
 def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path):
     # 2 micro-batches of 64 (accumulate_grad_batches=2) are one batch of 128: same gradient, same curvature
     law = dict(scale=1.0, ema=0.5)  # plain SGD at the greedy rule: float rounding is not amplified
-    _, _, big = fit(tmp_path / "big", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2),
+    _, _, big = fit(tmp_path / "big", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None),
                     model=DigitsMLP(lr=0.01), max_steps=6, batch_size=128)
-    _, _, accumulated = fit(tmp_path / "acc", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2),
+    _, _, accumulated = fit(tmp_path / "acc", EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None),
                             model=DigitsMLP(lr=0.01), max_steps=6, batch_size=64,
                             accumulate_grad_batches=2)
     assert len(accumulated.steps) == 6
@@ -262,9 +272,11 @@ def test_probes_leave_the_batch_norm_statistics_alone(tmp_path):
         fit(tmp_path / name, eos, model=model, max_steps=4, batch_size=128, accumulate_grad_batches=2)
         return model.net[1]
 
-    norm = run(EdgeOfStabilityCallback(Constant(0.05), sharpness_every=1, sharpness_iters=10), "probed")
+    # (the monitor off: the test of the monitor's evaluations is test_monitoring_only_leaves_the_batch_norm_...)
+    norm = run(EdgeOfStabilityCallback(Constant(0.05), sharpness_every=1, sharpness_iters=10, monitor_budget=None),
+               "probed")
     assert int(norm.num_batches_tracked) == 8  # 4 steps of 2 micro-batches
-    plain = run(EdgeOfStabilityCallback(None), "plain")  # same lr (the optimizer's 0.05), no probes
+    plain = run(EdgeOfStabilityCallback(None, monitor_budget=None), "plain")  # same lr (0.05), no probes
     torch.testing.assert_close(norm.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norm.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
 
@@ -383,7 +395,7 @@ def test_old_option_names_work_with_a_deprecation_warning_pointing_at_the_caller
 
 
 def test_callback_without_law_only_measures(tmp_path):
-    eos = EdgeOfStabilityCallback(None, sharpness_every=2)
+    eos = EdgeOfStabilityCallback(None, sharpness_every=2, monitor_budget=None)
     _, _, recorder = fit(tmp_path, eos, max_steps=4)
     assert recorder.lrs() == pytest.approx([0.05] * 4)  # the optimizer's own lr
     assert measured(recorder.steps[0], "sharpness") and measured(recorder.steps[2], "sharpness")
@@ -539,3 +551,124 @@ def test_learning_rate_monitor_shows_the_schedulers_lr_in_multiply_mode(tmp_path
     factors = [1 - 0.9 * t / 8 for t in range(8)]
     assert [shown[t] for t in range(8)] == pytest.approx([0.05 * f for f in factors], rel=1e-12)
     assert recorder.lrs() == pytest.approx([s["law_lr"] * f for s, f in zip(recorder.steps, factors, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sharpness monitor (monitor_budget, on by default) and the horizon of a decaying law
+# ---------------------------------------------------------------------------------------------------------------
+class ParamsAfterFit(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.params = torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()])
+
+
+def test_monitoring_only_by_default_leaves_the_run_untouched(tmp_path):
+    """law=None with the default budget: the user's optimizer and scheduler steps, bit for bit those of a run without
+    the callback (dropout masks included), and the monitor's estimates in the logs."""
+    def run(callbacks, name):
+        model = DigitsMLP(optimizer="momentum", scheduler="linear", dropout=0.2)
+        after = ParamsAfterFit()
+        fitted = trainer(tmp_path / name, [*callbacks, after], max_steps=8)
+        fitted.fit(model, loader(digits(), 128))
+        return fitted, after.params
+
+    _, alone = run([], "alone")
+    eos = EdgeOfStabilityCallback(None)
+    assert eos.settings.monitor_budget == 0.05
+    recorder = Recorder(eos)
+    monitored, params = run([eos, recorder], "monitored")
+    assert torch.equal(params, alone)
+    steps = recorder.steps
+    assert recorder.lrs() == pytest.approx([0.05 * (1.0 - 0.9 * t / 8) for t in range(8)])  # LinearLR's, untouched
+    assert all(math.isfinite(s["sharpness"]) and s["lr_sharpness"] == s["lr"] * s["sharpness"] for s in steps)
+    assert [s["sharpness_age"] for s in steps] == list(range(8))  # the cold start at step 0; k = 22 steps after it
+    assert {s["monitor_every"] for s in steps} == {22.0} and {s["edge"] for s in steps} == {3.8}  # momentum 0.9
+    assert {s["unstable"] for s in steps} == {0.0} and monitored.progress_bar_metrics["eos/unstable"] == 0.0
+
+
+def test_monitoring_only_leaves_the_batch_norm_statistics_alone(tmp_path):
+    def run(callbacks, name):
+        model = DigitsMLP(batch_norm=True)
+        trainer(tmp_path / name, callbacks, max_steps=4).fit(model, loader(digits(), 128))
+        return model.net[1]
+
+    alone, monitored = run([], "alone"), run([EdgeOfStabilityCallback(None)], "monitored")
+    assert int(monitored.num_batches_tracked) == int(alone.num_batches_tracked) == 4
+    assert torch.equal(monitored.running_mean, alone.running_mean)
+
+
+def test_a_too_large_learning_rate_raises_the_warning_and_shows_unstable(tmp_path):
+    """lr * lambda_max = 22 at the start (edge 2): the monitor measures at every step while beyond the warning
+    threshold, warns at the third measurement, and eos/unstable = 1 reaches the loggers and the progress bar."""
+    logger = CSVLogger(tmp_path, name="csv")
+    eos = EdgeOfStabilityCallback(None)
+    with pytest.warns(RuntimeWarning, match="edge of stability 2 by more than 25% for 3 consecutive"):
+        run, _, recorder = fit(tmp_path, eos, model=DigitsMLP(lr=30.0), max_steps=6, logger=logger)
+    flags = [s["unstable"] for s in recorder.steps]
+    assert flags[:2] == [0.0, 0.0] and flags[2:] == [1.0] * 4
+    assert recorder.steps[2]["lr_sharpness"] > 2.5
+    with open(logger.experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eos/unstable")]
+    assert [float(r["eos/unstable"]) for r in rows] == flags
+    assert run.progress_bar_metrics["eos/unstable"] == 1.0
+    # the same run with the monitor off: no warning, nothing logged
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, quiet = fit(tmp_path / "off", EdgeOfStabilityCallback(None, monitor_budget=None),
+                          model=DigitsMLP(lr=30.0), max_steps=6)
+    assert not [w for w in caught if "edge of stability" in str(w.message)]
+    assert all(math.isnan(s["unstable"]) and math.isnan(s["sharpness"]) for s in quiet.steps)
+
+
+def test_a_decaying_law_gets_the_horizon_of_the_fit_under_accumulation_and_resume(tmp_path):
+    """CDAT(decay="cosine") without horizon: the callback fills in trainer.estimated_stepping_batches (4 epochs of 4
+    micro-batches, 2 per step: 8 optimizer steps), the applied lr is the rule's lr times s(t / 8), and a resumed fit
+    continues the same decay."""
+    law = CDAT(scale=2.0, ema=0.9, decay="cosine")
+    setup = dict(batch_size=128, accumulate_grad_batches=2, max_steps=-1, max_epochs=4)
+    eos = EdgeOfStabilityCallback(law, monitor_budget=None)
+    saving = ModelCheckpoint(dirpath=tmp_path / "saved", save_top_k=-1, every_n_epochs=1)
+    _, _, straight = fit(tmp_path / "a", eos, after=[saving], enable_checkpointing=True, **setup)
+    assert eos.tuner.law == CDAT(scale=2.0, ema=0.9, decay="cosine", horizon=8) and law.horizon is None
+    decays = [s["decay"] for s in straight.steps]
+    assert decays == pytest.approx([0.5 * (1.0 + math.cos(math.pi * t / 8)) for t in range(8)], rel=1e-12)
+    assert decays[0] == 1.0 and decays[-1] < 0.04
+    for s in straight.steps:
+        assert s["lr"] == pytest.approx(2.0 * s["numerator_ema"] / s["denominator_ema"] * s["decay"], rel=1e-9)
+
+    # resumed from the end of epoch 2 (step 4) of that run: the same horizon, the decay goes on from step 4
+    resumed_eos = EdgeOfStabilityCallback(law, monitor_budget=None)
+    _, _, resumed = fit(tmp_path / "c", resumed_eos, ckpt_path=tmp_path / "saved" / "epoch=1-step=4.ckpt", **setup)
+    assert resumed_eos.tuner.law.horizon == 8
+    assert [s["decay"] for s in resumed.steps] == decays[4:]
+    assert resumed.lrs() == straight.lrs()[4:]
+
+
+def test_a_decaying_law_without_a_known_horizon_asks_for_it(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):  # no length: Lightning cannot count the steps of an epoch
+        def __iter__(self):
+            x, y = digits().tensors
+            for i in range(0, len(x), 128):
+                yield x[i:i + 128], y[i:i + 128]
+
+    run = trainer(tmp_path, [EdgeOfStabilityCallback(CDAT(decay="cosine"))], max_steps=-1, max_epochs=1)
+    with pytest.raises(ValueError, match="EdgeOfStabilityCallback: CDAT.*number of optimizer steps.*horizon="):
+        run.fit(DigitsMLP(), torch.utils.data.DataLoader(Stream(), batch_size=None))
+    # given, it is used as it is
+    eos = EdgeOfStabilityCallback(CDAT(decay="linear", horizon=3), monitor_budget=None)
+    trainer(tmp_path / "given", [eos], max_steps=-1, max_epochs=1).fit(
+        DigitsMLP(), torch.utils.data.DataLoader(Stream(), batch_size=None))
+    assert eos.tuner.law.horizon == 3
+
+
+def test_a_log_written_every_few_steps_shows_a_warning_raised_in_between():
+    """Loggers write every log_every_n_steps steps; eos/unstable in a write is the largest since the previous one, so
+    an episode that began and ended between two writes still shows (the other values are the latest)."""
+    from eos_core.integrations._common import UnwrittenDiagnostics
+
+    unwritten = UnwrittenDiagnostics()
+    for unstable, lr in ((0.0, 0.1), (1.0, 0.2), (0.0, 0.3), (math.nan, 0.4)):
+        unwritten.add({"unstable": unstable, "lr": lr, "skipped": 0.0})
+    assert unwritten.values == {"unstable": 1.0, "lr": 0.4, "skipped": 0.0}
+    unwritten.clear()
+    unwritten.add({"unstable": 0.0, "lr": 0.5})
+    assert unwritten.values == {"unstable": 0.0, "lr": 0.5}

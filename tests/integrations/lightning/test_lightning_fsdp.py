@@ -64,6 +64,7 @@ def fit(epochs, ckpt_path=None, save=None, distributed=True):
         trainer.save_checkpoint(save)
     record = {{"lr": recorder.lrs(), "applied": recorder.applied_lrs() if ckpt_path is None else None,
               "logged": logged.values, "sharpness": [measured(s, "sharpness") for s in recorder.steps],
+              "residual": [measured(s, "sharpness_residual") for s in recorder.steps],
               "route": eos.tuner.route, "sharded": eos.tuner.sharded, "world": trainer.world_size,
               "calls": eos.tuner.calls, "params": recorder.params[-1].tolist()}}
     del trainer, model, eos, recorder, logged
@@ -103,13 +104,18 @@ def test_model_parallel_strategy_with_fsdp2_tunes_logs_and_resumes(tmp_path):
     # the lr the SGD step applied, read off the gathered parameters and gradient: the lr the tuner reports
     assert straight["applied"] == pytest.approx(straight["lr"], rel=1e-5)
     assert straight["logged"] == pytest.approx(straight["lr"], rel=1e-7)  # logged as a float32 tensor
-    assert straight["sharpness"][0] is not None and straight["sharpness"][1] is None
+    # sharpness on every step: tracked exactly on steps 0, 2, 4 (no monitor residual), the sharpness monitor's
+    # estimate (on by default; finite differences through the shards) in between
+    assert all(value is not None for value in straight["sharpness"])
+    assert [r is None for r in straight["residual"]] == [True, False] * 3
     for kind in ("sharded", "full"):  # a distributed checkpoint folder, and one file assembled on rank 0
         assert ranks[0][f"{kind}-first"]["lr"] == straight["lr"][:3]
         resumed = ranks[0][f"{kind}-resumed"]
         assert resumed["calls"] == 6  # 3 restored, 3 taken
         assert resumed["lr"] == straight["lr"][3:]  # bit-identical
         assert resumed["params"] == straight["params"]
+        # the monitor's state came back too: its estimates on the untracked steps are the uninterrupted run's
+        assert resumed["sharpness"][0::2] == straight["sharpness"][3::2]
 
 
 def test_fsdp1_and_deepspeed_strategies_are_refused_with_a_way_out():

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+TESTS = Path(__file__).resolve().parents[2]  # tests/, for stopped_clock.py
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from stopped_clock import stopped_monitor_clock  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -14,3 +19,11 @@ pytest.importorskip("accelerate")
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def steady_monitor_clock():
+    """The PyTorch monitor on a clock that never advances: runs and resumed runs tick at the same steps
+    (tests/stopped_clock.py)."""
+    with stopped_monitor_clock():
+        yield

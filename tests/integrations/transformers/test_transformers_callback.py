@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hf_helpers import (
+    LinearRegression,
     MeanLossModel,
     StepRecorder,
     TokenData,
@@ -54,7 +55,7 @@ class LogSpy(TrainerCallback):
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
 def test_sdpa_model_trains_and_the_diagnostics_reach_the_logs(tmp_path, build):
     # lr_max: at a random init u^T H u can be tiny (BERT's first step would otherwise take lr ~ 1 with Adam)
-    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9, lr_max=0.05), sharpness_every=3)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9, lr_max=0.05), sharpness_every=3, fd_above=None)
     spy = LogSpy()
     recorder = StepRecorder(eos)
     # the spy comes before the callback, as the Trainer puts its reporting integrations before user callbacks
@@ -73,7 +74,10 @@ def test_sdpa_model_trains_and_the_diagnostics_reach_the_logs(tmp_path, build):
     assert [e["step"] for e in history] == list(range(1, 11))
     assert [e["eos/lr"] for e in history] == recorder.lrs()
     assert [e["eos/denominator"] for e in history] == [s["denominator"] for s in recorder.steps]
-    assert [i for i, e in enumerate(history) if "eos/sharpness" in e] == [0, 3, 6, 9]
+    # sharpness in every log: measured exactly on the tracked steps 0, 3, 6, 9 (no monitor residual there), the
+    # sharpness monitor's latest estimate (on by default) in between
+    assert all("eos/sharpness" in e and "eos/unstable" in e for e in history)
+    assert [i for i, e in enumerate(history) if "eos/sharpness_residual" not in e] == [0, 3, 6, 9]
     assert history[0]["eos/route"] == "double-backward+sdpa-math" and "eos/route" not in history[1]
     # override mode: the Trainer's own learning_rate log is the applied lr, not the ignored scheduler's 1e-3
     assert [e["learning_rate"] for e in history] == recorder.lrs()
@@ -88,8 +92,9 @@ def test_sdpa_model_trains_and_the_diagnostics_reach_the_logs(tmp_path, build):
 
 def test_logs_every_few_steps_carry_the_measurements_in_between(tmp_path):
     # the Trainer logs after steps 4, 8, 12 (logging_steps=4); the tuner tracks sharpness at its steps 0, 3, 6, 9
-    # (global steps 1, 4, 7, 10): each log carries the latest measurement since the previous one
-    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3)
+    # (global steps 1, 4, 7, 10): each log carries the latest measurement since the previous one (the monitor off:
+    # it would report an estimate at every step)
+    eos = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=3, monitor_budget=None)
     trainer, recorder = train(tmp_path, tiny_gpt2(), eos, max_steps=12, logging_steps=4)
     history = [e for e in trainer.state.log_history if "learning_rate" in e]
     assert [e["step"] for e in history] == [4, 8, 12]
@@ -107,9 +112,11 @@ def test_diagnostics_reach_the_trainers_tensorboard_callback(tmp_path):
     scalars = tensorboard_scalars(tmp_path, "train/eos/lr")
     assert [step for step, _ in scalars] == list(range(1, 8))
     assert [value for _, value in scalars] == pytest.approx(recorder.lrs(), rel=1e-6)
-    sharpness = tensorboard_scalars(tmp_path, "train/eos/lr_sharpness")
-    assert [step for step, _ in sharpness] == [1, 4, 7]
-    assert [v for _, v in sharpness] == pytest.approx([recorder.steps[i]["lr_sharpness"] for i in (0, 3, 6)])
+    sharpness = tensorboard_scalars(tmp_path, "train/eos/lr_sharpness")  # every step: the monitor's estimate between
+    assert [step for step, _ in sharpness] == list(range(1, 8))
+    assert [v for _, v in sharpness] == pytest.approx([s["lr_sharpness"] for s in recorder.steps])
+    unstable = tensorboard_scalars(tmp_path, "train/eos/unstable")
+    assert [v for _, v in unstable] == [s["unstable"] for s in recorder.steps]
 
 
 def test_a_callback_added_after_construction_still_reaches_tensorboard(tmp_path):
@@ -131,9 +138,10 @@ def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path, build)
     # 2 micro-batches of 4 are one batch of 8 (sequential sampler): same gradient, same curvature, same lr.
     # GPT-2 gets num_items_in_batch (losses summed); the plain module's losses are averaged by the Trainer.
     law = dict(scale=1.0, ema=0.5)
-    _, big = train(tmp_path / "big", build(), EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2), max_steps=6,
+    _, big = train(tmp_path / "big", build(),
+                   EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None), max_steps=6,
                    per_device_train_batch_size=8, max_grad_norm=0.0)
-    eos = EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2)
+    eos = EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None)
     _, accumulated = train(tmp_path / "acc", build(), eos, max_steps=6, per_device_train_batch_size=4,
                            gradient_accumulation_steps=2, max_grad_norm=0.0)
     assert len(accumulated.steps) == 6
@@ -214,8 +222,10 @@ def test_scheduler_override_ignores_it_and_multiply_applies_its_shape(tmp_path):
     assert cdat.steps[0]["denominator"] > 1e-6 and cdat.steps[0]["numerator"] > 0
 
 
-def resume_callback():  # EMA and probe_every=2: the lr depends on the tuner's state, not only on the weights
-    return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3)
+def resume_callback():
+    """EMA and probe_every=2: the lr depends on the tuner's state, not only on the weights; the sharpness monitor at a
+    budget that makes it tick in the resumed half too (every 3 steps: two operators for AdamW)."""
+    return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3, monitor_budget=1.0)
 
 
 RESUME_RUN = dict(max_steps=8, save_strategy="steps", save_steps=4)
@@ -252,8 +262,10 @@ def test_resume_from_a_checkpoint_copied_outside_output_dir_continues_the_tuner(
     assert not [w for w in caught if "checkpoint" in str(w.message)]
     assert len(resumed.steps) == 4
     for mine, theirs in zip(resumed.steps, straight.steps[4:], strict=True):
-        assert same_diagnostics(mine, theirs)  # bit-identical: lr, EMAs, sharpness, step index
+        assert same_diagnostics(mine, theirs)  # bit-identical: lr, EMAs, sharpness, the monitor's, step index
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
+    assert resumed.eos.tuner.monitor.ticks == straight.eos.tuner.monitor.ticks  # resumed, and ticked as straight did
+    assert [s["sharpness_age"] for s in resumed.steps].count(0.0) >= 2
 
 
 def without_tuner_state(state):
@@ -408,3 +420,70 @@ def test_params_helper_sees_the_trained_model(tmp_path):
     _, recorder = train(tmp_path, model, EdgeOfStabilityCallback(CDAT(scale=2.0)), max_steps=2)
     assert not np.array_equal(recorder.params[-1], before)
     np.testing.assert_array_equal(recorder.params[-1], flat(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sharpness monitor (monitor_budget, on by default) and the horizon of a decaying law
+# ---------------------------------------------------------------------------------------------------------------
+def test_monitoring_only_by_default_leaves_the_run_untouched(tmp_path):
+    """law=None with the default budget: the Trainer's AdamW and linear schedule step bit for bit as without the
+    callback, and every log carries the monitor's estimates of lambda_max and of the preconditioned lambda_max."""
+    options = dict(max_steps=6, lr_scheduler_type="linear", learning_rate=1e-2)
+    alone = Trainer(model=tiny_gpt2(), args=arguments(tmp_path / "alone", **options), train_dataset=TokenData())
+    alone.train()
+    eos = EdgeOfStabilityCallback(None)
+    assert eos.settings.monitor_budget == 0.05
+    trainer, recorder = train(tmp_path / "monitored", tiny_gpt2(), eos, **options)
+    np.testing.assert_array_equal(flat(trainer.model), flat(alone.model))
+    assert recorder.lrs() == recorder.scheduler_lrs  # the scheduler's lr, applied
+    history = [e for e in trainer.state.log_history if "learning_rate" in e]
+    assert [e["learning_rate"] for e in history] == logged(alone, "learning_rate")
+    for entry, step in zip(history, recorder.steps, strict=True):
+        assert entry["eos/sharpness"] == step["sharpness"] and entry["eos/sharpness_age"] == step["sharpness_age"]
+        assert entry["eos/lr_sharpness"] == step["lr"] * step["sharpness"]
+        assert entry["eos/edge"] == pytest.approx(38.0)  # on the preconditioned sharpness, AdamW's beta1 = 0.9
+    assert [s["sharpness_age"] for s in recorder.steps] == list(range(6))  # the cold start, then k = 44 steps
+
+
+def test_a_too_large_learning_rate_raises_the_warning_and_logs_unstable(tmp_path):
+    """Plain SGD on a quadratic at lr * lambda_max = 5 (edge 2): the monitor measures at every step while beyond the
+    warning threshold, warns at the third measurement, and eos/unstable = 1 is in the logs (the largest value since
+    the previous log)."""
+    eos = EdgeOfStabilityCallback(None)
+    with pytest.warns(RuntimeWarning, match="edge of stability 2 by more than 25% for 3 consecutive"):
+        trainer, recorder = train(tmp_path, LinearRegression(), eos, optim="sgd", learning_rate=0.5, max_steps=4,
+                                  logging_steps=2, max_grad_norm=0.0)
+    flags = [s["unstable"] for s in recorder.steps]
+    assert flags == [0.0, 0.0, 1.0, 1.0] and recorder.steps[2]["lr_sharpness"] > 2.5
+    history = [e for e in trainer.state.log_history if "learning_rate" in e]
+    assert [e["eos/unstable"] for e in history] == [0.0, 1.0]
+    # the monitor off: no warning, no value
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = train(tmp_path / "off", LinearRegression(), EdgeOfStabilityCallback(None, monitor_budget=None),
+                           optim="sgd", learning_rate=0.5, max_steps=4, logging_steps=2, max_grad_norm=0.0)
+    assert not [w for w in caught if "edge of stability" in str(w.message)]
+    assert not logged(trainer, "eos/unstable")
+
+
+def test_a_decaying_law_gets_the_horizon_of_the_run_under_accumulation_and_resume(tmp_path):
+    """CDAT(decay="cosine") without horizon: the callback fills in state.max_steps (2 epochs of 8 batches, 2 per
+    optimizer step: 8 steps), the applied lr is the rule's lr times s(t / 8), and a resumed run continues it."""
+    law = CDAT(scale=2.0, ema=0.9, decay="cosine")
+    run = dict(max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=2, per_device_train_batch_size=8,
+               save_strategy="steps", save_steps=4, max_grad_norm=0.0, lr_scheduler_type="constant")
+    eos = EdgeOfStabilityCallback(law, monitor_budget=None)
+    trainer, straight = train(tmp_path, MeanLossModel(), eos, **run)
+    assert trainer.state.max_steps == 8 and eos.tuner.law.horizon == 8 and law.horizon is None
+    decays = [s["decay"] for s in straight.steps]
+    assert decays == pytest.approx([0.5 * (1.0 + math.cos(math.pi * t / 8)) for t in range(8)], rel=1e-12)
+    assert decays[0] == 1.0 and decays[-1] < 0.04
+    for s in straight.steps:
+        assert s["lr"] == pytest.approx(2.0 * s["numerator_ema"] / s["denominator_ema"] * s["decay"], rel=1e-9)
+    assert logged(trainer, "eos/decay") == decays
+
+    resumed_eos = EdgeOfStabilityCallback(law, monitor_budget=None)
+    _, resumed = train(tmp_path, MeanLossModel(seed=1), resumed_eos, resume=str(tmp_path / "checkpoint-4"), **run)
+    assert resumed_eos.tuner.law.horizon == 8
+    assert [s["decay"] for s in resumed.steps] == decays[4:]
+    assert resumed.lrs() == straight.lrs()[4:]

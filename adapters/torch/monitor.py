@@ -1,0 +1,387 @@
+"""The PyTorch tuner's sharpness monitor (``monitor_budget``): streaming lambda_max within a share of training time.
+
+Each *tick* applies the Hessian (and, for an optimizer with a diagonal preconditioner, ``P^{-1/2} H P^{-1/2}``) once
+to the newest Lanczos vector of a warm-started restarted-Lanczos tracker (:mod:`eos_core.spectral.tracking`), so the
+estimate follows the Hessian across training steps; between ticks the last estimate is reported with its age.
+
+* **Where a tick runs.** In the optimizer's step *pre*-hook, after the tuner has read the step's gradient and
+  copied the parameters ``w`` (its copy of ``w`` for ``|u|``, made on every step anyway): there ``w`` and
+  ``g(w)`` (``.grad``, averaged by DDP, reduce-scattered by FSDP2) are at hand, so the one-sided finite difference
+  ``(g(w + h v) - g(w)) / h`` costs one gradient; the parameters are moved to ``w + h v`` in place and copied back
+  from the tuner's copy, bit for bit, without a copy of their own. With a clipped gradient
+  (``clipped_gradients``) ``g(w)`` is evaluated again. ``P`` is the optimizer's preconditioner as the previous step
+  left it (a step's own ``P`` exists only after the step); before the optimizer has state, the preconditioned
+  tracker waits.
+* **Which product.** One-sided finite differences, checked against the exact product (double backward, with the
+  math SDPA kernel if need be) at the 1st, 10th, 100th, ... tick; they are used until the next check only when
+  they agree to :data:`eos_core.monitor.CHECK_TOLERANCE` (ReLU networks keep the exact product). Sharded
+  parameters (FSDP2) always use finite differences (no exact route runs there); so does a model the exact route
+  cannot differentiate.
+* **When.** :class:`eos_core.spectral.tracking.MonitorBudget` measures ``t_step`` (the interval between optimizer
+  steps, monitoring excluded) and ``t_product``; a credit of ``monitor_budget * t_step`` per step pays for
+  products (:func:`eos_core.monitor.wants_tick`), so products come every ``k = ceil(t_product / (budget t_step))``
+  steps on average. On CUDA each tick synchronises the device before and after, to time it.
+* **Saved state.** The trackers (Lanczos basis, tridiagonal entries, counters), the times, the credit and the
+  warning's state travel in the optimizer's state dict with the rest of the tuner's state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from eos_core import monitor as rules
+from eos_core import routes
+from eos_core.adapters.torch import vector_ops as vec
+from eos_core.adapters.torch.oracles import Oracle, is_route_unavailable
+from eos_core.adapters.torch.sharding import ParameterSpace
+from eos_core.routes import finite_difference_step
+from eos_core.settings import TunerSettings
+from eos_core.spectral import preconditioned_operator
+from eos_core.spectral.tracking import MonitorBudget, TrackerState, tracker_age, tracker_init, tracker_step
+
+Vector = list[torch.Tensor]
+#: Lanczos vectors per tracker (restarted Lanczos over span{x, Hx}: see eos_core.spectral.tracking)
+RESTART = 2
+#: The two trackers: lambda_max of H, of P^{-1/2} H P^{-1/2}
+OPERATORS = ("", "preconditioned_")
+#: Names of the saved basis vectors (``<operator>monitor_basis_<i>``)
+VECTORS = tuple(f"{op}monitor_basis_{i}" for op in OPERATORS for i in range(RESTART))
+_NAN = math.nan
+
+
+class Monitor:
+    """The sharpness monitor of one :class:`~eos_core.adapters.torch.CurvatureTuner` (see the module docstring).
+
+    Args:
+        settings: the tuner's settings (``monitor_budget`` is not None).
+        space: the parameters' space.
+        oracle: the tuner's oracle (its machine epsilon for finite differences, its gradient through FSDP).
+        model: the model (the exact route's SDPA retry, buffers).
+    """
+
+    def __init__(self, settings: TunerSettings, space: ParameterSpace, oracle: Oracle,
+                 model: torch.nn.Module | None) -> None:
+        self.settings = settings
+        self.space = space
+        self.oracle = oracle
+        self.ops = vec.TorchOps(space=space if space.sharded else None)
+        #: the times the schedule uses: the same on every rank (set at ticks from the ranks' mean)
+        self.budget = MonitorBudget(float(settings.monitor_budget))
+        #: this rank's own step times (EMA), averaged over the ranks into ``budget`` at each tick
+        self.local = MonitorBudget(float(settings.monitor_budget))
+        self.exact_oracle = None if space.sharded else Oracle(routes.DOUBLE_BACKWARD, module=model, space=space,
+                                                              fd_eps=settings.fd_eps, fd_above=None)
+        self.trackers: list[TrackerState | None] = [None, None]
+        self.credit = 0.0
+        self.ticks = 0  #: ticks so far
+        self.exact = False  #: the products are exact (finite differences disagreed at the last check)
+        self.exact_available = not space.sharded  #: an exact product can be computed
+        self.check: tuple[float, float] | None = None  #: (||Hv_fd - Hv_exact||, ||Hv_exact||) of the last check
+        self.streak = 0
+        self.unstable = False
+        self.seen = False  #: a fresh lr x sharpness was measured
+        self.latest = _NAN  #: the latest lr x sharpness the warning looked at (this step's lr, fresh or not)
+        self.ticked = (False, False)  #: each tracker applied its operator on this step
+        self.checking = False  #: the current tick compares finite differences with the exact product
+        self.edge = _NAN  #: the edge the warning compared with on the last step
+        self.missing_objective_warned = False
+        self.eps = float(torch.finfo(torch.float32).eps)  #: machine epsilon of this tick's finite differences
+        self._last_start: float | None = None
+        self._spent = 0.0
+
+    # -- scheduling ----------------------------------------------------------------------------------------
+    def start_step(self) -> None:
+        """At the pre-step hook of every step: the interval since the last one (minus monitoring) is a step time."""
+        now = time.perf_counter()
+        if self._last_start is not None:
+            self.local.record_step(now - self._last_start - self._spent)
+        self._last_start, self._spent = now, 0.0
+        self.ticked = (False, False)
+
+    def tick_cost(self, operators: int) -> float:
+        """The cost of a tick in training steps (measured; the core's cost model before the first measurements)."""
+        cost = self.budget.cost
+        if cost is None:
+            cost = rules.COST_MODEL["exact" if self.exact else "fd"]
+        return operators * cost
+
+    @property
+    def every(self) -> float:
+        """``k``, the steady-state spacing of ticks (steps)."""
+        return float(rules.every(self.tick_cost(self._operators_in_use()), self.budget.budget))
+
+    def _operators_in_use(self) -> int:
+        return 1 + int(self.trackers[1] is not None)
+
+    def danger(self) -> bool:
+        """The latest lr x sharpness is beyond the warning threshold and the warning has not fired yet."""
+        edge = self.edge
+        return (not self.unstable and math.isfinite(self.latest) and math.isfinite(edge)
+                and self.latest > rules.threshold(edge, self.settings.monitor_margin))
+
+    def step(self, *, objective: Any, saved: Vector, clipped: bool, seed: int,
+             preconditioner: Callable[[], Vector | None], wants_preconditioned: bool) -> None:
+        """Advance the trackers' ages and tick when the credit allows (before the optimizer's step, at ``w``).
+
+        Args:
+            objective: the step's objective (None: no tick is possible on this step).
+            saved: the tuner's copy of ``w`` (the parameters are restored from it after each finite difference).
+            clipped: the step's ``.grad`` is clipped: finite differences evaluate ``g(w)`` again.
+            seed: the start vectors' seed (``seed`` for H, ``seed + 1`` for the preconditioned Hessian).
+            preconditioner: P as the optimizer's state holds it now (local tensors), or None.
+            wants_preconditioned: the optimizer has a diagonal preconditioner (a second tracker).
+        """
+        for i, state in enumerate(self.trackers):
+            if state is not None and int(state.products) > 0:
+                self.trackers[i] = tracker_age(state)
+        operators = 1 + int(wants_preconditioned)
+        cost = self.tick_cost(operators)
+        self.credit = float(rules.accrue(np, self.credit, self.budget.budget, cost))
+        cold = self.trackers[0] is None or int(self.trackers[0].products) == 0
+        if not bool(rules.wants_tick(np, self.credit, cost, cold=cold, danger=self.danger())):
+            return
+        if objective is None:
+            if not self.missing_objective_warned:
+                self.missing_objective_warned = True
+                warnings.warn("eos_core: the sharpness monitor (monitor_budget) needs the loss on the batch: call "
+                              "tuner.step(closure) or tuner.set_objective(loss_fn) before each step; no sharpness is "
+                              "measured meanwhile", RuntimeWarning, stacklevel=4)
+            return
+        before = time.perf_counter()
+        with objective.preserving_buffers():  # may evaluate the loss once (not a product): BatchNorm stays put
+            self.eps = self.oracle._eps(self.space.local(), objective)
+        synchronize = any(t.is_cuda for t in saved)
+        if synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        self._spent += start - before
+        products, free = self._tick(objective, saved, clipped, seed, preconditioner if wants_preconditioned else None)
+        if synchronize:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self._spent += seconds
+        self._account(seconds, products, free)
+        self.ticks += 1
+
+    def _account(self, seconds: float, products: int, free: int) -> None:
+        """Charge a tick to the credit and update the times the schedule uses, from the mean over the data-parallel
+        ranks (one all-reduce of three numbers, at a tick, which every rank takes together): every rank then
+        takes the same decisions from the same numbers."""
+        local_step = self.local.step_time if self.local.step_time is not None else _NAN
+        step_time, seconds, products = self.space.mean_loss([local_step, seconds, float(products)])
+        if math.isfinite(step_time) and step_time > 0:
+            self.budget.step_time = step_time
+        if products and not self.checking:  # a check tick also computes the other product: not a cost sample
+            self.budget.record_product(seconds / products)
+        charged = (products - free) / products if products else 0.0  # a tracker's cold start is a one-off cost
+        if self.budget.step_time:
+            self.credit -= charged * seconds / self.budget.step_time
+        else:
+            self.credit -= charged * products * self.tick_cost(1)
+
+    # -- one tick ------------------------------------------------------------------------------------------
+    def _tick(self, objective: Any, saved: Vector, clipped: bool, seed: int,
+              preconditioner: Callable[[], Vector | None] | None) -> tuple[int, int]:
+        """The products of one tick at ``w``: ``(made, free)``, checks included; ``free`` were a tracker's cold
+        start beyond its first product (not charged to the budget)."""
+        params = self.space.local()
+        base = None if clipped else [g if g is not None else torch.zeros_like(p)
+                                     for g, p in zip(self.space.grads(), params, strict=True)]
+        products = free = 0
+        exact_operator = None
+        precond = preconditioner() if preconditioner is not None else None
+        if precond is not None and not any(bool(torch.isfinite(p).any()) for p in precond):
+            precond = None  # no optimizer state yet: nothing to precondition with
+        check = self.checking = self.exact_available and bool(rules.is_check(np, self.ticks + 1))
+        try:
+            with objective.preserving_buffers():
+                if base is None:
+                    base = self.space.mean_measured_tensors(self.oracle.gradient(objective, params))
+
+                def fd(v: Vector) -> Vector:
+                    return self._finite_difference(objective, params, saved, base, v)
+
+                def exact(v: Vector) -> Vector:
+                    nonlocal exact_operator
+                    if exact_operator is None:
+                        exact_operator = self.exact_oracle.hessian_operator(objective, params)
+                    return list(exact_operator(v))
+
+                def hessian(v: Vector) -> Vector:
+                    nonlocal products, check
+                    products += 1
+                    v = [x.to(p.dtype) for x, p in zip(v, params, strict=True)]
+                    if check:
+                        check = False
+                        return self._checked(fd, exact, v)
+                    out = exact(v) if self.exact else fd(v)
+                    return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in out]
+
+                for index, p in enumerate((None, precond)):
+                    if index == 1 and p is None:
+                        continue
+                    operator = hessian if p is None else preconditioned_operator(
+                        hessian, [t.to(torch.promote_types(t.dtype, torch.float32)) for t in p], ops=self.ops)
+                    free += self._advance(index, operator, params, seed) - 1
+                    self.ticked = (True, self.ticked[1]) if index == 0 else (self.ticked[0], True)
+        finally:
+            if exact_operator is not None:
+                exact_operator.release()
+        return products, free
+
+    def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int) -> int:
+        """One product (a cold tracker: until the relative residual is below the cold-start tolerance); returns
+        the number of products."""
+        state = self.trackers[index]
+        if state is None:
+            like = [p.detach().to(torch.promote_types(p.dtype, torch.float32)) for p in params]
+            state = tracker_init(self.space.random_start(seed + index, like), restart=RESTART, ops=self.ops)
+        limit = rules.COLD_PRODUCTS if int(state.products) == 0 else 1
+        made = 0
+        while made < limit:
+            state = tracker_step(state, operator, ops=self.ops)
+            made += 1
+            if made >= RESTART and not float(rules.relative_residual(np, state.residual, state.eigenvalue)) > (
+                    rules.COLD_TOLERANCE):
+                break
+        self.trackers[index] = state
+        return made
+
+    def _finite_difference(self, objective: Any, params: Vector, saved: Vector, base: Vector, v: Vector) -> Vector:
+        """``(g(w + h v) - g(w)) / h``; the parameters go back to ``w`` (the tuner's copy) bit for bit."""
+        space = self.space
+        h = finite_difference_step(*space.scale_along(params, v), self.eps, central=False)
+        if h == 0.0:
+            return [torch.zeros_like(p) for p in params]
+        try:
+            with torch.no_grad():
+                torch._foreach_add_(params, v, alpha=h)
+            plus = space.mean_measured_tensors(self.oracle.gradient(objective, params))
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+        return list(torch._foreach_div(torch._foreach_sub(plus, list(base)), h))
+
+    def _checked(self, fd: Callable[[Vector], Vector], exact: Callable[[Vector], Vector], v: Vector) -> Vector:
+        """Both products of ``v``; finite differences are kept when they agree with the exact product."""
+        approximate = fd(v)
+        try:
+            reference = exact(v)
+        except Exception as error:
+            if not is_route_unavailable(error):
+                raise
+            self.exact_available, self.exact = False, False  # finite differences from now on
+            return approximate
+        difference = self.space.norm(list(torch._foreach_sub(approximate, reference)))
+        size = self.space.norm(reference)
+        self.check = (float(difference), float(size))
+        before, self.exact = self.exact, not bool(rules.finite_differences_agree(np, difference, size))
+        if self.exact != before:
+            self.budget.reset_product()  # the other product's cost is measured from the next tick on
+        chosen = reference if self.exact else approximate
+        return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in chosen]
+
+    # -- report --------------------------------------------------------------------------------------------
+    def reading(self, index: int) -> tuple[float, float, float, bool]:
+        """``(eigenvalue, relative residual, age, fresh)`` of tracker ``index`` (NaNs before its first product)."""
+        state = self.trackers[index]
+        if state is None or int(state.products) == 0:
+            return _NAN, _NAN, _NAN, False
+        value = float(state.eigenvalue)
+        return (value, float(rules.relative_residual(np, float(state.residual), value)), float(state.age),
+                bool(self.ticked[index]))
+
+    def warn_update(self, *, fresh: bool, value: float, edge: float, step: int, what: str, warn: bool,
+                    counted: bool | None = None) -> bool:
+        """The early-warning rule on this step's watched lr x sharpness; True while unstable.
+
+        ``fresh``: a new measurement was made; ``counted``: it enters the warning
+        (:func:`eos_core.monitor.counts_for_warning`; default ``fresh``)."""
+        counted = fresh if counted is None else counted
+        self.edge = edge
+        if math.isfinite(value):
+            self.latest = value
+            self.seen = self.seen or bool(fresh)
+        if not math.isfinite(edge):
+            return False
+        limit = rules.threshold(edge, self.settings.monitor_margin)
+        streak, now, fired = rules.warning_update(np, self.streak, int(self.unstable), bool(counted), value, limit,
+                                                  self.settings.monitor_patience)
+        self.streak, self.unstable = int(streak), bool(now)
+        if bool(fired) and warn:
+            warnings.warn(rules.warning_message(value, edge, self.settings.monitor_margin,
+                                                self.settings.monitor_patience, step, what), RuntimeWarning,
+                          stacklevel=4)
+        return self.unstable
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Every scalar of the monitor (JSON-friendly); the basis vectors come from :meth:`vectors`."""
+        trackers = []
+        for state in self.trackers:
+            if state is None:
+                trackers.append(None)
+                continue
+            trackers.append({"alpha": [float(x) for x in np.asarray(state.alpha)],
+                             "beta": [float(x) for x in np.asarray(state.beta)],
+                             "position": int(state.position), "eigenvalue": float(state.eigenvalue),
+                             "residual": float(state.residual), "products": int(state.products),
+                             "age": int(state.age)})
+        return {"trackers": trackers, "budget": self.budget.state_dict(), "local": self.local.state_dict(),
+                "credit": self.credit,
+                "ticks": self.ticks, "exact": self.exact, "exact_available": self.exact_available,
+"check": None if self.check is None else list(self.check),
+                "streak": self.streak, "unstable": self.unstable, "seen": self.seen, "latest": self.latest,
+                "edge": self.edge}
+
+    def vectors(self) -> dict[str, Vector | None]:
+        """The trackers' basis vectors by name (:data:`VECTORS`; None for a tracker not started)."""
+        out: dict[str, Vector | None] = {}
+        for op, state in zip(OPERATORS, self.trackers, strict=True):
+            for i in range(RESTART):
+                out[f"{op}monitor_basis_{i}"] = None if state is None else [b[i] for b in state.basis]
+        return out
+
+    def load(self, saved: Mapping[str, Any], vectors: Mapping[str, Vector | None]) -> None:
+        """Restore :meth:`state_dict` and :meth:`vectors` (vectors as local tensors).
+
+        Raises:
+            ValueError: a tracker whose basis vectors are missing.
+        """
+        trackers: list[TrackerState | None] = []
+        for op, entry in zip(OPERATORS, saved.get("trackers", [None, None]), strict=True):
+            if entry is None:
+                trackers.append(None)
+                continue
+            parts = [vectors.get(f"{op}monitor_basis_{i}") for i in range(RESTART)]
+            if any(part is None for part in parts):
+                raise ValueError(f"the checkpoint's tuner state has a {op or 'plain '}monitor tracker without its "
+                                 "basis vectors")
+            basis = [torch.stack(list(column)) for column in zip(*parts, strict=True)]
+            trackers.append(TrackerState(
+                basis=basis, alpha=np.asarray(entry["alpha"], dtype=np.float64),
+                beta=np.asarray(entry["beta"], dtype=np.float64), position=np.int64(entry["position"]),
+                eigenvalue=np.float64(entry["eigenvalue"]), residual=np.float64(entry["residual"]),
+                products=np.int64(entry["products"]), age=np.int64(entry["age"])))
+        self.trackers = trackers
+        self.budget.load_state_dict(saved.get("budget", {}))
+        self.local.load_state_dict(saved.get("local", {}))
+        self.credit = float(saved.get("credit", 0.0))
+        self.ticks = int(saved.get("ticks", 0))
+        self.exact = bool(saved.get("exact", False))
+        self.exact_available = bool(saved.get("exact_available", not self.space.sharded)) and not self.space.sharded
+        check = saved.get("check")
+        self.check = None if check is None else (float(check[0]), float(check[1]))
+        self.streak = int(saved.get("streak", 0))
+        self.unstable = bool(saved.get("unstable", False))
+        self.seen = bool(saved.get("seen", False))
+        self.latest = float(saved.get("latest", _NAN))
+        self.edge = float(saved.get("edge", _NAN))
+        self._last_start, self._spent = None, 0.0

@@ -1,0 +1,280 @@
+r"""The sharpness monitor's rules, shared by every adapter: edge of stability, budget, product choice, warning.
+
+The rules say what the optimizer's edge of stability is, when to spend a Hessian-vector product, which product to
+trust, and when to warn.
+
+The monitor (option `monitor_budget`) keeps a streaming estimate of lambda_max of the Hessian (and of the
+preconditioned Hessian $P^{-1/2} H P^{-1/2}$ for adaptive optimizers) with
+[`eos_core.spectral.tracking`][], one product at a time. This module holds what does not depend on a framework,
+written for numpy scalars and traced JAX arrays alike (every function that branches on a value takes the array
+namespace `xp`):
+
+* **The edge** of lr x sharpness beyond which the optimizer diverges on a quadratic
+  $f(w) = \tfrac12 \lambda w^2$ ([`heavy_ball_edge`][eos_core.monitor.heavy_ball_edge],
+  [`nesterov_edge`][eos_core.monitor.nesterov_edge], [`adam_edge`][eos_core.monitor.adam_edge],
+  [`edge_from_impulse_response`][eos_core.monitor.edge_from_impulse_response]).
+* **The budget as credit** ([`accrue`][eos_core.monitor.accrue], [`wants_tick`][eos_core.monitor.wants_tick]):
+  every step earns `budget` step-times of credit, a product costs `cost` step-times
+  (`cost = t_product / t_step`, measured or modelled), and the monitor applies the operator when the credit covers
+  it, i.e. every $k = \lceil \text{cost} / \text{budget} \rceil$ steps on average. Two exceptions, both bounded:
+  the first tick runs up to [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] products at once (the cold start
+  from a random vector, a one-off cost outside the budget), and while the latest lr x sharpness lies beyond the
+  warning threshold and the warning has not fired yet, the monitor ticks at every step, going into debt by at most
+  [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products (repaid from later credit), so a crossing is confirmed
+  within a few steps instead of a few hundred.
+* **Which product** ([`is_check`][eos_core.monitor.is_check], [`finite_differences_agree`][
+  eos_core.monitor.finite_differences_agree]): the one-sided finite difference of gradients
+  $(g(w + h v) - g(w)) / h$ reusing the step's own gradient costs one gradient; at the 1st, 10th, 100th, ... tick
+  the exact product is computed too, and finite differences are used until the next check only when they agree
+  with it to [`CHECK_TOLERANCE`][eos_core.monitor.CHECK_TOLERANCE] (relative norm of the difference). They do not on
+  ReLU networks: a step of a few 1e-4 crosses kinks that the autograd Hessian does not see (measured on a
+  784-256-256-10 MLP: 8x relative error along the top eigenvector with ReLU, 1e-3 with tanh or GELU).
+* **The early warning** ([`warning_update`][eos_core.monitor.warning_update]): lr x sharpness above
+  `edge * (1 + margin)` on `patience` consecutive fresh measurements sets `unstable` and raises one
+  RuntimeWarning per episode (an episode ends at the first fresh measurement below the threshold). Measurements
+  of the first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps and estimates the tracker has not converged
+  on do not count ([`counts_for_warning`][eos_core.monitor.counts_for_warning]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: Default relative margin above the edge before a measurement counts as beyond it (see benchmarks/README.md,
+#: "Sharpness monitor": stable runs at the edge hover at lr x sharpness 2.0-2.3 with excursions beyond).
+MARGIN = 0.25
+#: Default number of consecutive fresh measurements beyond the threshold before the warning fires.
+PATIENCE = 3
+#: Measurements of the first steps do not count towards the warning: Adam's moments rest on a handful of
+#: gradients there and its preconditioned lr x sharpness starts far above its steady state (72 and up to 1.5e4
+#: against the edge 38 at step 2 of stable Lightning and Trainer runs with Adam at lr 1e-3).
+GRACE_STEPS = 10
+#: A tracked estimate whose relative residual exceeds this is not a measurement the warning relies on (it neither
+#: counts towards the warning nor ends an episode): the tracker has not converged on the new top eigenvector.
+TRUSTED_RESIDUAL = 0.5
+#: Products the first tick may spend to converge from the random start (stopping at COLD_TOLERANCE).
+COLD_PRODUCTS = 16
+#: Relative residual at which the cold start stops early.
+COLD_TOLERANCE = 1e-2
+#: Products the monitor may borrow from future credit to confirm a crossing at every step.
+DEBT_PRODUCTS = 8
+#: Finite differences are trusted when ||Hv_fd - Hv_exact|| <= CHECK_TOLERANCE ||Hv_exact||.
+CHECK_TOLERANCE = 0.05
+#: Cost model of one product in training steps (JAX, where nothing can be timed inside `jit`): one extra gradient
+#: for the one-sided finite difference, forward-over-reverse for the exact product (measured for the CDAT paper's
+#: models on an H100: 1.0-1.2 and 1.7-2.8 training steps; benchmarks/README.md).
+COST_MODEL: dict[str, float] = {"fd": 1.1, "exact": 2.5}
+#: Ticks at which finite differences are checked against the exact product (1, 10, 100, ...).
+_CHECKS = tuple(10**i for i in range(10))
+
+
+# -- the edge of stability of an optimizer ------------------------------------------------------------------------
+def heavy_ball_edge(momentum: float = 0.0, dampening: float = 0.0) -> float:
+    r"""The edge of lr x lambda for gradient descent with heavy-ball momentum (torch SGD's convention).
+
+    With `buf <- beta buf + (1 - d) g` and `w <- w - lr buf` on $f = \tfrac12 \lambda w^2$,
+    $w_{t+1} = (1 + \beta - a) w_t - \beta w_{t-1}$ with $a = \text{lr} (1 - d) \lambda$; both roots of
+    $z^2 - (1 + \beta - a) z + \beta$ lie inside the unit circle iff $0 < a < 2 (1 + \beta)$, so the edge is
+
+    $$ \text{lr}\,\lambda < \frac{2 (1 + \beta)}{1 - d} $$
+
+    (2 for plain gradient descent). Keras's SGD (`v <- m v - lr g`, `w <- w + v`) is the case `d = 0`.
+
+    Args:
+        momentum: beta in [0, 1).
+        dampening: d in [0, 1).
+
+    Returns:
+        The edge.
+    """
+    return 2.0 * (1.0 + float(momentum)) / (1.0 - float(dampening))
+
+
+def nesterov_edge(momentum: float) -> float:
+    r"""The edge of lr x lambda for Nesterov momentum (torch SGD `nesterov=True`, optax/Keras `nesterov`).
+
+    With `buf <- beta buf + g` and `w <- w - lr (g + beta buf)`, the iterates on $\tfrac12 \lambda w^2$ follow
+    $w_{t+1} = (1 - a)(1 + \beta) w_t - \beta (1 - a) w_{t-1}$, $a = \text{lr} \lambda$. Jury's conditions give
+    $p(-1) = 1 + (1 - a)(1 + 2\beta) > 0$, i.e.
+
+    $$ \text{lr}\,\lambda < \frac{2 (1 + \beta)}{1 + 2 \beta} $$
+
+    (2 at beta = 0, 1.357 at beta = 0.9: Nesterov's look-ahead makes the edge lower, not higher).
+
+    Args:
+        momentum: beta in [0, 1).
+
+    Returns:
+        The edge.
+    """
+    beta = float(momentum)
+    return 2.0 * (1.0 + beta) / (1.0 + 2.0 * beta)
+
+
+def adam_edge(beta1: float) -> float:
+    r"""The edge of lr x lambda_max(P^{-1/2} H P^{-1/2}) for Adam with first-moment EMA beta1.
+
+    Adam's step is `w <- w - lr P^{-1} m` with `m <- beta1 m + (1 - beta1) g` (P holding the second-moment root
+    and the bias corrections): with P frozen it is heavy-ball momentum with dampening `d = beta1` on the
+    preconditioned Hessian, so (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability": 38/lr
+    for beta1 = 0.9)
+
+    $$ \text{lr}\,\lambda_{\max}(P^{-1} H) < \frac{2 (1 + \beta_1)}{1 - \beta_1}. $$
+
+    Args:
+        beta1: in [0, 1).
+
+    Returns:
+        The edge.
+    """
+    return heavy_ball_edge(beta1, float(beta1))
+
+
+def edge_from_impulse_response(response: Sequence[float], *, rtol: float = 1e-4) -> float:
+    r"""The edge of a linear first-order method identified from its impulse response (NaN when not recognised).
+
+    `response[k]` is the update for learning rate 1 at step `k` after a unit gradient at step 0 and zero gradients
+    since, negated (gradient descent: 1, 0, 0, ...; heavy ball: `(1 - d) beta^k`; Nesterov: `1 + beta`,
+    `beta^{k + 1}`). A method whose transfer function is $H(z) = (b_0 + b_1 z^{-1}) / (1 - \beta z^{-1})$ (every
+    one of these) has on $\tfrac12 \lambda w^2$ the characteristic polynomial
+    $z^2 + (a b_0 - 1 - \beta) z + \beta + a b_1$, $a = \text{lr}\,\lambda$; Jury's conditions
+    give the edge $\min(2 (1 + \beta) / (b_0 - b_1), (1 - \beta) / b_1 \text{ if } b_1 > 0,
+    -(1 + \beta) / b_1 \text{ if } b_1 < 0)$.
+
+    Args:
+        response: at least 4 values.
+        rtol: relative tolerance of the check that the tail is geometric.
+
+    Returns:
+        The edge, or NaN for a response of another form (then the edge must be given, `monitor_edge`).
+    """
+    h = [float(x) for x in response]
+    if len(h) < 4 or not all(math.isfinite(x) for x in h) or h[0] <= 0:
+        return math.nan
+    scale = max(abs(x) for x in h)
+    beta = h[2] / h[1] if abs(h[1]) > rtol * scale else 0.0
+    for k in range(2, len(h) - 1):  # the tail must be geometric with ratio beta
+        if abs(h[k + 1] - beta * h[k]) > rtol * scale:
+            return math.nan
+    if not 0.0 <= beta < 1.0:
+        return math.nan
+    b0, b1 = h[0], h[1] - beta * h[0]
+    edges = []
+    if b0 - b1 > 0:
+        edges.append(2.0 * (1.0 + beta) / (b0 - b1))
+    if b1 > 0:
+        edges.append((1.0 - beta) / b1)
+    elif b1 < 0:
+        edges.append(-(1.0 + beta) / b1)
+    return min(edges) if edges else math.nan
+
+
+# -- the budget as credit -----------------------------------------------------------------------------------------
+def accrue(xp: Any, credit: Any, budget: float, cost: Any) -> Any:
+    """The credit after one more training step (step-times).
+
+    The cap keeps a monitor that could not tick (no objective, a skipped product) from saving up a burst.
+
+    Returns:
+        `min(credit + budget, max(cost, budget))`.
+    """
+    return xp.minimum(credit + budget, xp.maximum(cost, budget))
+
+
+def wants_tick(xp: Any, credit: Any, cost: Any, *, cold: Any, danger: Any) -> Any:
+    """Whether the monitor applies the operator on this step (after [`accrue`][eos_core.monitor.accrue]).
+
+    Args:
+        xp: the array namespace.
+        credit: the credit after this step's accrual (step-times).
+        cost: the cost of this tick's products (step-times).
+        cold: no product yet (the first tick).
+        danger: the latest lr x sharpness lies beyond the warning threshold and the warning has not fired: tick
+            as long as the debt stays within [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products.
+
+    Returns:
+        A boolean scalar.
+    """
+    return cold | (credit >= cost) | (danger & (credit - cost >= -DEBT_PRODUCTS * cost))
+
+
+def every(cost: float, budget: float) -> int:
+    """`k = ceil(cost / budget)`: the steady-state number of steps between ticks."""
+    return max(1, math.ceil(float(cost) / float(budget) - 1e-9))
+
+
+def is_check(xp: Any, ticks: Any) -> Any:
+    """Whether tick number `ticks` (1-based) compares finite differences with the exact product: 1, 10, 100, ..."""
+    found = ticks == _CHECKS[0]
+    for value in _CHECKS[1:]:
+        found = found | (ticks == value)
+    return found
+
+
+def finite_differences_agree(xp: Any, difference_norm: Any, exact_norm: Any,
+                             tolerance: float = CHECK_TOLERANCE) -> Any:
+    """`||Hv_fd - Hv_exact|| <= tolerance ||Hv_exact||` (False when either is not finite)."""
+    ok = difference_norm <= tolerance * exact_norm
+    return ok & xp.isfinite(difference_norm) & xp.isfinite(exact_norm)
+
+
+def relative_residual(xp: Any, residual: Any, eigenvalue: Any) -> Any:
+    """The tracker's residual estimate relative to its eigenvalue, `|beta s| / |theta|` (NaN for theta = 0)."""
+    magnitude = xp.abs(eigenvalue)
+    return xp.where(magnitude > 0, residual / xp.where(magnitude > 0, magnitude, 1.0), math.nan)
+
+
+# -- the early warning ----------------------------------------------------------------------------------------------
+def threshold(edge: Any, margin: float) -> Any:
+    """`edge * (1 + margin)`: a fresh lr x sharpness above it counts towards the warning."""
+    return edge * (1.0 + margin)
+
+
+def counts_for_warning(xp: Any, fresh: Any, step: Any, relative_residual: Any) -> Any:
+    """Whether this step's measurement enters the early warning ([`warning_update`][eos_core.monitor.warning_update]).
+
+    Args:
+        xp: the array namespace.
+        fresh: a new lr x sharpness was measured on this step.
+        step: the step's index (0-based, skipped steps not counted).
+        relative_residual: the tracker's relative residual (NaN for an exact measurement: trusted).
+
+    Returns:
+        `fresh`, after the first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps, with a residual of at most
+        [`TRUSTED_RESIDUAL`][eos_core.monitor.TRUSTED_RESIDUAL].
+    """
+    trusted = xp.isnan(relative_residual) | (relative_residual <= TRUSTED_RESIDUAL)
+    return fresh & (step >= GRACE_STEPS) & trusted
+
+
+def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, limit: Any, patience: int
+                   ) -> tuple[Any, Any, Any]:
+    """One step of the early-warning rule.
+
+    Args:
+        xp: the array namespace.
+        streak: consecutive fresh measurements above `limit` so far (int).
+        unstable: whether the warning is on (int 0/1).
+        fresh: a new measurement of lr x sharpness was made on this step.
+        value: that measurement (NaN counts as below).
+        limit: `edge * (1 + margin)` ([`threshold`][eos_core.monitor.threshold]).
+        patience: measurements above `limit` in a row that turn the warning on.
+
+    Returns:
+        `(streak, unstable, fired)` (`unstable` a boolean): `fired` is True on the step the warning turns on (once
+        per episode; the episode ends at the first fresh measurement at or below `limit`).
+    """
+    above = fresh & (value > limit)
+    streak = xp.where(above, streak + 1, xp.where(fresh, 0, streak))
+    now = streak >= patience
+    fired = now & (unstable == 0)
+    return streak, now, fired
+
+
+def warning_message(value: float, edge: float, margin: float, patience: int, step: int, what: str) -> str:
+    """The RuntimeWarning's text."""
+    return (f"eos_core: step {step}: {what} = {value:.4g} has been above the optimizer's edge of stability "
+            f"{edge:.4g} by more than {100 * margin:.0f}% for {patience} consecutive measurements: training is likely "
+            "to diverge (lower the learning rate; the diagnostic 'unstable' is 1 while this lasts)")

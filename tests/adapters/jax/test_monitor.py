@@ -1,0 +1,376 @@
+"""The sharpness monitor of ``tune`` (monitor_budget) under jit: tracking, products, budget (cost model and host
+adjustment without recompiling), early warning and its edges, law=None, resume."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+
+from eos_core import diagnostics as D  # noqa: E402
+from eos_core import monitor as rules  # noqa: E402
+from eos_core.adapters.jax import MonitorTimer, diagnostics, find_tune_state, set_monitor_cost, tune  # noqa: E402
+from eos_core.laws import CDAT  # noqa: E402
+
+
+def make_step(opt, loss):
+    """A jitted step ``(params, state, batch) -> (params, state)`` and its trace count."""
+    traces = []
+
+    @jax.jit
+    def step(params, state, batch):
+        traces.append(1)
+
+        def value_fn(p):
+            return loss(p, batch)
+
+        grads = jax.grad(value_fn)(params)
+        updates, state = opt.update(grads, state, params, value_fn=value_fn)
+        return optax.apply_updates(params, updates), state
+
+    return step, traces
+
+
+def mlp_problem(activation=jnp.tanh, width=16, n=64, dtype=jnp.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"w1": jnp.asarray(rng.standard_normal((6, width)) / np.sqrt(6), dtype),
+              "w2": jnp.asarray(rng.standard_normal((width, width)) / np.sqrt(width), dtype),
+              "w3": jnp.asarray(rng.standard_normal((width, 1)) / np.sqrt(width), dtype)}
+    x = jnp.asarray(rng.standard_normal((n, 6)), dtype)
+    y = jnp.asarray(rng.standard_normal((n, 1)), dtype)
+
+    def loss(p, batch=None):
+        h = activation(x @ p["w1"])
+        h = activation(h @ p["w2"])
+        return jnp.mean((h @ p["w3"] - y) ** 2)
+
+    return params, loss
+
+
+def hessian_top(loss, params):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    h = jax.hessian(lambda v: loss(unravel(v)))(flat)
+    return float(np.linalg.eigvalsh(np.asarray(h))[-1])
+
+
+# -- the product ---------------------------------------------------------------------------------------------------
+def test_finite_differences_agree_with_the_exact_product_on_a_smooth_model(x64):
+    params, loss = mlp_problem()
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.0), monitor_budget=0.05)
+    state = opt.init(params)
+    step, _ = make_step(opt, loss)
+    top = hessian_top(loss, params)
+    params, state = step(params, state, None)
+    monitor = find_tune_state(state).monitor
+    assert float(monitor.check) < 1e-5 and int(monitor.exact) == 0
+    found = diagnostics(state)
+    assert found["sharpness"] == pytest.approx(top, rel=2e-2)  # the cold start converged (at the step's w)
+    assert found["sharpness_residual"] <= 5 * rules.COLD_TOLERANCE and found["sharpness_age"] == 0.0
+    assert found["monitor_exact"] == 0.0 and found["edge"] == 2.0
+
+
+def test_relu_networks_keep_the_exact_product():
+    # seed=1: with seed 0 the weights are drawn from the same stream as the tracker's start vector
+    # (random_start(shapes, seed=0)), so v is proportional to w leaf by leaf; a bias-free ReLU network is positively
+    # homogeneous in each layer's weights, w + h v crosses no kink, and finite differences agree with the exact
+    # product (5e-4). Any other direction crosses kinks (2-7x relative error, as in PyTorch).
+    params, loss = mlp_problem(jax.nn.relu, width=128, n=512, dtype=jnp.float32, seed=1)
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.0), monitor_budget=0.05)
+    state = opt.init(params)
+    step, _ = make_step(opt, loss)
+    params, state = step(params, state, None)
+    assert float(find_tune_state(state).monitor.check) > rules.CHECK_TOLERANCE
+    assert diagnostics(state)["monitor_exact"] == 1.0
+
+
+# -- tracking ------------------------------------------------------------------------------------------------------
+def moving_quadratic(n=24, speed=0.002):
+    """H(t) rotating slowly with its top eigenvalues rescaled (lambda_max(t) known), as in the PyTorch test."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n))
+    a = (a - a.T) / np.linalg.norm(a - a.T, 2)
+    q0, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    base = np.concatenate([[10.0, 7.0], np.linspace(-6.0, 5.0, n - 2)])
+
+    def at(t):
+        q = sl.expm(speed * t * a) @ q0
+        lam = base.copy()
+        lam[:2] *= 1.0 + 0.2 * np.sin(t / 150.0)
+        return (q * lam) @ q.T, lam[0]
+
+    return at, jnp.asarray(rng.standard_normal(n))
+
+
+def test_tracks_a_rotating_and_rescaling_quadratic_at_the_default_budget(x64):
+    at, w = moving_quadratic()
+    opt = tune(optax.sgd(1e-4), None, reference_lr=1e-4, monitor_budget=0.05)
+    state = opt.init(w)
+    step, _ = make_step(opt, lambda p, h: 0.5 * p @ h @ p)
+    errors, ages = [], []
+    for t in range(900):
+        h, top = at(t)
+        w, state = step(w, state, jnp.asarray(h))
+        found = diagnostics(state)
+        ages.append(found["sharpness_age"])
+        if t >= 300:
+            errors.append(abs(found["sharpness"] - top) / top)
+    k = math.ceil(rules.COST_MODEL["fd"] / 0.05)
+    assert diagnostics(state)["monitor_every"] == k
+    assert max(ages) <= 2 * k + 60 and sorted(ages)[-100] <= k - 1  # a check (tick 10) charges its exact product
+    assert np.median(errors) < 0.03 and max(errors) < 0.1
+
+
+# -- the budget --------------------------------------------------------------------------------------------------
+def test_the_cost_model_spaces_the_products_and_the_host_changes_it_without_recompiling(x64):
+    params, loss = mlp_problem()
+    opt = tune(optax.adam(1.0), CDAT(scale=1.0), monitor_budget=0.05)  # two trackers: H and P^-1/2 H P^-1/2
+    state = opt.init(params)
+    step, traces = make_step(opt, loss)
+    params, state = step(params, state, None)
+    monitor = find_tune_state(state).monitor
+    cold = (int(monitor.tracker.products), int(monitor.preconditioned.products))
+    k = math.ceil(2 * rules.COST_MODEL["fd"] / 0.05)
+    assert diagnostics(state)["monitor_every"] == k == 44
+    for _ in range(440):
+        params, state = step(params, state, None)
+    monitor = find_tune_state(state).monitor
+    made = int(monitor.tracker.products) - cold[0]
+    assert 440 // k - 3 <= made <= 440 // k and int(monitor.preconditioned.products) - cold[1] == made
+    state = set_monitor_cost(state, fd=0.5)  # e.g. measured by MonitorTimer: k = ceil(2 * 0.5 / 0.05) = 20
+    before = int(find_tune_state(state).monitor.tracker.products)
+    for _ in range(200):
+        params, state = step(params, state, None)
+    assert diagnostics(state)["monitor_every"] == 20
+    assert 200 // 20 - 3 <= int(find_tune_state(state).monitor.tracker.products) - before <= 200 // 20 + 1
+    assert len(traces) == 1  # one compilation: the costs are arrays of the state
+
+
+def test_set_monitor_cost_refuses_a_state_without_monitor_and_bad_costs():
+    params, _ = mlp_problem(dtype=jnp.float32)
+    state = tune(optax.sgd(1.0), CDAT()).init(params)
+    with pytest.raises(ValueError, match="monitor_budget"):
+        set_monitor_cost(state, fd=1.0)
+    state = tune(optax.sgd(1.0), CDAT(), monitor_budget=0.1).init(params)
+    with pytest.raises(ValueError, match="positive"):
+        set_monitor_cost(state, fd=0.0)
+
+
+def test_the_timer_measures_the_product_cost_from_whole_steps():
+    timer = MonitorTimer(smoothing=0.0)
+    params, _ = mlp_problem(dtype=jnp.float32)
+    state = tune(optax.sgd(1.0), CDAT(), monitor_budget=0.1).init(params)
+    monitor = find_tune_state(state).monitor
+
+    def with_ticks(n):
+        return state._replace(monitor=monitor._replace(ticks=jnp.asarray(n, jnp.int32)))
+
+    timer.record(1.0, with_ticks(2))
+    timer.record(1.0, with_ticks(2))  # a plain step: 1 s
+    assert timer.cost() is None
+    timer.record(2.5, with_ticks(3))  # a ticking step (not a check): 2.5 s
+    assert timer.cost() == pytest.approx(1.5)
+    timer.record(9.0, with_ticks(10))  # the 10th tick is a check (two products): not a sample
+    assert timer.cost() == pytest.approx(1.5)
+
+
+# -- the early warning --------------------------------------------------------------------------------------------
+LAMBDAS = jnp.asarray([1.0, 0.5, 0.4, 0.3, 0.2, 0.1])
+BASES = {
+    "gd": (lambda learning_rate: optax.sgd(learning_rate), rules.heavy_ball_edge()),
+    "heavy-ball": (lambda learning_rate: optax.sgd(learning_rate, momentum=0.9), rules.heavy_ball_edge(0.9)),
+    "nesterov": (lambda learning_rate: optax.sgd(learning_rate, momentum=0.9, nesterov=True),
+                 rules.nesterov_edge(0.9)),
+    # eps = 1 >> sqrt(nu): P ~ (1 - b1^t) eps, the preconditioned sharpness is lambda / eps after the warm-up
+    "adam": (lambda learning_rate: optax.adam(learning_rate, eps=1.0), rules.adam_edge(0.9)),
+}
+
+
+def quadratic_run(kind, factor, steps=120):
+    make, edge = BASES[kind]
+    warm = 100 if kind == "adam" else rules.GRACE_STEPS  # the warning ignores the first GRACE_STEPS steps
+    schedule = optax.piecewise_constant_schedule(1e-3 if warm else factor * edge, {warm: factor * edge / 1e-3}
+                                                 if warm else None)
+    opt = tune(optax.inject_hyperparams(make)(learning_rate=schedule), None, monitor_budget=0.05)
+    w = jnp.full((6,), 1e-3)
+    state = opt.init(w)
+    step, _ = make_step(opt, lambda p, batch: 0.5 * jnp.sum(LAMBDAS * p * p))
+    losses, flags, fired = [], [], []
+    for t in range(warm + steps):
+        loss = float(0.5 * jnp.sum(LAMBDAS * w * w))
+        w, state = step(w, state, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = diagnostics(state)
+        fired += [t - warm for c in caught if "edge of stability" in str(c.message)]
+        if t >= warm:
+            losses.append(loss)
+            flags.append(found["unstable"])
+        if not math.isfinite(loss) or loss > 1e6:
+            break
+    return found, np.array(losses), flags, fired
+
+
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_the_edge_of_each_base_and_the_warning_above_it(x64, kind):
+    found, losses, flags, fired = quadratic_run(kind, 1.35)
+    assert found["edge"] == pytest.approx(BASES[kind][1])  # from the impulse response; Adam: from its b1
+    assert len(fired) == 1 and fired[0] <= rules.PATIENCE and flags[fired[0]] == 1.0
+    spike = int(np.argmax(losses > 1e6 * losses[0]))
+    assert losses.max() > 1e6 * losses[0] and fired[0] < spike
+
+
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_the_warning_stays_silent_below_the_edge(x64, kind):
+    found, losses, flags, fired = quadratic_run(kind, 0.9)
+    assert fired == [] and set(flags) == {0.0} and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("make,edge,preconditioned", [
+    (lambda: optax.rmsprop(1.0), 2.0, True),
+    (lambda: optax.rmsprop(1.0, momentum=0.9), rules.heavy_ball_edge(0.9), True),  # momentum after P^{-1}
+    # b1, b2 hidden in the closure: fitted by identify, the edge from the preconditioned impulse response
+    (lambda: optax.adamw(1.0, b1=0.8, b2=0.95, weight_decay=0.1), rules.adam_edge(0.8), True),
+    (lambda: optax.sgd(1.0, momentum=0.5, nesterov=True), rules.nesterov_edge(0.5), False),
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0, momentum=0.5)), rules.heavy_ball_edge(0.5),
+     False),
+])
+def test_the_edge_of_other_bases(make, edge, preconditioned):
+    params, loss = mlp_problem(dtype=jnp.float32)
+    opt = tune(make(), CDAT(scale=1.0), monitor_budget=0.05)
+    step, _ = make_step(opt, loss)
+    params, state = step(params, opt.init(params), None)
+    found = diagnostics(state)
+    assert found["edge"] == pytest.approx(edge, rel=1e-6)
+    assert math.isfinite(found["preconditioned_sharpness"]) == preconditioned
+    assert math.isfinite(found["preconditioned_sharpness_age"]) == preconditioned
+
+
+@pytest.mark.parametrize("make,name,before,after", [
+    (lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.5), "momentum",
+     rules.heavy_ball_edge(0.5), rules.heavy_ball_edge(0.9)),
+    (lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.5, nesterov=True), "momentum",
+     rules.nesterov_edge(0.5), rules.nesterov_edge(0.9)),
+    (lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=0.5), "b1", rules.adam_edge(0.5),
+     rules.adam_edge(0.9)),
+])
+def test_the_edge_follows_an_injected_momentum(x64, make, name, before, after):
+    """DCAO moves the base's injected momentum; the edge of each step is that of the momentum it ran with."""
+    from eos_core.adapters.jax import hyperparams as knobs
+
+    params, loss = mlp_problem()
+    opt = tune(make(), CDAT(scale=1.0), monitor_budget=0.05)
+    step, traces = make_step(opt, loss)
+    params, state = step(params, opt.init(params), None)
+    assert diagnostics(state)["edge"] == pytest.approx(before, rel=1e-6)
+    state = state._replace(base_state=knobs.write(state.base_state, {name: 0.9}))
+    params, state = step(params, state, None)
+    assert diagnostics(state)["edge"] == pytest.approx(after, rel=1e-6) and len(traces) == 1
+
+
+def test_monitor_edge_overrides_and_warn_jit_warns_from_inside_the_step(x64):
+    opt = tune(optax.sgd(1.0), CDAT(scale=1.0, lr_min=3.0, lr_max=3.0), monitor_budget=0.05, monitor_edge=1.0,
+               warn="jit")
+    w = jnp.full((6,), 1e-3)
+    state = opt.init(w)
+    step, _ = make_step(opt, lambda p, batch: 0.5 * jnp.sum(LAMBDAS * p * p))
+    with pytest.warns(RuntimeWarning, match="edge of stability 1"):
+        for _ in range(4):
+            w, state = step(w, state, None)
+            jax.block_until_ready(w)
+    assert diagnostics(state)["edge"] == 1.0
+
+
+# -- law=None ------------------------------------------------------------------------------------------------------
+def test_law_none_applies_the_base_update_unchanged(x64):
+    params, loss = mlp_problem()
+    schedule = optax.linear_schedule(0.0, 0.1, 5)
+    plain = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
+    monitored = tune(optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9), None,
+                     monitor_budget=0.2)
+    # one gradient for both, computed outside: XLA may round a gradient differently inside a larger program
+    gradient = jax.jit(jax.grad(loss))
+
+    @jax.jit
+    def plain_update(p, s, g):
+        return plain.update(g, s, p)
+
+    @jax.jit
+    def tuned_update(p, s, g):
+        return monitored.update(g, s, p, value_fn=loss)
+
+    p1, p2, s1, s2 = params, params, plain.init(params), monitored.init(params)
+    for t in range(8):
+        u1, s1 = plain_update(p1, s1, gradient(p1))
+        u2, s2 = tuned_update(p2, s2, gradient(p2))
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True))
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        found = diagnostics(s2)
+        assert found["lr"] == pytest.approx(float(schedule(t)))
+    assert found["lr_sharpness"] == pytest.approx(found["lr"] * found["sharpness"])
+    assert found["edge"] == pytest.approx(3.8)
+    assert find_tune_state(s2).monitor.tracker.products > 0
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+@pytest.mark.parametrize("law", [None, CDAT(scale=1.0)], ids=["law-none", "cdat"])
+def test_the_monitor_keys_are_the_registry_keys(x64, law, budget):
+    """Exactly keys_for(law) with the monitor on or off, law=None included; the monitor's values NaN while it is
+    off and measured when it is on (both trackers on an Adam base)."""
+    params, loss = mlp_problem()
+    base = optax.inject_hyperparams(optax.adam)(learning_rate=0.01) if law is None else optax.adam(1.0)
+    opt = tune(base, law, monitor_budget=budget)
+    state = opt.init(params)
+    assert tuple(diagnostics(state)) == D.keys_for(law)
+    step, _ = make_step(opt, loss)
+    params, state = step(params, state, None)
+    found = diagnostics(state)
+    assert tuple(found) == D.keys_for(law)
+    values = [found[k] for k in D.MONITOR_KEYS]
+    if budget is None:
+        assert all(math.isnan(v) for v in values)
+        return
+    assert all(math.isfinite(v) for v in values), dict(zip(D.MONITOR_KEYS, values, strict=True))
+    assert found["sharpness_age"] == found["preconditioned_sharpness_age"] == 0.0
+    assert found["edge"] == pytest.approx(rules.adam_edge(0.9)) and found["unstable"] == 0.0
+    assert found["monitor_every"] == math.ceil(2 * rules.COST_MODEL["fd"] / budget) and found["monitor_exact"] == 0.0
+    assert found["preconditioned_lr_sharpness"] == pytest.approx(found["lr"] * found["preconditioned_sharpness"])
+
+
+def test_law_none_needs_the_learning_rate():
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        tune(optax.sgd(0.1), None, monitor_budget=0.05)
+    tune(optax.sgd(0.1), None, monitor_budget=0.05, reference_lr=0.1)  # a constant one, stated
+
+
+# -- resume --------------------------------------------------------------------------------------------------------
+def test_resume_from_a_saved_state_is_bit_identical(x64):
+    params, loss = mlp_problem()
+    opt = tune(optax.adam(1.0), CDAT(scale=1.0), monitor_budget=0.2)
+    step, _ = make_step(opt, loss)
+    state = opt.init(params)
+    for _ in range(13):
+        params, state = step(params, state, None)
+    saved = jax.device_get((params, state))
+    history = []
+    for _ in range(25):
+        params, state = step(params, state, None)
+        history.append(diagnostics(state))
+    params, state = jax.device_put(saved)
+    resumed = []
+    for _ in range(25):
+        params, state = step(params, state, None)
+        resumed.append(diagnostics(state))
+
+    def same(a, b):
+        return all(a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+    assert all(same(a, b) for a, b in zip(history, resumed, strict=True))
+    assert any(h["sharpness_age"] == 0.0 for h in history)

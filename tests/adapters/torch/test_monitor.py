@@ -1,0 +1,385 @@
+"""The PyTorch tuner's sharpness monitor (monitor_budget): tracking, products, budget, early warning, checkpoints."""
+
+import copy
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+import torch
+
+from eos_core import CDAT
+from eos_core import monitor as rules
+from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
+from eos_core.adapters.torch import monitor as monitor_module
+
+
+class Clock:
+    """A fake ``time`` for the monitor: every forward pass of a model built by :func:`timed` costs one second, so the
+    measured step and product times (and the products' schedule) are deterministic."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr(monitor_module, "time", fake)
+    return fake
+
+
+class Timed(torch.nn.Module):
+    def __init__(self, inner, clock):
+        super().__init__()
+        self.inner = inner
+        self.clock = clock
+
+    def forward(self, x):
+        if self.clock is not None:
+            self.clock.now += 1.0
+        return self.inner(x)
+
+
+def mlp(activation=torch.nn.Tanh, dtype=torch.float64, seed=0, clock=None, width=16):
+    torch.manual_seed(seed)
+    inner = torch.nn.Sequential(torch.nn.Linear(6, width), activation(), torch.nn.Linear(width, width), activation(),
+                                torch.nn.Linear(width, 1)).to(dtype)
+    return Timed(inner, clock)
+
+
+def data(dtype=torch.float64, n=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g).to(dtype), torch.randn(n, 1, generator=g).to(dtype)
+
+
+def closure_for(model, optimizer, x, y):
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def top_eigenvalue(model, x, y):
+    params = list(model.parameters())
+    loss = torch.nn.functional.mse_loss(model.inner(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    rows = []
+    for g in (g.reshape(-1) for g in grads):
+        for i in range(g.numel()):
+            rows.append(torch.cat([h.reshape(-1) for h in torch.autograd.grad(g[i], params, retain_graph=True)]))
+    return float(np.linalg.eigvalsh(torch.stack(rows).detach().numpy())[-1])
+
+
+# -- the product -------------------------------------------------------------------------------------------------
+def test_finite_differences_agree_with_the_exact_product_on_a_smooth_model_and_converge_from_cold():
+    x, y = data()
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    tuner.step(closure_for(model, optimizer, x, y))
+    difference, size = tuner.monitor.check  # the first tick compares the two products
+    assert difference <= 1e-5 * size  # float64: the one-sided difference's error is ~eps^(1/2)
+    found = tuner.diagnostics
+    assert found["monitor_exact"] == 0.0 and found["sharpness_age"] == 0.0
+    # the cold start converged (the step moved w: compare with lambda_max at the w of the tick)
+    model_before = mlp()
+    top = top_eigenvalue(model_before, x, y)
+    assert found["sharpness"] == pytest.approx(top, rel=2e-2)
+    assert found["sharpness_residual"] <= rules.COLD_TOLERANCE
+
+
+def test_relu_networks_keep_the_exact_product():
+    x, y = data(torch.float32, n=512)
+    model = mlp(torch.nn.ReLU, torch.float32, width=128)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    tuner.step(closure_for(model, optimizer, x, y))
+    difference, size = tuner.monitor.check
+    assert difference > rules.CHECK_TOLERANCE * size  # the finite difference crosses kinks
+    assert tuner.diagnostics["monitor_exact"] == 1.0
+
+
+def test_the_monitor_leaves_the_training_untouched():
+    """Finite differences move the parameters and put them back bit for bit; the same run with and without the
+    monitor ends with the same parameters and the same law diagnostics."""
+    x, y = data(torch.float32)
+    runs = []
+    for budget in (None, 1.0):
+        model = mlp(torch.nn.Tanh, torch.float32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        tuner = CurvatureTuner(optimizer, CDAT(scale=2.0, ema=0.9), model=model, monitor_budget=budget)
+        for _ in range(12):
+            tuner.step(closure_for(model, optimizer, x, y))
+        runs.append(([p.detach().clone() for p in model.parameters()], tuner.diagnostics["lr"]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True))
+    assert runs[0][1] == runs[1][1]
+
+
+# -- tracking ------------------------------------------------------------------------------------------------------
+class MovingQuadratic(torch.nn.Module):
+    """f(w) = 1/2 (w - c)^T H(t) (w - c): H rotates slowly and its top eigenvalues rescale (lambda_max known)."""
+
+    def __init__(self, n=24, speed=0.002, clock=None):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n))
+        self.a = (a - a.T) / 2.0 / np.linalg.norm(a - a.T, 2) * 2.0
+        self.q0, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        self.base = np.concatenate([[10.0, 7.0], np.linspace(-6.0, 5.0, n - 2)])
+        self.speed = speed
+        self.w = torch.nn.Parameter(torch.tensor(rng.standard_normal(n)))
+        self.t = 0
+        self.clock = clock
+
+    def hessian(self, t):
+        q = sl.expm(self.speed * t * self.a) @ self.q0
+        lam = self.base.copy()
+        lam[:2] *= 1.0 + 0.2 * np.sin(t / 150.0)
+        return (q * lam) @ q.T, lam[0]
+
+    def forward(self):
+        if self.clock is not None:
+            self.clock.now += 1.0
+        h = torch.tensor(self.hessian(self.t)[0])
+        return 0.5 * self.w @ h @ self.w
+
+
+def test_tracks_a_rotating_and_rescaling_quadratic_at_the_default_budget(clock):
+    model = MovingQuadratic(clock=clock)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    errors, ages = [], []
+    for t in range(1200):
+        model.t = t
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model()
+            loss.backward()
+            return loss
+
+        tuner.step(closure)
+        found = tuner.diagnostics
+        ages.append(found["sharpness_age"])
+        if t >= 300:
+            errors.append(abs(found["sharpness"] - model.hessian(t)[1]) / model.hessian(t)[1])
+    assert tuner.diagnostics["monitor_every"] == 20  # one product (one forward) per 20 steps (one forward each)
+    # ages 0..19 between ticks; the first tick (charged by the cost model, 1.1 steps per product, before a step was
+    # timed) and the 10th (a check: both products) are followed by longer waits
+    assert max(ages) <= 42 and sum(age > 19 for age in ages) <= 50
+    assert np.median(errors) < 0.03 and max(errors) < 0.1
+
+
+# -- the budget ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_the_budget_spaces_the_products(clock, kind):
+    """A product (one forward and backward) costs what a step costs: at budget 0.05 one tick every 20 steps with one
+    operator, every 40 with two (Adam: H and P^-1/2 H P^-1/2)."""
+    x, y = data()
+    model = mlp(clock=clock)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.01) if kind == "sgd"
+                 else torch.optim.Adam(model.parameters(), lr=1e-3))
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    closure = closure_for(model, optimizer, x, y)
+    tuner.step(closure)
+    cold = [int(s.products) if s is not None else 0 for s in tuner.monitor.trackers]
+    start = clock.now
+    steps = 800
+    for _ in range(steps):
+        tuner.step(closure)
+    operators = 1 if kind == "sgd" else 2
+    k = 20 * operators
+    assert tuner.diagnostics["monitor_every"] == k
+    made = int(tuner.monitor.trackers[0].products) - cold[0]
+    # the first tick is charged at the cost model (1.1 steps per product) and the 10th computes both products
+    assert steps // k - 3 <= made <= steps // k + 1
+    if kind == "adam":  # its first tick had no optimizer state to precondition with: the second tracker waited
+        assert cold[1] == 0 and steps // k - 3 <= int(tuner.monitor.trackers[1].products) <= steps // k + 10
+    # the time the monitor took (one forward per product, the checks' exact products included) / training time
+    monitoring = clock.now - start - steps
+    assert monitoring / steps <= 0.05 * 1.1
+
+
+def test_the_monitor_needs_the_loss():
+    x, y = data()
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    with pytest.warns(RuntimeWarning, match="needs the loss on the batch"):
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    assert math.isnan(tuner.diagnostics["sharpness"]) and math.isnan(tuner.diagnostics["unstable"])
+
+
+# -- the early warning -------------------------------------------------------------------------------------------
+LAMBDAS = torch.tensor([1.0, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+
+
+class Quadratic(torch.nn.Module):
+    def __init__(self, clock, start=1e-3):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((6,), start, dtype=torch.float64))
+        self.clock = clock
+
+    def forward(self):
+        self.clock.now += 1.0
+        return 0.5 * (LAMBDAS * self.w * self.w).sum()
+
+
+OPTIMIZERS = {
+    "gd": (lambda p, lr: torch.optim.SGD(p, lr=lr), rules.heavy_ball_edge()),
+    "heavy-ball": (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), rules.heavy_ball_edge(0.9)),
+    "dampened": (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, dampening=0.5), rules.heavy_ball_edge(0.9, 0.5)),
+    "nesterov": (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True), rules.nesterov_edge(0.9)),
+    # eps = 1 >> sqrt(v): P ~ eps after the warm-up, the preconditioned sharpness is lambda / eps
+    "adam": (lambda p, lr: torch.optim.Adam(p, lr=lr, eps=1.0), rules.adam_edge(0.9)),
+}
+
+
+def train_quadratic(clock, kind, factor, steps=150):
+    make, edge = OPTIMIZERS[kind]
+    model = Quadratic(clock)
+    optimizer = make(model.parameters(), 1e-3)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    # Adam's bias corrections settle first; the warning ignores the first GRACE_STEPS steps
+    warm = 100 if kind == "adam" else rules.GRACE_STEPS
+    losses, flags, fired = [], [], []
+    for t in range(warm + steps):
+        if t == warm:
+            for group in optimizer.param_groups:
+                group["lr"] = factor * edge  # lambda_max = 1 (times 1 / eps = 1 for Adam)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = float(tuner.step(closure))
+        fired += [t - warm for w in caught if "edge of stability" in str(w.message)]
+        if t >= warm:
+            losses.append(loss)
+            flags.append(tuner.diagnostics["unstable"])
+        if not math.isfinite(loss) or loss > 1e6:
+            break
+    return tuner, np.array(losses), flags, fired
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_the_warning_fires_above_the_edge_before_the_loss_blows_up(clock, kind):
+    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=1.35)
+    assert tuner.diagnostics["edge"] == pytest.approx(OPTIMIZERS[kind][1])
+    assert len(fired) == 1  # once per episode
+    # above the threshold the monitor measures at every step: the warning comes at the patience-th measurement (the
+    # lr jumps after a step that ticked with the small lr: the first tick beyond the edge may come one step later)
+    assert fired[0] in (rules.PATIENCE - 1, rules.PATIENCE) and flags[fired[0]] == 1.0
+    spike = int(np.argmax(losses > 1e6 * losses[0]))  # the loss blows up afterwards
+    assert losses.max() > 1e6 * losses[0] and fired[0] < spike
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_the_warning_stays_silent_below_the_edge(clock, kind):
+    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=0.9)
+    assert fired == [] and set(flags) == {0.0}
+    assert losses[-1] < losses[0]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+def serialised(value):
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def history(tuner):
+    found = dict(tuner.diagnostics)
+    return {k: v for k, v in found.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_resume_continues_the_monitor_bit_identically(clock, kind):
+    x, y = data(torch.float32)
+
+    def build():
+        model = mlp(torch.nn.Tanh, torch.float32, clock=clock)
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.05) if kind == "sgd"
+                     else torch.optim.Adam(model.parameters(), lr=1e-2))
+        return model, optimizer, CurvatureTuner(optimizer, CDAT(scale=2.0), model=model, monitor_budget=0.2)
+
+    def run(model, optimizer, tuner, steps):
+        out = []
+        for _ in range(steps):
+            tuner.step(closure_for(model, optimizer, x, y))
+            out.append(history(tuner))
+        return out
+
+    model, optimizer, tuner = build()
+    full = run(model, optimizer, tuner, 40)
+    model, optimizer, tuner = build()
+    run(model, optimizer, tuner, 17)
+    saved = serialised({"model": model.state_dict(), "optim": optimizer.state_dict()})
+    assert saved["optim"][STATE_KEY]["monitor"]["trackers"][0]["products"] > 0
+    model, optimizer, tuner = build()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optim"])
+    resumed = run(model, optimizer, tuner, 23)
+    assert resumed == full[17:]
+    assert any(step["sharpness_age"] == 0 for step in resumed)
+
+
+def test_resume_through_torch_distributed_checkpoint_state_dicts(clock):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    x, y = data(torch.float32)
+
+    def build():
+        model = mlp(torch.nn.Tanh, torch.float32, clock=clock)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, CurvatureTuner(optimizer, None, model=model, monitor_budget=0.3)
+
+    model, optimizer, tuner = build()
+    get_optimizer_state_dict(model, optimizer)
+    for _ in range(30):
+        tuner.step(closure_for(model, optimizer, x, y))
+    reference = copy.deepcopy(tuner.monitor.trackers)
+    saved = serialised({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)})
+    assert STATE_KEY not in saved["optim"]  # only the first group's header and the per-parameter entries remain
+    model, optimizer, tuner = build()
+    model.load_state_dict(saved["model"])
+    set_optimizer_state_dict(model, optimizer, saved["optim"])
+    for mine, theirs in zip(tuner.monitor.trackers, reference, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine.basis, theirs.basis, strict=True))
+        assert np.array_equal(mine.alpha, theirs.alpha) and float(mine.eigenvalue) == float(theirs.eigenvalue)
+
+
+def test_a_checkpoint_without_monitor_starts_it_afresh_and_one_with_it_loads_into_a_tuner_without():
+    x, y = data(torch.float32)
+    model = mlp(torch.nn.Tanh, torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.5)
+    for _ in range(5):
+        tuner.step(closure_for(model, optimizer, x, y))
+    saved = serialised(optimizer.state_dict())
+    other = mlp(torch.nn.Tanh, torch.float32)
+    plain = torch.optim.SGD(other.parameters(), lr=0.05)
+    quiet = CurvatureTuner(plain, None, model=other)
+    plain.load_state_dict(saved)
+    assert quiet.monitor is None
+    tuner.detach()
+    fresh = CurvatureTuner(torch.optim.SGD(model.parameters(), lr=0.05), None, model=model, monitor_budget=0.5)
+    fresh.optimizer.load_state_dict(serialised(quiet.state_dict()))
+    assert fresh.monitor.trackers == [None, None]

@@ -1,0 +1,93 @@
+"""The sharpness monitor's framework-free rules (eos_core.monitor): edges, budget, early warning."""
+
+import math
+
+import numpy as np
+import pytest
+
+from eos_core import monitor as rules
+
+
+def diverges(step, lam: float, lr: float, steps: int = 4000) -> bool:
+    """Run a first-order method on f(w) = lam w^2 / 2 from w = 1; True when |w| grows."""
+    w, state = 1.0, None
+    for _ in range(steps):
+        w, state = step(w, lam * w, lr, state)
+        if not math.isfinite(w) or abs(w) > 1e6:
+            return True
+    return abs(w) > 1.0
+
+
+def heavy_ball(beta, d):
+    def step(w, g, lr, buf):
+        buf = g * (1 - d) if buf is None else beta * buf + (1 - d) * g
+        return w - lr * buf, buf
+    return step
+
+
+def nesterov(beta):
+    def step(w, g, lr, buf):
+        buf = g if buf is None else beta * buf + g
+        return w - lr * (g + beta * buf), buf
+    return step
+
+
+def threshold_of(step, lam=1.0):
+    """The lr x lambda at which the method starts to diverge, by bisection."""
+    low, high = 0.01, 100.0
+    for _ in range(50):
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if diverges(step, lam, mid) else (mid, high)
+    return low
+
+
+@pytest.mark.parametrize(("method", "edge"), [
+    (heavy_ball(0.0, 0.0), rules.heavy_ball_edge(0.0)),
+    (heavy_ball(0.9, 0.0), rules.heavy_ball_edge(0.9)),
+    (heavy_ball(0.9, 0.9), rules.adam_edge(0.9)),  # Adam with P frozen: dampened heavy ball
+    (nesterov(0.9), rules.nesterov_edge(0.9)),
+])
+def test_each_edge_is_where_the_method_starts_to_diverge_on_a_quadratic(method, edge):
+    assert threshold_of(method) == pytest.approx(edge, rel=1e-3)
+
+
+def test_the_edges_from_impulse_responses_match_the_formulas():
+    k = np.arange(8)
+    assert rules.edge_from_impulse_response([1.0, 0, 0, 0, 0]) == pytest.approx(2.0)
+    assert rules.edge_from_impulse_response(0.1 * 0.9**k) == pytest.approx(rules.adam_edge(0.9))
+    assert rules.edge_from_impulse_response(0.9**k) == pytest.approx(rules.heavy_ball_edge(0.9))
+    nesterov_response = np.concatenate([[1.9], 0.9 ** (k[1:] + 1)])
+    assert rules.edge_from_impulse_response(nesterov_response) == pytest.approx(rules.nesterov_edge(0.9))
+    assert math.isnan(rules.edge_from_impulse_response([1.0, 0.5, 0.1, 0.3, 0.2]))  # not geometric: unknown
+    assert rules.adam_edge(0.9) == pytest.approx(38.0)
+
+
+def test_the_budget_spaces_the_products_and_the_credit_is_capped():
+    assert rules.every(1.1, 0.05) == 22 and rules.every(1.0, 0.05) == 20
+    credit, ticks = 0.0, 0
+    for _ in range(1000):
+        credit = rules.accrue(np, credit, 0.05, 1.0)
+        if rules.wants_tick(np, credit, 1.0, cold=False, danger=False):
+            credit -= 1.0
+            ticks += 1
+    assert ticks == 50
+    assert rules.accrue(np, 5.0, 0.05, 1.0) == 1.0  # no burst saved up while nothing ticked
+
+
+def test_the_warning_needs_patience_fires_once_per_episode_and_ends_below_the_threshold():
+    streak, unstable, fired_at = 0, 0, []
+    values = [50, 50, 50, 50, 50, 30, 50, 50, 50]  # limit 47.5 (edge 38, margin 25%)
+    for step, value in enumerate(values):
+        streak, now, fired = rules.warning_update(np, streak, unstable, True, value, rules.threshold(38.0, 0.25), 3)
+        unstable = int(now)
+        if fired:
+            fired_at.append(step)
+    assert fired_at == [2, 8]
+
+
+def test_early_steps_and_unconverged_estimates_do_not_count():
+    assert not rules.counts_for_warning(np, True, rules.GRACE_STEPS - 1, math.nan)
+    assert rules.counts_for_warning(np, True, rules.GRACE_STEPS, math.nan)  # exact measurement: trusted
+    assert rules.counts_for_warning(np, True, 100, 0.1)
+    assert not rules.counts_for_warning(np, True, 100, 9.8)  # a tracker far from converged
+    assert not rules.counts_for_warning(np, False, 100, 0.1)
