@@ -32,8 +32,8 @@ namespace `xp`):
 * **The early warning** ([`warning_update`][eos_core.monitor.warning_update]): lr x sharpness above
   `edge * (1 + margin)` on `patience` consecutive fresh measurements sets `unstable` and raises one
   RuntimeWarning per episode (an episode ends at the first fresh measurement below the threshold). Measurements
-  of the first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps and estimates the tracker has not converged
-  on do not count ([`counts_for_warning`][eos_core.monitor.counts_for_warning]).
+  of an adaptive optimizer's first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps and estimates the tracker
+  has not converged on do not count ([`counts_for_warning`][eos_core.monitor.counts_for_warning]).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from typing import Any
 MARGIN = 0.25
 #: Default number of consecutive fresh measurements beyond the threshold before the warning fires.
 PATIENCE = 3
-#: Measurements of the first steps do not count towards the warning: Adam's moments rest on a handful of
-#: gradients there and its preconditioned lr x sharpness starts far above its steady state (72 and up to 1.5e4
-#: against the edge 38 at step 2 of stable Lightning and Trainer runs with Adam at lr 1e-3).
+#: Measurements of an adaptive optimizer's first steps do not count towards the warning: Adam's moments rest on a
+#: handful of gradients there and its preconditioned lr x sharpness starts far above its steady state (72 and up to
+#: 1.5e4 against the edge 38 at step 2 of stable Lightning and Trainer runs with Adam at lr 1e-3).
 GRACE_STEPS = 10
 #: A tracked estimate whose relative residual exceeds this is not a measurement the warning relies on (it neither
 #: counts towards the warning nor ends an episode): the tracker has not converged on the new top eigenvector.
@@ -232,7 +232,7 @@ def threshold(edge: Any, margin: float) -> Any:
     return edge * (1.0 + margin)
 
 
-def counts_for_warning(xp: Any, fresh: Any, step: Any, relative_residual: Any) -> Any:
+def counts_for_warning(xp: Any, fresh: Any, step: Any, relative_residual: Any, *, adaptive: bool = False) -> Any:
     """Whether this step's measurement enters the early warning ([`warning_update`][eos_core.monitor.warning_update]).
 
     Args:
@@ -240,13 +240,16 @@ def counts_for_warning(xp: Any, fresh: Any, step: Any, relative_residual: Any) -
         fresh: a new lr x sharpness was measured on this step.
         step: the step's index (0-based, skipped steps not counted).
         relative_residual: the tracker's relative residual (NaN for an exact measurement: trusted).
+        adaptive: the warning watches the preconditioned sharpness of an adaptive optimizer (Adam), whose first
+            steps are not counted.
 
     Returns:
-        `fresh`, after the first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps, with a residual of at most
-        [`TRUSTED_RESIDUAL`][eos_core.monitor.TRUSTED_RESIDUAL].
+        `fresh` with a residual of at most [`TRUSTED_RESIDUAL`][eos_core.monitor.TRUSTED_RESIDUAL], and for an
+        adaptive optimizer only after its first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps.
     """
     trusted = xp.isnan(relative_residual) | (relative_residual <= TRUSTED_RESIDUAL)
-    return fresh & (step >= GRACE_STEPS) & trusted
+    counted = fresh & trusted
+    return counted & (step >= GRACE_STEPS) if adaptive else counted
 
 
 def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, limit: Any, patience: int

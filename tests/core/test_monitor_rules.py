@@ -86,8 +86,9 @@ def test_the_warning_needs_patience_fires_once_per_episode_and_ends_below_the_th
 
 
 def test_early_steps_and_unconverged_estimates_do_not_count():
-    assert not rules.counts_for_warning(np, True, rules.GRACE_STEPS - 1, math.nan)
-    assert rules.counts_for_warning(np, True, rules.GRACE_STEPS, math.nan)  # exact measurement: trusted
+    assert not rules.counts_for_warning(np, True, rules.GRACE_STEPS - 1, math.nan, adaptive=True)
+    assert rules.counts_for_warning(np, True, rules.GRACE_STEPS, math.nan, adaptive=True)  # exact: trusted
+    assert rules.counts_for_warning(np, True, 0, math.nan)  # gradient descent: no grace
     assert rules.counts_for_warning(np, True, 100, 0.1)
     assert not rules.counts_for_warning(np, True, 100, 9.8)  # a tracker far from converged
     assert not rules.counts_for_warning(np, False, 100, 0.1)

@@ -195,7 +195,7 @@ BASES = {
 
 def quadratic_run(kind, factor, steps=120):
     make, edge = BASES[kind]
-    warm = 100 if kind == "adam" else rules.GRACE_STEPS  # the warning ignores the first GRACE_STEPS steps
+    warm = 100 if kind == "adam" else 0
     schedule = optax.piecewise_constant_schedule(1e-3 if warm else factor * edge, {warm: factor * edge / 1e-3}
                                                  if warm else None)
     opt = tune(optax.inject_hyperparams(make)(learning_rate=schedule), None, monitor_budget=0.05)

@@ -139,9 +139,10 @@ def test_gradient_accumulation_probes_the_accumulated_objective(tmp_path, build)
     # GPT-2 gets num_items_in_batch (losses summed); the plain module's losses are averaged by the Trainer.
     law = dict(scale=1.0, ema=0.5)
     _, big = train(tmp_path / "big", build(),
-                   EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None), max_steps=6,
+                   EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None, monitor_budget=None),
+                   max_steps=6,
                    per_device_train_batch_size=8, max_grad_norm=0.0)
-    eos = EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None)
+    eos = EdgeOfStabilityCallback(CDAT(**law), sharpness_every=2, fd_above=None, monitor_budget=None)
     _, accumulated = train(tmp_path / "acc", build(), eos, max_steps=6, per_device_train_batch_size=4,
                            gradient_accumulation_steps=2, max_grad_norm=0.0)
     assert len(accumulated.steps) == 6
