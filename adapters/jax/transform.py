@@ -1027,7 +1027,6 @@ class _Tuner:
             edge = self._step_edge(inputs.base_state, inputs.numerics)
             index = int(self.edge_preconditioned)
             counted = monitor_rules.counts_for_warning(jnp, fresh[index], state.count,
-                                                       values[("", "preconditioned_")[index] + "sharpness_residual"],
                                                        adaptive=bool(self.edge_preconditioned))
             monitor, fired = mon.warning_step(monitor, fresh=fresh[index], counted=counted,
                                               value=values[watched], edge=edge,

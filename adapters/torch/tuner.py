@@ -745,9 +745,7 @@ class CurvatureTuner:
         unstable = monitor.unstable
         if update:
             index = int(on_preconditioned)
-            counted = bool(rules.counts_for_warning(np, fresh[index], step,
-                                                    out[("", "preconditioned_")[index] + "sharpness_residual"],
-                                                    adaptive=on_preconditioned))
+            counted = bool(rules.counts_for_warning(np, fresh[index], step, adaptive=on_preconditioned))
             unstable = monitor.warn_update(fresh=fresh[index], counted=counted, value=float(values[watched]),
                                            edge=edge, step=step, what=watched.replace("_", " ").replace("lr ", "lr x "),
                                            warn=self.settings.warn is not False)
