@@ -31,11 +31,24 @@ script therefore re-executes itself once with ``MALLOC_MMAP_THRESHOLD_`` / ``MAL
 raised (plain and tuned steps alike get reused heap pages); ``--default-malloc`` keeps glibc's defaults.
 GPU device memory comes from XLA's own allocator and is unaffected.
 
+**The sharpness monitor** (``--monitor [BUDGET]``, default budget 0.05): for every model and for ``optax.sgd`` and
+``optax.adam`` (``--monitor-bases``), the step of ``tune(base(lr), None, monitor_budget=0.05, reference_lr=lr)``
+(monitoring only, the default cost model of the products: the spacing ``k`` is chosen in the compiled step, see
+:mod:`eos_core.adapters.jax.monitor`) and of ``tune`` without the monitor, against the plain base, in blocks of
+whole monitoring periods (at least ``--monitor-block`` steps) timed in rotating order, ``--monitor-repeats`` times;
+each repeat gives a ratio and the row reports their median (target 1.05) for the process's CPU time (what a step
+costs on an idle CPU, robust to other jobs on a shared one) and for the wall time, the spacing ``k``, the products
+per step, and the CPU ratio of a monitor that never ticks (``idle x``: the compiled step's fixed cost). Before each
+monitored block lambda_max is computed to convergence at the run's parameters (ARPACK on jitted Hessian-vector
+products) and compared with the ``sharpness`` the monitor reports after the block's first step: the row's tracking
+error (``--no-monitor-reference`` skips it).
+
 Examples::
 
     python benchmarks/jax_overhead.py                      # small CPU sizes, a couple of minutes
     python benchmarks/jax_overhead.py --models gpt --size gpt2-124m --base adam --json out.json  # GPU
     python benchmarks/jax_overhead.py --models gpt --routes jvp-jvp --no-sharpness --warn jit  # the callback's cost
+    python benchmarks/jax_overhead.py --monitor --json jax_monitor.json   # the monitor's overhead, SGD and Adam
 """
 
 from __future__ import annotations
@@ -59,16 +72,21 @@ if __name__ == "__main__" and "--default-malloc" not in sys.argv and any(k not i
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from eos_core import routes  # noqa: E402
-from eos_core.adapters.jax import diagnostics, tune  # noqa: E402
+from eos_core.adapters.jax import diagnostics, find_tune_state, set_monitor_cost, tune  # noqa: E402
 from eos_core.laws import CDAT, Constant  # noqa: E402
 
 TIME_TARGET = {1: 2.1, 10: 1.12}
 #: ``--warn`` choices and the ``tune(..., warn=...)`` value each one measures.
 WARN_MODES: dict[str, bool | str] = {"true": True, "jit": "jit", "false": False}
 SHARPNESS_TARGET = 1.05
+MONITOR_TARGET = 1.05
+#: the bases of the monitor's rows and their learning rates
+MONITOR_BASES: dict[str, tuple[Callable[[float], optax.GradientTransformation], float]] = {
+    "sgd": (optax.sgd, 0.05), "adam": (optax.adam, 1e-3)}
 MEMORY_TARGET = 1.3
 ROUTES = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_CENTRAL, routes.FD_ONESIDED)
 
@@ -85,6 +103,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 SIZES["gpt2-124m"] = {**SIZES["small"], "gpt": SIZES["gpu"]["gpt"]}
+SIZES["tiny"] = {  # smoke tests
+    "mlp": {"sizes": (16, 8, 8, 4), "batch": 8},
+    "cnn": {"channels": (4,), "image": 8, "batch": 4, "classes": 4},
+    "gpt": {"layers": 1, "width": 16, "heads": 2, "context": 8, "vocab": 32, "batch": 2},
+}
 
 
 # -- models in plain JAX ------------------------------------------------------------------------------
@@ -223,20 +246,29 @@ class Runner:
     """A compiled step with its own parameters and optimizer state; ``block()`` times ``steps`` consecutive steps."""
 
     def __init__(self, opt: optax.GradientTransformation, loss: Callable, params: Any, batch: tuple, *,
-                 tuned: bool, steps: int) -> None:
-        step = make_step(opt, loss, tuned)
+                 tuned: bool, steps: int, compiled: Any = None) -> None:
         self.params = jax.tree.map(jnp.array, params)  # a private copy: the step donates its inputs
-        self.state = opt.init(self.params)
+        # a copy of every leaf: the step donates the state, and XLA refuses a buffer donated twice (the monitor's
+        # initial tracker state shares one zeros array between alpha and beta, one NaN between eigenvalue and residual)
+        self.state = jax.tree.map(jnp.array, opt.init(self.params))
         self.batch, self.steps = batch, steps
-        self.compiled = step.lower(self.params, self.state, *batch).compile()
+        # ``compiled``: another runner's program for the same optimizer and shapes (no second compilation)
+        self.compiled = compiled if compiled is not None else make_step(opt, loss, tuned).lower(
+            self.params, self.state, *batch).compile()
         self.memory = memory_bytes(self.compiled)
         self.value = jnp.nan
+        self.cpu = math.nan  #: the process's CPU seconds per step of the last block
 
-    def block(self) -> float:
-        start = time.perf_counter()
-        for _ in range(self.steps):
+    def block(self, after_first: Callable[[Any], None] | None = None) -> float:
+        """Seconds per step of ``steps`` steps (wall time; the process's CPU time per step goes to ``cpu``);
+        ``after_first(state)`` is called after the first step (a host read, inside the timing)."""
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(self.steps):
             self.params, self.state, self.value = self.compiled(self.params, self.state, *self.batch)
+            if i == 0 and after_first is not None:
+                after_first(self.state)
         jax.block_until_ready((self.params, self.state, self.value))
+        self.cpu = (time.process_time() - cpu) / self.steps
         return (time.perf_counter() - start) / self.steps
 
 
@@ -302,6 +334,153 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _products(state: Any) -> int:
+    """Operator applications of the monitor's trackers so far."""
+    monitor = find_tune_state(state).monitor
+    trackers = [t for t in (monitor.tracker, monitor.preconditioned) if t is not None]
+    return int(sum(int(jax.device_get(t.products)) for t in trackers))
+
+
+def monitor_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The monitor's overhead: monitored step / plain step, per model and base (see the module docstring).
+
+    The four runners (plain, ``tune`` without the monitor, ``tune`` with it, and ``tune`` with it made idle by
+    :func:`set_monitor_cost` after its cold start: what carrying the monitor costs a step that does not tick) start
+    from the same parameters; after one warm-up block each (compilation, the monitor's cold start and first check),
+    each repeat times one block of each in rotating order. ``k`` is read from the diagnostics after the first step,
+    and the block holds whole periods of ``k`` steps, so every monitored block holds the same number of ticks.
+    """
+    dtype = jnp.dtype(args.dtype)
+    rows: list[dict[str, Any]] = []
+    sizes = SIZES[args.size]
+    budget = args.monitor
+    for name in args.models:
+        params, loss, batch = BUILDERS[name](jax.random.PRNGKey(0), **sizes[name], dtype=dtype)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+        for base_name in args.monitor_bases:
+            make, lr = MONITOR_BASES[base_name]
+            monitored_opt = tune(make(lr), None, monitor_budget=budget, reference_lr=lr, warn=args.warn)
+            monitored = Runner(monitored_opt, loss, params, batch, tuned=True, steps=1)
+            monitored.block()  # k is known after the first step
+            every = int(diagnostics(monitored.state)["monitor_every"])
+            block = every * max(1, math.ceil(args.monitor_block / every))
+            monitored.steps = block
+            runners = {"plain": Runner(make(lr), loss, params, batch, tuned=False, steps=block),
+                       "tune": Runner(tune(make(lr), None, reference_lr=lr, warn=args.warn), loss, params, batch,
+                                      tuned=True, steps=block),
+                       "monitor": monitored,
+                       "idle": Runner(monitored_opt, loss, params, batch, tuned=True, steps=block,
+                                      compiled=monitored.compiled)}
+            for runner in runners.values():
+                runner.block()
+            # the monitor in the compiled step, never ticking after its cold start: its fixed cost per step
+            runners["idle"].state = set_monitor_cost(runners["idle"].state, fd=1e9, exact=1e9)
+            products_before = _products(runners["monitor"].state)
+            times: dict[str, list[float]] = {key: [] for key in runners}
+            cpus: dict[str, list[float]] = {key: [] for key in runners}
+            order = list(runners)
+            references: list[list[float]] = []  # [exact lambda_max, tracked, age] at each monitored block's start
+            exact = ExactTopJax(loss, batch) if args.reference else None
+            for repeat in range(args.monitor_repeats):
+                for key in order[repeat % len(order):] + order[: repeat % len(order)]:
+                    if key == "monitor" and exact is not None:
+                        value = exact(monitored.params)
+
+                        def read(state: Any, value: float = value, references: list = references) -> None:
+                            found = diagnostics(state)
+                            references.append([value, found["sharpness"], found["sharpness_age"]])
+
+                        times[key].append(runners[key].block(read))
+                    else:
+                        times[key].append(runners[key].block())
+                    cpus[key].append(runners[key].cpu)
+            found = diagnostics(runners["monitor"].state)
+            products = _products(runners["monitor"].state) - products_before
+            ratios = [m / p for m, p in zip(times["monitor"], times["plain"], strict=True)]
+            tune_ratios = [t / p for t, p in zip(times["tune"], times["plain"], strict=True)]
+            cpu_ratios = [m / p for m, p in zip(cpus["monitor"], cpus["plain"], strict=True)]
+            cpu_tune_ratios = [t / p for t, p in zip(cpus["tune"], cpus["plain"], strict=True)]
+            cpu_idle_ratios = [t / p for t, p in zip(cpus["idle"], cpus["plain"], strict=True)]
+            errors = [abs(tracked - value) / abs(value) for value, tracked, _ in references if value]
+            row = {"model": name, "params": n_params, "base": base_name, "lr": lr, "dtype": args.dtype,
+                   "budget": budget, "warn": args.warn, "every": int(found["monitor_every"]),
+                   "exact": bool(found["monitor_exact"]), "block": block, "repeats": args.monitor_repeats,
+                   "plain_ms": statistics.median(times["plain"]) * 1e3,
+                   "monitor_ms": statistics.median(times["monitor"]) * 1e3,
+                   "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                   "tune_ratio": statistics.median(tune_ratios), "plain_cpu_ms": statistics.median(cpus["plain"]) * 1e3,
+                   "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+                   "cpu_ratio_max": max(cpu_ratios), "cpu_tune_ratio": statistics.median(cpu_tune_ratios),
+                   "cpu_idle_ratio": statistics.median(cpu_idle_ratios),
+                   "products_per_step": products / (block * args.monitor_repeats),
+                   "monitor_memory_ratio": runners["monitor"].memory / runners["plain"].memory,
+                   "sharpness": found["sharpness"], "preconditioned_sharpness": found["preconditioned_sharpness"],
+                   "final_loss": float(runners["monitor"].value), "target": MONITOR_TARGET,
+                   "tracking_error": statistics.median(errors) if errors else math.nan, "references": references,
+                   "time_ok": statistics.median(cpu_ratios) <= MONITOR_TARGET}
+            rows.append(row)
+            print(format_monitor_row(row), file=sys.stderr, flush=True)
+            if references:
+                pairs = ", ".join(f"{v:.4g}/{t:.4g}" for v, t, _ in references)
+                print(f"#   tracking error {row['tracking_error']:.3f} (median over {len(references)} monitored "
+                      f"blocks; exact / tracked: {pairs})", file=sys.stderr, flush=True)
+    return rows
+
+
+class ExactTopJax:
+    """lambda_max of the Hessian of ``loss(params, *batch)`` to convergence: ARPACK (relative 1e-5) on jitted
+    forward-over-reverse products in the parameters' dtype, warm-started from the previous eigenvector."""
+
+    def __init__(self, loss: Callable, batch: tuple) -> None:
+        from jax.flatten_util import ravel_pytree
+
+        self.ravel = ravel_pytree
+
+        def hvp(params: Any, v: jax.Array) -> jax.Array:
+            flat, unravel = ravel_pytree(params)
+            grad = jax.grad(lambda p: loss(p, *batch))
+            return ravel_pytree(jax.jvp(grad, (params,), (unravel(v.astype(flat.dtype)),))[1])[0]
+
+        self.hvp = jax.jit(hvp)
+        self.previous: np.ndarray | None = None
+
+    def __call__(self, params: Any) -> float:
+        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+        params = jax.tree.map(jnp.array, params)  # a copy: the runner donates its parameters
+        n = self.ravel(params)[0].size
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            return np.asarray(self.hvp(params, jnp.asarray(np.ravel(v), jnp.float32)), dtype=np.float64)
+
+        operator = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+        try:
+            values, vectors = eigsh(operator, k=1, which="LA", tol=1e-5, v0=self.previous, ncv=min(n, 24),
+                                    maxiter=2000)
+        except ArpackNoConvergence as error:
+            if len(error.eigenvalues) == 0:
+                return math.nan
+            values, vectors = error.eigenvalues, error.eigenvectors
+        self.previous = vectors[:, 0]
+        return float(values[0])
+
+
+MONITOR_HEADER = (f"{'model':6} {'params':>8} {'base':5} {'k':>4} {'product':7} {'plain ms':>9} {'CPU x':>7} "
+                  f"{'repeats':>13} {'tune x':>7} {'idle x':>7} {'wall x':>7} {'repeats':>13} {'tune x':>7} "
+                  f"{'products/step':>13} {'mem x':>6}")
+
+
+def format_monitor_row(r: dict[str, Any]) -> str:
+    """One line of the monitor's table (CPU time ratios, then wall time ratios)."""
+    flag = "" if r["time_ok"] else f"  <-- above {r['target']}"
+    return (f"{r['model']:6} {_count(r['params']):>8} {r['base']:5} {r['every']:>4d} "
+            f"{'exact' if r['exact'] else 'fd':7} {r['plain_ms']:9.2f} {r['cpu_ratio']:7.3f} "
+            f"{r['cpu_ratio_min']:6.3f}-{r['cpu_ratio_max']:6.3f} {r['cpu_tune_ratio']:7.3f} "
+            f"{r['cpu_idle_ratio']:7.3f} {r['ratio']:7.3f} "
+            f"{r['ratio_min']:6.3f}-{r['ratio_max']:6.3f} {r['tune_ratio']:7.3f} {r['products_per_step']:13.4f} "
+            f"{r['monitor_memory_ratio']:6.2f}{flag}")
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
@@ -324,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,cnn,gpt", type=lambda s: s.split(","),
                         help="comma-separated subset of mlp,cnn,gpt")
     parser.add_argument("--size", default="small", choices=sorted(SIZES),
-                        help="small (CPU, default), gpu (SPEC section 4 models), gpt2-124m (GPT-2 124M, others small)")
+                        help="small (CPU, default), gpu (SPEC section 4 models), gpt2-124m (GPT-2 124M, others small), "
+                             "tiny (smoke tests)")
     parser.add_argument("--base", default="sgd", choices=("sgd", "adam"))
     parser.add_argument("--lr", type=float, default=None, help="plain optimizer's learning rate")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -340,6 +520,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="tune(..., warn=...): true (the library's default: warnings raised by diagnostics(), "
                              "no host callback in the step), jit (in-jit warnings through jax.debug.callback, "
                              "which slow every step) or false (no warnings)")
+    parser.add_argument("--monitor", type=float, nargs="?", const=0.05, default=None, metavar="BUDGET",
+                        help="measure the sharpness monitor's overhead at this monitor_budget (default 0.05) "
+                             "instead of the routes")
+    parser.add_argument("--monitor-bases", default="sgd,adam", type=lambda s: s.split(","),
+                        help="comma-separated subset of sgd,adam")
+    parser.add_argument("--monitor-block", type=int, default=300,
+                        help="steps per timed block (rounded up to whole monitoring periods)")
+    parser.add_argument("--monitor-repeats", type=int, default=7, help="timed blocks per configuration")
+    parser.add_argument("--no-monitor-reference", dest="reference", action="store_false",
+                        help="skip the tracking error (lambda_max to convergence before each monitored block)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc thresholds (no re-execution; see 'Host allocator' above)")
@@ -348,15 +538,24 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.models) - set(BUILDERS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}")
+    if set(args.monitor_bases) - set(MONITOR_BASES):
+        parser.error("--monitor-bases takes sgd and/or adam")
     device = jax.devices()[0]
     malloc = "glibc defaults" if args.default_malloc else ", ".join(f"{k}={os.environ.get(k)}" for k in MALLOC_ENV)
     print(f"# jax {jax.__version__}, optax {optax.__version__}, device {device.device_kind} ({device.platform}), "
           f"{platform.processor() or platform.machine()}, malloc: {malloc}", file=sys.stderr)
-    print(HEADER, file=sys.stderr)
-    rows = run(args)
-    print(HEADER)
-    for row in rows:
-        print(format_row(row))
+    if args.monitor is not None:
+        print(MONITOR_HEADER, file=sys.stderr)
+        rows = monitor_rows(args)
+        print(MONITOR_HEADER)
+        for row in rows:
+            print(format_monitor_row(row))
+    else:
+        print(HEADER, file=sys.stderr)
+        rows = run(args)
+        print(HEADER)
+        for row in rows:
+            print(format_row(row))
     peak = None
     if device.platform == "gpu":
         stats = device.memory_stats() or {}
@@ -367,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"jax": jax.__version__, "optax": optax.__version__, "device": device.device_kind, "malloc": malloc,
                    "platform": device.platform, "size": args.size, "device_peak_bytes": peak,
                    "targets": {"time_probe_every_1": TIME_TARGET[1], "time_probe_every_10": TIME_TARGET[10],
-                               "sharpness_every_100": SHARPNESS_TARGET, "memory": MEMORY_TARGET},
+                               "sharpness_every_100": SHARPNESS_TARGET, "memory": MEMORY_TARGET,
+                               "monitor": MONITOR_TARGET},
                    "rows": rows}
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2, default=float)

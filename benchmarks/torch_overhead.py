@@ -9,6 +9,16 @@ point, and measures the cost of sharpness tracking (warm-started power iteration
 section 9): tuned / plain <= 2.1 probing every step, <= 1.12 every 10 steps, memory <= 1.3x,
 tracking <= 5% of training time. CPU figures are for regressions; absolute times only count on a GPU.
 
+``--monitor`` measures the sharpness monitor instead (``CurvatureTuner(optimizer, None, monitor_budget=0.05)``,
+monitoring only) with plain SGD and Adam on every model: the time per step of the monitored run over a plain step
+(``optimizer.step``, no tuner) in the same process, in alternating blocks of whole monitoring periods (plain, tuner
+without monitor, monitored; the order rotates between repeats), the median over the repeats of each repeat's ratio,
+for the wall time and for the process's CPU time (robust to other jobs on a shared CPU); the target is 1.05. The
+interval between two blocks is not a training step: the monitor's step clock is restarted at each block (see
+:func:`measure_monitor`). Before each monitored block, lambda_max (and for Adam the preconditioned lambda_max) is
+computed to convergence at the run's weights and compared with the monitor's reading after the block's first step:
+the tracking error of the row (``--no-monitor-reference`` skips it).
+
 Peak memory of a configuration = the highest memory in use during one (probe) step after warm-up,
 minus the memory in use before its model was built: parameters, gradients, optimizer state and the
 step's transients. On a GPU it comes from ``torch.cuda.max_memory_allocated``; on CPU (Linux, glibc)
@@ -25,6 +35,7 @@ memory is not reported.
     python benchmarks/torch_overhead.py --device cuda --size paper --dtypes fp32,bf16 --track-every 100 \
         --json torch_gpu.json                                                          # SPEC sizes, GPU
     python benchmarks/torch_overhead.py --models mlp --steps 2 --warmup 1              # smoke run
+    python benchmarks/torch_overhead.py --monitor 0.05 --json torch_monitor.json       # monitor overhead (CPU)
 """
 
 from __future__ import annotations
@@ -48,7 +59,12 @@ from eos_core.adapters.torch import CurvatureTuner, Objective, Oracle
 from eos_core.adapters.torch import vector_ops as vec
 
 ROUTES = ("auto", "double-backward", "jvp-jvp", "jvp-grad", "fd-central", "fd-onesided")
-TARGETS = {"every_step": 2.1, "every_10": 1.12, "memory": 1.3, "tracking": 0.05}
+TARGETS = {"every_step": 2.1, "every_10": 1.12, "memory": 1.3, "tracking": 0.05, "monitor": 1.05}
+#: the bases of the monitor's overhead rows (``--monitor``): plain SGD and Adam, whatever the model's own optimizer
+MONITOR_BASES: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,11 +115,11 @@ class Workload:
 
 
 def workloads(names: list[str], size: str, device: torch.device) -> list[Workload]:
-    paper = size == "paper"
+    paper, tiny = size == "paper", size == "tiny"
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
     if "mlp" in names:
-        batch, hidden = (4096, 1024) if paper else (512, 256)
+        batch, hidden = (4096, 1024) if paper else (16, 8) if tiny else (512, 256)
         x = torch.randn(batch, 784, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
         model = torch.nn.Sequential(torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
@@ -112,7 +128,7 @@ def workloads(names: list[str], size: str, device: torch.device) -> list[Workloa
                             lambda m, x=x, y=y: torch.nn.functional.cross_entropy(m(x), y),
                             lambda p: torch.optim.SGD(p, lr=0.1)))
     if "cnn" in names:
-        batch, width = (256, 64) if paper else (32, 16)
+        batch, width = (256, 64) if paper else (2, 8) if tiny else (32, 16)
         x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
         y = torch.randint(0, 10, (batch,), generator=g).to(device)
         out.append(Workload(f"ResNet-18 GroupNorm w{width} ({batch}x3x32x32)", ResNet18(width),
@@ -127,6 +143,11 @@ def workloads(names: list[str], size: str, device: torch.device) -> list[Workloa
             if paper:
                 config = transformers.GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
                 batch, length = 8, 512
+            elif tiny:
+                config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+                                                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                 bos_token_id=0, eos_token_id=0)
+                batch, length = 2, 8
             else:
                 config = transformers.GPT2Config(vocab_size=512, n_positions=128, n_embd=128, n_layer=2, n_head=4,
                                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -160,12 +181,43 @@ class Row:
 
 
 @dataclass
+class MonitorRow:
+    """The monitor's overhead on one model and base (``--monitor``)."""
+
+    model: str
+    base: str
+    budget: float
+    every: int  #: the monitor's spacing k (steps between ticks) after warm-up
+    exact: bool  #: the monitor's products are exact (finite differences disagreed at the check)
+    cost: float  #: one product in plain training steps, as the monitor measured it
+    block: int  #: steps per timed block (a multiple of k)
+    repeats: int
+    plain_ms: float  #: median plain step
+    ratio: float  #: median over the repeats of (monitored block wall time / plain block wall time)
+    ratio_spread: tuple[float, float]  #: min and max of the repeats' ratios
+    tuner_ratio: float  #: the same for the tuner without the monitor (its fixed per-step cost)
+    cpu_ratio: float  #: ``ratio`` for the process's CPU time (robust to other jobs on a shared CPU)
+    cpu_ratio_spread: tuple[float, float]
+    cpu_tuner_ratio: float
+    plain_cpu_ms: float  #: median plain step, CPU time
+    products_per_step: float  #: Hessian-vector products per timed step (checks and both operators included)
+    final_loss: float
+    #: median |tracked - exact| / exact of sharpness at the start of each timed monitored block (NaN: not measured)
+    tracking_error: float = math.nan
+    #: the same for preconditioned_sharpness (Adam)
+    preconditioned_tracking_error: float = math.nan
+    #: (step, exact, tracked, age) at each reference, then the preconditioned (exact, tracked) for Adam
+    references: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     device: str
     torch: str
     rows: list[Row] = field(default_factory=list)
     plain_ms: dict[str, float] = field(default_factory=dict)
     tracking: dict[str, float] = field(default_factory=dict)
+    monitor: list[MonitorRow] = field(default_factory=list)
 
 
 def synchronize(device: torch.device) -> None:
@@ -446,12 +498,150 @@ def measure_tracking(work: Workload, base: torch.nn.Module, dtype: str, device: 
     return fraction
 
 
+def measure_monitor(work: Workload, base: torch.nn.Module, device: torch.device, args: argparse.Namespace
+                    ) -> list[MonitorRow]:
+    """Time per step of monitoring only (``CurvatureTuner(opt, None, monitor_budget=b)``) over a plain step.
+
+    Three runs from the same weights (plain optimizer, tuner without monitor, monitored tuner) are warmed up
+    past the monitor's cold start and first checks (``--monitor-warmup`` periods of k steps), then timed in
+    alternating blocks of whole periods (``block`` = k times enough periods to last ``--monitor-block`` steps),
+    the order rotating between ``--monitor-repeats`` repeats; each repeat gives a ratio (monitored block time /
+    plain block time, taken minutes apart at most), and the row reports their median, for the wall time and for
+    the process's CPU time. On a CPU shared with other jobs the wall time mostly measures the scheduler; the CPU
+    time of a single-threaded run (``OMP_NUM_THREADS=1``) is what the step costs on an idle core (on a GPU only
+    the wall time means something). The monitor measures the training step as the interval between two optimizer
+    steps: the gap between two of its blocks (the other runs' blocks) is not a training step, so its step clock
+    restarts at each block (``_last_start``: without it, the interval holding the other blocks enters its EMA of the
+    step time, its cost estimate drops and it ticks more often than in training: 44% more products on the MLP with
+    blocks of 150 steps between pauses of two blocks).
+    """
+    rows = []
+    budget = args.monitor
+    for base_name in args.monitor_bases:
+        runs: dict[str, tuple[Callable[[], None], CurvatureTuner | None]] = {}
+        for variant in ("plain", "tuner", "monitor"):
+            torch.manual_seed(0)
+            model = copy.deepcopy(base)
+            optimizer = MONITOR_BASES[base_name](list(model.parameters()))
+            tuner = None
+            if variant == "tuner":
+                tuner = CurvatureTuner(optimizer, None, model=model)
+            elif variant == "monitor":
+                tuner = CurvatureTuner(optimizer, None, monitor_budget=budget, model=model)
+            runs[variant] = (make_step(work, model, optimizer, "fp32", device, tuner), tuner)
+        monitored = runs["monitor"][1]
+        losses: list[float] = []
+
+        readings: list[tuple[float, float, float]] = []
+
+        def run_block(variant: str, steps: int, runs: dict = runs, readings: list = readings) -> tuple[float, float]:
+            step, tuner = runs[variant]
+            if tuner is not None and tuner.monitor is not None:
+                tuner.monitor._last_start = None  # the other runs' blocks are not a training step
+            synchronize(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(steps):
+                step()
+                if i == 0 and variant == "monitor":
+                    d = tuner.diagnostics
+                    readings.append((d["sharpness"], d["sharpness_age"], d["preconditioned_sharpness"]))
+            synchronize(device)
+            return time.perf_counter() - start, time.process_time() - cpu
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for variant in runs:
+                run_block(variant, args.warmup)
+            while True:  # past the cold start, the first checks and k's settling
+                run_block("monitor", 1)
+                every = int(monitored.diagnostics["monitor_every"])
+                if monitored.calls >= args.warmup + args.monitor_warmup * every:
+                    break
+            every = int(monitored.diagnostics["monitor_every"])
+            block = every * max(1, math.ceil(args.monitor_block / every))
+            walls: dict[str, list[float]] = {variant: [] for variant in runs}
+            cpus: dict[str, list[float]] = {variant: [] for variant in runs}
+            products_before = sum(int(t.products) for t in monitored.monitor.trackers if t is not None)
+            variants = list(runs)
+            references: list[list[float]] = []
+            for repeat in range(args.monitor_repeats):
+                for variant in variants[repeat % 3:] + variants[: repeat % 3]:
+                    reference = exact_references(monitored, work) if variant == "monitor" and args.reference else None
+                    wall, cpu = run_block(variant, block)
+                    walls[variant].append(wall)
+                    cpus[variant].append(cpu)
+                    if reference is not None:  # the reading after the block's first step, at the reference's point
+                        references.append([monitored.calls - block, *reference])
+                losses.append(float(monitored.diagnostics.get("loss", math.nan)))
+            products = sum(int(t.products) for t in monitored.monitor.trackers if t is not None) - products_before
+
+        def median_ratio(times: dict[str, list[float]], variant: str) -> tuple[float, list[float]]:
+            ratios = [a / b for a, b in zip(times[variant], times["plain"], strict=True)]
+            return statistics.median(ratios), ratios
+
+        if references:  # readings[-len(references):] are the first steps of the timed monitored blocks
+            for reference, (tracked, age, tracked_pre) in zip(references, readings[-len(references):], strict=True):
+                reference[2:2] = [tracked, age]
+                reference.append(tracked_pre)
+        errors = [abs(r[2] - r[1]) / abs(r[1]) for r in references if r[1]]
+        pre_errors = [abs(r[5] - r[4]) / abs(r[4]) for r in references if math.isfinite(r[4]) and r[4]]
+        ratio, ratios = median_ratio(walls, "monitor")
+        cpu_ratio, cpu_ratios = median_ratio(cpus, "monitor")
+        cost = monitored.monitor.budget.cost
+        row = MonitorRow(model=work.name, base=base_name, budget=budget, every=every,
+                         exact=bool(monitored.monitor.exact), cost=math.nan if cost is None else cost, block=block,
+                         repeats=args.monitor_repeats, plain_ms=statistics.median(walls["plain"]) / block * 1e3,
+                         ratio=ratio, ratio_spread=(min(ratios), max(ratios)),
+                         tuner_ratio=median_ratio(walls, "tuner")[0], cpu_ratio=cpu_ratio,
+                         cpu_ratio_spread=(min(cpu_ratios), max(cpu_ratios)),
+                         cpu_tuner_ratio=median_ratio(cpus, "tuner")[0],
+                         plain_cpu_ms=statistics.median(cpus["plain"]) / block * 1e3,
+                         products_per_step=products / (block * args.monitor_repeats), final_loss=losses[-1],
+                         tracking_error=statistics.median(errors) if errors else math.nan,
+                         preconditioned_tracking_error=statistics.median(pre_errors) if pre_errors else math.nan,
+                         references=references)
+        rows.append(row)
+        target = TARGETS["monitor"]
+        print(f"  monitor_budget={budget} {base_name:4s}: CPU time x{row.cpu_ratio:.3f} "
+              f"({'ok' if row.cpu_ratio <= target else 'over'} vs {target}; repeats {row.cpu_ratio_spread[0]:.3f}-"
+              f"{row.cpu_ratio_spread[1]:.3f}; tuner alone x{row.cpu_tuner_ratio:.3f}), wall time x{row.ratio:.3f} "
+              f"(repeats {row.ratio_spread[0]:.3f}-{row.ratio_spread[1]:.3f}; tuner alone x{row.tuner_ratio:.3f}); "
+              f"k={every}, {'exact' if row.exact else 'fd'} products of {row.cost:.2f} steps, "
+              f"{row.products_per_step:.4f} products/step, blocks of {block} x {args.monitor_repeats}, plain "
+              f"{row.plain_ms:.2f} ms ({row.plain_cpu_ms:.2f} ms CPU)", flush=True)
+        if references:
+            print(f"    tracking error (median over {len(references)} references, steps {references[0][0]:.0f}-"
+                  f"{references[-1][0]:.0f}): sharpness {row.tracking_error:.3f}"
+                  + (f", preconditioned {row.preconditioned_tracking_error:.3f}" if pre_errors else "")
+                  + f"; exact / tracked: {', '.join(f'{r[1]:.4g}/{r[2]:.4g}' for r in references)}", flush=True)
+        for _, tuner in runs.values():
+            if tuner is not None:
+                tuner.detach()
+    return rows
+
+
+def exact_references(tuner: CurvatureTuner, work: Workload) -> list[float]:
+    """``[lambda_max(H), lambda_max(P^{-1/2} H P^{-1/2})]`` at the tuner's current weights, to convergence (the
+    second NaN without a preconditioner): ARPACK to a relative 1e-5 on float32 double-backward products (the workload's
+    data is float32; ``_monitor_common.ExactTop``)."""
+    from _monitor_common import ExactTop, Setup
+
+    setup = Setup(work.name, tuner.model, tuner.optimizer, lambda _: None, lambda m, _: work.loss(m), True)
+    exact = ExactTop(setup, tol=1e-5, dtype=torch.float32)
+    plain = exact(None)
+    preconditioned = (exact(None, preconditioned=True, key="p")
+                      if isinstance(tuner.optimizer, torch.optim.Adam) else math.nan)
+    if tuner.monitor is not None:
+        tuner.monitor._last_start = None  # this was not a training step
+    return [plain, preconditioned]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=("small", "paper"), default="small",
-                        help="small: CPU-sized models; paper: the SPEC section 4 sizes (GPU)")
+    parser.add_argument("--size", choices=("small", "paper", "tiny"), default="small",
+                        help="small: CPU-sized models; paper: the SPEC section 4 sizes (GPU); tiny: smoke tests")
     parser.add_argument("--models", default="mlp,cnn,gpt2", help="comma-separated subset of mlp,cnn,gpt2")
     parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated routes")
     parser.add_argument("--probe-every", default="1,10", help="comma-separated probe_every values")
@@ -459,6 +649,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--track-every", type=int, default=0, help="also measure sharpness tracking every m steps")
+    parser.add_argument("--monitor", type=float, nargs="?", const=0.05, default=None, metavar="BUDGET",
+                        help="measure the sharpness monitor's overhead at this monitor_budget (default 0.05) "
+                             "instead of the routes")
+    parser.add_argument("--monitor-bases", default="sgd,adam", help="comma-separated subset of sgd,adam")
+    parser.add_argument("--monitor-block", type=int, default=300,
+                        help="steps per timed block (rounded up to whole monitoring periods)")
+    parser.add_argument("--monitor-repeats", type=int, default=7, help="timed blocks per run")
+    parser.add_argument("--monitor-warmup", type=int, default=3, help="monitoring periods of warm-up")
+    parser.add_argument("--no-monitor-reference", dest="reference", action="store_false",
+                        help="skip the tracking error (lambda_max to convergence before each monitored block)")
     parser.add_argument("--no-cpu-memory", dest="cpu_memory", action="store_false",
                         help="on CPU, do not measure memory (leaves glibc's allocator settings alone)")
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -475,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dtypes = args.dtypes.split(",")
         if set(args.dtypes) - {"fp32", "bf16"}:
             parser.error("--dtypes takes fp32 and/or bf16")
+        args.monitor_bases = [b for b in args.monitor_bases.split(",") if b]
+        if set(args.monitor_bases) - set(MONITOR_BASES):
+            parser.error("--monitor-bases takes sgd and/or adam")
         names = args.models.split(",")
         if set(names) - {"mlp", "cnn", "gpt2"}:
             parser.error("--models takes mlp, cnn and/or gpt2")
@@ -485,7 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {report.device}, torch {report.torch}; targets: every step <= {TARGETS['every_step']}x, "
           f"every 10 <= {TARGETS['every_10']}x, memory <= {TARGETS['memory']}x")
     for work in workloads(names, args.size, device):
-        run_model(work, args, device, report)
+        if args.monitor is not None:
+            print(f"\n{work.name}", flush=True)
+            torch.manual_seed(0)
+            report.monitor.extend(measure_monitor(work, copy.deepcopy(work.model).to(device), device, args))
+        else:
+            run_model(work, args, device, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(asdict(report), f, indent=2)
