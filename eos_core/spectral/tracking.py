@@ -72,10 +72,11 @@ def tracker_init(v0: Any, *, restart: int = 2, ops: VectorOps | None = None) -> 
     xp = numerics.xp
     x = normalized(ops, v0)
     basis = ops.basis_set(ops.basis_zeros(x, m), 0, x)
-    zeros = xp.zeros((m,), dtype=numerics.dtype)
-    nan = numerics.scalar(math.nan)
-    return TrackerState(basis=basis, alpha=zeros, beta=zeros, position=numerics.counter(0), eigenvalue=nan,
-                        residual=nan, products=numerics.counter(0), age=numerics.counter(0))
+    # a separate array per field: JAX refuses to donate one buffer twice (a jitted step donating the state)
+    return TrackerState(basis=basis, alpha=xp.zeros((m,), dtype=numerics.dtype),
+                        beta=xp.zeros((m,), dtype=numerics.dtype), position=numerics.counter(0),
+                        eigenvalue=numerics.scalar(math.nan), residual=numerics.scalar(math.nan),
+                        products=numerics.counter(0), age=numerics.counter(0))
 
 
 def _top_ritz(alpha: Any, beta: Any, j: Any, numerics: Any) -> tuple[Any, Any]:

@@ -126,3 +126,4 @@ def test_lanczos_on_non_finite_products_returns_nan_instead_of_raising():
 
     result = lanczos(lambda v: v * np.nan, np.ones(5), 2, num_steps=3)
     assert np.all(np.isnan(result.eigenvalues))
+

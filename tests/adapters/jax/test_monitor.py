@@ -374,3 +374,17 @@ def test_resume_from_a_saved_state_is_bit_identical(x64):
 
     assert all(same(a, b) for a, b in zip(history, resumed, strict=True))
     assert any(h["sharpness_age"] == 0.0 for h in history)
+
+
+def test_a_jitted_step_may_donate_the_monitor_state():
+    """Every field of the trackers is its own buffer: jit(..., donate_argnums) refuses a buffer donated twice
+    (alpha and beta, eigenvalue and residual shared one array before)."""
+    import jax
+
+    from eos_core.adapters.jax.monitor import monitor_init
+    from eos_core.adapters.jax.numerics import jax_numerics
+
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = monitor_init(params, 0, preconditioned=True, numerics=jax_numerics())
+    step = jax.jit(lambda s: jax.tree_util.tree_map(lambda a: a + 0, s), donate_argnums=0)
+    jax.block_until_ready(step(state))
