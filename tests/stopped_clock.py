@@ -9,7 +9,9 @@ run, tick at the same steps every time.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,3 +35,18 @@ def stopped_monitor_clock() -> Iterator[None]:
         yield
     finally:
         patch.undo()
+
+
+def steady_monitor_clock_fixture(backend: str | None = None) -> Any:
+    """An autouse session fixture that runs the tests under [`stopped_monitor_clock`][] (only when `KERAS_BACKEND`
+    is `backend`, if given): runs and resumed runs tick at the same steps. Assign it in a conftest."""
+
+    @pytest.fixture(autouse=True, scope="session")
+    def steady_monitor_clock() -> Iterator[None]:
+        if backend is not None and os.environ.get("KERAS_BACKEND") != backend:
+            yield
+            return
+        with stopped_monitor_clock():
+            yield
+
+    return steady_monitor_clock

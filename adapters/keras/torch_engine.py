@@ -346,15 +346,7 @@ class TorchEngine:
         self.text.assign(np.stack([_encode(saved.get("route"))] + [_encode(diagnostics[k]) for k in self.text_keys]))
         self.diagnostics_variable.assign(np.asarray([float(diagnostics[k]) for k in self.float_keys], dtype=np.float64))
         self.counts_variable.assign(np.asarray([int(diagnostics[k]) for k in self.int_keys], dtype=np.int64))
-        for key in VECTORS:
-            values, variables = saved.get(key), self.vectors[key]
-            if values is None:
-                continue
-            if variables is None:
-                raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner keeps a {key} this engine did not "
-                                   "expect; a Keras checkpoint would lose it")
-            for variable, value in zip(variables, values, strict=True):
-                variable.assign(value)
+        _assign_vectors(saved, self.vectors)
         previous_lr = float(saved.get("previous_lr", 0.0))
         if self.previous_lr is not None:
             self.previous_lr.assign(np.float64(previous_lr))
@@ -374,15 +366,7 @@ class TorchEngine:
             raise RuntimeError("eos_core Keras torch engine: the PyTorch tuner keeps a sharpness monitor this engine "
                                "did not expect; a Keras checkpoint would lose it")
         self.monitor_text.assign(_encode(json.dumps(monitor, allow_nan=True), MONITOR_BYTES))
-        for key in MONITOR_VECTORS:
-            values, variables = saved.get(key), self.monitor_vectors[key]
-            if values is None:
-                continue
-            if variables is None:
-                raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner keeps a {key} this engine did not "
-                                   "expect; a Keras checkpoint would lose it")
-            for variable, value in zip(variables, values, strict=True):
-                variable.assign(value)
+        _assign_vectors(saved, self.monitor_vectors)
 
     def _read_monitor(self) -> dict[str, Any]:
         """The monitor's part of the state for `load_tuner_state` (empty without a monitor)."""
@@ -468,3 +452,16 @@ class TorchEngine:
 
 def _host_read(variable: Any) -> np.ndarray:
     return variable.value.detach().cpu().numpy()
+
+
+def _assign_vectors(saved: dict[str, Any], table: dict[str, Any]) -> None:
+    """Each saved vector of `table`'s keys into its Keras variables (`table[key]`, None when not expected)."""
+    for key, variables in table.items():
+        values = saved.get(key)
+        if values is None:
+            continue
+        if variables is None:
+            raise RuntimeError(f"eos_core Keras torch engine: the PyTorch tuner keeps a {key} this engine did not "
+                               "expect; a Keras checkpoint would lose it")
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)

@@ -13,7 +13,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[2]  # tests/, for stopped_clock.py
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
-from stopped_clock import stopped_monitor_clock  # noqa: E402
+from stopped_clock import steady_monitor_clock_fixture  # noqa: E402
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 if os.environ["KERAS_BACKEND"] not in ("jax", "torch"):
@@ -36,12 +36,4 @@ def pytest_configure(config):
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def steady_monitor_clock():
-    """The PyTorch monitor on a clock that never advances: runs and resumed runs tick at the same steps
-    (tests/stopped_clock.py)."""
-    if os.environ.get("KERAS_BACKEND") != "torch":
-        yield
-        return
-    with stopped_monitor_clock():
-        yield
+steady_monitor_clock = steady_monitor_clock_fixture("torch")  # the PyTorch monitor's clock stands still

@@ -9,7 +9,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[2]  # tests/, for stopped_clock.py
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
-from stopped_clock import stopped_monitor_clock  # noqa: E402
+from stopped_clock import steady_monitor_clock_fixture  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,9 +21,4 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def steady_monitor_clock():
-    """The PyTorch monitor on a clock that never advances: runs and resumed runs tick at the same steps
-    (tests/stopped_clock.py)."""
-    with stopped_monitor_clock():
-        yield
+steady_monitor_clock = steady_monitor_clock_fixture()  # the PyTorch monitor's clock stands still
