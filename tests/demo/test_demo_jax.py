@@ -42,7 +42,9 @@ def test_demo_cli_jax_backend(tmp_path, capsys):
 def test_torch_and_jax_backends_train_the_same_trajectory(arch, method):
     """Same initial weights, same loss, same law: in float64 both adapters produce the same run.
 
-    Losses and learning rates agree to rounding, and so does the sharpness: both power iterations (at most
+    Losses and learning rates agree to 1e-7 relative: PyTorch's default `route="auto"` moves to one-sided finite
+    differences once they agree with double backward (first-order error, about 1e-8 relative in float64 on this
+    run), where JAX differentiates exactly. The sharpness agrees as closely: both power iterations (at most
     20 iterations, stopping at 1e-3 relative change) start from the same vector,
     :func:`eos_core.spectral.random_start` on the same parameter shapes in the same order (with their own
     random vectors, on this tiny network whose top eigenvalues are close, they agreed to 10% only).
@@ -56,7 +58,7 @@ def test_torch_and_jax_backends_train_the_same_trajectory(arch, method):
     runs = [b.train(method, data, spec, steps=8, sharpness_every=4, dtype="float64")
             for b in (torch_backend, jax_backend)]
     assert jax.config.read("jax_enable_x64") == x64  # float64 only for the duration of the run
-    for name, rtol in (("loss", 1e-9), ("lr", 1e-9), ("sharpness", 1e-9)):
+    for name, rtol in (("loss", 1e-7), ("lr", 1e-7), ("sharpness", 1e-7)):
         a, b = (getattr(r, name) for r in runs)
         assert np.array_equal(np.isnan(a), np.isnan(b))
         np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=rtol, err_msg=f"{method.label} {name}")
