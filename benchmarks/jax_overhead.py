@@ -3,47 +3,52 @@
 For an MLP, a small CNN and a GPT-2-like transformer written in plain JAX, this script times one
 jitted training step (value_and_grad + optimizer update + apply) of
 
-* the plain base optimizer (``optax.sgd(lr)`` or ``optax.adam(lr)``), and
-* ``tune(base(1.0), CDAT(scale=2.0), route=..., probe_every=...)`` for every curvature route and
-  ``probe_every`` in {1, 10},
-* plus sharpness tracking alone (``tune(base(1.0), Constant(lr), sharpness_every=100)``),
+* the plain base optimizer (`optax.sgd(lr)` or `optax.adam(lr)`), and
+* `tune(base(1.0), CDAT(scale=2.0), route=..., probe_every=...)` for every curvature route and
+  `probe_every` in {1, 10},
+* plus sharpness tracking alone (`tune(base(1.0), Constant(lr), sharpness_every=100)`),
 
-in the same process, with ``tune``'s ``warn`` set by ``--warn`` (default ``true``, the library's default: no
-host callback in the step; ``jit`` measures the in-jit warning callback, which slows every step, probe or
-not), and reports the ratios next to the targets of SPEC section 9 (tuned / plain
-<= 2.1 probing every step, <= 1.12 every 10 steps, sharpness tracking every 100 steps <= 1.05,
-peak memory <= 1.3x). Times are medians over ``--repeats`` blocks of ``block`` consecutive steps
-(``block`` = 10, or 100 for sharpness tracking, so that a block holds the same mix of probe and hold
-steps as training), after warm-up, with ``block_until_ready``. Memory is XLA's compiled memory
+in the same process, with `tune`'s `warn` set by `--warn` (default `true`, the library's default: no
+host callback in the step; `jit` measures the in-jit warning callback, which slows every step, probe or
+not), and reports the ratios next to the targets (`TIME_TARGET`, `SHARPNESS_TARGET`, `MEMORY_TARGET`: tuned /
+plain <= 2.1 probing every step, <= 1.12 every 10 steps, sharpness tracking every 100 steps <= 1.05,
+peak memory <= 1.3x). Times are medians over `--repeats` blocks of `block` consecutive steps
+(`block` = 10, or 100 for sharpness tracking, so that a block holds the same mix of probe and hold
+steps as training), after warm-up, with `block_until_ready`. Memory is XLA's compiled memory
 analysis of the step (arguments + outputs + temporaries - aliased), available on CPU and GPU; on a GPU
-the device's ``memory_stats()`` peak is printed too. CPU figures are for regressions only: absolute
-times count on a GPU (SPEC section 9). On CPU the CNN's rows that take a gradient inside ``lax.cond`` or
-a loop (``probe_every=10`` with any route but ``jvp-jvp``, and the sharpness row) are dominated by an
+the device's `memory_stats()` peak is printed too. CPU figures are for regressions only: absolute
+times count on a GPU. On CPU the CNN's rows that take a gradient inside `lax.cond` or
+a loop (`probe_every=10` with any route but `jvp-jvp`, and the sharpness row) are dominated by an
 XLA:CPU slow path for convolution gradients in nested computations (jax-ml/jax#12868, see
-:mod:`eos_core.adapters.jax.transform`), not by the tuner. The sharpness row also reports how many
-warm-started power iterations a measurement took after 100 steps (``power_iterations``).
+`eos_core.adapters.jax.transform`), not by the tuner. The sharpness row also reports how many
+warm-started power iterations a measurement took after 100 steps (`power_iterations`).
 
-**Host allocator.** XLA:CPU allocates each step's temporary buffer with ``malloc``; glibc serves blocks
-above its mmap threshold with fresh ``mmap`` pages, so every step pays page faults in proportion to the
+**Host allocator.** XLA:CPU allocates each step's temporary buffer with `malloc`; glibc serves blocks
+above its mmap threshold with fresh `mmap` pages, so every step pays page faults in proportion to the
 temporary buffer's size. A tuned step's buffer is larger (its probe branch needs room even when not
 taken), which alone made a GPT-like tuned step 40% slower on CPU with the probe branch never taken. The
-script therefore re-executes itself once with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-raised (plain and tuned steps alike get reused heap pages); ``--default-malloc`` keeps glibc's defaults.
+script therefore re-executes itself once with `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`
+raised (plain and tuned steps alike get reused heap pages); `--default-malloc` keeps glibc's defaults.
 GPU device memory comes from XLA's own allocator and is unaffected.
 
-**The sharpness monitor** (``--monitor [BUDGET]``, default budget 0.05): for every model and for ``optax.sgd`` and
-``optax.adam`` (``--monitor-bases``), the step of ``tune(base(lr), None, monitor_budget=0.05, reference_lr=lr)``
-(monitoring only, the default cost model of the products: the spacing ``k`` is chosen in the compiled step, see
-:mod:`eos_core.adapters.jax.monitor`) and of ``tune`` without the monitor, against the plain base, in blocks of
-whole monitoring periods (at least ``--monitor-block`` steps) timed in rotating order, ``--monitor-repeats`` times;
+**The sharpness monitor** (`--monitor [BUDGET]`, default budget 0.05): for every model and for `optax.sgd` and
+`optax.adam` (`--monitor-bases`), the step of `tune(base(lr), None, monitor_budget=0.05, reference_lr=lr)`
+(monitoring only, the default cost model of the products: the spacing `k` is chosen in the compiled step, see
+`eos_core.adapters.jax.monitor`) and of `tune` without the monitor, against the plain base, in blocks of
+whole monitoring periods (at least `--monitor-block` steps) timed in rotating order, `--monitor-repeats` times;
 each repeat gives a ratio and the row reports their median (target 1.05) for the process's CPU time (what a step
-costs on an idle CPU, robust to other jobs on a shared one) and for the wall time, the spacing ``k``, the products
-per step, and the CPU ratio of a monitor that never ticks (``idle x``: the compiled step's fixed cost). Before each
+costs on an idle CPU, robust to other jobs on a shared one) and for the wall time, the spacing `k`, the products
+per step, and the CPU ratio of a monitor that never ticks (`idle x`: the compiled step's fixed cost). Before each
 monitored block lambda_max is computed to convergence at the run's parameters (ARPACK on jitted Hessian-vector
-products) and compared with the ``sharpness`` the monitor reports after the block's first step: the row's tracking
-error (``--no-monitor-reference`` skips it).
+products) and compared with the `sharpness` the monitor reports after the block's first step: the row's tracking
+error (`--no-monitor-reference` skips it).
 
-Examples::
+Model sizes (`--size`, see `SIZES`): `small` (CPU, default), `gpu` (MLP 784-1024-1024-10 on 4096 inputs, a CNN
+with 64-128-256 channels on 256 images of 32x32, GPT-2 124M: 12 layers, width 768, context 512, on 8 sequences),
+`gpt2-124m` (the GPU-sized GPT, the other models small) and `tiny` (smoke tests). Inputs and labels are random
+(`PRNGKey(0)`).
+
+Command lines:
 
     python benchmarks/jax_overhead.py                      # small CPU sizes, a couple of minutes
     python benchmarks/jax_overhead.py --models gpt --size gpt2-124m --base adam --json out.json  # GPU
@@ -79,24 +84,30 @@ from eos_core import routes  # noqa: E402
 from eos_core.adapters.jax import diagnostics, find_tune_state, set_monitor_cost, tune  # noqa: E402
 from eos_core.laws import CDAT, Constant  # noqa: E402
 
+#: target of tuned / plain time per step, by `probe_every`
 TIME_TARGET = {1: 2.1, 10: 1.12}
-#: ``--warn`` choices and the ``tune(..., warn=...)`` value each one measures.
+#: `--warn` choices and the `tune(..., warn=...)` value each one measures.
 WARN_MODES: dict[str, bool | str] = {"true": True, "jit": "jit", "false": False}
+#: target of tracked / plain time per step with sharpness tracking every 100 steps
 SHARPNESS_TARGET = 1.05
+#: target of monitored / plain CPU time per step (`--monitor`)
 MONITOR_TARGET = 1.05
 #: the bases of the monitor's rows and their learning rates
 MONITOR_BASES: dict[str, tuple[Callable[[float], optax.GradientTransformation], float]] = {
     "sgd": (optax.sgd, 0.05), "adam": (optax.adam, 1e-3)}
+#: target of tuned / plain memory of the compiled step
 MEMORY_TARGET = 1.3
+#: the curvature routes measured by default (`--routes`)
 ROUTES = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_CENTRAL, routes.FD_ONESIDED)
 
+#: the models' keyword arguments (`mlp`, `cnn`, `gpt`) per `--size`
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "mlp": {"sizes": (784, 256, 256, 10), "batch": 512},
         "cnn": {"channels": (16, 32), "image": 16, "batch": 64, "classes": 10},
         "gpt": {"layers": 2, "width": 128, "heads": 4, "context": 64, "vocab": 256, "batch": 8},
     },
-    "gpu": {  # the models of the SPEC section 4 table
+    "gpu": {  # GPU-sized models: MLP 784-1024-1024-10, a 3-convolution CNN on 32x32 images, GPT-2 124M
         "mlp": {"sizes": (784, 1024, 1024, 10), "batch": 4096},
         "cnn": {"channels": (64, 128, 256), "image": 32, "batch": 256, "classes": 10},
         "gpt": {"layers": 12, "width": 768, "heads": 12, "context": 512, "vocab": 50257, "batch": 8},
@@ -112,6 +123,20 @@ SIZES["tiny"] = {  # smoke tests
 
 # -- models in plain JAX ------------------------------------------------------------------------------
 def mlp(key: jax.Array, sizes: tuple[int, ...], batch: int, dtype: Any) -> tuple[Any, Callable, tuple]:
+    """A ReLU MLP with a fixed random batch.
+
+    Weights N(0, 1 / fan_in), biases 0; inputs N(0, 1), labels uniform over the classes.
+
+    Args:
+        key: the PRNG key of the weights and the batch.
+        sizes: layer widths, input first and number of classes last (e.g. `(784, 256, 256, 10)`).
+        batch: batch size.
+        dtype: dtype of the parameters and inputs.
+
+    Returns:
+        `(params, loss, batch)`: a list of `{"w", "b"}` layers, `loss(params, x, y)` (mean cross-entropy), and
+        the batch `(x, y)`.
+    """
     keys = jax.random.split(key, len(sizes) + 1)
     params = [{"w": jax.random.normal(k, (a, b), dtype) / math.sqrt(a), "b": jnp.zeros((b,), dtype)}
               for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=False)]
@@ -131,6 +156,23 @@ def mlp(key: jax.Array, sizes: tuple[int, ...], batch: int, dtype: Any) -> tuple
 
 def cnn(key: jax.Array, channels: tuple[int, ...], image: int, batch: int, classes: int, dtype: Any
         ) -> tuple[Any, Callable, tuple]:
+    """A small CNN with a fixed random batch of NHWC images.
+
+    Per entry of `channels`: a 3x3 convolution (SAME padding), ReLU, 2x2 max pooling; then global average pooling
+    and a linear head. Weights N(0, 1 / fan_in), biases 0; images N(0, 1) with 3 channels, labels uniform.
+
+    Args:
+        key: the PRNG key of the weights and the batch.
+        channels: output channels of each convolution.
+        image: image height and width.
+        batch: batch size.
+        classes: number of classes.
+        dtype: dtype of the parameters and images.
+
+    Returns:
+        `(params, loss, batch)`: `{"conv": [...], "head": {...}}`, `loss(params, x, y)` (mean cross-entropy), and
+        the batch `(x, y)`.
+    """
     keys = jax.random.split(key, len(channels) + 3)
     params: dict[str, Any] = {"conv": []}
     c_in = 3
@@ -158,7 +200,26 @@ def cnn(key: jax.Array, channels: tuple[int, ...], image: int, batch: int, class
 
 def gpt(key: jax.Array, layers: int, width: int, heads: int, context: int, vocab: int, batch: int, dtype: Any
         ) -> tuple[Any, Callable, tuple]:
-    """GPT-2-like decoder: learned positions, pre-LN blocks, causal softmax attention, 4x GELU MLP, tied head."""
+    """GPT-2-like decoder: learned positions, pre-LN blocks, causal softmax attention, 4x GELU MLP, tied head.
+
+    Initialisation: token embeddings and dense layers N(0, 0.02), the residual projections (attention `proj`, MLP
+    `out`) N(0, 0.02 / sqrt(2 layers)), positions N(0, 0.01), biases 0, LayerNorm gains 1. Attention logits, the
+    LayerNorm statistics and the loss are computed in float32.
+
+    Args:
+        key: the PRNG key of the weights and the batch.
+        layers: number of blocks.
+        width: embedding width (divisible by `heads`).
+        heads: attention heads.
+        context: sequence length (and the number of learned positions).
+        vocab: vocabulary size.
+        batch: sequences per batch.
+        dtype: dtype of the parameters.
+
+    Returns:
+        `(params, loss, batch)`: the parameter tree, `loss(params, tokens)` (mean next-token cross-entropy), and
+        the batch `(tokens,)` of random tokens, shape `(batch, context + 1)`.
+    """
     keys = iter(jax.random.split(key, 4 * layers + 4))
 
     def dense(n_in: int, n_out: int, scale: float = 0.02) -> dict[str, jax.Array]:
@@ -208,16 +269,36 @@ def gpt(key: jax.Array, layers: int, width: int, heads: int, context: int, vocab
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy, computed in float32: `mean(logsumexp(logits) - logits[label])`.
+
+    Args:
+        logits: `(..., classes)` logits.
+        labels: `(...)` integer labels.
+
+    Returns:
+        The mean over all positions, a float32 scalar.
+    """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
 
 
+#: the model builders by `--models` name
 BUILDERS = {"mlp": mlp, "cnn": cnn, "gpt": gpt}
 
 
 # -- measurement ------------------------------------------------------------------------------------
 def make_step(opt: optax.GradientTransformation, loss: Callable, tuned: bool) -> Callable:
+    """Build the jitted training step: `value_and_grad`, `opt.update`, `optax.apply_updates`.
+
+    Args:
+        opt: the optimizer (plain, or wrapped by `tune`).
+        loss: `loss(params, *batch)`.
+        tuned: pass `value_fn` and `value` to `opt.update`, as a `tune` transformation needs.
+
+    Returns:
+        `step(params, state, *batch) -> (params, state, loss value)`, jitted, donating `params` and `state`.
+    """
     def step(params: Any, state: Any, *batch: Any) -> tuple[Any, Any, jax.Array]:
         def value_fn(p: Any) -> jax.Array:
             return loss(p, *batch)
@@ -233,7 +314,14 @@ def make_step(opt: optax.GradientTransformation, loss: Callable, tuned: bool) ->
 
 
 def memory_bytes(compiled: Any) -> float:
-    """Arguments + outputs + temporaries - aliased (donated) bytes from XLA's memory analysis; NaN if unknown."""
+    """Memory of a compiled step from XLA's memory analysis.
+
+    Args:
+        compiled: a compiled JAX program (`jit(...).lower(...).compile()`).
+
+    Returns:
+        Arguments + outputs + temporaries - aliased (donated) bytes; NaN when the backend has no memory analysis.
+    """
     try:
         m = compiled.memory_analysis()
         return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -243,7 +331,18 @@ def memory_bytes(compiled: Any) -> float:
 
 
 class Runner:
-    """A compiled step with its own parameters and optimizer state; ``block()`` times ``steps`` consecutive steps."""
+    """A compiled step with its own parameters and optimizer state; `block()` times `steps` consecutive steps.
+
+    Args:
+        opt: the optimizer.
+        loss: `loss(params, *batch)`.
+        params: the initial parameters (copied: the step donates its inputs).
+        batch: the fixed batch.
+        tuned: whether `opt` is a `tune` transformation (`make_step`).
+        steps: steps per timed block.
+        compiled: another runner's compiled step for the same optimizer and shapes, reused instead of compiling
+            again (None: compile).
+    """
 
     def __init__(self, opt: optax.GradientTransformation, loss: Callable, params: Any, batch: tuple, *,
                  tuned: bool, steps: int, compiled: Any = None) -> None:
@@ -252,7 +351,7 @@ class Runner:
         # initial tracker state shares one zeros array between alpha and beta, one NaN between eigenvalue and residual)
         self.state = jax.tree.map(jnp.array, opt.init(self.params))
         self.batch, self.steps = batch, steps
-        # ``compiled``: another runner's program for the same optimizer and shapes (no second compilation)
+        # `compiled`: another runner's program for the same optimizer and shapes (no second compilation)
         self.compiled = compiled if compiled is not None else make_step(opt, loss, tuned).lower(
             self.params, self.state, *batch).compile()
         self.memory = memory_bytes(self.compiled)
@@ -260,8 +359,17 @@ class Runner:
         self.cpu = math.nan  #: the process's CPU seconds per step of the last block
 
     def block(self, after_first: Callable[[Any], None] | None = None) -> float:
-        """Seconds per step of ``steps`` steps (wall time; the process's CPU time per step goes to ``cpu``);
-        ``after_first(state)`` is called after the first step (a host read, inside the timing)."""
+        """Run `steps` consecutive steps and time them.
+
+        The process's CPU time per step goes to `cpu`; the parameters, state and last loss value are updated.
+
+        Args:
+            after_first: called with the optimizer state after the first step (a host read, inside the timing);
+                None: nothing.
+
+        Returns:
+            Wall-clock seconds per step, up to `block_until_ready` on the results.
+        """
         start, cpu = time.perf_counter(), time.process_time()
         for i in range(self.steps):
             self.params, self.state, self.value = self.compiled(self.params, self.state, *self.batch)
@@ -273,8 +381,17 @@ class Runner:
 
 
 def compare(tuned: Runner, plain: Runner, *, repeats: int, warmup_blocks: int) -> tuple[float, float]:
-    """Median seconds per step of the tuned and the plain runner, timed in alternating blocks (ABAB...) so
-    that both see the same machine load."""
+    """Time a tuned and a plain runner in alternating blocks (ABAB...), so that both see the same machine load.
+
+    Args:
+        tuned: the tuned runner.
+        plain: the plain runner.
+        repeats: timed blocks of each.
+        warmup_blocks: untimed blocks of each first.
+
+    Returns:
+        The median seconds per step of the tuned and of the plain runner.
+    """
     for _ in range(warmup_blocks):
         tuned.block()
         plain.block()
@@ -286,6 +403,21 @@ def compare(tuned: Runner, plain: Runner, *, repeats: int, warmup_blocks: int) -
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure every model, route and `probe_every` (and the sharpness-tracking row); print each row.
+
+    The tuned optimizer is `tune(base(1.0), CDAT(scale=2.0, lr_max=10 lr), route=..., probe_every=...)`, timed
+    against `base(lr)` in blocks of 10 steps; the sharpness row tracks every 100 steps in blocks of 100 steps.
+
+    Args:
+        args: the parsed command line (`models`, `size`, `base`, `lr`, `dtype`, `routes`, `probe_every`,
+            `repeats`, `warmup_blocks`, `sharpness`, `sharpness_route`, `warn`).
+
+    Returns:
+        One dict per row: model, parameter count, base, dtype, `warn`, route, `probe_every`, tuned and plain ms
+        per step, `time_ratio` and its target, `memory_ratio` and its target, both memories in MiB, `time_ok`,
+        `memory_ok`, the tuned run's final loss and skipped steps; the sharpness row also has `power_iterations`
+        and `sharpness`.
+    """
     dtype = jnp.dtype(args.dtype)
     rows: list[dict[str, Any]] = []
     sizes = SIZES[args.size]
@@ -344,11 +476,21 @@ def _products(state: Any) -> int:
 def monitor_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The monitor's overhead: monitored step / plain step, per model and base (see the module docstring).
 
-    The four runners (plain, ``tune`` without the monitor, ``tune`` with it, and ``tune`` with it made idle by
-    :func:`set_monitor_cost` after its cold start: what carrying the monitor costs a step that does not tick) start
+    The four runners (plain, `tune` without the monitor, `tune` with it, and `tune` with it made idle by
+    `set_monitor_cost` after its cold start: what carrying the monitor costs a step that does not tick) start
     from the same parameters; after one warm-up block each (compilation, the monitor's cold start and first check),
-    each repeat times one block of each in rotating order. ``k`` is read from the diagnostics after the first step,
-    and the block holds whole periods of ``k`` steps, so every monitored block holds the same number of ticks.
+    each repeat times one block of each in rotating order. `k` is read from the diagnostics after the first step,
+    and the block holds whole periods of `k` steps, so every monitored block holds the same number of ticks.
+
+    Args:
+        args: the parsed command line (`models`, `size`, `dtype`, `monitor` = the budget, `monitor_bases`,
+            `monitor_block`, `monitor_repeats`, `reference`, `warn`).
+
+    Returns:
+        One dict per model and base: median (and min, max) monitored / plain ratios of wall and CPU time, the same
+        for `tune` without the monitor and (CPU) for the idle monitor, `k`, whether the products are exact,
+        products per step, the memory ratio, the final sharpness readings, and the tracking error with its
+        references (`[exact lambda_max, tracked, age]` per monitored block).
     """
     dtype = jnp.dtype(args.dtype)
     rows: list[dict[str, Any]] = []
@@ -428,8 +570,15 @@ def monitor_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 class ExactTopJax:
-    """lambda_max of the Hessian of ``loss(params, *batch)`` to convergence: ARPACK (relative 1e-5) on jitted
-    forward-over-reverse products in the parameters' dtype, warm-started from the previous eigenvector."""
+    """lambda_max of the Hessian of `loss(params, *batch)` to convergence, the reference of the tracking error.
+
+    ARPACK (relative 1e-5) on jitted forward-over-reverse products in the parameters' dtype, warm-started from
+    the previous eigenvector.
+
+    Args:
+        loss: `loss(params, *batch)`.
+        batch: the fixed batch.
+    """
 
     def __init__(self, loss: Callable, batch: tuple) -> None:
         from jax.flatten_util import ravel_pytree
@@ -445,6 +594,15 @@ class ExactTopJax:
         self.previous: np.ndarray | None = None
 
     def __call__(self, params: Any) -> float:
+        """Compute lambda_max at `params` (copied: the runner donates its parameters).
+
+        Args:
+            params: the parameters.
+
+        Returns:
+            The largest (algebraic) eigenvalue of the Hessian; ARPACK's best estimate when it does not converge
+            within 2000 iterations, NaN when it has none.
+        """
         from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
         params = jax.tree.map(jnp.array, params)  # a copy: the runner donates its parameters
@@ -465,13 +623,22 @@ class ExactTopJax:
         return float(values[0])
 
 
+#: the header of the monitor's table
 MONITOR_HEADER = (f"{'model':6} {'params':>8} {'base':5} {'k':>4} {'product':7} {'plain ms':>9} {'CPU x':>7} "
                   f"{'repeats':>13} {'tune x':>7} {'idle x':>7} {'wall x':>7} {'repeats':>13} {'tune x':>7} "
                   f"{'products/step':>13} {'mem x':>6}")
 
 
 def format_monitor_row(r: dict[str, Any]) -> str:
-    """One line of the monitor's table (CPU time ratios, then wall time ratios)."""
+    """Format one line of the monitor's table (under `MONITOR_HEADER`).
+
+    Args:
+        r: a row of `monitor_rows`.
+
+    Returns:
+        The line: CPU time ratios, then wall time ratios, products per step and the memory ratio; flagged when the
+        CPU ratio is above the target.
+    """
     flag = "" if r["time_ok"] else f"  <-- above {r['target']}"
     return (f"{r['model']:6} {_count(r['params']):>8} {r['base']:5} {r['every']:>4d} "
             f"{'exact' if r['exact'] else 'fd':7} {r['plain_ms']:9.2f} {r['cpu_ratio']:7.3f} "
@@ -485,11 +652,21 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+#: the header of the routes' table
 HEADER = (f"{'model':6} {'params':>8} {'route':22} {'probe':>5} {'tuned ms':>9} {'plain ms':>9} {'time x':>7} "
           f"{'target':>6} {'mem x':>6} {'target':>6}")
 
 
 def format_row(r: dict[str, Any]) -> str:
+    """Format one line of the routes' table (under `HEADER`).
+
+    Args:
+        r: a row of `run`.
+
+    Returns:
+        The line, flagged when a target is missed, and marked as not representative when the tuned run skipped
+        steps or its loss is not finite.
+    """
     flag = "" if r["time_ok"] and r["memory_ok"] else "  <-- above target"
     if r.get("skipped_steps") or not math.isfinite(r.get("final_loss", 0.0)):
         flag += "  (diverged: skipped steps, timing not representative)"
@@ -499,11 +676,22 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from the command line (`--help` lists the options); print the table, optionally a JSON.
+
+    Rows are printed to stderr as they are measured and the whole table to stdout at the end. Unknown models or
+    monitor bases print the usage and exit with status 2 (`argparse`'s `parser.error`).
+
+    Args:
+        argv: the arguments, without the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,cnn,gpt", type=lambda s: s.split(","),
                         help="comma-separated subset of mlp,cnn,gpt")
     parser.add_argument("--size", default="small", choices=sorted(SIZES),
-                        help="small (CPU, default), gpu (SPEC section 4 models), gpt2-124m (GPT-2 124M, others small), "
+                        help="small (CPU, default), gpu (the CDAT paper's model sizes), gpt2-124m (GPT-2 124M, others small), "
                              "tiny (smoke tests)")
     parser.add_argument("--base", default="sgd", choices=("sgd", "adam"))
     parser.add_argument("--lr", type=float, default=None, help="plain optimizer's learning rate")

@@ -1,39 +1,44 @@
 """Cost of curvature-aware tuning in PyTorch: tuned step / plain step, peak memory, route accuracy.
 
 For each model (an MLP, a ResNet-18-style CNN with GroupNorm, GPT-2 built from a config) and each
-curvature route, this times the tuned step (``CurvatureTuner`` + ``CDAT(scale=2)``) against the plain
-step of the same optimizer in the same process, for ``probe_every`` in {1, 10}, measures the peak
+curvature route, this times the tuned step (`CurvatureTuner` + `CDAT(scale=2)`) against the plain
+step of the same optimizer in the same process, for `probe_every` in {1, 10}, measures the peak
 memory of both, compares each route's u^T H u with the exact double-backward value at the same
 point, and measures the cost of sharpness tracking (warm-started power iteration every
-``--track-every`` steps) as a fraction of training time. Ratios are the figures that matter (SPEC
-section 9): tuned / plain <= 2.1 probing every step, <= 1.12 every 10 steps, memory <= 1.3x,
+`--track-every` steps) as a fraction of training time. Ratios are the figures that matter; the targets
+(`TARGETS`): tuned / plain <= 2.1 probing every step, <= 1.12 every 10 steps, memory <= 1.3x,
 tracking <= 5% of training time. CPU figures are for regressions; absolute times only count on a GPU.
 
-``--monitor`` measures the sharpness monitor instead (``CurvatureTuner(optimizer, None, monitor_budget=0.05)``,
+`--monitor` measures the sharpness monitor instead (`CurvatureTuner(optimizer, None, monitor_budget=0.05)`,
 monitoring only) with plain SGD and Adam on every model: the time per step of the monitored run over a plain step
-(``optimizer.step``, no tuner) in the same process, in alternating blocks of whole monitoring periods (plain, tuner
+(`optimizer.step`, no tuner) in the same process, in alternating blocks of whole monitoring periods (plain, tuner
 without monitor, monitored; the order rotates between repeats), the median over the repeats of each repeat's ratio,
 for the wall time and for the process's CPU time (robust to other jobs on a shared CPU); the target is 1.05. The
 interval between two blocks is not a training step: the monitor's step clock is restarted at each block (see
-:func:`measure_monitor`). Before each monitored block, lambda_max (and for Adam the preconditioned lambda_max) is
+`measure_monitor`). Before each monitored block, lambda_max (and for Adam the preconditioned lambda_max) is
 computed to convergence at the run's weights and compared with the monitor's reading after the block's first step:
-the tracking error of the row (``--no-monitor-reference`` skips it).
+the tracking error of the row (`--no-monitor-reference` skips it).
 
 Peak memory of a configuration = the highest memory in use during one (probe) step after warm-up,
 minus the memory in use before its model was built: parameters, gradients, optimizer state and the
-step's transients. On a GPU it comes from ``torch.cuda.max_memory_allocated``; on CPU (Linux, glibc)
-from the process's resident-set high-water mark (``VmHWM`` in /proc/self/status, reset through
+step's transients. On a GPU it comes from `torch.cuda.max_memory_allocated`; on CPU (Linux, glibc)
+from the process's resident-set high-water mark (`VmHWM` in /proc/self/status, reset through
 /proc/self/clear_refs) over a step during which blocks above 128 kB are served by mmap and returned on
-free (``mallopt(M_MMAP_THRESHOLD)``; ``malloc_trim`` before each reading), so the resident set follows
-the tensors in use; every code path runs once first (:func:`prime`) so that library pages faulted in by
+free (`mallopt(M_MMAP_THRESHOLD)`; `malloc_trim` before each reading), so the resident set follows
+the tensors in use; every code path runs once first (`prime`) so that library pages faulted in by
 a first call are not charged to a configuration. CPU figures agree with a count of the tensors alive
-to within allocator slack (small models: a few MiB). Elsewhere, or with ``--no-cpu-memory``, CPU
+to within allocator slack (small models: a few MiB). Elsewhere, or with `--no-cpu-memory`, CPU
 memory is not reported.
+
+Model sizes (`--size`): `small` (default, CPU-sized): MLP 784-256-256-10 on a batch of 512, ResNet-18 width 16 on
+32 images of 3x32x32, GPT-2 with 2 layers, width 128, 4 heads, vocabulary 512 on 4 sequences of 128 tokens; `paper`
+(GPU): MLP 784-1024-1024-10 on 4096, ResNet-18 width 64 on 256 images, GPT-2 124M (`transformers`' default
+`GPT2Config`) on 8 sequences of 512 tokens; `tiny`: smoke tests. Inputs and labels are random (fixed seed).
 
     python benchmarks/torch_overhead.py                     # small models on CPU, fp32 (5-10 minutes)
     python benchmarks/torch_overhead.py --track-every 100 --json torch_cpu.json        # + tracking cost
     python benchmarks/torch_overhead.py --device cuda --size paper --dtypes fp32,bf16 --track-every 100 \
-        --json torch_gpu.json                                                          # SPEC sizes, GPU
+        --json torch_gpu.json                                                          # paper sizes, GPU
     python benchmarks/torch_overhead.py --models mlp --steps 2 --warmup 1              # smoke run
     python benchmarks/torch_overhead.py --monitor 0.05 --json torch_monitor.json       # monitor overhead (CPU)
 """
@@ -58,9 +63,12 @@ from eos_core import CDAT
 from eos_core.adapters.torch import CurvatureTuner, Objective, Oracle
 from eos_core.adapters.torch import vector_ops as vec
 
+#: the curvature routes measured by default (`--routes`)
 ROUTES = ("auto", "double-backward", "jvp-jvp", "jvp-grad", "fd-central", "fd-onesided")
+#: the cost targets: tuned / plain time per step probing every step and every 10 steps, tuned / plain peak memory,
+#: extra time of sharpness tracking (a fraction), and monitored / plain time per step
 TARGETS = {"every_step": 2.1, "every_10": 1.12, "memory": 1.3, "tracking": 0.05, "monitor": 1.05}
-#: the bases of the monitor's overhead rows (``--monitor``): plain SGD and Adam, whatever the model's own optimizer
+#: the bases of the monitor's overhead rows (`--monitor`): plain SGD and Adam, whatever the model's own optimizer
 MONITOR_BASES: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -71,6 +79,16 @@ MONITOR_BASES: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimi
 # models
 # ------------------------------------------------------------------------------------------------
 class BasicBlock(torch.nn.Module):
+    """ResNet basic block with GroupNorm (8 groups): two 3x3 convolutions and a skip connection.
+
+    The skip is a 1x1 convolution + GroupNorm when the stride or the width changes, else the identity.
+
+    Args:
+        cin: input channels.
+        cout: output channels (divisible by 8).
+        stride: stride of the first convolution (and of the skip's).
+    """
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -83,12 +101,28 @@ class BasicBlock(torch.nn.Module):
                                             torch.nn.GroupNorm(8, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block: `relu(norm2(conv2(relu(norm1(conv1(x))))) + skip(x))`.
+
+        Args:
+            x: (N, cin, H, W) inputs.
+
+        Returns:
+            (N, cout, H / stride, W / stride) outputs.
+        """
         y = torch.relu(self.norm1(self.conv1(x)))
         return torch.relu(self.norm2(self.conv2(y)) + self.skip(x))
 
 
 class ResNet18(torch.nn.Module):
-    """ResNet-18 for 32x32 inputs with GroupNorm (BatchNorm has no per-sample Hessian semantics)."""
+    """ResNet-18 for 32x32 inputs with GroupNorm (BatchNorm has no per-sample Hessian semantics).
+
+    A 3x3 stem, four stages of two basic blocks (widths `width` x 1, 2, 4, 8; stride 2 from the second stage on),
+    global average pooling and a linear head.
+
+    Args:
+        width: channels of the stem and the first stage (divisible by 8).
+        classes: number of classes.
+    """
 
     def __init__(self, width: int = 64, classes: int = 10) -> None:
         super().__init__()
@@ -103,11 +137,29 @@ class ResNet18(torch.nn.Module):
         self.head = torch.nn.Linear(cin, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Classify the images.
+
+        Args:
+            x: (N, 3, H, W) images (32x32 in this benchmark).
+
+        Returns:
+            (N, classes) logits.
+        """
         return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
 @dataclass
 class Workload:
+    """One benchmark model with its fixed batch, loss and optimizer.
+
+    Attributes:
+        name: the row label, with the sizes (e.g. `"MLP 784-256-256-10 (512)"`).
+        model: the model at its initial weights (copied for every configuration).
+        loss: `model -> scalar loss` on the workload's fixed batch (cross-entropy; GPT-2: its language-model loss).
+        optimizer: `parameters -> optimizer`, the model's base optimizer (MLP: SGD lr 0.1; ResNet: SGD lr 0.1,
+            momentum 0.9; GPT-2: AdamW lr 1e-4).
+    """
+
     name: str
     model: torch.nn.Module
     loss: Callable[[torch.nn.Module], torch.Tensor]
@@ -115,6 +167,17 @@ class Workload:
 
 
 def workloads(names: list[str], size: str, device: torch.device) -> list[Workload]:
+    """Build the benchmark's models and their fixed random batches (seed 0).
+
+    Args:
+        names: which models: any of `"mlp"`, `"cnn"`, `"gpt2"`.
+        size: `"small"`, `"paper"` or `"tiny"` (see the module docstring for the sizes).
+        device: where the batches live (the models are moved there by the caller).
+
+    Returns:
+        One workload per requested model, in the order mlp, cnn, gpt2; gpt2 is left out, with a message on stderr,
+        when `transformers` is not installed.
+    """
     paper, tiny = size == "paper", size == "tiny"
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -168,6 +231,24 @@ def workloads(names: list[str], size: str, device: torch.device) -> list[Workloa
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
+    """One route and `probe_every` on one model and dtype (the default measurement).
+
+    Attributes:
+        model: the workload's name.
+        dtype: `"fp32"` or `"bf16"` (autocast).
+        route: the configured curvature route.
+        probe_every: the tuner's `probe_every`.
+        time_ratio: tuned / plain time per step: medians with `probe_every=1`, means otherwise (the tuned run
+            timed over at least two probe cycles); NaN when the route fails on this model.
+        memory_ratio: tuned / plain peak memory of a step (measured with `probe_every=1` only); None when not
+            measured.
+        curvature_rel_error: |d - d_exact| / |d_exact| of the route's u^T H u (`curvature_error`); None when the
+            route cannot run.
+        curvature_scaled_error: |d - d_exact| / (||u|| ||H u||); None when the route cannot run.
+        resolved_route: the route the tuner used (what `"auto"` resolved to).
+        note: why the row has no timing (`"fails: ..."`), else empty.
+    """
+
     model: str
     dtype: str
     route: str
@@ -182,7 +263,7 @@ class Row:
 
 @dataclass
 class MonitorRow:
-    """The monitor's overhead on one model and base (``--monitor``)."""
+    """The monitor's overhead on one model and base (`--monitor`)."""
 
     model: str
     base: str
@@ -196,7 +277,7 @@ class MonitorRow:
     ratio: float  #: median over the repeats of (monitored block wall time / plain block wall time)
     ratio_spread: tuple[float, float]  #: min and max of the repeats' ratios
     tuner_ratio: float  #: the same for the tuner without the monitor (its fixed per-step cost)
-    cpu_ratio: float  #: ``ratio`` for the process's CPU time (robust to other jobs on a shared CPU)
+    cpu_ratio: float  #: `ratio` for the process's CPU time (robust to other jobs on a shared CPU)
     cpu_ratio_spread: tuple[float, float]
     cpu_tuner_ratio: float
     plain_cpu_ms: float  #: median plain step, CPU time
@@ -212,6 +293,18 @@ class MonitorRow:
 
 @dataclass
 class Report:
+    """Everything one invocation measured (written by `--json`).
+
+    Attributes:
+        device: the device, with the GPU's name on CUDA.
+        torch: torch's version.
+        rows: the route rows.
+        plain_ms: median plain step in milliseconds, by `"<model> <dtype>"`.
+        tracking: extra time of sharpness tracking as a fraction of training time, by `"<model> <dtype>"`
+            (`--track-every`).
+        monitor: the monitor rows (`--monitor`).
+    """
+
     device: str
     torch: str
     rows: list[Row] = field(default_factory=list)
@@ -221,11 +314,27 @@ class Report:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU.
+
+    Args:
+        device: the device the steps run on.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Time a training step, each one on its own, after untimed warm-up steps.
+
+    Args:
+        step: takes one training step.
+        device: the device (synchronised around each timed step).
+        warmup: untimed steps first.
+        steps: timed steps.
+
+    Returns:
+        The wall time of each timed step, in seconds.
+    """
     for _ in range(warmup):
         step()
     times = []
@@ -240,6 +349,19 @@ def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, ste
 
 def make_step(work: Workload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: str,
               device: torch.device, tuner: CurvatureTuner | None) -> Callable[[], None]:
+    """Build one training step: `(tuner or optimizer).step(closure)`, the closure computing the loss and gradient.
+
+    Args:
+        work: the workload (its loss).
+        model: the model being trained.
+        optimizer: its optimizer.
+        dtype: `"bf16"` runs the forward pass under bf16 autocast; anything else in full precision.
+        device: the device (the autocast's device type).
+        tuner: the tuner wrapping `optimizer`, or None for the plain step.
+
+    Returns:
+        A function of no argument that takes one step.
+    """
     autocast = dtype == "bf16"
 
     def closure() -> torch.Tensor:
@@ -256,8 +378,16 @@ def make_step(work: Workload, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 class MemoryMeter:
-    """Bytes in use now and the peak since :meth:`reset`: CUDA allocator statistics on a GPU, the resident
-    set (current and high-water mark) of this process on Linux CPUs; ``available`` is False elsewhere."""
+    """Bytes in use now and the peak since `reset`.
+
+    CUDA allocator statistics on a GPU; the resident set (current and high-water mark) of this process on Linux
+    CPUs with glibc; `available` is False elsewhere, or on CPU with `cpu=False`. On CPU the constructor sets glibc's
+    `M_MMAP_THRESHOLD` to `HEAP_THRESHOLD` (turning its adaptive threshold off).
+
+    Args:
+        device: the device whose memory is measured.
+        cpu: measure on CPU (False leaves glibc's allocator settings alone and reports nothing).
+    """
 
     def __init__(self, device: torch.device, *, cpu: bool = True) -> None:
         self.device = device
@@ -302,14 +432,23 @@ class MemoryMeter:
             self._libc.malloc_trim(0)  # give freed memory back, so the resident set is what is in use
 
     def current(self) -> float:
+        """Memory in use now, after a garbage collection (and on CPU `malloc_trim`).
+
+        Returns:
+            Bytes: allocated by CUDA's caching allocator on a GPU, the resident set (`VmRSS`) on CPU (0 when it
+            cannot be read).
+        """
         self._settle()
         if self.device.type == "cuda":
             return float(torch.cuda.memory_allocated(self.device))
         return float(self._status("VmRSS") or 0)
 
     def reset(self) -> None:
-        """Start measuring a peak. On CPU, blocks above 128 kB are then served by mmap and returned on free,
-        so the resident set follows the tensors in use instead of the heap's history."""
+        """Start measuring a peak.
+
+        On CPU, blocks above 128 kB are then served by mmap and returned on free, so the resident set follows the
+        tensors in use instead of the heap's history; the high-water mark is reset through `/proc/self/clear_refs`.
+        """
         if self.device.type != "cuda":
             self._mmap_threshold(self.MEASURE_THRESHOLD)
         self._settle()
@@ -320,7 +459,12 @@ class MemoryMeter:
                 f.write("5")
 
     def peak(self) -> float:
-        """The peak since :meth:`reset` (and, on CPU, back to the allocator settings of the timed steps)."""
+        """The peak since `reset` (and, on CPU, back to the allocator settings of the timed steps).
+
+        Returns:
+            Bytes: CUDA's `max_memory_allocated` on a GPU, the resident set's high-water mark (`VmHWM`) on CPU
+            (0 when it cannot be read).
+        """
         if self.device.type == "cuda":
             synchronize(self.device)
             return float(torch.cuda.max_memory_allocated(self.device))
@@ -330,7 +474,16 @@ class MemoryMeter:
 
 
 def peak_memory(step: Callable[[], None], meter: MemoryMeter, before: float) -> float | None:
-    """Peak memory of one step above ``before`` (the memory in use before the configuration's model existed)."""
+    """Peak memory of one step above `before` (the memory in use before the configuration's model existed).
+
+    Args:
+        step: takes one training step (run once here).
+        meter: the memory meter.
+        before: bytes in use before the configuration's model was built (`MemoryMeter.current`).
+
+    Returns:
+        The step's peak minus `before`, in bytes (at least 0); None when the meter is not available.
+    """
     if not meter.available:
         return None
     meter.reset()
@@ -344,9 +497,21 @@ def curvature_error(work: Workload, point: torch.nn.Module, route: str, dtype: s
 
     The point is the model after the plain run's steps (not the initialisation, where the curvature
     along the gradient of a transformer is close to 0 and relative errors say little), the direction
-    the gradient-descent one, u = -g. Returns ``(|d - d_exact| / |d_exact|, |d - d_exact| / (||u|| ||H u||))``:
-    the second is the error on the scale of the curvature along u (|u^T H u| <= ||u|| ||H u||), which stays
-    meaningful when u^T H u itself nearly cancels.
+    the gradient-descent one, u = -g.
+
+    Args:
+        work: the workload (its loss).
+        point: the model at the point of measurement (copied, not changed).
+        route: the curvature route to check.
+        dtype: `"bf16"` evaluates the loss under bf16 autocast.
+        device: the device.
+        reference: a cache shared by the routes of one point: the exact value (`"exact"`, u^T H u by double
+            backward) and `"scale"` (||u|| ||H u||) are computed on the first call and stored there.
+
+    Returns:
+        `(|d - d_exact| / |d_exact|, |d - d_exact| / (||u|| ||H u||))`: the second is the error on the scale of the
+        curvature along u (|u^T H u| <= ||u|| ||H u||), which stays meaningful when u^T H u itself nearly cancels.
+        None when the route raises on this model.
     """
     model = copy.deepcopy(point)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -377,9 +542,19 @@ def curvature_error(work: Workload, point: torch.nn.Module, route: str, dtype: s
 
 
 def prime(work: Workload, base: torch.nn.Module, dtype: str, device: torch.device, route_names: list[str]) -> None:
-    """Run every code path once on a throwaway copy, so that one-off allocations of a first call (library
-    pages faulted into the resident set on CPU, cuBLAS/cuDNN workspaces on a GPU) are not charged to
-    whichever configuration happens to run first."""
+    """Run every code path once on a throwaway copy, before any memory is measured.
+
+    One-off allocations of a first call (library pages faulted into the resident set on CPU, cuBLAS/cuDNN
+    workspaces on a GPU) are then not charged to whichever configuration happens to run first. Two plain steps,
+    then two tuned steps (`CDAT(scale=2)`) per route; a route that fails is ignored here.
+
+    Args:
+        work: the workload.
+        base: the model at its initial weights (copied).
+        dtype: `"fp32"` or `"bf16"`.
+        device: the device.
+        route_names: the routes to run.
+    """
     for route in (None, *route_names):
         model = copy.deepcopy(base)
         optimizer = work.optimizer(list(model.parameters()))
@@ -397,6 +572,20 @@ def prime(work: Workload, base: torch.nn.Module, dtype: str, device: torch.devic
 
 
 def run_model(work: Workload, args: argparse.Namespace, device: torch.device, report: Report) -> None:
+    """Measure one workload: the plain step, then every route and `probe_every`, per dtype; print and record rows.
+
+    Per dtype: time the plain step (`--warmup`, `--steps`) and its peak memory; at the weights it reached, check
+    each route's curvature against double backward; then, per route and `probe_every`, time the tuned step
+    (`CDAT(scale=2)`, at least two probe cycles) and, with `probe_every=1`, its peak memory. With `--track-every`,
+    also `measure_tracking`.
+
+    Args:
+        work: the workload.
+        args: the parsed command line (`routes`, `probe_every`, `dtypes`, `steps`, `warmup`, `track_every`,
+            `cpu_memory`).
+        device: the device.
+        report: receives the rows, the plain step times and the tracking costs.
+    """
     meter = MemoryMeter(device, cpu=args.cpu_memory)
     for dtype in args.dtypes:
         torch.manual_seed(0)
@@ -466,8 +655,19 @@ def measure_tracking(work: Workload, base: torch.nn.Module, dtype: str, device: 
                      args: argparse.Namespace) -> float:
     """Extra time of sharpness tracking every m steps (warm-started power iteration), as a fraction.
 
-    Steady state: the first measurement (a cold start from a random vector, up to ``sharpness_iters``
-    iterations) happens in the untimed warm-up; the timed ``2 m`` steps hold two warm-started ones.
+    Steady state: the first measurement (a cold start from a random vector, up to `sharpness_iters`
+    iterations) happens in the untimed warm-up; the timed `2 m` steps hold two warm-started ones. The plain
+    optimizer and the tracking tuner (`CurvatureTuner(optimizer, None, sharpness_every=m)`) each run once.
+
+    Args:
+        work: the workload.
+        base: the model at its initial weights (copied).
+        dtype: `"fp32"` or `"bf16"`.
+        device: the device.
+        args: the parsed command line (`track_every` = m, `warmup`).
+
+    Returns:
+        (tracked time / plain time) - 1 over the `2 m` timed steps, e.g. 0.03 for 3% more training time.
     """
     m = args.track_every
     results = {}
@@ -500,20 +700,34 @@ def measure_tracking(work: Workload, base: torch.nn.Module, dtype: str, device: 
 
 def measure_monitor(work: Workload, base: torch.nn.Module, device: torch.device, args: argparse.Namespace
                     ) -> list[MonitorRow]:
-    """Time per step of monitoring only (``CurvatureTuner(opt, None, monitor_budget=b)``) over a plain step.
+    """Time per step of monitoring only (`CurvatureTuner(opt, None, monitor_budget=b)`) over a plain step.
 
     Three runs from the same weights (plain optimizer, tuner without monitor, monitored tuner) are warmed up
-    past the monitor's cold start and first checks (``--monitor-warmup`` periods of k steps), then timed in
-    alternating blocks of whole periods (``block`` = k times enough periods to last ``--monitor-block`` steps),
-    the order rotating between ``--monitor-repeats`` repeats; each repeat gives a ratio (monitored block time /
+    past the monitor's cold start and first checks (`--monitor-warmup` periods of k steps), then timed in
+    alternating blocks of whole periods (`block` = k times enough periods to last `--monitor-block` steps),
+    the order rotating between `--monitor-repeats` repeats; each repeat gives a ratio (monitored block time /
     plain block time, taken minutes apart at most), and the row reports their median, for the wall time and for
     the process's CPU time. On a CPU shared with other jobs the wall time mostly measures the scheduler; the CPU
-    time of a single-threaded run (``OMP_NUM_THREADS=1``) is what the step costs on an idle core (on a GPU only
+    time of a single-threaded run (`OMP_NUM_THREADS=1`) is what the step costs on an idle core (on a GPU only
     the wall time means something). The monitor measures the training step as the interval between two optimizer
     steps: the gap between two of its blocks (the other runs' blocks) is not a training step, so its step clock
-    restarts at each block (``_last_start``: without it, the interval holding the other blocks enters its EMA of the
+    restarts at each block (`_last_start`: without it, the interval holding the other blocks enters its EMA of the
     step time, its cost estimate drops and it ticks more often than in training: 44% more products on the MLP with
     blocks of 150 steps between pauses of two blocks).
+
+    Unless `--no-monitor-reference` is given, before each timed monitored block lambda_max (and for Adam the
+    preconditioned lambda_max) is computed to convergence (`exact_references`) and compared with the monitor's
+    reading after the block's first step.
+
+    Args:
+        work: the workload (its loss; the model's own optimizer is not used).
+        base: the model at its initial weights (copied for each run).
+        device: the device.
+        args: the parsed command line (`monitor` = the budget, `monitor_bases`, `monitor_block`,
+            `monitor_repeats`, `monitor_warmup`, `warmup`, `reference`).
+
+    Returns:
+        One row per base optimizer of `--monitor-bases` (plain SGD, Adam).
     """
     rows = []
     budget = args.monitor
@@ -621,9 +835,19 @@ def measure_monitor(work: Workload, base: torch.nn.Module, device: torch.device,
 
 
 def exact_references(tuner: CurvatureTuner, work: Workload) -> list[float]:
-    """``[lambda_max(H), lambda_max(P^{-1/2} H P^{-1/2})]`` at the tuner's current weights, to convergence (the
-    second NaN without a preconditioner): ARPACK to a relative 1e-5 on float32 double-backward products (the workload's
-    data is float32; ``_monitor_common.ExactTop``)."""
+    """The top eigenvalues at the tuner's current weights, to convergence: the references of the tracking error.
+
+    ARPACK to a relative 1e-5 on float32 double-backward products (the workload's data is float32;
+    `_monitor_common.ExactTop`). Restarts the monitor's step clock afterwards (this was not a training step).
+
+    Args:
+        tuner: the monitored tuner (its model and optimizer).
+        work: the workload (its loss).
+
+    Returns:
+        `[lambda_max(H), lambda_max(P^{-1/2} H P^{-1/2})]`, the second with Adam's preconditioner P; NaN when the
+        optimizer is not an Adam.
+    """
     from _monitor_common import ExactTop, Setup
 
     setup = Setup(work.name, tuner.model, tuner.optimizer, lambda _: None, lambda m, _: work.loss(m), True)
@@ -637,11 +861,22 @@ def exact_references(tuner: CurvatureTuner, work: Workload) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from the command line (`--help` lists the options); print the rows, optionally a JSON.
+
+    Invalid options (unknown route, dtype, model or base, a GPU asked for where there is none, a non-integer
+    `--probe-every`) print the usage and exit with status 2 (`argparse`'s `parser.error`).
+
+    Args:
+        argv: the arguments, without the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=("small", "paper", "tiny"), default="small",
-                        help="small: CPU-sized models; paper: the SPEC section 4 sizes (GPU); tiny: smoke tests")
+                        help="small: CPU-sized models; paper: the CDAT paper's model sizes (GPU); tiny: smoke tests")
     parser.add_argument("--models", default="mlp,cnn,gpt2", help="comma-separated subset of mlp,cnn,gpt2")
     parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated routes")
     parser.add_argument("--probe-every", default="1,10", help="comma-separated probe_every values")

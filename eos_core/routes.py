@@ -3,7 +3,8 @@
 Route names are shared by every adapter, so a diagnostics `route` entry means the same thing in
 PyTorch, JAX and Keras. Measured costs (multiples of one training step on an H100):
 forward-over-forward is 4-11x in PyTorch but 1.2-2.1x in JAX; one extra gradient (one-sided finite
-differences) is about 1.0-1.1x everywhere in fp32.
+differences, reusing the step's gradient) costs 1.0-1.2x a step on GPT-2 and the JAX MLP, but 1.84x on the
+PyTorch MLP and 3.31x on a ResNet-18.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""What a ``CurvatureTuner`` is built from, checked once: its settings, the law's request, the law's fit with
-the optimizer."""
+"""What a `CurvatureTuner` is built from, checked once: its settings, the law's request, the law's fit.
+
+The settings are validated by [`TunerSettings`][eos_core.settings.TunerSettings]; the law's request
+([`StatsRequest`][eos_core.request.StatsRequest]) says what the tuner measures; the law must fit the optimizer
+(the knobs it decides, a preconditioner for a preconditioned law) and the model must hold the optimizer's
+parameters.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +27,21 @@ PRECONDITIONED_NEEDS = frozenset({S.PRECONDITIONED_SHARPNESS, S.PRECONDITIONED_T
 
 
 def settings_from(settings: TunerSettings | None, options: Mapping[str, Any]) -> tuple[TunerSettings, int | None]:
-    """The validated settings (``options`` override ``settings``) and the deprecated ``lanczos_steps``.
+    """The validated settings (`options` override `settings`) and the deprecated `lanczos_steps`.
+
+    A deprecated option name in `options` (`power_iters`, `power_tol`, `initial_lr`) overrides the value of its
+    new name in `settings`. `lanczos_steps` warns with a DeprecationWarning (set it on the law instead).
+
+    Args:
+        settings: settings to start from (None: the defaults).
+        options: the tuner's keyword options, `lanczos_steps` included.
+
+    Returns:
+        `(settings, lanczos_steps)`: the checked settings, and the deprecated option's value (None when not
+        given).
 
     Raises:
-        ValueError: an unknown or invalid option, or ``settings`` that is not a ``TunerSettings``.
+        ValueError: an unknown or invalid option, or `settings` that is not a `TunerSettings`.
     """
     options = dict(options)
     lanczos_steps = options.pop("lanczos_steps", None)
@@ -46,8 +62,16 @@ def settings_from(settings: TunerSettings | None, options: Mapping[str, Any]) ->
 
 
 def request_for(law: Law | None, lanczos_steps: int | None) -> StatsRequest:
-    """``law.request()`` (nothing for ``law=None``), with the deprecated tuner option ``lanczos_steps`` applied
-    to a DCAO law that leaves its own unset."""
+    """What the tuner measures for `law`: `law.request()`, with the deprecated tuner option `lanczos_steps` applied.
+
+    Args:
+        law: the tuning law, or None (measuring only).
+        lanczos_steps: the deprecated tuner option (None: not given). It applies to a DCAO law that leaves its own
+            `lanczos_steps` unset, raised to at least the number of eigenvalues the law asks for.
+
+    Returns:
+        The law's request; an empty `StatsRequest` (nothing to measure) for `law=None`.
+    """
     if law is None:
         return StatsRequest()
     request = law.request()
@@ -57,10 +81,16 @@ def request_for(law: Law | None, lanczos_steps: int | None) -> StatsRequest:
 
 
 def check_model_holds(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> None:
-    """The optimizer steps (some of) the model's parameters.
+    """Check that the optimizer steps (some of) the model's parameters.
+
+    Nothing is checked when `model` is None or not a `torch.nn.Module`, or when either side has no parameters.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        model: the model given to the tuner.
 
     Raises:
-        ValueError: ``model`` holds none of the optimizer's parameters: the wrong model, or an optimizer over
+        ValueError: `model` holds none of the optimizer's parameters: the wrong model, or an optimizer over
             copies of them (DeepSpeed ZeRO steps a flat partition of the parameters, which the tuner cannot read).
     """
     if model is None or not isinstance(model, torch.nn.Module):
@@ -75,10 +105,17 @@ def check_model_holds(optimizer: torch.optim.Optimizer, model: torch.nn.Module |
 
 
 def check_law_fits(optimizer: torch.optim.Optimizer, law: Law | None, request: StatsRequest) -> None:
-    """The optimizer has what the law decides (DCAO's knobs) and what it measures (a preconditioner).
+    """Check that the optimizer has what the law decides (DCAO's knobs) and what it measures (a preconditioner).
+
+    Args:
+        optimizer: the wrapped optimizer.
+        law: the tuning law (None: nothing to check).
+        request: the law's request (its `needs`).
 
     Raises:
-        ValueError: a knob or a preconditioner the optimizer lacks.
+        ValueError: the law decides `momentum` or `weight_decay` and the optimizer has no such setting, or it
+            measures the preconditioned sharpness or eigenvalues and the optimizer is not one with a diagonal
+            preconditioner (Adam, AdamW, RMSprop, Adagrad).
     """
     if law is None:
         return

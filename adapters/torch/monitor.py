@@ -1,26 +1,29 @@
-"""The PyTorch tuner's sharpness monitor (``monitor_budget``): streaming lambda_max within a share of training time.
+"""The PyTorch tuner's sharpness monitor (`monitor_budget`): streaming lambda_max within a share of training time.
 
-Each *tick* applies the Hessian (and, for an optimizer with a diagonal preconditioner, ``P^{-1/2} H P^{-1/2}``) once
-to the newest Lanczos vector of a warm-started restarted-Lanczos tracker (:mod:`eos_core.spectral.tracking`), so the
+Each *tick* applies the Hessian (and, for an optimizer with a diagonal preconditioner, `P^{-1/2} H P^{-1/2}`) once
+to the newest Lanczos vector of a warm-started restarted-Lanczos tracker ([`eos_core.spectral.tracking`][]), so the
 estimate follows the Hessian across training steps; between ticks the last estimate is reported with its age.
+The rules (edge, budget, which product, warning) are the core's, shared with the other adapters:
+[`eos_core.monitor`][].
 
 * **Where a tick runs.** In the optimizer's step *pre*-hook, after the tuner has read the step's gradient and
-  copied the parameters ``w`` (its copy of ``w`` for ``|u|``, made on every step anyway): there ``w`` and
-  ``g(w)`` (``.grad``, averaged by DDP, reduce-scattered by FSDP2) are at hand, so the one-sided finite difference
-  ``(g(w + h v) - g(w)) / h`` costs one gradient; the parameters are moved to ``w + h v`` in place and copied back
+  copied the parameters `w` (its copy of `w` for `|u|`, made on every step anyway): there `w` and
+  `g(w)` (`.grad`, averaged by DDP, reduce-scattered by FSDP2) are at hand, so the one-sided finite difference
+  `(g(w + h v) - g(w)) / h` costs one gradient; the parameters are moved to `w + h v` in place and copied back
   from the tuner's copy, bit for bit, without a copy of their own. With a clipped gradient
-  (``clipped_gradients``) ``g(w)`` is evaluated again. ``P`` is the optimizer's preconditioner as the previous step
-  left it (a step's own ``P`` exists only after the step); before the optimizer has state, the preconditioned
+  (`clipped_gradients`) `g(w)` is evaluated again. `P` is the optimizer's preconditioner as the previous step
+  left it (a step's own `P` exists only after the step); before the optimizer has state, the preconditioned
   tracker waits.
 * **Which product.** One-sided finite differences, checked against the exact product (double backward, with the
   math SDPA kernel if need be) at the 1st, 10th, 100th, ... tick; they are used until the next check only when
-  they agree to :data:`eos_core.monitor.CHECK_TOLERANCE` (ReLU networks keep the exact product). Sharded
-  parameters (FSDP2) always use finite differences (no exact route runs there); so does a model the exact route
-  cannot differentiate.
-* **When.** :class:`eos_core.spectral.tracking.MonitorBudget` measures ``t_step`` (the interval between optimizer
-  steps, monitoring excluded) and ``t_product``; a credit of ``monitor_budget * t_step`` per step pays for
-  products (:func:`eos_core.monitor.wants_tick`), so products come every ``k = ceil(t_product / (budget t_step))``
-  steps on average. On CUDA each tick synchronises the device before and after, to time it.
+  they agree to [`CHECK_TOLERANCE`][eos_core.monitor.CHECK_TOLERANCE] (ReLU networks keep the exact product).
+  Sharded parameters (FSDP2) always use finite differences (no exact route runs there); so does a model the exact
+  route cannot differentiate.
+* **When.** [`MonitorBudget`][eos_core.spectral.tracking.MonitorBudget] measures `t_step` (the interval between
+  optimizer steps, monitoring excluded) and `t_product`; a credit of `monitor_budget * t_step` per step pays for
+  products ([`wants_tick`][eos_core.monitor.wants_tick]), so products come every
+  `k = ceil(t_product / (budget t_step))` steps on average. On CUDA each tick synchronises the device before and
+  after, to time it.
 * **Saved state.** The trackers (Lanczos basis, tridiagonal entries, counters), the times, the credit and the
   warning's state travel in the optimizer's state dict with the rest of the tuner's state.
 """
@@ -47,20 +50,23 @@ from eos_core.spectral import preconditioned_operator
 from eos_core.spectral.tracking import MonitorBudget, TrackerState, tracker_age, tracker_init, tracker_step
 
 Vector = list[torch.Tensor]
-#: Lanczos vectors per tracker (restarted Lanczos over span{x, Hx}: see eos_core.spectral.tracking)
+#: Lanczos vectors per tracker (restarted Lanczos over span{x, Hx}: see `eos_core.spectral.tracking`)
 RESTART = 2
 #: The two trackers: lambda_max of H, of P^{-1/2} H P^{-1/2}
 OPERATORS = ("", "preconditioned_")
-#: Names of the saved basis vectors (``<operator>monitor_basis_<i>``)
+#: Names of the saved basis vectors (`<operator>monitor_basis_<i>`)
 VECTORS = tuple(f"{op}monitor_basis_{i}" for op in OPERATORS for i in range(RESTART))
 _NAN = math.nan
 
 
 class Monitor:
-    """The sharpness monitor of one :class:`~eos_core.adapters.torch.CurvatureTuner` (see the module docstring).
+    """The sharpness monitor of one [`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner] (see the module).
+
+    The tuner calls `start_step` and `step` in its pre-step hook, `warn_update` when it reports a step, and
+    `state_dict`, `vectors` and `load` with its checkpoints.
 
     Args:
-        settings: the tuner's settings (``monitor_budget`` is not None).
+        settings: the tuner's settings (`monitor_budget` is not None).
         space: the parameters' space.
         oracle: the tuner's oracle (its machine epsilon for finite differences, its gradient through FSDP).
         model: the model (the exact route's SDPA retry, buffers).
@@ -74,7 +80,7 @@ class Monitor:
         self.ops = vec.TorchOps(space=space if space.sharded else None)
         #: the times the schedule uses: the same on every rank (set at ticks from the ranks' mean)
         self.budget = MonitorBudget(float(settings.monitor_budget))
-        #: this rank's own step times (EMA), averaged over the ranks into ``budget`` at each tick
+        #: this rank's own step times (EMA), averaged over the ranks into `budget` at each tick
         self.local = MonitorBudget(float(settings.monitor_budget))
         self.exact_oracle = None if space.sharded else Oracle(routes.DOUBLE_BACKWARD, module=model, space=space,
                                                               fd_eps=settings.fd_eps, fd_above=None)
@@ -98,7 +104,7 @@ class Monitor:
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def start_step(self) -> None:
-        """At the pre-step hook of every step: the interval since the last one (minus monitoring) is a step time."""
+        """Record a step time, at the pre-step hook of every step: the interval since the last one minus monitoring."""
         now = time.perf_counter()
         if self._last_start is not None:
             self.local.record_step(now - self._last_start - self._spent)
@@ -106,7 +112,16 @@ class Monitor:
         self.ticked = (False, False)
 
     def tick_cost(self, operators: int) -> float:
-        """The cost of a tick in training steps (measured; the core's cost model before the first measurements)."""
+        """The cost of a tick in training steps.
+
+        Args:
+            operators: the number of operators the tick applies (1, or 2 with the preconditioned Hessian).
+
+        Returns:
+            `operators` times the cost of one product: measured, or before the first measurements the core's cost
+            model ([`COST_MODEL`][eos_core.monitor.COST_MODEL]: 1.1 steps for finite differences, 2.5 for the exact
+            product).
+        """
         cost = self.budget.cost
         if cost is None:
             cost = rules.COST_MODEL["exact" if self.exact else "fd"]
@@ -114,27 +129,36 @@ class Monitor:
 
     @property
     def every(self) -> float:
-        """``k``, the steady-state spacing of ticks (steps)."""
+        """`k`, the steady-state spacing of ticks in steps ([`every`][eos_core.monitor.every] of the tick's cost)."""
         return float(rules.every(self.tick_cost(self._operators_in_use()), self.budget.budget))
 
     def _operators_in_use(self) -> int:
         return 1 + int(self.trackers[1] is not None)
 
     def danger(self) -> bool:
-        """The latest lr x sharpness is beyond the warning threshold and the warning has not fired yet."""
+        """Whether the latest lr x sharpness is beyond the warning threshold and the warning has not fired yet.
+
+        Returns:
+            True when the latest lr x sharpness and the edge are finite, the value exceeds
+            `edge * (1 + monitor_margin)` ([`threshold`][eos_core.monitor.threshold]) and the monitor is not
+            already unstable: the monitor then ticks at every step, in debt if need be.
+        """
         edge = self.edge
         return (not self.unstable and math.isfinite(self.latest) and math.isfinite(edge)
                 and self.latest > rules.threshold(edge, self.settings.monitor_margin))
 
     def step(self, *, objective: Any, saved: Vector, clipped: bool, seed: int,
              preconditioner: Callable[[], Vector | None], wants_preconditioned: bool) -> None:
-        """Advance the trackers' ages and tick when the credit allows (before the optimizer's step, at ``w``).
+        """Advance the trackers' ages and tick when the credit allows (before the optimizer's step, at `w`).
+
+        Without an objective on a step that would tick, the monitor warns once (RuntimeWarning) and skips the
+        tick.
 
         Args:
             objective: the step's objective (None: no tick is possible on this step).
-            saved: the tuner's copy of ``w`` (the parameters are restored from it after each finite difference).
-            clipped: the step's ``.grad`` is clipped: finite differences evaluate ``g(w)`` again.
-            seed: the start vectors' seed (``seed`` for H, ``seed + 1`` for the preconditioned Hessian).
+            saved: the tuner's copy of `w` (the parameters are restored from it after each finite difference).
+            clipped: the step's `.grad` is clipped: finite differences evaluate `g(w)` again.
+            seed: the start vectors' seed (`seed` for H, `seed + 1` for the preconditioned Hessian).
             preconditioner: P as the optimizer's state holds it now (local tensors), or None.
             wants_preconditioned: the optimizer has a diagonal preconditioner (a second tracker).
         """
@@ -171,9 +195,11 @@ class Monitor:
         self.ticks += 1
 
     def _account(self, seconds: float, products: int, free: int) -> None:
-        """Charge a tick to the credit and update the times the schedule uses, from the mean over the data-parallel
-        ranks (one all-reduce of three numbers, at a tick, which every rank takes together): every rank then
-        takes the same decisions from the same numbers."""
+        """Charge a tick to the credit and update the times the schedule uses.
+
+        From the mean over the data-parallel ranks (one all-reduce of three numbers, at a tick, which every rank
+        takes together): every rank then takes the same decisions from the same numbers.
+        """
         local_step = self.local.step_time if self.local.step_time is not None else _NAN
         step_time, seconds, products = self.space.mean_loss([local_step, seconds, float(products)])
         if math.isfinite(step_time) and step_time > 0:
@@ -189,8 +215,12 @@ class Monitor:
     # -- one tick ------------------------------------------------------------------------------------------
     def _tick(self, objective: Any, saved: Vector, clipped: bool, seed: int,
               preconditioner: Callable[[], Vector | None] | None) -> tuple[int, int]:
-        """The products of one tick at ``w``: ``(made, free)``, checks included; ``free`` were a tracker's cold
-        start beyond its first product (not charged to the budget)."""
+        """Apply each tracker's operator at `w` (a cold tracker: several times).
+
+        Returns:
+            `(made, free)`: the products made, checks included, and how many of them were a tracker's cold start
+            beyond its first product (not charged to the budget).
+        """
         params = self.space.local()
         base = None if clipped else [g if g is not None else torch.zeros_like(p)
                                      for g, p in zip(self.space.grads(), params, strict=True)]
@@ -237,8 +267,14 @@ class Monitor:
         return products, free
 
     def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int) -> int:
-        """One product (a cold tracker: until the relative residual is below the cold-start tolerance); returns
-        the number of products."""
+        """Advance tracker `index` by one product (a cold tracker: until its residual is small).
+
+        A cold tracker runs up to `COLD_PRODUCTS` products, stopping once its relative residual is at most
+        `COLD_TOLERANCE` (after at least `RESTART` products).
+
+        Returns:
+            The number of products made.
+        """
         state = self.trackers[index]
         if state is None:
             like = [p.detach().to(torch.promote_types(p.dtype, torch.float32)) for p in params]
@@ -255,7 +291,7 @@ class Monitor:
         return made
 
     def _finite_difference(self, objective: Any, params: Vector, saved: Vector, base: Vector, v: Vector) -> Vector:
-        """``(g(w + h v) - g(w)) / h``; the parameters go back to ``w`` (the tuner's copy) bit for bit."""
+        """`(g(w + h v) - g(w)) / h`; the parameters go back to `w` (the tuner's copy) bit for bit."""
         space = self.space
         h = finite_difference_step(*space.scale_along(params, v), self.eps, central=False)
         if h == 0.0:
@@ -270,7 +306,7 @@ class Monitor:
         return list(torch._foreach_div(torch._foreach_sub(plus, list(base)), h))
 
     def _checked(self, fd: Callable[[Vector], Vector], exact: Callable[[Vector], Vector], v: Vector) -> Vector:
-        """Both products of ``v``; finite differences are kept when they agree with the exact product."""
+        """Both products of `v`; finite differences are kept when they agree with the exact product."""
         approximate = fd(v)
         try:
             reference = exact(v)
@@ -290,7 +326,17 @@ class Monitor:
 
     # -- report --------------------------------------------------------------------------------------------
     def reading(self, index: int) -> tuple[float, float, float, bool]:
-        """``(eigenvalue, relative residual, age, fresh)`` of tracker ``index`` (NaNs before its first product)."""
+        """The current estimate of one tracker.
+
+        Args:
+            index: 0 for lambda_max of H, 1 for lambda_max of `P^{-1/2} H P^{-1/2}`.
+
+        Returns:
+            `(eigenvalue, relative residual, age, fresh)`: the estimate, its relative residual
+            ([`relative_residual`][eos_core.monitor.relative_residual]), the steps since its last product, and
+            whether the tracker applied its operator on this step; `(NaN, NaN, NaN, False)` before its first
+            product.
+        """
         state = self.trackers[index]
         if state is None or int(state.products) == 0:
             return _NAN, _NAN, _NAN, False
@@ -300,10 +346,25 @@ class Monitor:
 
     def warn_update(self, *, fresh: bool, value: float, edge: float, step: int, what: str, warn: bool,
                     counted: bool | None = None) -> bool:
-        """The early-warning rule on this step's watched lr x sharpness; True while unstable.
+        """Apply the early-warning rule to this step's watched lr x sharpness.
 
-        ``fresh``: a new measurement was made; ``counted``: it enters the warning
-        (:func:`eos_core.monitor.counts_for_warning`; default ``fresh``)."""
+        The rule is [`warning_update`][eos_core.monitor.warning_update]: `monitor_patience` consecutive counted
+        measurements above `edge * (1 + monitor_margin)` make the monitor unstable and raise one RuntimeWarning
+        per episode (when `warn`).
+
+        Args:
+            fresh: a new measurement was made on this step.
+            value: the watched lr x sharpness (NaN when unknown).
+            edge: the optimizer's edge of stability (NaN: unknown, the rule is not applied).
+            step: the step index, for the warning's message.
+            what: the watched quantity's name, for the warning's message.
+            warn: raise the RuntimeWarning (False: only the state changes).
+            counted: the measurement enters the warning
+                ([`counts_for_warning`][eos_core.monitor.counts_for_warning]; default: `fresh`).
+
+        Returns:
+            Whether the monitor is unstable after this step (False when the edge is not finite).
+        """
         counted = fresh if counted is None else counted
         self.edge = edge
         if math.isfinite(value):
@@ -323,7 +384,13 @@ class Monitor:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every scalar of the monitor (JSON-friendly); the basis vectors come from :meth:`vectors`."""
+        """Every scalar of the monitor, for the tuner's checkpoint.
+
+        Returns:
+            A JSON-friendly dict: each tracker's tridiagonal entries and counters (None for a tracker not started),
+            the step and product times, the credit, the tick count, the product choice and the warning's state.
+            The basis vectors come from `vectors`.
+        """
         trackers = []
         for state in self.trackers:
             if state is None:
@@ -337,12 +404,17 @@ class Monitor:
         return {"trackers": trackers, "budget": self.budget.state_dict(), "local": self.local.state_dict(),
                 "credit": self.credit,
                 "ticks": self.ticks, "exact": self.exact, "exact_available": self.exact_available,
-"check": None if self.check is None else list(self.check),
+                "check": None if self.check is None else list(self.check),
                 "streak": self.streak, "unstable": self.unstable, "seen": self.seen, "latest": self.latest,
                 "edge": self.edge}
 
     def vectors(self) -> dict[str, Vector | None]:
-        """The trackers' basis vectors by name (:data:`VECTORS`; None for a tracker not started)."""
+        """The trackers' basis vectors by name, for the tuner's checkpoint.
+
+        Returns:
+            `{name: vector}` for each name of `VECTORS`: basis vector `i` of a tracker as local tensors shaped like
+            the parameters; None for a tracker not started.
+        """
         out: dict[str, Vector | None] = {}
         for op, state in zip(OPERATORS, self.trackers, strict=True):
             for i in range(RESTART):
@@ -350,7 +422,11 @@ class Monitor:
         return out
 
     def load(self, saved: Mapping[str, Any], vectors: Mapping[str, Vector | None]) -> None:
-        """Restore :meth:`state_dict` and :meth:`vectors` (vectors as local tensors).
+        """Restore what `state_dict` and `vectors` returned.
+
+        Args:
+            saved: the scalars (`state_dict`'s dict; missing entries take their initial values).
+            vectors: the basis vectors by name, as local tensors.
 
         Raises:
             ValueError: a tracker whose basis vectors are missing.

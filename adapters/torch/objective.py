@@ -1,21 +1,22 @@
 """The loss on the current batch as a function of the parameters: what every curvature probe evaluates.
 
-An :class:`Objective` wraps either a closure in torch's convention (zero the gradients, compute the
-loss, call ``backward()``, return the loss) or a plain loss function (return the loss, no
+An [`Objective`][eos_core.adapters.torch.Objective] wraps either a closure in torch's convention (zero the
+gradients, compute the loss, call `backward()`, return the loss) or a plain loss function (return the loss, no
 backward). Probes need the loss *with its graph*, so while a closure runs under
-:class:`BackwardCapture` its ``backward()`` call is recorded instead of executed (a
-``TorchFunctionMode``, the documented extension point; no user object is patched).
+[`BackwardCapture`][eos_core.adapters.torch.BackwardCapture] its `backward()` call is recorded instead of executed
+(a `TorchFunctionMode`, the documented extension point; no user object is patched).
 
 Each evaluation
 
 * replays the random-number state of the step's own forward pass when the tuner called the
-  closure itself (same dropout masks), inside ``torch.random.fork_rng`` so the user's random stream
+  closure itself (same dropout masks), inside `torch.random.fork_rng` so the user's random stream
   is the same as without probes;
-* hides the parameters' ``.grad`` (so a ``zero_grad()`` in the closure cannot touch the step's
+* hides the parameters' `.grad` (so a `zero_grad()` in the closure cannot touch the step's
   gradient) and puts them back afterwards;
 * leaves the model's buffers (BatchNorm running statistics) as they were, when the tuner knows the
-  model (:meth:`Objective.preserving_buffers` around a group of evaluations);
-* runs DDP models under ``no_sync()`` so probes never start a gradient reduction;
+  model ([`Objective.preserving_buffers`][eos_core.adapters.torch.Objective.preserving_buffers] around a group
+  of evaluations);
+* runs DDP models under `no_sync()` so probes never start a gradient reduction;
 * optionally forces the math kernel of scaled-dot-product attention (the flash and
   memory-efficient kernels cannot be differentiated twice).
 """
@@ -34,9 +35,11 @@ _LOW_PRECISION_EPS = {torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.flo
 
 
 class BackwardCapture(TorchFunctionMode):
-    """Records the tensor a closure calls ``backward`` on, without running the backward pass.
+    """Records the tensor a closure calls `backward` on, without running the backward pass.
 
-    It also notes the largest machine epsilon of a bf16/fp16 result along the way (``low_precision_eps``,
+    Used as a context manager around the closure: calls to `Tensor.backward` and `torch.autograd.backward` are
+    recorded in `captured` (the tensor, or the first of several) and return None; every other torch function runs
+    as usual. It also notes the largest machine epsilon of a bf16/fp16 result along the way (`low_precision_eps`,
     0 when every op computed in fp32 or better): under autocast the gradient is only that precise, and
     finite-difference steps must be sized for it.
     """
@@ -66,14 +69,26 @@ class BackwardCapture(TorchFunctionMode):
 
 
 def math_sdpa() -> contextlib.AbstractContextManager:
-    """Force PyTorch's math implementation of scaled-dot-product attention (twice differentiable)."""
+    """Force PyTorch's math implementation of scaled-dot-product attention (twice differentiable).
+
+    Returns:
+        A context manager (`torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`).
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
 
 
 def capture_rng(params: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """The CPU and CUDA random states, to replay a forward pass's randomness in probes."""
+    """The CPU and CUDA random states, to replay a forward pass's randomness in probes.
+
+    Args:
+        params: the parameters; the CUDA states are those of the devices they live on.
+
+    Returns:
+        `{"cpu": state}`, plus `"cuda": {device index: state}` when a parameter is on a CUDA device: the
+        `rng_state` argument of [`Objective`][eos_core.adapters.torch.Objective].
+    """
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     if devices:
@@ -89,14 +104,14 @@ class Objective:
     """The loss on the current batch, evaluated at the current parameters with its graph.
 
     Args:
-        fn: a closure (torch convention, calls ``backward``) or a loss function (no backward).
-        params: the parameters being optimised (their ``.grad`` is hidden during evaluations).
-        rng_state: random state to replay (from :func:`capture_rng` before the step's own forward).
-        module: the model, when known: its buffers are restored after each evaluation and a DDP
-            model runs under ``no_sync()``.
+        fn: a closure (torch convention, calls `backward`) or a loss function (no backward).
+        params: the parameters being optimised (their `.grad` is hidden during evaluations).
+        rng_state: random state to replay (from `capture_rng` before the step's own forward).
+        module: the model, when known: its buffers are restored by `preserving_buffers` and a DDP
+            model runs under `no_sync()`.
         loss_scale: multiply the loss by this before differentiating (GradScaler's scale under
-            float16 autocast); :meth:`scale` tells callers what to divide by.
-        sharded: the parameters are sharded by FSDP2 (see :meth:`value` and :meth:`backward_gradient`).
+            float16 autocast); the attribute `scale` tells callers what to divide by.
+        sharded: the parameters are sharded by FSDP2 (see `value` and `backward_gradient`).
     """
 
     def __init__(
@@ -117,7 +132,7 @@ class Objective:
         self.scale = float(loss_scale)
         self.math_sdpa = False
         #: largest bf16/fp16 machine epsilon among the results of the evaluations so far (0: none seen;
-        #: None: not evaluated yet). Autocast shows up here; see :class:`BackwardCapture`.
+        #: None: not evaluated yet). Autocast shows up here; see `BackwardCapture`.
         self.low_precision_eps: float | None = None
 
     @contextlib.contextmanager
@@ -146,8 +161,12 @@ class Objective:
     def preserving_buffers(self) -> Iterator[None]:
         """Restore the model's buffers (BatchNorm running statistics) after a group of evaluations.
 
-        Restoring happens once, at the end: the graphs of the evaluations inside must be released
-        by then (autograd saves some buffers and checks they were not modified).
+        A context manager. Restoring happens once, at the end: the graphs of the evaluations inside must be
+        released by then (autograd saves some buffers and checks they were not modified). Without `module` it
+        does nothing.
+
+        Yields:
+            None, once; the buffers are copied back when the block exits, also on an error.
         """
         if self.module is None:
             yield
@@ -176,7 +195,16 @@ class Objective:
         return loss.reshape(())
 
     def loss(self) -> torch.Tensor:
-        """The loss (times :attr:`scale`) with its graph, at the current parameters."""
+        """The loss (times `scale`) with its graph, at the current parameters.
+
+        Returns:
+            A 0-d tensor that can be differentiated (gradients enabled, `.grad` hidden, random state replayed).
+
+        Raises:
+            TypeError: the closure or loss function returned something other than a tensor and called no
+                `backward`.
+            ValueError: the loss has more than one element.
+        """
         with self._isolated(), torch.enable_grad():
             loss = self._call()
         return loss * self.scale if self.scale != 1.0 else loss
@@ -187,9 +215,16 @@ class Objective:
         With FSDP2-sharded parameters the evaluation must leave every FSDP module resharded: FSDP does not
         reshard the root module after its forward (it expects the backward to follow), and a later forward
         reuses gathered parameters that are still there, so it would not see the shards the tuner moves in place
-        (``torch/distributed/fsdp/_fully_shard/_fsdp_state.py``: the root's ``post_forward_mesh_info`` is None).
-        With the model known (``module``), its FSDP modules are resharded (``FSDPModule.reshard()``); without it,
+        (`torch/distributed/fsdp/_fully_shard/_fsdp_state.py`: the root's `post_forward_mesh_info` is None).
+        With the model known (`module`), its FSDP modules are resharded (`FSDPModule.reshard()`); without it,
         the loss is evaluated with a graph and a zero backward pass lets FSDP reshard (one backward more).
+
+        Returns:
+            The loss as a Python float (not multiplied by `scale`), this rank's own.
+
+        Raises:
+            TypeError: as `loss`.
+            ValueError: as `loss`.
         """
         if not self.sharded:
             with self._isolated(), torch.no_grad():
@@ -205,13 +240,21 @@ class Objective:
             return float(loss.detach())
 
     def backward_gradient(self) -> list[torch.Tensor]:
-        """The gradient at the current parameters by ``loss.backward()``, read from ``.grad`` (local shards of
-        DTensor parameters), divided by :attr:`scale`; the parameters' own ``.grad`` are put back afterwards.
+        """The gradient at the current parameters by `loss.backward()`, read from `.grad`.
 
-        The route to a gradient under FSDP2: its forward all-gathers the parameters and its backward hooks
-        reduce-scatter the gradient into the sharded parameters' ``.grad``, so the result is this rank's shard
-        of the gradient averaged over every data-parallel rank (``torch.autograd.grad`` cannot reach the
-        sharded parameters, which FSDP's forward does not use).
+        The gradient is divided by `scale`; the parameters' own `.grad` are put back afterwards. This is the route
+        to a gradient under FSDP2: its forward all-gathers the parameters and its backward hooks reduce-scatter
+        the gradient into the sharded parameters' `.grad`, so the result is this rank's shard of the gradient
+        averaged over every data-parallel rank (`torch.autograd.grad` cannot reach the sharded parameters, which
+        FSDP's forward does not use).
+
+        Returns:
+            One tensor per parameter (the local shard for a DTensor parameter), detached; zeros for a parameter
+            that gets no gradient.
+
+        Raises:
+            TypeError: as `loss`.
+            ValueError: as `loss`.
         """
         from eos_core.adapters.torch.sharding import local
 
@@ -226,13 +269,23 @@ class Objective:
         return out
 
     def call(self, function: Callable[[], Any]) -> Any:
-        """Run ``function`` (which evaluates this objective itself, e.g. a torch.func transform) isolated."""
+        """Run `function` isolated, as an evaluation of this objective is.
+
+        Inside: gradients enabled, the parameters' `.grad` hidden, the step's random state replayed, DDP's
+        `no_sync()` and the math SDPA kernel when set.
+
+        Args:
+            function: evaluates this objective itself (e.g. a `torch.func` transform of it).
+
+        Returns:
+            What `function` returns.
+        """
         with self._isolated(), torch.enable_grad():
             return function()
 
 
 def _fsdp_modules(module: torch.nn.Module | None) -> list[Any]:
-    """The FSDP2 modules (``fully_shard``) in ``module`` (none without it, or on a torch without FSDP2)."""
+    """The FSDP2 modules (`fully_shard`) in `module` (none without it, or on a torch without FSDP2)."""
     if module is None:
         return []
     try:
@@ -244,7 +297,18 @@ def _fsdp_modules(module: torch.nn.Module | None) -> list[Any]:
 
 @contextlib.contextmanager
 def shifted(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], step: float) -> Iterator[None]:
-    """Temporarily move the parameters to ``w + step * direction``; restores ``w`` exactly (a saved copy)."""
+    """Temporarily move the parameters to `w + step * direction`.
+
+    A context manager; `w` is restored exactly from a saved copy when the block exits, also on an error.
+
+    Args:
+        params: the parameters `w` (moved in place).
+        direction: the direction, shaped like `params`.
+        step: the multiple of `direction` to add.
+
+    Yields:
+        None, once, with the parameters at `w + step * direction`.
+    """
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -1,52 +1,54 @@
-"""Curvature oracles: u^T H u and H v by every route of :mod:`eos_core.routes`, with the "auto" fallback chain.
+"""Curvature oracles: u^T H u and H v by every route of `eos_core.routes`, with the "auto" fallback chain.
 
-Routes (names from :mod:`eos_core.routes`):
+Routes (names from [`eos_core.routes`][]; costs of one probe as multiples of a training step on an H100, from the
+README's table of the curvature routes):
 
-* ``double-backward`` (reverse-over-reverse): H u = grad(grad f . u). Exact; the cheapest exact
-  route in PyTorch (2.5-6.6x a training step on an H100, benchmarks/torch_overhead.py).
-* ``jvp-jvp`` (forward-over-forward, the paper's route) and ``jvp-grad`` (forward-over-reverse):
-  exact, through ``torch.func``; they need the model (``model=``) to call it functionally and cost
-  4-11x a step in PyTorch. PyTorch's forward-over-forward derivatives of ``layer_norm`` and
-  ``batch_norm`` are wrong (torch 2.13: the second directional derivative through them is off by
-  tens of percent), so the first ``jvp-jvp`` measurement is cross-checked against forward-over-
-  reverse and the route refuses to run (:class:`RouteUnavailable`) when they disagree. H v itself is always
-  computed forward-over-reverse.
-* ``fd-central``: (g(w + h u) - g(w - h u)) / 2h, two extra gradients.
-* ``fd-onesided``: (g(w + h u) - g(w)) / h reusing the step's own gradient g(w): one extra
-  gradient, about 1.0-1.1x a step, the cheapest route everywhere.
+* `double-backward` (reverse-over-reverse): H u = grad(grad f . u). Exact; the cheapest exact
+  route in PyTorch (2.5-6.6x a training step).
+* `jvp-jvp` (forward-over-forward, the paper's route) and `jvp-grad` (forward-over-reverse):
+  exact, through `torch.func`; they need the model (`model=`) to call it functionally and cost
+  3.4-11x a step in PyTorch. PyTorch's forward-over-forward derivatives of `layer_norm` and
+  `batch_norm` are wrong (torch 2.13: the second directional derivative through them is off by
+  tens of percent), so the first `jvp-jvp` measurement is cross-checked against forward-over-
+  reverse and the route refuses to run ([`RouteUnavailable`][eos_core.adapters.torch.RouteUnavailable]) when they
+  disagree. H v itself is always computed forward-over-reverse.
+* `fd-central`: `(g(w + h u) - g(w - h u)) / 2h`, two extra gradients.
+* `fd-onesided`: `(g(w + h u) - g(w)) / h` reusing the step's own gradient g(w): one extra
+  gradient, the cheapest route everywhere (1.07-1.11x a step on GPT-2 124M, 1.84x on an MLP, 3.31x on a
+  ResNet-18).
 
-``auto`` tries ``double-backward``; when an operator cannot be differentiated twice (flash or
-memory-efficient SDPA kernels, cuDNN RNNs, ops marked ``once_differentiable``, ...) it retries with the
-math SDPA kernel, then falls back to ``fd-onesided``. The first route that works is kept for the rest of
-training and reported in the diagnostics (``double-backward``, ``double-backward+sdpa-math`` or
-``fd-onesided``); the fallback is announced once with a warning. An exact route asked for by name also
+`auto` tries `double-backward`; when an operator cannot be differentiated twice (flash or
+memory-efficient SDPA kernels, cuDNN RNNs, ops marked `once_differentiable`, ...) it retries with the
+math SDPA kernel, then falls back to `fd-onesided`. The first route that works is kept for the rest of
+training and reported in the diagnostics (`double-backward`, `double-backward+sdpa-math` or
+`fd-onesided`); the fallback is announced once with a warning. An exact route asked for by name also
 retries with the math SDPA kernel (same route, the one attention kernel that supports it) before raising
-:class:`RouteUnavailable`.
+`RouteUnavailable`.
 
 Only an error that means "this route cannot differentiate this model" moves to the next route
-(:func:`is_route_unavailable`: :class:`RouteUnavailable`, raised by this module's own checks, and
+(`is_route_unavailable`: `RouteUnavailable`, raised by this module's own checks, and
 PyTorch's "derivative / forward AD not implemented" errors). Every other error, an error raised by the
-user's closure or loss function and ``torch.OutOfMemoryError`` included, propagates unchanged.
+user's closure or loss function and `torch.OutOfMemoryError` included, propagates unchanged.
 
-On every model (at least ``fd_above`` parameters, 1 by default; None turns it off) ``auto`` also measures
+On every model (at least `fd_above` parameters, 1 by default; None turns it off) `auto` also measures
 the 1st, 10th, 100th, ... exact probe by one-sided finite differences and, as soon as both agree to
-``fd_tolerance`` (1%), keeps finite differences from then on (checking again later matters: at
+`fd_tolerance` (1%), keeps finite differences from then on (checking again later matters: at
 initialisation u^T H u along -g nearly cancels on a transformer, and the two disagree there while
-they agree to 0.6% twenty steps later): one extra gradient instead of 2.5-6.5 training steps, and
+they agree to 0.6% twenty steps later): one extra gradient instead of 2.5-6.6 training steps, and
 about 1.2x memory instead of 1.4-2.3x (benchmarks/torch_overhead.py). Where they disagree (ReLU kinks, which
 finite differences see and autograd's Hessian does not; bf16 rounding; dropout not replayed) it stays
-exact. ``oracle.verification`` holds the two values that decided.
+exact. `oracle.verification` holds the two values that decided.
 
-With sharded parameters (FSDP2, :mod:`eos_core.adapters.torch.sharding`) only the finite-difference routes
+With sharded parameters (FSDP2, `eos_core.adapters.torch.sharding`) only the finite-difference routes
 run: their gradients come from backward passes through FSDP's hooks, which all-gather the parameters and
-reduce-scatter the gradient; ``auto`` is ``fd-onesided`` there and an exact route asked for by name is
+reduce-scatter the gradient; `auto` is `fd-onesided` there and an exact route asked for by name is
 refused when the oracle is built.
 
-Finite-difference steps follow :func:`eos_core.routes.finite_difference_step` with the parameter
-scale measured along the direction, ``sum_i |w_i| |u_i| / ||u||`` (:func:`vector_ops.scale_along`,
-Dennis and Schnabel's rule) instead of ``||w||``: the perturbation ``h u`` has norm
-``eps^(1/2) max(scale, 1)`` (one-sided; ``eps^(1/3)`` central), ``eps`` the dtype's machine epsilon.
-Along a transformer's gradient ``||w||`` is dominated by unit LayerNorm gains and grows with the
+Finite-difference steps follow [`finite_difference_step`][eos_core.routes.finite_difference_step] with the
+parameter scale measured along the direction, `sum_i |w_i| |u_i| / ||u||`
+([`parameter_scale_along`][eos_core.routes.parameter_scale_along], Dennis and Schnabel's rule) instead of `||w||`:
+the perturbation `h u` has norm `eps^(1/2) max(scale, 1)` (one-sided; `eps^(1/3)` central), `eps` the dtype's
+machine epsilon. Along a transformer's gradient `||w||` is dominated by unit LayerNorm gains and grows with the
 model, and the step it gives is far into the nonlinear range (one-sided error 8% on a 0.5M GPT-2
 at initialisation, 1.5% with the weighted scale; both are below 1e-3 on the test MLP, CNN and
 attention block).
@@ -66,7 +68,7 @@ from eos_core.adapters.torch.distributed import Reducer
 from eos_core.adapters.torch.objective import Objective, shifted
 from eos_core.adapters.torch.sharding import ParameterSpace
 from eos_core.routes import finite_difference_step
-from eos_core.settings import FD_ABOVE  # ``auto`` considers finite differences from this many parameters
+from eos_core.settings import FD_ABOVE  # `auto` considers finite differences from this many parameters
 
 #: torch.OutOfMemoryError (torch >= 2.5; torch.cuda.OutOfMemoryError before, the same class since)
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -78,10 +80,10 @@ Vector = list[torch.Tensor]
 class RouteUnavailable(RuntimeError):
     """A curvature route cannot differentiate this model (raised by the oracle's own checks).
 
-    Raised when the gradient goes through an operation marked ``once_differentiable`` (double backward
-    would silently drop its second-order terms), when ``jvp-jvp`` disagrees with forward-over-reverse
+    Raised when the gradient goes through an operation marked `once_differentiable` (double backward
+    would silently drop its second-order terms), when `jvp-jvp` disagrees with forward-over-reverse
     (PyTorch's forward-over-forward derivatives are wrong for some kernels), and, for a route asked for
-    by name, when every kernel variant of the route failed that way. ``route="auto"`` moves on to its
+    by name, when every kernel variant of the route failed that way. `route="auto"` moves on to its
     next route on this error; it never does on any other.
     """
 
@@ -97,11 +99,16 @@ _UNAVAILABLE_MESSAGES = (
 
 
 def is_route_unavailable(error: BaseException) -> bool:
-    """Whether ``error`` means "this route cannot differentiate this model" (so ``auto`` may try another).
+    """Whether `error` means "this route cannot differentiate this model" (so `auto` may try another).
 
-    True for :class:`RouteUnavailable` and for PyTorch's ``RuntimeError`` / ``NotImplementedError`` saying
-    that a derivative or a forward-mode formula is not implemented for an operation. False for
-    everything else: ``torch.OutOfMemoryError``, and any error the user's closure raises.
+    Args:
+        error: an exception raised while computing a curvature product.
+
+    Returns:
+        True for [`RouteUnavailable`][eos_core.adapters.torch.RouteUnavailable] and for PyTorch's `RuntimeError` /
+        `NotImplementedError` saying that a derivative or a forward-mode formula is not implemented for an
+        operation (or that it was marked `once_differentiable`). False for everything else:
+        `torch.OutOfMemoryError`, and any other error the user's closure raises.
     """
     if isinstance(error, RouteUnavailable):
         return True
@@ -112,7 +119,7 @@ def is_route_unavailable(error: BaseException) -> bool:
 
 
 def _is_power_of_ten(n: int) -> bool:
-    """1, 10, 100, ...: the exact probes at which ``auto`` checks finite differences (False for n < 1)."""
+    """1, 10, 100, ...: the exact probes at which `auto` checks finite differences (False for n < 1)."""
     if n < 1:
         return False
     while n % 10 == 0:
@@ -125,11 +132,17 @@ def _zeros_for_none(grads: Sequence[torch.Tensor | None], params: Sequence[torch
 
 
 def check_twice_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
-    """Raise if the gradient's graph goes through an op marked ``once_differentiable``.
+    """Check that the gradient's graph does not go through an op marked `once_differentiable`.
 
-    Such an op returns its gradient through a ``DelayedError`` node with no inputs, so a second
+    Such an op returns its gradient through a `DelayedError` node with no inputs, so a second
     backward pass does not fail: it silently drops every term behind that op. Walking the graph
-    once per route resolution turns that into an error the ``auto`` chain can fall back on.
+    once per route resolution turns that into an error the `auto` chain can fall back on.
+
+    Args:
+        grads: the gradient, computed with `create_graph=True` (None entries are skipped).
+
+    Raises:
+        RouteUnavailable: the graph holds an `Error` or `DelayedError` node.
     """
     seen: set[int] = set()
     stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
@@ -145,7 +158,22 @@ def check_twice_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
 
 
 def gradient(objective: Objective, params: Sequence[torch.Tensor]) -> Vector:
-    """The gradient of the objective at the current parameters (never touches ``.grad``)."""
+    """The gradient of the objective at the current parameters, by `torch.autograd.grad`.
+
+    It never touches `.grad`. Under data parallelism it is this rank's own gradient (not averaged).
+
+    Args:
+        objective: the loss on the current batch.
+        params: the parameters to differentiate with respect to.
+
+    Returns:
+        One detached tensor per parameter, divided by the objective's loss scale; zeros for a parameter the loss
+        does not depend on.
+
+    Raises:
+        TypeError: as [`Objective.loss`][eos_core.adapters.torch.Objective.loss].
+        ValueError: as [`Objective.loss`][eos_core.adapters.torch.Objective.loss].
+    """
     loss = objective.loss()
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     out = _zeros_for_none(grads, params)
@@ -155,7 +183,7 @@ def gradient(objective: Objective, params: Sequence[torch.Tensor]) -> Vector:
 
 
 class _FunctionalLoss(torch.nn.Module):
-    """Lets ``torch.func.functional_call`` swap the model's parameters while the objective runs."""
+    """Lets `torch.func.functional_call` swap the model's parameters while the objective runs."""
 
     def __init__(self, module: torch.nn.Module, objective: Objective) -> None:
         super().__init__()
@@ -184,22 +212,26 @@ def _functional(objective: Objective, params: Sequence[torch.Tensor], module: to
 
 
 class Oracle:
-    """Computes u^T H u and H v by one route (or resolves ``auto`` on first use and keeps the result).
+    """Computes u^T H u and H v by one route (or resolves `auto` on first use and keeps the result).
 
     Args:
-        route: a name from :data:`eos_core.routes.ALL`.
-        module: the model, for the ``jvp-*`` routes.
+        route: a name from [`eos_core.routes.ALL`][eos_core.routes.ALL].
+        module: the model, for the `jvp-*` routes.
         fd_eps: machine epsilon for finite-difference steps; default: the lowest precision the loss
             is computed in, the parameters' dtype or, under autocast, the bf16/fp16 of its results
             (noted while the objective runs; when nothing has run yet, the first finite difference
             evaluates the loss once without a gradient to find out).
-        reducer: averages per-rank measurements under data parallelism.
-        space: the parameters' :class:`~eos_core.adapters.torch.sharding.ParameterSpace` (default: whole
-            parameters, averaged by ``reducer``). With sharded (FSDP2) parameters only the finite-difference
-            routes run (``auto`` is ``fd-onesided``): gradients come from backward passes through FSDP's hooks.
+        reducer: averages per-rank measurements under data parallelism (default: `space`'s).
+        fd_above: `route="auto"` checks one-sided finite differences against the exact route only on models with
+            at least this many parameters (default 1: every model; None: never).
+        fd_tolerance: the relative agreement, `|fd - exact| <= fd_tolerance |exact|`, at which `auto` switches to
+            one-sided finite differences (default 1e-2).
+        space: the parameters' [`ParameterSpace`][eos_core.adapters.torch.ParameterSpace] (default: whole
+            parameters, averaged by `reducer`). With sharded (FSDP2) parameters only the finite-difference
+            routes run (`auto` is `fd-onesided`): gradients come from backward passes through FSDP's hooks.
 
     Raises:
-        ValueError: an unknown route; a ``jvp-*`` route without ``module``; an exact route on sharded parameters.
+        ValueError: an unknown route; a `jvp-*` route without `module`; an exact route on sharded parameters.
     """
 
     def __init__(self, route: str = routes.AUTO, *, module: torch.nn.Module | None = None,
@@ -222,16 +254,22 @@ class Oracle:
         self.fd_above = fd_above
         self.fd_tolerance = float(fd_tolerance)
         self.resolved: str | None = None
-        #: (exact value, finite-difference value) of the check that let ``auto`` switch to fd-onesided
+        #: (exact value, finite-difference value) of the check that let `auto` switch to fd-onesided
         self.verification: tuple[float, float] | None = None
-        #: exact probes measured by ``auto`` on a large model (checks run at 1, 10, 100, ...); checkpointed
+        #: exact probes measured by `auto` on a large model (checks run at 1, 10, 100, ...); checkpointed
         self.exact_probes = 0
         #: the bf16/fp16 epsilon the objective was last seen computing in (0: fp32 or better; None: unknown)
         self._low_precision_eps: float | None = None
 
     def restore_route(self, route: str | None) -> None:
-        """Keep ``route`` (a checkpoint's resolved route) for the rest of training. A route this oracle cannot run
-        is not kept: an exact route saved by an unsharded run, resumed on sharded parameters, resolves again."""
+        """Keep `route` (a checkpoint's resolved route) for the rest of training.
+
+        A route this oracle cannot run is not kept: an exact route saved by an unsharded run, resumed on sharded
+        parameters, resolves again. None (nothing resolved when the checkpoint was saved) changes nothing.
+
+        Args:
+            route: the resolved route, with its `+sdpa-math` suffix if any, or None.
+        """
         if route is None:
             return
         if self.space.sharded and route.removesuffix(SDPA_MATH) not in (routes.FD_ONESIDED, routes.FD_CENTRAL):
@@ -244,7 +282,7 @@ class Oracle:
             check_twice_differentiable(grads)
 
     def _eps(self, params: Sequence[torch.Tensor], objective: Objective | None = None) -> float:
-        """The machine epsilon finite-difference steps are sized for (see ``fd_eps``)."""
+        """The machine epsilon finite-difference steps are sized for (see `fd_eps`)."""
         if self.fd_eps is not None:
             return float(self.fd_eps)
         eps = max(torch.finfo(p.dtype).eps for p in params if p.is_floating_point())
@@ -271,10 +309,13 @@ class Oracle:
         return [self.route]
 
     def _run(self, objective: Objective, attempt: Callable[[str], object]) -> object:
-        """Run ``attempt(route)`` with the resolved route, or resolve the route by trying the candidates.
+        """Run `attempt(route)` with the resolved route, or resolve the route by trying the candidates.
 
-        While resolving, a candidate that raises an error of :func:`is_route_unavailable` gives way to the
+        While resolving, a candidate that raises an error of `is_route_unavailable` gives way to the
         next one; any other error propagates unchanged (the user's own errors, out of memory).
+
+        Returns:
+            What `attempt` returns for the first candidate that works (the route is then resolved to it).
 
         Raises:
             RouteUnavailable: when no candidate can differentiate the model.
@@ -300,7 +341,7 @@ class Oracle:
                                + "; ".join(errors)) from last
 
     def _resolve(self, candidate: str, errors: list[str]) -> None:
-        """Keep ``candidate`` for the rest of training; say so when ``auto`` had to fall back."""
+        """Keep `candidate` for the rest of training; say so when `auto` had to fall back."""
         self.resolved = candidate
         if errors and self.route == routes.AUTO:
             warnings.warn("eos_core curvature route 'auto' fell back to '" + candidate + "' (" + "; ".join(errors)
@@ -309,12 +350,28 @@ class Oracle:
     # -- u^T H u --------------------------------------------------------------------------------
     def curvature(self, objective: Objective, params: Sequence[torch.Tensor], u: Sequence[torch.Tensor], *,
                   grad_dot_u: float | None = None, norms: tuple[float, float] | None = None) -> float:
-        """u^T H u of the objective at the current parameters (averaged over data-parallel ranks).
+        """The curvature `u^T H u` of the objective at the current parameters, by the oracle's route.
 
-        ``grad_dot_u`` is g(w).u of the step's own (already averaged) gradient; ``fd-onesided``
-        needs it and reuses it instead of computing a second gradient. ``norms`` =
-        :func:`vector_ops.scale_along` ``(params, u)`` when the caller has it (it sets the
-        finite-difference step).
+        The first call resolves `auto` (and may warn once that it fell back). On `auto` with an exact route, the
+        1st, 10th, 100th, ... exact measurement is also made by one-sided finite differences, and the oracle
+        switches to them when the two agree to `fd_tolerance`.
+
+        Args:
+            objective: the loss on the current batch.
+            params: the parameters `w` (local tensors).
+            u: the direction, shaped like `params`.
+            grad_dot_u: `g(w) . u` of the step's own (already averaged) gradient; `fd-onesided` reuses it instead
+                of computing a second gradient (None: compute `g(w)` again, e.g. when the gradient was clipped).
+            norms: `(parameter scale along u, ||u||)` when the caller has them (as `ParameterSpace.scale_along`;
+                they set the finite-difference step); None: computed here.
+
+        Returns:
+            `u^T H u` as a Python float, averaged over data-parallel ranks; 0 when the finite-difference step is
+            0 (a zero or non-finite direction).
+
+        Raises:
+            RouteUnavailable: while the route is being resolved, no candidate (`auto`'s chain, or the route asked
+                for with and without the math SDPA kernel) can differentiate the model.
         """
         params, u = list(params), list(u)
 
@@ -417,8 +474,17 @@ class Oracle:
         return (plus - base) / h
 
     def gradient(self, objective: Objective, params: Sequence[torch.Tensor]) -> Vector:
-        """The objective's gradient at the current parameters (local shards of the data-parallel mean gradient
-        for sharded parameters, through FSDP's backward; else by ``torch.autograd.grad``, this rank's own)."""
+        """The objective's gradient at the current parameters, as the finite-difference routes need it.
+
+        Args:
+            objective: the loss on the current batch.
+            params: the parameters (local tensors).
+
+        Returns:
+            One tensor per parameter: for sharded parameters the local shards of the data-parallel mean gradient,
+            through FSDP's backward (`Objective.backward_gradient`); else this rank's own gradient by
+            `torch.autograd.grad` ([`gradient`][eos_core.adapters.torch.gradient]).
+        """
         if self.space.sharded:
             return objective.backward_gradient()
         return gradient(objective, params)
@@ -426,13 +492,33 @@ class Oracle:
     # -- H v ------------------------------------------------------------------------------------
     def hessian_operator(self, objective: Objective, params: Sequence[torch.Tensor], *,
                          base_grad: Sequence[torch.Tensor] | None = None) -> HessianOperator:
-        """A linear operator ``v -> H v`` at the current parameters, for power iteration / Lanczos."""
+        """A linear operator `v -> H v` at the current parameters, for power iteration and Lanczos.
+
+        Args:
+            objective: the loss on the current batch.
+            params: the parameters `w` (local tensors).
+            base_grad: `g(w)`, already averaged over data-parallel ranks, for one-sided finite differences to
+                reuse (None: each product computes it again).
+
+        Returns:
+            The operator; use it as a context manager, or call its `release`, to free the double-backward graph.
+        """
         return HessianOperator(self, objective, list(params), None if base_grad is None else list(base_grad))
 
 
 class HessianOperator:
-    """``v -> H v`` by the oracle's route. Double backward builds the gradient graph once and reuses it
-    for every product; call :meth:`release` (or use as a context manager) to free it."""
+    """The Hessian-vector product `v -> H v` at fixed parameters, by the oracle's route.
+
+    Double backward builds the gradient graph once and reuses it for every product; call `release` (or use the
+    operator as a context manager) to free it. Calling the operator on a vector (local tensors shaped like the
+    parameters) returns `H v`, averaged over data-parallel ranks; `products` counts the calls.
+
+    Args:
+        oracle: the oracle whose route (resolved on the first product when `auto`) computes the products.
+        objective: the loss on the current batch.
+        params: the parameters `w` (local tensors).
+        base_grad: `g(w)` for one-sided finite differences (None: computed for each product).
+    """
 
     def __init__(self, oracle: Oracle, objective: Objective, params: Vector, base_grad: Vector | None) -> None:
         self.oracle = oracle
@@ -450,9 +536,23 @@ class HessianOperator:
         self.release()
 
     def release(self) -> None:
+        """Free the double-backward graph (the next product builds it again)."""
         self._graph = None
 
     def __call__(self, v: Vector) -> Vector:
+        """The product `H v`.
+
+        Args:
+            v: a vector of local tensors shaped like the parameters.
+
+        Returns:
+            `H v` (divided by the objective's loss scale), averaged over data-parallel ranks; zeros when the
+            finite-difference step is 0.
+
+        Raises:
+            RouteUnavailable: while the route is being resolved, no candidate (`auto`'s chain, or the route asked
+                for with and without the math SDPA kernel) can differentiate the model.
+        """
         self.products += 1
         return self.oracle._run(self.objective, lambda route: self._apply(route, list(v)))  # type: ignore[return-value]
 

@@ -1,23 +1,22 @@
-"""The statistics a law consumes, measured at ``w`` on an instrumented step, and lambda_max tracking.
+"""The statistics a law consumes, measured at `w` on an instrumented step, and lambda_max tracking.
 
-:class:`Probes` measures exactly the names of ``law.request().needs`` (:mod:`eos_core.stats`), in a fixed
+`Probes` measures exactly the names of `law.request().needs` ([`eos_core.stats`][]), in a fixed
 order (lambda_max before Lanczos, so Lanczos starts from this step's power-iteration vector):
 
-* ``grad_dot_update`` g.u and ``grad_norm_sq`` |g|^2 from the step's own gradient (no extra pass);
-* ``curvature`` u^T H u by the oracle's route (one-sided finite differences reuse g(w).u unless the
+* `grad_dot_update` g.u and `grad_norm_sq` |g|^2 from the step's own gradient (no extra pass);
+* `curvature` u^T H u by the oracle's route (one-sided finite differences reuse g(w).u unless the
   optimizer stepped with a clipped gradient);
-* ``loss`` f(w) and ``trial_loss`` eta -> f(w + eta u), averaged over data-parallel ranks;
-* ``grad_prev_update_cosine`` cos(g_t, u_{t-1}); ``grad_dot_previous_update`` g_t.u_{t-1},
-  ``previous_update_curvature`` u_{t-1}^T H_t u_{t-1} (the oracle's route, at ``w_t``) and ``previous_lr``
+* `loss` f(w) and `trial_loss` eta -> f(w + eta u), averaged over data-parallel ranks;
+* `grad_prev_update_cosine` cos(g_t, u_{t-1}); `grad_dot_previous_update` g_t.u_{t-1},
+  `previous_update_curvature` u_{t-1}^T H_t u_{t-1} (the oracle's route, at `w_t`) and `previous_lr`
   (CDAT's previous-update numerator), u_{t-1} being the update of the last step taken, for lr 1;
-* ``sharpness`` / ``preconditioned_sharpness`` by power iteration, ``top_eigenvalues`` /
-  ``preconditioned_top_eigenvalues`` by Lanczos
-  (:class:`~eos_core.adapters.torch.spectral_estimates.SpectralEstimates`).
+* `sharpness` / `preconditioned_sharpness` by power iteration, `top_eigenvalues` /
+  `preconditioned_top_eigenvalues` by Lanczos (`eos_core.adapters.torch.spectral_estimates.SpectralEstimates`).
 
-Tracking (``sharpness_every``) reports lambda_max of H (and of the preconditioned H for adaptive
+Tracking (`sharpness_every`) reports lambda_max of H (and of the preconditioned H for adaptive
 optimizers), the alignment |cos(u, v_max)| and the products used; when the law measured lambda_max on the
 same step with settings at least as strict, its estimate is reused (one power iteration, not two).
-Every inner product is over all shards of sharded parameters (the parameters' ``ParameterSpace``).
+Every inner product is over all shards of sharded parameters (the parameters' `ParameterSpace`).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class Probes:
     """Measures a law's statistics and tracks lambda_max (see the module docstring).
 
     Args:
-        request: what the law asked for (``law.request()``).
+        request: what the law asked for (`law.request()`).
         oracle: the curvature oracle (u^T H u, Hessian-vector products).
         space: the parameters' space (sums over shards, means over data-parallel ranks).
         spectral: the warm-started spectral estimators.
@@ -58,27 +57,64 @@ class Probes:
 
     # -- the law's statistics ------------------------------------------------------------------------------
     def statistics(self, probe: Probe) -> dict[str, Any]:
-        """Every statistic of ``request.needs``, in a fixed order (lambda_max before Lanczos)."""
+        """Measure every statistic of `request.needs`, in a fixed order (lambda_max before Lanczos).
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The statistics by name ([`eos_core.stats`][]): floats, arrays of eigenvalues, and for `trial_loss` a
+            function of the lr.
+
+        Raises:
+            RuntimeError: a statistic that evaluates the loss, and the step has no objective (no closure, no
+                `set_objective`).
+        """
         return {name: measure(self, probe) for name, measure in self._STATISTICS.items()
                 if name in self.request.needs}
 
     def grad_dot_update(self, probe: Probe) -> float:
-        """g . u."""
+        """The directional derivative `g . u` of the step's own gradient along the update for lr 1."""
         return probe.at.grad_dot_delta / probe.at.eta_probe
 
     def grad_norm_sq(self, probe: Probe) -> float:
-        """|g|^2 (read with the step's inputs)."""
+        """The squared gradient norm `|g|^2`, read with the step's inputs (over every shard)."""
         return probe.pending.grad_sq
 
     def curvature(self, probe: Probe) -> float:
-        """u^T H u by the oracle; one-sided finite differences reuse g(w).u unless the gradient is clipped."""
+        """The curvature `u^T H u` along the update for lr 1, by the oracle's route.
+
+        One-sided finite differences reuse `g(w) . u` unless the gradient is clipped.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            `u^T H u`, averaged over data-parallel ranks.
+
+        Raises:
+            RuntimeError: the step has no objective.
+        """
         objective, at = probe.objective("u^T H u"), probe.at
         exact = None if probe.clipped else at.grad_dot_delta
         curvature = self.oracle.curvature(objective, at.params, at.delta, grad_dot_u=exact, norms=at.norms)
         return curvature / at.eta_probe**2
 
     def loss(self, probe: Probe) -> float:
-        """f(w), averaged over data-parallel ranks (already averaged when the parameters are sharded)."""
+        """The loss `f(w)` on the current batch, averaged over data-parallel ranks.
+
+        The step's own loss when the tuner read it (with sharded parameters it is already the mean over the
+        mesh), else one evaluation of the objective.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The mean loss over the data-parallel ranks.
+
+        Raises:
+            RuntimeError: the step's loss is unknown and the step has no objective.
+        """
         loss = probe.pending.loss
         if loss is None:
             loss = probe.objective("the loss").value()
@@ -87,7 +123,7 @@ class Probes:
         return self.space.mean_loss([loss])[0]
 
     def cosine(self, probe: Probe) -> float:
-        """cos(g_t, u_{t-1}); 0 on the first step."""
+        """The cosine `cos(g_t, u_{t-1})` of the gradient with the previous update; 0 on the first step."""
         previous = probe.previous_update
         if previous is None:
             return 0.0
@@ -96,15 +132,27 @@ class Probes:
         return along / denominator if denominator > 0 else 0.0
 
     def grad_dot_previous_update(self, probe: Probe) -> float:
-        """g_t . u_{t-1} (u_{t-1} for lr 1); NaN on the first step, when there is no previous update."""
+        """`g_t . u_{t-1}` (u_{t-1} for lr 1); NaN on the first step, when there is no previous update."""
         previous = probe.previous_update
         if previous is None:
             return math.nan
         return self.space.dots([(probe.at.grads, previous)])[0]
 
     def previous_update_curvature(self, probe: Probe) -> float:
-        """u_{t-1}^T H_t u_{t-1} at ``w_t`` on the current batch, by the oracle's route (NaN without a previous
-        update); one-sided finite differences reuse g_t . u_{t-1} unless the gradient is clipped."""
+        """The curvature `u_{t-1}^T H_t u_{t-1}` along the previous update, at `w_t` on the current batch.
+
+        By the oracle's route; one-sided finite differences reuse `g_t . u_{t-1}` unless the gradient is clipped.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            `u_{t-1}^T H_t u_{t-1}` (u_{t-1} for lr 1), averaged over data-parallel ranks; NaN without a previous
+            update, 0 for a zero one.
+
+        Raises:
+            RuntimeError: there is a nonzero previous update and the step has no objective.
+        """
         previous = probe.previous_update
         if previous is None:
             return math.nan
@@ -123,7 +171,18 @@ class Probes:
         return probe.previous_lr if probe.previous_update is not None else math.nan
 
     def trial_loss(self, probe: Probe) -> Callable[[Any], float]:
-        """``eta -> f(w + eta u)`` for line searches (averaged over data-parallel ranks)."""
+        """The trial loss `eta -> f(w + eta u)` for line searches (Armijo).
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            A function of the lr `eta` that evaluates the loss at `w + eta u` on the current batch (the parameters
+            go back to `w` afterwards) and returns its mean over the data-parallel ranks.
+
+        Raises:
+            RuntimeError: the step has no objective.
+        """
         objective, at = probe.objective("trial losses"), probe.at
 
         def trial_loss(eta: Any) -> float:
@@ -133,11 +192,32 @@ class Probes:
         return trial_loss
 
     def sharpness(self, probe: Probe) -> float:
-        """lambda_max(H) with the law's power-iteration settings."""
+        """The sharpness lambda_max(H) by warm-started power iteration.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The estimate, with the settings of the law's request (`power_iters`, `power_tol`); tracking on the
+            same step may reuse it.
+
+        Raises:
+            RuntimeError: the step has no objective.
+        """
         return self._law_power_iteration(probe, preconditioned=False)
 
     def preconditioned_sharpness(self, probe: Probe) -> float:
-        """lambda_max(P^{-1/2} H P^{-1/2}) with the law's power-iteration settings."""
+        """The preconditioned sharpness lambda_max(P^{-1/2} H P^{-1/2}) by warm-started power iteration.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The estimate, with the settings of the law's request (`power_iters`, `power_tol`).
+
+        Raises:
+            RuntimeError: the step has no objective, or the optimizer has no diagonal preconditioner.
+        """
         return self._law_power_iteration(probe, preconditioned=True)
 
     def _law_power_iteration(self, probe: Probe, *, preconditioned: bool) -> float:
@@ -147,11 +227,33 @@ class Probes:
         return estimate.eigenvalue
 
     def top_eigenvalues(self, probe: Probe) -> np.ndarray:
-        """The top-k eigenvalues of H (Lanczos)."""
+        """The top-k eigenvalues of H by Lanczos, warm-started.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The `k = min(num_eigenvalues, number of parameters)` largest eigenvalues (float64 array), from
+            `lanczos_steps_for(n)` Lanczos steps of the law's request; all NaN when non-finite products make the
+            eigensolver fail.
+
+        Raises:
+            RuntimeError: the step has no objective.
+        """
         return self._lanczos(probe, preconditioned=False)
 
     def preconditioned_top_eigenvalues(self, probe: Probe) -> np.ndarray:
-        """The top-k eigenvalues of P^{-1/2} H P^{-1/2} (Lanczos)."""
+        """The top-k eigenvalues of P^{-1/2} H P^{-1/2} by Lanczos, warm-started.
+
+        Args:
+            probe: the instrumented step.
+
+        Returns:
+            The `k` largest eigenvalues (float64 array), as for `top_eigenvalues`.
+
+        Raises:
+            RuntimeError: the step has no objective, or the optimizer has no diagonal preconditioner.
+        """
         return self._lanczos(probe, preconditioned=True)
 
     def _lanczos(self, probe: Probe, *, preconditioned: bool) -> np.ndarray:
@@ -177,7 +279,23 @@ class Probes:
 
     # -- tracking ------------------------------------------------------------------------------------------
     def track(self, probe: Probe, settings: TunerSettings) -> dict[str, float]:
-        """Tracked lambda_max of H (and of the preconditioned H for adaptive optimizers), alignment, products."""
+        """Track lambda_max of H (and of the preconditioned H for adaptive optimizers).
+
+        The law's estimate of this step is reused when its power iteration is at least as strict as tracking's
+        (`sharpness_iters`, `sharpness_tol`); otherwise power iteration runs with tracking's settings.
+
+        Args:
+            probe: the instrumented step.
+            settings: the tuner's settings.
+
+        Returns:
+            `sharpness` (lambda_max of H), `power_iterations` (the Hessian-vector products of that estimate),
+            `alignment` (`|cos(u, v_max)|`) and, for an optimizer with a diagonal preconditioner,
+            `preconditioned_sharpness`.
+
+        Raises:
+            RuntimeError: the step has no objective.
+        """
         estimate = self._tracked(probe, settings, preconditioned=False)
         out = {"sharpness": estimate.eigenvalue, "power_iterations": float(estimate.iterations),
                "alignment": self.spectral.alignment(probe.at.delta)}
@@ -191,8 +309,12 @@ class Probes:
         return request.power_iters >= settings.sharpness_iters and 0 < request.power_tol <= settings.sharpness_tol
 
     def _tracked(self, probe: Probe, settings: TunerSettings, *, preconditioned: bool) -> Estimate:
-        """Tracking's estimate: the law's own of this step when it is at least as strict (one power
-        iteration, not two), else a run with tracking's settings, warm from the law's eigenvector."""
+        """Tracking's estimate of lambda_max of H or of the preconditioned H.
+
+        Returns:
+            The law's own estimate of this step when it is at least as strict (one power iteration, not two),
+            else a run with tracking's settings, warm from the law's eigenvector.
+        """
         estimate = probe.pending.law_estimates.get(preconditioned)
         if estimate is not None and self._as_strict_as(settings):
             return estimate

@@ -1,13 +1,14 @@
 """lambda_max and the top-k eigenvalues of the Hessian (or of the preconditioned Hessian), warm-started.
 
-The core's estimators (:func:`eos_core.spectral.power_iteration`, :func:`eos_core.spectral.lanczos`; CDAT
-paper appendix C.4) iterate on Hessian-vector products from the oracle's route. :class:`SpectralEstimates`
-keeps one warm start per operator: the first time :func:`eos_core.spectral.random_start` (``seed`` for H,
-``seed + 1`` for ``P^{-1/2} H P^{-1/2}``, the same vector in every framework for the same parameter order;
-with sharded parameters each rank holds its shard of that same vector), afterwards the operator's last top
-eigenvector (power iteration's vector, or Lanczos's top Ritz vector when it is finite). Inner products go
-through the parameters' :class:`~eos_core.adapters.torch.sharding.ParameterSpace`, so with sharded
-parameters every v.Hv, norm and reorthogonalisation coefficient is summed over the shards.
+The core's estimators ([`power_iteration`][eos_core.spectral.power_iteration.power_iteration],
+[`lanczos`][eos_core.spectral.lanczos.lanczos]; CDAT paper appendix C.4) iterate on Hessian-vector products from
+the oracle's route. `SpectralEstimates` keeps one warm start per operator: the first time
+[`random_start`][eos_core.spectral.start.random_start] (`seed` for H, `seed + 1` for `P^{-1/2} H P^{-1/2}`, the
+same vector in every framework for the same parameter order; with sharded parameters each rank holds its shard of
+that same vector), afterwards the operator's last top eigenvector (power iteration's vector, or Lanczos's top Ritz
+vector when it is finite). Inner products go through the parameters'
+[`ParameterSpace`][eos_core.adapters.torch.ParameterSpace], so with sharded parameters every v.Hv, norm and
+reorthogonalisation coefficient is summed over the shards.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Vector = list[torch.Tensor]
 
 
 class SpectralEstimates:
-    """Warm-started spectral estimates of the Hessian at ``w`` (see the module docstring).
+    """Warm-started spectral estimates of the Hessian at `w` (see the module docstring).
 
     Args:
         oracle: gives the Hessian-vector products.
@@ -46,8 +47,16 @@ class SpectralEstimates:
         self.preconditioned_eigenvector: Vector | None = None
 
     def operator(self, probe: Probe, preconditioned: bool) -> tuple[HessianOperator, Callable[[Vector], Vector]]:
-        """``v -> H v`` at ``w`` (the context that releases its graph) and the operator to iterate on (H, or
-        ``P^{-1/2} H P^{-1/2}``).
+        """The Hessian at `w` and the operator to iterate on (H, or `P^{-1/2} H P^{-1/2}`).
+
+        Args:
+            probe: the instrumented step (its objective, `w`, gradient and preconditioner).
+            preconditioned: iterate on `P^{-1/2} H P^{-1/2}` instead of H.
+
+        Returns:
+            `(hessian, operator)`: the `v -> H v` operator at `w` (a context manager that releases its graph on
+            exit) and the operator to iterate on (`hessian` itself, or the preconditioned one built on it).
+            Finite-difference products reuse the step's gradient unless it was clipped.
 
         Raises:
             RuntimeError: no objective on this step; the preconditioned Hessian of an optimizer without a
@@ -65,15 +74,25 @@ class SpectralEstimates:
         return hessian, preconditioned_operator(hessian, precond, ops=self.ops)
 
     def warm_start(self, like: Vector, preconditioned: bool, seed: int) -> Vector:
-        """The operator's last top eigenvector; the first time, ``random_start(seed)`` for H and
-        ``random_start(seed + 1)`` for the preconditioned Hessian (the same start in every framework)."""
+        """The start vector of the operator's next estimate.
+
+        Args:
+            like: vectors shaped like the local parameters (the start's dtype and device).
+            preconditioned: the preconditioned Hessian's start rather than H's.
+            seed: the tuner's `seed` option.
+
+        Returns:
+            The operator's last top eigenvector; the first time, `random_start(seed)` for H and
+            `random_start(seed + 1)` for the preconditioned Hessian (the same start in every framework; this rank's
+            shard of it when the parameters are sharded).
+        """
         vector = self.preconditioned_eigenvector if preconditioned else self.eigenvector
         if vector is None:
             vector = self.space.random_start(seed + int(preconditioned), like)
         return vector
 
     def keep(self, preconditioned: bool, vector: Vector) -> None:
-        """Make ``vector`` the operator's warm start."""
+        """Make `vector` (detached) the operator's warm start."""
         vector = [v.detach() for v in vector]
         if preconditioned:
             self.preconditioned_eigenvector = vector
@@ -81,8 +100,22 @@ class SpectralEstimates:
             self.eigenvector = vector
 
     def power_iteration(self, probe: Probe, preconditioned: bool, max_iters: int, tol: float) -> Estimate:
-        """lambda_max of H (or of the preconditioned H) by power iteration from the warm start, which it updates
-        (power iteration keeps its vector where a product is not finite)."""
+        """lambda_max of H (or of the preconditioned H) by power iteration from the warm start, which it updates.
+
+        Power iteration keeps its vector where a product is not finite, so the warm start stays finite.
+
+        Args:
+            probe: the instrumented step.
+            preconditioned: estimate lambda_max of `P^{-1/2} H P^{-1/2}` instead of H.
+            max_iters: at most that many Hessian-vector products.
+            tol: stop when the Rayleigh quotient changes by at most this, relative (0: always `max_iters`).
+
+        Returns:
+            The estimate: the eigenvalue and the number of Hessian-vector products it used.
+
+        Raises:
+            RuntimeError: as `operator`.
+        """
         hessian, matvec = self.operator(probe, preconditioned)
         with hessian:
             result = power_iteration(matvec, self.warm_start(probe.at.params, preconditioned, probe.seed), tol=tol,
@@ -91,8 +124,23 @@ class SpectralEstimates:
         return Estimate(float(result.eigenvalue), int(result.iterations))
 
     def lanczos(self, probe: Probe, preconditioned: bool, k: int, num_steps: int) -> np.ndarray:
-        """The top-k eigenvalues by Lanczos from the operator's warm start; a finite top Ritz vector becomes the
-        warm start (of the next Lanczos, and of tracking). NaN when a product is not finite."""
+        """The top-k eigenvalues by Lanczos from the operator's warm start.
+
+        A finite top Ritz vector becomes the warm start (of the next Lanczos, and of power iteration and tracking).
+
+        Args:
+            probe: the instrumented step.
+            preconditioned: the eigenvalues of `P^{-1/2} H P^{-1/2}` instead of H.
+            k: how many of the largest (algebraic) eigenvalues.
+            num_steps: Lanczos steps (the Krylov basis holds that many vectors).
+
+        Returns:
+            The `k` largest eigenvalues, a float64 array; all NaN when non-finite products make the eigensolver
+            fail (`LinAlgError`).
+
+        Raises:
+            RuntimeError: as `operator`.
+        """
         hessian, matvec = self.operator(probe, preconditioned)
         with hessian:
             try:
@@ -106,7 +154,14 @@ class SpectralEstimates:
         return eigenvalues
 
     def alignment(self, delta: Vector) -> float:
-        """|cos(u, v_max)| (NaN without an update or an eigenvector)."""
+        """The alignment of the update with the top eigenvector of H, `|cos(u, v_max)|`.
+
+        Args:
+            delta: the update (any multiple of `u`: the cosine does not depend on its scale).
+
+        Returns:
+            `|<u, v_max>| / (||u|| ||v_max||)` over every shard; NaN without an eigenvector or for a zero update.
+        """
         vector = self.eigenvector
         if vector is None:
             return float("nan")

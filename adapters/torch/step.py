@@ -1,8 +1,8 @@
 """What one optimizer step carries from the tuner's pre-step hook to its post-step hook, and what its probes see.
 
-:class:`PendingStep` is the plan and the inputs of a step (made before the optimizer's own step);
-:class:`AtW` is what an instrumented step knows at ``w`` once the update ``D = eta_probe * u`` has been read
-off; :class:`Probe` is what the measurements of such a step work with. Vectors are lists of local tensors
+`PendingStep` is the plan and the inputs of a step (made before the optimizer's own step);
+`AtW` is what an instrumented step knows at `w` once the update `D = eta_probe * u` has been read
+off; `Probe` is what the measurements of such a step work with. Vectors are lists of local tensors
 (the parameters themselves, or this rank's shards of sharded parameters).
 """
 
@@ -19,7 +19,7 @@ from eos_core.adapters.torch.objective import Objective
 from eos_core.laws.base import LawOutput
 
 Vector = list[torch.Tensor]
-#: :attr:`PendingStep.preconditioner` before the preconditioner of the step was computed
+#: `PendingStep.preconditioner` before the preconditioner of the step was computed
 NOT_COMPUTED = object()
 
 
@@ -34,7 +34,7 @@ class Estimate(NamedTuple):
 class PendingStep:
     """One optimizer step, from the pre-step hook to the post-step hook.
 
-    Subclasses that override :meth:`CurvatureTuner._preconditioner` receive it; ``ratios`` (each param
+    Subclasses that override `CurvatureTuner._preconditioner` receive it; `ratios` (each param
     group's lr over the first group's on this step) is the stable part of it for them.
     """
 
@@ -43,16 +43,16 @@ class PendingStep:
     skipped: bool = False
     passthrough: bool = False  #: not a training step (torch.distributed.checkpoint's state initialisation)
     probe: bool = False  #: the law measures its statistics on this step
-    track: bool = False  #: lambda_max is tracked on this step (``sharpness_every``)
+    track: bool = False  #: lambda_max is tracked on this step (`sharpness_every`)
     record: bool = False  #: u is kept for the next step's probe (HyperGradient's cos(g_t, u_{t-1}))
-    instrumented: bool = False  #: the optimizer steps with ``eta_probe`` and the lr is decided afterwards
+    instrumented: bool = False  #: the optimizer steps with `eta_probe` and the lr is decided afterwards
     loss: float | None = None
     grad_sq: float = math.nan  #: |g|^2 of the step's gradient
     group_lrs: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     schedule: float = 1.0  #: the scheduler's factor (lr_mode="multiply")
     step_lr: float = 0.0  #: the first group's lr during the optimizer's step
-    eta_probe: float = 1.0  #: ``step_lr`` of an instrumented step
+    eta_probe: float = 1.0  #: `step_lr` of an instrumented step
     output: LawOutput | None = None  #: the law's decision, made before a direct step
     saved: Vector | None = None  #: w before the step (on an instrumented step, then D = eta_probe u)
     law_estimates: dict[bool, Estimate] = field(default_factory=dict)  #: the law's lambda_max, per operator
@@ -61,7 +61,7 @@ class PendingStep:
 
 @dataclass
 class AtW:
-    """What an instrumented step knows at ``w`` once the update has been read off."""
+    """What an instrumented step knows at `w` once the update has been read off."""
 
     params: Vector
     grads: Vector
@@ -75,8 +75,8 @@ class AtW:
 class Probe:
     """What the measurements of one instrumented step work with.
 
-    ``preconditioner()`` is the tuner's diagonal preconditioner of the step (computed at most once, None for
-    an optimizer without one); ``previous_update`` is u of the previous step when the law asked for it.
+    `preconditioner()` is the tuner's diagonal preconditioner of the step (computed at most once, None for
+    an optimizer without one); `previous_update` is u of the previous step when the law asked for it.
     """
 
     pending: PendingStep
@@ -86,10 +86,20 @@ class Probe:
     seed: int  #: seed of the spectral start vectors (seed + 1 for the preconditioned Hessian)
     preconditioner: Callable[[], Vector | None]
     previous_update: Vector | None = None
-    previous_lr: float = 0.0  #: the lr applied to ``previous_update``
+    previous_lr: float = 0.0  #: the lr applied to `previous_update`
 
     def objective(self, what: str) -> Objective:
-        """The step's objective; a clear error when the step has none (no closure, no ``set_objective``)."""
+        """The step's objective: the loss on the current batch.
+
+        Args:
+            what: what is measured, for the error message (e.g. `"u^T H u"`).
+
+        Returns:
+            The objective of the pending step.
+
+        Raises:
+            RuntimeError: the step has no objective (neither a closure nor `set_objective`).
+        """
         if self.pending.objective is None:
             raise RuntimeError(
                 f"{self.measuring} needs {what} on the current batch: call tuner.step(closure) with a closure that "
@@ -99,8 +109,20 @@ class Probe:
 
 
 def group_ratios(groups: list[dict[str, Any]], lrs: list[float]) -> list[float]:
-    """Each group's lr over the first group's; at a schedule's 0 (a warm-up's first step), the ratio of the
-    groups' base lrs (``"initial_lr"``), so an instrumented step still moves every group."""
+    """Each param group's lr relative to the first group's.
+
+    At a schedule's 0 (the first group's lr is 0, a warm-up's first step) the ratios of the groups' base lrs
+    (`"initial_lr"`, which torch schedulers record; else their lr) are used instead, so an instrumented step still
+    moves every group.
+
+    Args:
+        groups: the optimizer's param groups.
+        lrs: the groups' current lrs, in the same order.
+
+    Returns:
+        One ratio per group (the first is 1); 1 for every group when the first group's base lr is not positive
+        either.
+    """
     first = lrs[0]
     if first > 0:
         return [lr / first for lr in lrs]

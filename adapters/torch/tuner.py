@@ -1,55 +1,54 @@
-"""``CurvatureTuner``: any law of the core driving any torch optimizer whose step is linear in lr.
+"""`CurvatureTuner`: any law of the core driving any torch optimizer whose step is linear in lr.
 
-How a step works (the tuner attaches to the optimizer through ``register_step_pre_hook`` /
-``register_step_post_hook``, so ``optimizer.step()``, ``tuner.step()``, ``GradScaler.step`` and the
-trainers' own calls all go through it). Each stage is one method of :class:`CurvatureTuner`:
+How a step works (the tuner attaches to the optimizer through `register_step_pre_hook` /
+`register_step_post_hook`, so `optimizer.step()`, `tuner.step()`, `GradScaler.step` and the
+trainers' own calls all go through it). Each stage is one method of
+[`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner]:
 
 1. *Check the inputs* (before the step). With a closure, the tuner calls it once itself (recording the
    random state, so probes replay the same dropout masks) and hands the optimizer the resulting loss.
-   The loss, ``|g|`` and their finiteness are read in one synchronisation. A non-finite loss or
-   gradient skips the step: every ``.grad`` is set to None, which torch optimizers skip, so neither
+   The loss, `|g|` and their finiteness are read in one synchronisation. A non-finite loss or
+   gradient skips the step: every `.grad` is set to None, which torch optimizers skip, so neither
    the parameters nor the optimizer state change.
 2. *Plan*. The step index (skipped steps are not counted) decides whether the law probes
-   (``step % probe_every == 0``), whether lambda_max is tracked (``step % sharpness_every == 0``) and
+   (`step % probe_every == 0`), whether lambda_max is tracked (`step % sharpness_every == 0`) and
    whether the update must be kept for the next probe. Such a step is *instrumented*: every group's lr
-   is set to ``eta_probe * ratio_g`` (``eta_probe`` is the law's last lr, ``ratio_g`` the group's lr over
+   is set to `eta_probe * ratio_g` (`eta_probe` is the law's last lr, `ratio_g` the group's lr over
    the first group's, so per-group lr ratios are kept). Any other step is *direct*: the law decides
-   before the step (``law.hold``, or ``law.update`` for a law that needs no statistics) and the groups
-   get that lr. The parameters ``w`` are copied in both cases.
+   before the step (`law.hold`, or `law.update` for a law that needs no statistics) and the groups
+   get that lr. The parameters `w` are copied in both cases.
 3. *The optimizer's own step* advances its state exactly as usual and moves the parameters to
-   ``w + eta * u``.
-4. *Probe, track, decide, apply* (after an instrumented step). ``D = eta_probe * u`` is read off and
-   the parameters go back to ``w``. The statistics the law declares (:mod:`eos_core.stats`, listed by
-   ``law.request()``) are measured at ``w`` by :class:`~eos_core.adapters.torch.probes.Probes` (g.u from
-   the step's own gradient, u^T H u by the :class:`~eos_core.adapters.torch.oracles.Oracle`, lambda_max by
-   warm-started power iteration and top-k eigenvalues by Lanczos in
-   :class:`~eos_core.adapters.torch.spectral_estimates.SpectralEstimates`, trial losses, ...), averaged
-   across data-parallel ranks; lambda_max is tracked; the law decides ``eta`` and the parameters become
-   ``w + eta * u``. After a direct step ``|u| = |w_new - w| / eta`` is all that is measured.
-5. *Report*. :attr:`CurvatureTuner.diagnostics` gets exactly :func:`eos_core.diagnostics.keys_for`
-   ``(law)`` (NaN for what was not measured on the step) and the groups' lr settings are restored, so
-   lr schedulers keep working.
+   `w + eta * u`.
+4. *Probe, track, decide, apply* (after an instrumented step). `D = eta_probe * u` is read off and
+   the parameters go back to `w`. The statistics the law declares ([`eos_core.stats`][], listed by
+   `law.request()`) are measured at `w` by `Probes` (g.u from the step's own gradient, u^T H u by the
+   [`Oracle`][eos_core.adapters.torch.Oracle], lambda_max by warm-started power iteration and top-k
+   eigenvalues by Lanczos in `SpectralEstimates`, trial losses, ...), averaged across data-parallel ranks;
+   lambda_max is tracked; the law decides `eta` and the parameters become `w + eta * u`. After a direct step
+   `|u| = |w_new - w| / eta` is all that is measured.
+5. *Report*. [`CurvatureTuner.diagnostics`][eos_core.adapters.torch.CurvatureTuner.diagnostics] gets exactly
+   the keys of [`keys_for(law)`][eos_core.diagnostics.keys_for] (NaN for what was not measured on the step) and
+   the groups' lr settings are restored, so lr schedulers keep working.
 
-``lr_mode="multiply"`` multiplies the law's lr by the schedule factor ``lr_0(t) / lr_0(attach)`` of the
-first group (the shape of a user's scheduler on top of the tuner's scale); ``"override"`` (default)
+`lr_mode="multiply"` multiplies the law's lr by the schedule factor `lr_0(t) / lr_0(attach)` of the
+first group (the shape of a user's scheduler on top of the tuner's scale); `"override"` (default)
 ignores the optimizer's lr except for group ratios.
 
 The tuner's state (law state, step counters, resolved route, warm-start eigenvectors, previous update,
-last diagnostics) travels in the optimizer's own ``state_dict()`` (:mod:`eos_core.adapters.torch.checkpoint`:
-under the key ``"eos_core"``, and in the first param group and the per-parameter state, which
-``torch.distributed.checkpoint`` keeps), so every framework that checkpoints the optimizer checkpoints the
+last diagnostics) travels in the optimizer's own `state_dict()` (`eos_core.adapters.torch.checkpoint`:
+under the key `"eos_core"`, and in the first param group and the per-parameter state, which
+`torch.distributed.checkpoint` keeps), so every framework that checkpoints the optimizer checkpoints the
 tuner, and resuming is bit-identical.
 
-Sharded parameters (PyTorch FSDP2, ``fully_shard``: DTensor parameters) are tuned the same way on the local
+Sharded parameters (PyTorch FSDP2, `fully_shard`: DTensor parameters) are tuned the same way on the local
 shards: every sum over parameters is the all-reduced sum of the shards' partial sums and probes re-run the
 step's closure, whose forward and backward go through FSDP's all-gather and reduce-scatter
-(:mod:`eos_core.adapters.torch.sharding`); only the finite-difference routes run there.
+(`eos_core.adapters.torch.sharding`); only the finite-difference routes run there.
 
-The pieces: :mod:`~eos_core.adapters.torch.step` (what a step carries between the stages),
-:mod:`~eos_core.adapters.torch.probes` (the statistics), :mod:`~eos_core.adapters.torch.spectral_estimates`
-(power iteration, Lanczos, warm starts), :mod:`~eos_core.adapters.torch.checkpoint` (the saved state),
-:mod:`~eos_core.adapters.torch.sharding` (sums over shards), :mod:`~eos_core.adapters.torch.configuration`
-(settings and the law's fit with the optimizer).
+The pieces, modules of `eos_core.adapters.torch`: `step` (what a step carries between the stages), `probes` (the
+statistics), `spectral_estimates` (power iteration, Lanczos, warm starts), `checkpoint` (the saved state),
+`sharding` (sums over shards), `configuration` (settings and the law's fit with the optimizer), `monitor` (the
+sharpness monitor, `monitor_budget`).
 """
 
 from __future__ import annotations
@@ -97,63 +96,105 @@ _INTERNAL_SOURCES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
 
 
 class CurvatureTuner:
-    """Drive ``optimizer`` with a tuning law (CDAT by default in the docs: ``CDAT(scale=2.0)``).
+    """Drive `optimizer` with a tuning law (the docs' default: `CDAT(scale=2.0)`).
+
+    The tuner attaches to the optimizer's step hooks: train as usual with `optimizer.step()` or `tuner.step()`
+    (see the module docstring for what happens at each step). Give the loss on the batch with a closure,
+    `tuner.step(closure)`, or with `set_objective` before each step.
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` whose step is linear in lr (SGD with or without
+        optimizer: a `torch.optim.Optimizer` whose step is linear in lr (SGD with or without
             momentum/Nesterov, Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam).
-        law: a law from :mod:`eos_core.laws`, or None to leave the optimizer's lr alone and only
-            measure (``sharpness_every``).
-        model: the model; needed by the ``jvp-*`` routes, lets probes restore buffers (BatchNorm
-            running statistics) and run a DDP model under ``no_sync()``.
-        grad_scaler: the ``torch.amp.GradScaler`` in use, so probes scale their own backward passes.
+        law: a law from [`eos_core.laws`][], or None to leave the optimizer's lr alone and only
+            measure (`sharpness_every`, `monitor_budget`).
+        model: the model; needed by the `jvp-*` routes, lets probes restore buffers (BatchNorm
+            running statistics) and run a DDP model under `no_sync()`.
+        grad_scaler: the `torch.amp.GradScaler` in use, so probes scale their own backward passes.
         process_group: the data-parallel group (default: the world, when torch.distributed is initialised);
             with sharded parameters, the group the loss is averaged over (default: the parameters' mesh).
-        settings: a :class:`eos_core.settings.TunerSettings`; ``**options`` given as well override it.
-        **options: the options of :class:`~eos_core.settings.TunerSettings`, all supported here:
-            ``probe_every``, ``route`` (``"auto"`` picks double backward, falls back to the math SDPA
-            kernel, then to one-sided finite differences; on models with at least ``fd_above``
+        settings: a [`TunerSettings`][eos_core.settings.TunerSettings]; `**options` given as well override it.
+        **options: the options of [`TunerSettings`][eos_core.settings.TunerSettings], all supported here:
+            `probe_every`, `route` (`"auto"` picks double backward, falls back to the math SDPA
+            kernel, then to one-sided finite differences; on models with at least `fd_above`
             parameters it keeps one-sided finite differences once they agree with double backward to 1%,
-            checked at the 1st, 10th, 100th, ... probe; on sharded parameters only ``fd-onesided`` (what
-            ``auto`` is there) and ``fd-central`` run), ``sharpness_every``, ``sharpness_iters``,
-            ``sharpness_tol``, ``lr_mode``, ``warn`` (True or ``"jit"``: RuntimeWarnings for skipped steps
-            and law fallbacks; False: none, the counts stay in the diagnostics), ``skip_nonfinite``,
-            ``seed`` (the spectral start vectors: :func:`eos_core.spectral.random_start` with ``seed`` for
-            H, ``seed + 1`` for the preconditioned Hessian), ``fd_eps`` (default: the epsilon of the lowest
-            precision the loss is computed in, autocast included), ``reference_lr`` (``lr_0(attach)`` of
-            ``lr_mode="multiply"`` and the law's initial lr; default: the group's ``"initial_lr"``, which
-            torch schedulers record, else its lr), ``fd_above``, ``clipped_gradients`` (the optimizer
+            checked at the 1st, 10th, 100th, ... probe; on sharded parameters only `fd-onesided` (what
+            `auto` is there) and `fd-central` run), `sharpness_every`, `sharpness_iters`,
+            `sharpness_tol`, `lr_mode`, `warn` (True or `"jit"`: RuntimeWarnings for skipped steps
+            and law fallbacks; False: none, the counts stay in the diagnostics), `skip_nonfinite`,
+            `seed` (the spectral start vectors: [`random_start`][eos_core.spectral.start.random_start] with `seed`
+            for H, `seed + 1` for the preconditioned Hessian), `fd_eps` (default: the epsilon of the lowest
+            precision the loss is computed in, autocast included), `reference_lr` (`lr_0(attach)` of
+            `lr_mode="multiply"` and the law's initial lr; default: the group's `"initial_lr"`, which
+            torch schedulers record, else its lr), `fd_above`, `clipped_gradients` (the optimizer
             steps with a clipped gradient, not the objective's own: finite-difference routes evaluate
-            g(w) again; also an attribute, read at every step), ``linear_in_lr`` (drive an optimizer not in
-            the list above whose step is linear in lr). Deprecated: ``power_iters`` / ``power_tol``
-            (``sharpness_iters`` / ``sharpness_tol``), ``initial_lr`` (``reference_lr``) and
-            ``lanczos_steps`` (set ``DCAO(lanczos_steps=...)``; used only while the law leaves it unset).
+            g(w) again; also an attribute, read at every step), `linear_in_lr` (drive an optimizer not in
+            the list above whose step is linear in lr), `monitor_budget` (the share of training time the
+            sharpness monitor may take, in (0, 1]; None: off), `monitor_edge` (the edge of stability the early
+            warning compares lr x sharpness with; default: the optimizer's, NaN for an unknown optimizer, which
+            disables the warning), `monitor_margin` and `monitor_patience` (the warning fires after
+            `monitor_patience` consecutive measurements above `edge * (1 + monitor_margin)`). Deprecated:
+            `power_iters` / `power_tol` (`sharpness_iters` / `sharpness_tol`), `initial_lr` (`reference_lr`)
+            and `lanczos_steps` (set `DCAO(lanczos_steps=...)`; used only while the law leaves it unset).
 
     Raises:
-        ValueError: for an optimizer the tuner cannot drive, a law that needs what the optimizer lacks,
-            an invalid option (the message names it), an exact route on sharded parameters, FSDP1 parameters.
+        ValueError: for an optimizer the tuner cannot drive (not linear in lr, `maximize=True`), a `law` that is
+            not an eos_core law, an optimizer that already has a tuner attached, a law that needs what the
+            optimizer lacks, a model that holds none of the optimizer's parameters, an invalid option (the
+            message names it), an exact route on sharded parameters, FSDP1 parameters, or a checkpoint state
+            left in the optimizer that this tuner cannot take.
         RuntimeError: sharded (DTensor) parameters on a torch older than 2.7.
 
     Laws that decide momentum and weight decay (DCAO) track the first param group that has a non-zero
-    value and write ``value * ratio_g`` into group g, where ``ratio_g`` is the group's setting relative
+    value and write `value * ratio_g` into group g, where `ratio_g` is the group's setting relative
     to that group's when the tuner attaches (so a no-decay group for biases and norms stays at 0).
-    Momentum is SGD/RMSprop ``momentum`` or Adam-style ``betas[0]``.
+    Momentum is SGD/RMSprop `momentum` or Adam-style `betas[0]`.
 
-    After each step :attr:`diagnostics` holds exactly ``eos_core.diagnostics.keys_for(law)`` (see
-    :mod:`eos_core.diagnostics`): NaN for a value not measured on the step; on a skipped step the
-    previous step's values with ``skipped = 1``. :attr:`calls` counts the optimizer steps processed,
+    After each step `diagnostics` holds exactly [`keys_for(law)`][eos_core.diagnostics.keys_for] (see
+    [`eos_core.diagnostics`][]): NaN for a value not measured on the step; on a skipped step the
+    previous step's values with `skipped = 1`. `calls` counts the optimizer steps processed,
     skipped ones included (a trainer compares it before and after its step to tell whether the optimizer
     stepped).
 
-    :attr:`settings` holds the options; ``probe_every``, ``sharpness_every`` and ``clipped_gradients`` are
-    also attributes, settable between steps (checked when set). ``route``, ``fd_eps`` and ``fd_above`` are
-    fixed when the tuner is built; ``seed`` is read when a start vector is first drawn.
+    `settings` holds the options; `probe_every`, `sharpness_every` and `clipped_gradients` are
+    also attributes, settable between steps (checked when set). `route`, `fd_eps` and `fd_above` are
+    fixed when the tuner is built; `seed` is read when a start vector is first drawn.
 
     A tuner attached to an optimizer whose state was loaded from a checkpoint before the tuner existed (the
-    Hugging Face ``Trainer`` does that) picks up the tuner state that load left in the optimizer.
+    Hugging Face `Trainer` does that) picks up the tuner state that load left in the optimizer.
 
-    Extension point: a subclass may override :meth:`_preconditioner` (the diagonal preconditioner P of
+    Extension point: a subclass may override `_preconditioner` (the diagonal preconditioner P of
     the preconditioned sharpness, read after the optimizer's step); it is called at most once per step.
+
+    Attributes:
+        settings: the validated options ([`TunerSettings`][eos_core.settings.TunerSettings]).
+        diagnostics: the last step's diagnostics by name (empty before the first step).
+        calls: the optimizer steps processed, skipped ones included.
+        law_state: the law's state (None without a law); checkpointed.
+
+    Examples:
+        A least-squares model trained by SGD whose lr CDAT sets at every step. The closure follows torch's
+        convention: it zeroes the gradients, computes the loss, calls `backward()` and returns the loss.
+
+        >>> import torch
+        >>> from eos_core import CDAT
+        >>> from eos_core.adapters.torch import CurvatureTuner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 1)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> tuner = CurvatureTuner(torch.optim.SGD(model.parameters(), lr=0.1), CDAT(scale=2.0), model=model)
+        >>> def closure():
+        ...     tuner.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     loss = tuner.step(closure)
+        >>> tuner.diagnostics["step"], tuner.calls
+        (4, 5)
+        >>> tuner.route  # auto: double backward, then one-sided finite differences once they agree (a quadratic)
+        'fd-onesided'
+        >>> tuner.lr == tuner.diagnostics["lr"] > 0  # the lr CDAT chose for the last step
+        True
     """
 
     def __init__(
@@ -186,7 +227,7 @@ class CurvatureTuner:
         #: the warm-started spectral estimators (their eigenvectors are part of the checkpoint)
         self.spectral = SpectralEstimates(self.oracle, self.space)
         self.probes = Probes(self._request, self.oracle, self.space, self.spectral)
-        #: the sharpness monitor (``monitor_budget``; None when off)
+        #: the sharpness monitor (`monitor_budget`; None when off)
         self.monitor = (Monitor(self.settings, self.space, self.oracle, model)
                         if self.settings.monitor_budget is not None else None)
         self._keys = diag.keys_for(law)
@@ -204,7 +245,7 @@ class CurvatureTuner:
         self._objective_fn: Callable[[], Any] | None = None
         self._pending: PendingStep | None = None
         self._previous_update: Vector | None = None
-        self._previous_lr = 0.0  #: the lr applied to ``_previous_update``
+        self._previous_lr = 0.0  #: the lr applied to `_previous_update`
         self.diagnostics: dict[str, Any] = {}
         left = checkpoint.take_from_optimizer(optimizer, self._params())  # loaded before the tuner attached
         if left is not None:
@@ -221,22 +262,39 @@ class CurvatureTuner:
     # public API
     # ---------------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """``optimizer.step(closure)``: the closure (torch convention) re-evaluates the loss on the batch."""
+        """Take one optimizer step: `optimizer.step(closure)`, with the tuner's hooks.
+
+        Args:
+            closure: re-evaluates the loss on the batch in torch's convention (zero the gradients, compute the
+                loss, call `backward()`, return the loss); the tuner calls it once and probes re-evaluate it.
+                None: the gradient is already in `.grad` (then give probes the loss with `set_objective`).
+
+        Returns:
+            What `optimizer.step` returns: the closure's loss, or None without a closure.
+        """
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``optimizer.zero_grad(set_to_none)``."""
+        """Reset the gradients: `optimizer.zero_grad(set_to_none)`.
+
+        Args:
+            set_to_none: set each `.grad` to None instead of zeroing it (torch's default).
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def set_objective(self, loss_fn: Callable[[], torch.Tensor]) -> None:
-        """The loss on the current batch (returns the loss, no backward), for the next step's probes.
+        """Give the next step's probes the loss on the current batch.
 
-        Needed when the step is taken without a closure (``optimizer.step()``, ``GradScaler.step``,
+        Needed when the step is taken without a closure (`optimizer.step()`, `GradScaler.step`,
         trainer integrations). When the step also has a closure, the closure still computes the
-        step's gradient (and its random state is replayed), but probes evaluate ``loss_fn``. Used
-        once, then forgotten: set it before every step. With sharded parameters (FSDP2) ``loss_fn`` must
-        call the FSDP-wrapped model (its forward gathers the parameters; probes call ``backward`` on the
+        step's gradient (and its random state is replayed), but probes evaluate `loss_fn`. Used
+        once, then forgotten: set it before every step. With sharded parameters (FSDP2) `loss_fn` must
+        call the FSDP-wrapped model (its forward gathers the parameters; probes call `backward` on the
         loss, which reduce-scatters the gradient).
+
+        Args:
+            loss_fn: computes and returns the loss on the current batch at the current parameters (a scalar
+                tensor), without calling `backward`.
         """
         self._objective_fn = loss_fn
 
@@ -252,7 +310,7 @@ class CurvatureTuner:
 
     @property
     def route(self) -> str:
-        """The curvature route in use (the configured one until the first probe resolves it)."""
+        """The curvature route in use (the configured one, e.g. `"auto"`, until the first probe resolves it)."""
         return self.oracle.resolved or self.oracle.route
 
     @property
@@ -288,15 +346,27 @@ class CurvatureTuner:
         self.settings = self.settings.replace(_OWNER, clipped_gradients=value)
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state dict, which carries the tuner's state (:mod:`eos_core.adapters.torch.checkpoint`)."""
+        """The optimizer's state dict, which carries the tuner's state.
+
+        Returns:
+            `optimizer.state_dict()`: the tuner's state is under `"eos_core"`, in the first param group and in the
+            per-parameter state (the layout of `eos_core.adapters.torch.checkpoint`).
+        """
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``optimizer.load_state_dict``: restores the tuner's state too when the dict carries one."""
+        """Load an optimizer state dict, and the tuner's state too when the dict carries one.
+
+        Args:
+            state_dict: what `state_dict` (or `optimizer.state_dict()` with this tuner attached) returned.
+
+        Raises:
+            ValueError: as `load_tuner_state`, for a tuner state this tuner cannot take.
+        """
         self.optimizer.load_state_dict(state_dict)
 
     def load_tuner_state(self, saved: Mapping[str, Any]) -> None:
-        """Restore only the tuner's part of a checkpoint (``optimizer_state_dict["eos_core"]``).
+        """Restore only the tuner's part of a checkpoint (`optimizer_state_dict["eos_core"]`).
 
         For trainers that load the optimizer's state before the tuner can attach and keep the file (the
         tuner also picks up a state such a load left in the optimizer by itself). Reads the state of versions
@@ -304,11 +374,12 @@ class CurvatureTuner:
         state was stored as floats; integer counters are cast back).
 
         Args:
-            saved: the state: ``version``, ``law``, ``law_state``, ``step`` and ``reference_lr`` at least;
-                ``calls``, ``skipped_steps``, ``fallback_steps``, ``route``, ``exact_probes``,
-                ``hyperparam_ratios``, ``eigenvector``, ``preconditioned_eigenvector``,
-                ``previous_update`` and ``diagnostics`` when present. Vectors may be whole tensors, DTensors
-                or this rank's shards (sharded parameters take their shard of a whole tensor).
+            saved: the state: `version`, `law`, `law_state`, `step` and `reference_lr` at least;
+                `calls`, `skipped_steps`, `fallback_steps`, `route`, `exact_probes`, `previous_lr`,
+                `hyperparam_ratios`, `eigenvector`, `preconditioned_eigenvector`,
+                `previous_update`, `diagnostics` and `monitor` with the monitor's vectors when present. Vectors
+                may be whole tensors, DTensors or this rank's shards (sharded parameters take their shard of a
+                whole tensor).
 
         Raises:
             ValueError: for a state of an unknown (newer) version, of another law, lacking a required
@@ -329,24 +400,25 @@ class CurvatureTuner:
 
     def load_distributed_checkpoint(self, path: str | os.PathLike, model: torch.nn.Module, *,
                                     key: str | None = None) -> bool:
-        """Restore only the tuner's state from a ``torch.distributed.checkpoint`` folder that holds
-        ``get_optimizer_state_dict(model, optimizer)`` (under ``key`` of the saved dict, if given).
+        """Restore only the tuner's state from a `torch.distributed.checkpoint` folder.
 
+        The folder holds `get_optimizer_state_dict(model, optimizer)` (under `key` of the saved dict, if given).
         For frameworks that load the optimizer's state before the tuner attaches *and* build the load's template
-        from the optimizer without it (accelerate's ``load_fsdp_optimizer`` under FSDP2 with a sharded state dict
-        calls ``get_optimizer_state_dict`` before any callback runs, so the tuner's entries are not loaded). The
-        tuner's entries are read with the tuner's own layout as the template (a partial load).
+        from the optimizer without it (accelerate's `load_fsdp_optimizer` under FSDP2 with a sharded state dict
+        calls `get_optimizer_state_dict` before any callback runs, so the tuner's entries are not loaded). The
+        tuner's entries are read with the tuner's own layout as the template (a partial load). Every rank calls
+        it (the load is collective).
 
         Args:
             path: the checkpoint folder.
             model: the (sharded) model the optimizer's parameters belong to.
-            key: the key the optimizer state dict was saved under (accelerate: ``"optimizer"``).
+            key: the key the optimizer state dict was saved under (accelerate: `"optimizer"`).
 
         Returns:
             Whether a tuner state was found and restored.
 
         Raises:
-            ValueError: as :meth:`load_tuner_state`, for a state this tuner cannot take.
+            ValueError: as `load_tuner_state`, for a state this tuner cannot take.
         """
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -387,18 +459,31 @@ class CurvatureTuner:
     def _preconditioner(self, pending: PendingStep) -> Vector | None:
         """The diagonal preconditioner P (tensors shaped like the parameters) after this step, or None.
 
-        The preconditioned Hessian is ``P^{-1/2} H P^{-1/2}`` (Cohen et al. 2022, adaptive edge of
-        stability); ``pending.ratios`` are the param groups' lr ratios of the step (a group with ``ratio``
-        times the first group's lr has ``P / ratio``). Stable extension point: the Keras torch backend
+        The preconditioned Hessian is `P^{-1/2} H P^{-1/2}` (Cohen et al. 2022, "Adaptive gradient methods at the
+        edge of stability"); `pending.ratios` are the param groups' lr ratios of the step (a group with `ratio`
+        times the first group's lr has `P / ratio`). Stable extension point: the Keras torch backend
         overrides it with the Keras optimizer's preconditioner. Called at most once per step. DTensors (the
         optimizer state of sharded parameters) are reduced to their local shards by the caller.
+
+        Args:
+            pending: the step (its `ratios`).
+
+        Returns:
+            One tensor per trainable parameter, in the tuner's order; None for an optimizer without a diagonal
+            preconditioner.
         """
         return opt_info.preconditioner(self.optimizer, self._params_by_group(), pending.ratios)
 
     def _edge(self) -> tuple[float, bool]:
-        """The edge of stability the early warning uses and whether it bounds the preconditioned sharpness:
-        ``monitor_edge`` when given, else the optimizer's (:func:`eos_core.adapters.torch.optimizers.edge`).
-        Extension point like :meth:`_preconditioner` (the Keras torch backend reads the Keras optimizer)."""
+        """The edge of stability the early warning uses and whether it bounds the preconditioned sharpness.
+
+        Extension point like `_preconditioner` (the Keras torch backend reads the Keras optimizer).
+
+        Returns:
+            `(edge, preconditioned)`: `monitor_edge` when given, else the optimizer's
+            (`eos_core.adapters.torch.optimizers.edge`; NaN when unknown); `preconditioned` only when the tuner
+            has a preconditioner to measure with.
+        """
         found, preconditioned = opt_info.edge(self.optimizer)
         preconditioned = preconditioned and self._has_preconditioner()
         if self.settings.monitor_edge is not None:
@@ -414,8 +499,11 @@ class CurvatureTuner:
             type(self)._preconditioner is not CurvatureTuner._preconditioner)
 
     def _current_preconditioner(self, pending: PendingStep) -> Vector | None:
-        """P as the optimizer's state holds it now, as local tensors (not cached: before the step it is the
-        previous step's)."""
+        """P as the optimizer's state holds it now, as local tensors.
+
+        Returns:
+            The preconditioner's local tensors (not cached: before the step it is the previous step's), or None.
+        """
         found = self._preconditioner(pending)
         return None if found is None else [local(t) for t in found]
 
@@ -423,7 +511,7 @@ class CurvatureTuner:
         return [[p for p in group["params"] if p.requires_grad] for group in self.optimizer.param_groups]
 
     def _params(self) -> list[torch.Tensor]:
-        """The trainable parameters (DTensors when sharded; :meth:`ParameterSpace.local` gives their shards)."""
+        """The trainable parameters (DTensors when sharded; `ParameterSpace.local` gives their shards)."""
         return [p for group in self._params_by_group() for p in group]
 
     def _loss_scale(self) -> float:
@@ -433,8 +521,12 @@ class CurvatureTuner:
         return 1.0
 
     def _initial_reference_lr(self) -> float:
-        """``reference_lr``, else the first group's base lr (a scheduler created before the tuner keeps it in
-        ``"initial_lr"``: a warm-up from 0 sets the group's lr to 0), else its lr."""
+        """The lr the law starts from and `lr_mode="multiply"` divides by.
+
+        Returns:
+            `reference_lr`, else the first group's base lr (a scheduler created before the tuner keeps it in
+            `"initial_lr"`: a warm-up from 0 sets the group's lr to 0), else its lr.
+        """
         if self.settings.reference_lr is not None:
             return float(self.settings.reference_lr)
         first = self.optimizer.param_groups[0]
@@ -442,12 +534,12 @@ class CurvatureTuner:
         return float(base) if float(base) > 0 else float(first["lr"])
 
     def _warn(self, message: str) -> None:
-        """A bad-step RuntimeWarning, unless ``warn=False``, attributed to the caller's ``step`` line."""
+        """A bad-step RuntimeWarning, unless `warn=False`, attributed to the caller's `step` line."""
         if self.settings.warn is not False:
             warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
     def _sync_space(self) -> None:
-        """Follow the optimizer's parameters (``add_param_group`` between steps)."""
+        """Follow the optimizer's parameters (`add_param_group` between steps)."""
         params = self._params()
         known = self.space.params
         if len(params) != len(known) or any(a is not b for a, b in zip(params, known, strict=True)):
@@ -481,8 +573,13 @@ class CurvatureTuner:
     def _run_closure(self, args: list, kwargs: dict) -> tuple[list, dict, Any, Objective | None]:
         """Call the step's closure once (recording the random state) and hand the optimizer its result.
 
-        Probes evaluate the objective given by :meth:`set_objective` when there is one (a trainer's
+        Probes evaluate the objective given by `set_objective` when there is one (a trainer's
         closure may run hooks and logging that must not run again), else the step's own closure.
+
+        Returns:
+            `(args, kwargs, loss, objective)`: the step's arguments with the closure replaced by one that returns
+            the loss already computed, that loss (None without a closure), and the probes' objective (None
+            without a closure or `set_objective`).
         """
         params = self._params()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -532,7 +629,7 @@ class CurvatureTuner:
         pending.instrumented = (pending.probe and bool(request.needs)) or pending.track or pending.record
 
     def _set_step_lr(self, pending: PendingStep) -> None:
-        """The lr the optimizer steps with: ``eta_probe`` on an instrumented step, else the law's decision."""
+        """The lr the optimizer steps with: `eta_probe` on an instrumented step, else the law's decision."""
         groups = self.optimizer.param_groups
         pending.group_lrs = [float(g["lr"]) for g in groups]
         pending.ratios = group_ratios(groups, pending.group_lrs)
@@ -576,9 +673,11 @@ class CurvatureTuner:
                 self._step_count += 1
 
     def _undo_non_finite_update(self, pending: PendingStep) -> None:
-        """The optimizer produced a NaN/Inf update from a finite gradient (e.g. Adam with ``eps=0`` where the
-        second moment is 0): put the parameters back to ``w`` and report the step as skipped. The optimizer's
-        moments have advanced as for any step it took."""
+        """Undo a NaN/Inf update that the optimizer produced from a finite gradient.
+
+        E.g. Adam with `eps=0` where the second moment is 0: put the parameters back to `w` and report the step
+        as skipped. The optimizer's moments have advanced as for any step it took.
+        """
         with torch.no_grad():
             torch._foreach_copy_(self.space.local(), pending.saved)
         pending.skipped = True
@@ -598,7 +697,7 @@ class CurvatureTuner:
         self._report(pending, pending.output, lr, self._step_values(pending, update_norm))
 
     def _instrumented_step(self, pending: PendingStep) -> None:
-        """Probe, track and decide at ``w``, then apply the decided lr (the last good one on an error)."""
+        """Probe, track and decide at `w`, then apply the decided lr (the last good one on an error)."""
         at = self._read_update(pending)
         objective = pending.objective
         probe = self._probe_for(pending, at)
@@ -626,14 +725,14 @@ class CurvatureTuner:
                      previous_lr=self._previous_lr)
 
     def _preconditioner_of(self, pending: PendingStep) -> Vector | None:
-        """:meth:`_preconditioner`, computed once per step, as local tensors."""
+        """`_preconditioner`, computed once per step, as local tensors."""
         if pending.preconditioner is NOT_COMPUTED:
             found = self._preconditioner(pending)
             pending.preconditioner = None if found is None else [local(t) for t in found]
         return pending.preconditioner
 
     def _read_update(self, pending: PendingStep) -> AtW:
-        """``D = eta_probe * u`` from the optimizer's move; the parameters go back to ``w``."""
+        """`D = eta_probe * u` from the optimizer's move; the parameters go back to `w`."""
         params = self.space.local()
         delta = pending.saved  # w, then D
         with torch.no_grad():
@@ -648,7 +747,7 @@ class CurvatureTuner:
                    (parameter_scale_along(weighted, norm), norm))  # as vec.scale_along
 
     def _decide(self, pending: PendingStep, statistics: Mapping[str, Any]) -> LawOutput | None:
-        """The law's decision: ``update`` on a probe, ``hold`` otherwise (None when only measuring)."""
+        """The law's decision: `update` on a probe, `hold` otherwise (None when only measuring)."""
         if self.law is None:
             return None
         if not pending.probe:
@@ -662,8 +761,12 @@ class CurvatureTuner:
         return output
 
     def _apply(self, pending: PendingStep, at: AtW, output: LawOutput | None) -> float:
-        """``w + eta u``; u is kept for the next probe when the law needs it. Returns the applied eta (measuring
-        only: the first group's own lr, 0 included)."""
+        """Move the parameters to `w + eta u`; u is kept for the next probe when the law needs it.
+
+        Returns:
+            The applied eta: the law's lr times the schedule factor (measuring only: the first group's own lr, 0
+            included).
+        """
         eta = pending.group_lrs[0] if output is None else float(output.lr) * pending.schedule
         with torch.no_grad():
             torch._foreach_add_(at.params, at.delta, alpha=eta / at.eta_probe)
@@ -703,7 +806,7 @@ class CurvatureTuner:
 
     def _values(self, step: int, output: LawOutput | None, lr: float, measured: Mapping[str, float],
                 update: bool = False) -> dict[str, Any]:
-        """The diagnostics of a step: exactly ``keys_for(law)``, NaN where nothing was measured."""
+        """The diagnostics of a step: exactly `keys_for(law)`, NaN where nothing was measured."""
         values: dict[str, Any] = dict.fromkeys(self._keys, _NAN)
         law_values = {} if output is None else {k: float(v) for k, v in output.diagnostics.items()}
         values.update(law_values)
@@ -762,7 +865,7 @@ class CurvatureTuner:
         self.diagnostics = self._values(pending.step, output, lr, measured, update=True)
 
     def _report_skipped(self, pending: PendingStep) -> None:
-        """The previous step's values with ``skipped = 1``; ``step`` is the index the next real step gets."""
+        """The previous step's values with `skipped = 1`; `step` is the index the next real step gets."""
         self._skipped_steps += 1
         previous = self.diagnostics or self._initial_values()
         self.diagnostics = {**previous, "skipped": 1.0, **self._counters(self._step_count)}
@@ -778,7 +881,7 @@ class CurvatureTuner:
     # checkpoints (the layout: eos_core.adapters.torch.checkpoint)
     # ---------------------------------------------------------------------------------------------
     def _tuner_header(self) -> dict[str, Any]:
-        """The tuner's state without its vectors (version :data:`STATE_VERSION`): plain data."""
+        """The tuner's state without its vectors (version `STATE_VERSION`): plain data."""
         return {
             "version": STATE_VERSION,
             "law": None if self.law is None else type(self.law).__name__,
@@ -797,8 +900,12 @@ class CurvatureTuner:
         }
 
     def _vector_slots(self) -> tuple[str, ...]:
-        """The vectors this configuration may come to hold (written as zeros before they exist, so that a fresh
-        tuner's state dict can receive them from ``torch.distributed.checkpoint.load``)."""
+        """The vectors this configuration may come to hold.
+
+        Returns:
+            Their names; they are written as zeros before they exist, so that a fresh tuner's state dict can
+            receive them from `torch.distributed.checkpoint.load`.
+        """
         needs, tracking = self._request.needs, self.sharpness_every is not None
         slots = []
         if tracking or needs & {S.SHARPNESS, S.TOP_EIGENVALUES}:
@@ -887,13 +994,17 @@ class CurvatureTuner:
 # helpers
 # -------------------------------------------------------------------------------------------------
 def _initialising_checkpoint_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> bool:
-    """Whether this ``optimizer.step()`` is ``torch.distributed.checkpoint``'s state initialisation, not training.
+    """Whether this `optimizer.step()` is `torch.distributed.checkpoint`'s state initialisation, not training.
 
-    ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` call ``_init_optim_state`` (torch 2.13,
-    ``torch/distributed/checkpoint/state_dict.py``), which, for an optimizer without state and gradients, sets
-    every gradient to zeros and every group's lr to 0 and calls ``optimizer.step(closure=None)`` so the
+    `get_optimizer_state_dict` / `set_optimizer_state_dict` call `_init_optim_state` (torch 2.13,
+    `torch/distributed/checkpoint/state_dict.py`), which, for an optimizer without state and gradients, sets
+    every gradient to zeros and every group's lr to 0 and calls `optimizer.step(closure=None)` so the
     optimizer creates its state. The tuner must leave that step alone: neither count it, nor set its own lr
     (AdamW's weight decay would move the parameters), nor probe.
+
+    Returns:
+        True when the step has no closure, every group's lr is 0 and a `_init_optim_state` of
+        `torch.distributed.checkpoint` is found within 12 frames above the tuner's pre-step hook.
     """
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
     if closure is not None or any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
@@ -910,8 +1021,12 @@ def _initialising_checkpoint_state(optimizer: torch.optim.Optimizer, args: tuple
 
 
 def _outside_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel, seen from its caller, of the first frame outside this adapter and torch:
-    the line that called ``optimizer.step`` / ``tuner.step`` (or the trainer that did)."""
+    """The stacklevel that attributes a warning to the first frame outside this adapter and torch.
+
+    Returns:
+        `warnings.warn`'s stacklevel, seen from the caller of this function, of the line that called
+        `optimizer.step` / `tuner.step` (or of the trainer that did).
+    """
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_SOURCES):
         frame, level = frame.f_back, level + 1

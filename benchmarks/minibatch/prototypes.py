@@ -1,55 +1,58 @@
-r"""Mini-batch CDAT prototypes: a small training loop around ``torch.optim.AdamW`` that measures what a rule needs.
+r"""Mini-batch CDAT prototypes: a small training loop around `torch.optim.AdamW` that measures what a rule needs.
 
 Notation (CDAT paper eq. 8): w_t the parameters, g_t = grad f_{B_t}(w_t) the gradient of batch B_t, u_t the
 base optimizer's update for lr 1 (AdamW: u = -m_hat / (sqrt(v_hat) + eps) - wd w), eta_t the applied lr,
 w_{t+1} = w_t + eta_t u_t, H_t the Hessian of f_{B_t} at w_t.
 
-**Numerators** (``numerator=``):
+**Numerators** (`numerator=`):
 
-* ``"same"``: n_t = max(-g_t . u_t, 0), d_t = |u_t^T H_t u_t| (the library's CDAT). u_t is built from g_t, so
+* `"same"`: n_t = max(-g_t . u_t, 0), d_t = |u_t^T H_t u_t| (the library's CDAT). u_t is built from g_t, so
   -g_t . u_t contains the batch's own noise along u_t: it overstates the full-batch descent.
-* ``"lag"``: with the previous update u_{t-1} and the lr eta_{t-1} applied to it, on the current batch,
+* `"lag"`: with the previous update u_{t-1} and the lr eta_{t-1} applied to it, on the current batch,
 
-  .. math:: n_t = -g_t \cdot u_{t-1} + \eta_{t-1}\, u_{t-1}^\top H_t u_{t-1}, \qquad
-            d_t = u_{t-1}^\top H_t u_{t-1}.
+  $$
+  n_t = -g_t \cdot u_{t-1} + \eta_{t-1}\, u_{t-1}^\top H_t u_{t-1}, \qquad
+  d_t = u_{t-1}^\top H_t u_{t-1}.
+  $$
 
   g_t is independent of u_{t-1} (batch t was not seen by the update), so E[-g_t . u_{t-1}] = -grad f(w_t) .
   u_{t-1}; the second term corrects it to first order back to w_{t-1}: -grad f(w_{t-1}) . u_{t-1} =
   -grad f(w_t) . u_{t-1} + eta_{t-1} u_{t-1}^T H u_{t-1} + O(eta^2). The curvature is measured along u_{t-1}
   too, so n and d are unbiased estimates of the full-batch quantities along the same direction. n is EMA'd
   signed; the ratio is clipped at 0 afterwards.
-* ``"next"``: the curvature is measured along the current update on the current batch, d_t = u_t^T H_t u_t,
+* `"next"`: the curvature is measured along the current update on the current batch, d_t = u_t^T H_t u_t,
   and the numerator waits for the next step's gradient, n_t = -g_{t+1}(w_{t+1}) . u_t + eta_t d_t (no extra
   gradient for n; the lr moves one step later).
 
-* ``"window"``: at a probe (step p) the curvature is measured along the current update and kept as a vector,
+* `"window"`: at a probe (step p) the curvature is measured along the current update and kept as a vector,
   H_p u_p (one extra gradient, one-sided finite differences), with d_p = u_p^T H_p u_p; every later batch s
   until the next probe contributes one numerator sample from a gradient u_p did not see, corrected back to
   w_p to first order, n_s = -g_s(w_s) . u_p + (w_s - w_p) . H_p u_p (two dot products per step, no extra
-  gradient); the next probe folds (mean of the samples, d_p) into the law. With ``probe_every=k`` the
-  numerator averages k batches, so its variance is about k times smaller than ``"next"``'s at the same cost.
+  gradient); the next probe folds (mean of the samples, d_p) into the law. With `probe_every=k` the
+  numerator averages k batches, so its variance is about k times smaller than `"next"`'s at the same cost.
 
-Until the first (n, d) pair of a ``lag`` / ``next`` / ``window`` rule is complete (1 to k steps), the lr is
-``lr_init`` (1e-3).
+Until the first (n, d) pair of a `lag` / `next` / `window` rule is complete (1 to k steps), the lr is
+`lr_init` (1e-3).
 
-**Smoothing** (``smoothing=``), per probe: ``"ema"`` (ratio of the EMAs of n and d, eta = sigma max(n~, 0) /
-d~, EMAs from 0 without bias correction, as the library's CDAT); ``"logema"`` (bias-corrected EMA of
-log(sigma n_t / d_t), single-probe ratios floored at 1e-8); ``"median"`` (median of the last ``window``
-single-probe ratios sigma n_t / d_t, clipped at 0). ``max_growth=c`` bounds the law's lr to
-[eta_prev / c^k, eta_prev c^k] for a probe k steps after the previous one (from ``lr_init`` at the first).
-``max_rise=r`` caps the law's lr at r eta_1, eta_1 the first positive lr the law measured (after its first
+**Smoothing** (`smoothing=`), per probe: `"ema"` (ratio of the EMAs of n and d, eta = sigma max(n~, 0) /
+d~, EMAs from 0 without bias correction, as the library's CDAT); `"logema"` (bias-corrected EMA of
+log(sigma n_t / d_t), single-probe ratios floored at 1e-8); `"median"` (median of the last `window`
+single-probe ratios sigma n_t / d_t, clipped at 0). `max_growth=c` bounds the law's lr to
+[eta_prev / c^k, eta_prev c^k] for a probe k steps after the previous one (from `lr_init` at the first).
+`max_rise=r` caps the law's lr at r eta_1, eta_1 the first positive lr the law measured (after its first
 probe; a bound against the run-away growth of the lr on ReLU networks, relative to the run's own scale).
 
-**Decay** (``decay=``): the applied lr is the law's lr times ``cos``: 0.5 (1 + cos(pi t / T)) or ``linear``:
+**Decay** (`decay=`): the applied lr is the law's lr times `cos`: 0.5 (1 + cos(pi t / T)) or `linear`:
 1 - t / T over the run's T steps (no warm-up, no peak lr).
 
-**Curvature route** (``route=``): ``"fd"``, one-sided finite differences (g_B(w + h v) - g_B(w)) . v / h with h
-from :func:`eos_core.routes.finite_difference_step` (parameter scale along v, float32 epsilon), one extra
-gradient on the probe's batch; ``"exact"``: double backward; ``"secant"``: the same difference at the scale of
-the step about to be taken, h = the lr the law would apply now (the parabola through the step, as Mutschler
-and Zell's parabolic approximation; it sees the ReLU kinks a step crosses, which an infinitesimal h does not).
+**Curvature route** (`route=`): `"fd"`, one-sided finite differences (g_B(w + h v) - g_B(w)) . v / h with h
+from `eos_core.routes.finite_difference_step` (parameter scale along v, float32 epsilon), one extra
+gradient on the probe's batch; `"exact"`: double backward; `"secant"`: the same difference at the scale of
+the step about to be taken, h = the lr the law would apply now, or the finite-difference h when larger (the
+parabola through the step, as in M. Mutschler and A. Zell, *Parabolic Approximation Line Search for DNNs*,
+NeurIPS 2020; it sees the ReLU kinks a step crosses, which an infinitesimal h does not).
 
-``probe_every=k``: measure every k steps and reuse the law's lr in between (the decay still moves every step).
+`probe_every=k`: measure every k steps and reuse the law's lr in between (the decay still moves every step).
 """
 
 from __future__ import annotations
@@ -66,8 +69,11 @@ from torch import nn
 from benchmarks.minibatch.methods import BASE_LR, DECAYS, WEIGHT_DECAY, LossFn, MethodSpec, Trainer
 from eos_core.routes import finite_difference_step, parameter_scale_along
 
+#: one tensor per parameter (a parameter-shaped vector)
 Vector = list[torch.Tensor]
+#: the values of `ProtoConfig.numerator` (see the module docstring)
 NUMERATORS = ("same", "lag", "next", "window")
+#: the values of `ProtoConfig.smoothing` (see the module docstring)
 SMOOTHINGS = ("ema", "logema", "median")
 #: at most this many per-probe records are kept in a run's JSON
 MAX_RECORDS = 400
@@ -90,13 +96,29 @@ def _gradient(params: Vector, loss_fn: LossFn, create_graph: bool = False) -> Ve
 def curvature(params: Vector, loss_fn: LossFn, grads: Vector, w: Vector, v: Vector, *, exact: bool = False,
               eps: float = float(torch.finfo(torch.float32).eps), vector: bool = False,
               step: float | None = None) -> Any:
-    """v^T H v of the loss ``loss_fn`` evaluates, at the parameters ``params`` (whose values are ``w``, restored
-    exactly afterwards); ``grads`` = its gradient there. With ``vector=True`` returns (v^T H v, H v).
-    ``step`` > 0: a secant at that scale, (g(w + step v) - g(w)) . v / step, instead of the finite-difference
-    step (the average curvature over a step of that length, kinks of ReLU networks included).
+    """The curvature v^T H v of the loss `loss_fn` evaluates, along v at the current parameters.
 
     One-sided finite differences (g(w + h v) - g(w)) . v / h with the library's step rule
-    (:func:`eos_core.routes.finite_difference_step`), or double backward with ``exact=True``.
+    (`eos_core.routes.finite_difference_step`: h from the parameter scale along v and `eps`), or double backward
+    with `exact=True`. With `step` > 0 the difference is taken at `h = max(h, step)`: a secant at the scale of
+    the step, (g(w + step v) - g(w)) . v / step, the average curvature over a step of that length (kinks of ReLU
+    networks included) rather than the local one.
+
+    Args:
+        params: the trainable parameters; shifted to w + h v for the finite difference and copied back to `w`
+            exactly afterwards.
+        loss_fn: evaluates the loss on the batch whose Hessian is measured.
+        grads: the gradient of that loss at `w` (unused with `exact=True`).
+        w: the current values of `params`.
+        v: the direction.
+        exact: double backward (a Hessian-vector product) instead of finite differences.
+        eps: the machine epsilon of the step rule (default float32's).
+        vector: also return H v.
+        step: the secant's scale (None, or not > 0 and finite: the finite-difference step alone).
+
+    Returns:
+        v^T H v as a float; with `vector=True` the pair (v^T H v, H v), H v a `Vector`. NaN (and None for H v)
+        when the finite-difference step is 0 (v = 0).
     """
     if exact:
         with torch.enable_grad():
@@ -126,8 +148,19 @@ def curvature(params: Vector, loss_fn: LossFn, grads: Vector, w: Vector, v: Vect
 
 
 def direction(optimizer: torch.optim.Optimizer, params: Vector) -> tuple[Vector, Vector]:
-    """Run ``optimizer``'s step at lr 1 (its state advances as for any step) and read the update u off it; the
-    parameters go back to w. Returns (w, u). Exact for optimizers whose step is linear in lr."""
+    """Read the base optimizer's update for lr 1 off one of its steps.
+
+    Sets every parameter group's lr to 1 (left so), runs `optimizer.step()` (its state advances as for any step,
+    from the gradients already in `.grad`), records u = w_after - w and copies w back into the parameters. Exact for
+    optimizers whose step is linear in lr (AdamW: u = -m_hat / (sqrt(v_hat) + eps) - wd w).
+
+    Args:
+        optimizer: the base optimizer, its gradients computed.
+        params: the parameters it updates.
+
+    Returns:
+        The pair (w, u): clones of the parameters before the step, and the update for lr 1.
+    """
     w = [p.detach().clone() for p in params]
     for group in optimizer.param_groups:
         group["lr"] = 1.0
@@ -146,19 +179,22 @@ class ProtoConfig:
     Attributes:
         scale: sigma > 0.
         ema: beta in [0, 1), per probe.
-        numerator: ``same``, ``lag`` or ``next``.
-        smoothing: ``ema``, ``logema`` or ``median``.
+        numerator: `same`, `lag`, `next` or `window`.
+        smoothing: `ema`, `logema` or `median`.
         window: probes in the running median.
         max_growth: c > 1 bounds the law's lr change per step (None: unbounded).
         max_rise: r >= 1 caps the law's lr at r times the first positive lr it measured (None: no cap).
-        decay: ``cos``, ``linear`` or None.
+        decay: `cos`, `linear` or None.
         probe_every: k >= 1.
-        route: ``fd`` or ``exact``.
+        route: `fd`, `exact` or `secant`.
         lr_init: the law's lr before its first measurement.
         calibrate: f in (0, 1) or None: measure only during the first W = round(f T) steps, applying the law's lr
             times a linear warm-up (t + 1) / W; then hold the peak P = median of the law's lr over the second half
-            of those steps and apply P times ``decay`` (default cosine) over the remaining T - W steps, with no
+            of those steps and apply P times `decay` (default cosine) over the remaining T - W steps, with no
             probes (a warm-up + cosine whose peak is measured).
+
+    Raises:
+        ValueError: a setting outside the ranges above, or an unknown numerator, smoothing, decay or route.
     """
 
     scale: float = 1.0
@@ -194,7 +230,12 @@ class ProtoConfig:
 
     @property
     def name(self) -> str:
-        """``proto-<numerator>-s<scale>-e<ema>[-logema|-med<W>][-g<c>][-r<r>][-<decay>][-p<k>][-exact]``."""
+        """The method's name, which spells out every setting that differs from the defaults.
+
+        Returns:
+            `proto-<numerator>-s<scale>-e<ema>[-logema|-med<W>][-g<c>][-r<r>][-<decay>][-p<k>][-exact|-secant]`
+            `[-cal<f>]`, e.g. `proto-lag-s2-e0.9-cos-p10`.
+        """
         parts = [f"proto-{self.numerator}", f"s{self.scale:g}", f"e{self.ema:g}"]
         if self.smoothing == "logema":
             parts.append("logema")
@@ -216,7 +257,11 @@ class ProtoConfig:
 
 
 class ProtoLaw:
-    """The lr rule of a prototype: folds (n_t, d_t) samples into the law's lr (before any decay)."""
+    """The lr rule of a prototype: folds (n_t, d_t) samples into the law's lr (before any decay).
+
+    Args:
+        config: the prototype's settings; the lr starts at `config.lr_init`.
+    """
 
     def __init__(self, config: ProtoConfig) -> None:
         self.config = config
@@ -225,11 +270,25 @@ class ProtoLaw:
         self.d_ema = 0.0
         self.log_ema = 0.0
         self.count = 0
-        self.first: float | None = None  # the first positive lr measured (for ``max_rise``)
+        self.first: float | None = None  # the first positive lr measured (for `max_rise`)
         self.window: deque[float] = deque(maxlen=config.window)
 
     def update(self, n: float, d: float, steps: int) -> float:
-        """Fold one probe's (n, d) in; ``steps`` since the previous update (for ``max_growth``). Returns the lr."""
+        """Fold one probe's (n, d) pair into the law's lr.
+
+        d is taken in absolute value; n is clipped at 0 for the `same` numerator and kept signed otherwise. The
+        smoothing (`ema`, `logema`, `median`) gives a candidate sigma n / d, then `max_growth` and `max_rise`
+        bound it (see the module docstring).
+
+        Args:
+            n: the numerator sample.
+            d: the curvature sample.
+            steps: steps since the previous update (the exponent k of the `max_growth` bound c^k; at least 1).
+
+        Returns:
+            The law's new lr; the previous lr, unchanged, when n or d is not finite or the smoothed ratio is not
+            finite (e.g. d~ = 0).
+        """
         c = self.config
         if not (math.isfinite(n) and math.isfinite(d)):
             return self.lr
@@ -267,7 +326,13 @@ class ProtoLaw:
 
 
 class ProtoTrainer(Trainer):
-    """AdamW driven by a :class:`ProtoLaw` (see the module docstring for the step)."""
+    """AdamW driven by a `ProtoLaw` (see the module docstring for the step).
+
+    Args:
+        model: the model being trained.
+        config: the prototype's settings.
+        total_steps: T, the run's length (the horizon of the decay and of `calibrate`).
+    """
 
     def __init__(self, model: nn.Module, config: ProtoConfig, total_steps: int) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr_init, weight_decay=WEIGHT_DECAY)
@@ -290,12 +355,25 @@ class ProtoTrainer(Trainer):
 
     # -- measurements ------------------------------------------------------------------------------
     def curvature(self, loss_fn: LossFn, grads: Vector, w: Vector, v: Vector) -> float:
-        """v^T H v on the batch of ``loss_fn`` at the current parameters ``w`` (restored exactly afterwards)."""
+        """The curvature v^T H v on the batch of `loss_fn` at the current parameters `w` (restored exactly).
+
+        Uses the configured route: finite differences, double backward (`exact`), or a secant at the scale of the
+        lr the law would apply now (`secant`).
+
+        Args:
+            loss_fn: evaluates the loss on the current batch.
+            grads: its gradient at `w`.
+            w: the current values of the parameters.
+            v: the direction.
+
+        Returns:
+            v^T H v; NaN when v = 0.
+        """
         return curvature(self.params, loss_fn, grads, w, v, exact=self.config.route == "exact", eps=self.eps,
                          step=self._secant_step())
 
     def _secant_step(self) -> float | None:
-        """The ``secant`` route's scale: the lr the law would apply now (decay included)."""
+        """The `secant` route's scale: the lr the law would apply now (decay included)."""
         if self.config.route != "secant":
             return None
         if self.config.calibrate is not None:
@@ -315,6 +393,19 @@ class ProtoTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, step: int, loss_fn: LossFn) -> float:
+        """Take one step: measure (at a probe), fold the measurement into the law, apply the law's lr x the decay.
+
+        Between probes the base optimizer steps at the law's current lr times the decay factor; at a probe (and at
+        the step before a `lag` probe) the update u for lr 1 is read off the optimizer and applied at that lr.
+        After the calibration phase of `calibrate`, the measured peak times the decay is applied, with no probe.
+
+        Args:
+            step: the step index t (0-based).
+            loss_fn: evaluates the loss on the current batch.
+
+        Returns:
+            The batch loss before the update.
+        """
         c = self.config
         k = c.probe_every
         self._step = step
@@ -391,6 +482,16 @@ class ProtoTrainer(Trainer):
         return float(loss.detach())
 
     def extra(self) -> dict[str, Any]:
+        """The prototype's measurements, for the run's JSON.
+
+        Returns:
+            `config` (the settings), `probes` (number of (n, d) pairs folded in), `records` (per probe, at most
+            `MAX_RECORDS` evenly spaced: `step`, `n`, `d`, `n_same` (-g_t . u_t on the same batch, NaN where not
+            measured), `n_raw` (the numerator's -g . u before the first-order correction) and `law_lr`),
+            `quarters` (per quarter of the run, the means of n, n_raw, n_same and d over the probes after the
+            first) and, when a probe gave a finite ratio, `single_probe_lr_quantiles`: the 10%, 50% and 90%
+            quantiles of the single-probe lr sigma n / |d|.
+        """
         records = self.records
         if len(records) > MAX_RECORDS:
             idx = np.unique(np.linspace(0, len(records) - 1, MAX_RECORDS).astype(int))
@@ -420,11 +521,20 @@ def _quarters(records: list[tuple[int, float, float, float, float, float]], tota
 
 
 class ObserverTrainer(Trainer):
-    """AdamW on a fixed schedule (warm-up + cosine, or constant) that *measures* what the rules would see without
-    acting on it: every ``every`` steps, the lag pair (n_t = -g_t.u_{t-1} + eta_{t-1} u_{t-1}^T H_t u_{t-1},
-    d_t = u_{t-1}^T H_t u_{t-1}) and the same-batch pair (-g_t.u_t, u_t^T H_t u_t). ``extra()`` reports, per
-    quarter of the run, the median of the applied lr over the greedy lr n~/d~ (EMAs over probes, beta 0.9):
-    where a tuned schedule sits relative to the quadratic model along its own updates."""
+    """AdamW on a fixed schedule that *measures* what the rules would see without acting on it.
+
+    Every `every` steps (from step `every` on), the lag pair (n_t = -g_t.u_{t-1} + eta_{t-1} u_{t-1}^T H_t u_{t-1},
+    d_t = u_{t-1}^T H_t u_{t-1}) and the same-batch pair (-g_t.u_t, u_t^T H_t u_t) are measured. `extra()`
+    reports, per quarter of the run, the median of the applied lr over the greedy lr n~/d~ (EMAs over probes, beta
+    0.9): where a tuned schedule sits relative to the quadratic model along its own updates.
+
+    Args:
+        model: the model being trained.
+        peak: the peak lr (`cos`) or the constant lr.
+        total_steps: the run's length, the horizon of the schedule.
+        schedule: `"cos"` for the anchor's warm-up + cosine (`warmup_cosine`); anything else: constant.
+        every: steps between probes.
+    """
 
     def __init__(self, model: nn.Module, peak: float, total_steps: int, schedule: str = "cos", every: int = 5) -> None:
         from benchmarks.minibatch.methods import warmup_cosine
@@ -441,6 +551,15 @@ class ObserverTrainer(Trainer):
         self.records: list[tuple[float, ...]] = []
 
     def step(self, step: int, loss_fn: LossFn) -> float:
+        """Take one step at the schedule's lr, measuring the lag and same-batch pairs at a probe.
+
+        Args:
+            step: the step index t (0-based).
+            loss_fn: evaluates the loss on the current batch.
+
+        Returns:
+            The batch loss before the update.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
@@ -468,6 +587,15 @@ class ObserverTrainer(Trainer):
         return float(loss.detach())
 
     def extra(self) -> dict[str, Any]:
+        """Where the schedule sits relative to the greedy lr, for the run's JSON.
+
+        Returns:
+            `every`; for each pair `lag` and `same`, `rho_<pair>` (per quarter of the run, the median over its probes
+            of the applied lr / the greedy lr n~ / d~, EMAs with beta 0.9 of n and |d|; inf where the greedy lr
+            is not > 0) and `greedy_lr_<pair>` (per quarter, the median greedy lr); and `quarters` (per quarter,
+            the means of n, n_raw, n_same and d of the lag pair, as for a prototype). NaN for a quarter without
+            probes.
+        """
         out: dict[str, Any] = {"every": self.every}
         for name, (ni, di) in {"lag": (2, 3), "same": (4, 5)}.items():
             n_ema = d_ema = 0.0
@@ -488,7 +616,12 @@ class ObserverTrainer(Trainer):
 
 
 def observer_methods() -> list[MethodSpec]:
-    """``observe-cos-<peak>`` / ``observe-adam-<lr>``: fixed schedules with passive probes (tag ``observe``)."""
+    """The observers: fixed schedules with passive probes (family and tag `observe`).
+
+    Returns:
+        `observe-cos-<peak>` (warm-up + cosine) and `observe-adam-<lr>` (constant lr; AdamW with weight decay
+        `WEIGHT_DECAY`) for the lrs 3e-3, 5e-3, 7e-3 and 1e-2, probing every 5 steps.
+    """
     out = []
     for peak in (3e-3, 5e-3, 7e-3, 1e-2):
         for schedule in ("cos", "const"):
@@ -504,7 +637,15 @@ def observer_methods() -> list[MethodSpec]:
 
 
 def spec(config: ProtoConfig, tags: tuple[str, ...] = ("research",)) -> MethodSpec:
-    """The :class:`MethodSpec` of a prototype."""
+    """The `MethodSpec` of a prototype.
+
+    Args:
+        config: the prototype's settings.
+        tags: the method's tags (default: `research` only).
+
+    Returns:
+        The method named `config.name`, family `proto`, that builds a `ProtoTrainer`.
+    """
 
     def build(model: nn.Module, total: int) -> Trainer:
         return ProtoTrainer(model, config, total)
@@ -578,8 +719,13 @@ SWEEP_RISES = (2.0, 4.0)
 
 
 def _sweep() -> list[ProtoConfig]:
-    """The search space of the mini-batch default: numerator lag (probe_every 1 or 10) or window (10), scale,
-    ema, with and without the cosine decay, with and without a cap relative to the first measured lr."""
+    """The search space of the mini-batch default.
+
+    Returns:
+        One configuration per combination of numerator lag (probe_every 1 or 10) or window (10), scale
+        (`SWEEP_SCALES`), ema (`SWEEP_EMAS`), with and without the cosine decay, and without or with a cap
+        `max_rise` (`SWEEP_RISES`) relative to the first measured lr.
+    """
     out = []
     for numerator, k in SWEEP_NUMERATORS:
         for scale in SWEEP_SCALES:
@@ -591,12 +737,17 @@ def _sweep() -> list[ProtoConfig]:
     return out
 
 
-#: prototypes that are also part of the default comparison (``suite`` tag), decided by the research figures
+#: prototypes that are also part of the default comparison (`suite` tag), decided by the research figures
 SUITE: tuple[ProtoConfig, ...] = ()
 
 
 def methods() -> list[MethodSpec]:
-    """Every prototype as a method (tag ``research``; the :data:`SUITE` ones also ``suite``)."""
+    """Every prototype as a method, then the observers.
+
+    Returns:
+        One method per distinct prototype name (the `SUITE` ones first, tagged `research` and `suite`, then the
+        research grid, tagged `research`), followed by `observer_methods()`.
+    """
     seen: dict[str, MethodSpec] = {}
     for config in (*SUITE, *_grid()):
         if config.name not in seen:

@@ -1,8 +1,8 @@
 """Tables and figures from the runs' JSON files.
 
-Per task: ``table.md`` (every method, sorted by the mean over seeds of the ratio of its final validation loss to
-that seed's best AdamW warm-up + cosine of the grid), ``summary.json`` (the same figures, machine-readable) and
-``<task>.png`` (validation loss every 5% of training and lr against steps, log scale, for the anchor, the best
+Per task: `table.md` (every method, sorted by the mean over seeds of the ratio of its final validation loss to
+that seed's best AdamW warm-up + cosine of the grid), `summary.json` (the same figures, machine-readable) and
+`<task>.png` (validation loss every 5% of training and lr against steps, log scale, for the anchor, the best
 constant Adam, every peer and the best other methods).
 """
 
@@ -16,25 +16,42 @@ from typing import Any
 
 import numpy as np
 
+#: the families the suite compares against (tuned schedules and learning-rate-free peers)
 BASELINE_FAMILIES = ("cosine", "constant", "peer")
 
 
 def load_results(out: Path, task: str) -> list[dict[str, Any]]:
-    """Every ``seed*.json`` under ``out/<task>/``."""
+    """Read every run's JSON of one task.
+
+    Args:
+        out: the results folder.
+        task: the task's name.
+
+    Returns:
+        The parsed `out/<task>/*/seed*.json` files, sorted by path (method, then seed); empty when there are none.
+    """
     return [json.loads(p.read_text()) for p in sorted((out / task).glob("*/seed*.json"))]
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-seed anchors (best warm-up + cosine) and per-method ratios.
 
+    The anchor of a seed is the AdamW warm-up + cosine run (family `cosine`) with the lowest final validation loss
+    among those with status `ok`; a run's ratio is its final validation loss / its seed's anchor's (inf for a
+    run that did not finish with a finite loss). Observer runs (family `observe`) are left out.
+
+    Args:
+        results: the runs' JSON dicts (`load_results`).
+
     Returns:
-        ``{"seeds": [...], "anchors": {seed: (method, val)}, "rows": [row, ...]}``; a row has ``method``,
-        ``family``, ``val`` / ``ratio`` / ``train`` / ``time_ratio`` per seed, ``mean_ratio``, ``mean_val``,
-        ``mean_time_ratio``, ``status`` per seed; rows sorted by ``mean_ratio`` (missing or failed runs last).
+        `{"seeds": [...], "anchors": {seed: (method, val)}, "rows": [row, ...]}`; a row has `method`,
+        `family`, `val` / `ratio` / `train` / `time_ratio` per seed, `mean_ratio`, `mean_val`,
+        `mean_time_ratio`, `status` per seed; rows sorted by `mean_ratio` (missing or failed runs last).
+        `mean_ratio` is inf unless every seed has a ratio; `reason` per seed holds a skipped run's reason.
     """
     by_method: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    seeds = sorted({r["seed"] for r in results})
     results = [r for r in results if r["family"] != "observe"]
+    seeds = sorted({r["seed"] for r in results})  # after dropping observers: a seed only they ran is not a column
     for r in results:
         by_method[r["method"]][r["seed"]] = r
     anchors: dict[int, tuple[str, float]] = {}
@@ -86,7 +103,18 @@ def _f(x: float, digits: int = 4) -> str:
 
 
 def markdown_table(task: str, summary: dict[str, Any]) -> str:
-    """The task's table: one row per method, sorted by the mean ratio to the best warm-up + cosine."""
+    """The task's table: one row per method, sorted by the mean ratio to the best warm-up + cosine.
+
+    Args:
+        task: the task's name (the table's heading).
+        summary: the task's summary (`summarize`).
+
+    Returns:
+        Markdown: a `### <task>` heading, a line naming each seed's anchor, and a table with, per method, the final
+        validation loss and the ratio per seed (or `diverged` / `error` / `missing`), the mean ratio, the mean
+        final training loss and the mean time per step / plain AdamW's. Anchors are in bold; a method skipped on
+        every seed gets one cell with the reason.
+    """
     seeds = summary["seeds"]
     anchors = summary["anchors"]
     lines = [f"### {task}", ""]
@@ -148,8 +176,21 @@ def _pick_for_plot(summary: dict[str, Any], extra: list[str] | None, top: int = 
 
 def plot_task(task: str, results: list[dict[str, Any]], summary: dict[str, Any], path: Path,
               extra: list[str] | None = None) -> Path | None:
-    """Validation loss and lr (log scale) against steps for the methods :func:`_pick_for_plot` chooses, on the
-    first seed. Returns the PNG's path, or None without matplotlib."""
+    """Draw the task's figure: validation loss and lr (log scale) against steps, on the first seed.
+
+    The methods drawn are the best warm-up + cosine and the best constant Adam, every peer, the 6 best other
+    methods, and `extra`; only runs with status `ok` or `diverged` are drawn.
+
+    Args:
+        task: the task's name (in the titles).
+        results: the runs' JSON dicts.
+        summary: the task's summary (`summarize`).
+        path: the PNG to write (its folder is created).
+        extra: more method names to draw (names absent from the results are ignored).
+
+    Returns:
+        `path`, or None when matplotlib is not installed (nothing is drawn).
+    """
     try:
         import matplotlib
 
@@ -194,9 +235,19 @@ def plot_task(task: str, results: list[dict[str, Any]], summary: dict[str, Any],
 
 
 def numerator_bias(results: list[dict[str, Any]]) -> str:
-    """Markdown: per quarter of the run, mean -g_t.u_{t-1} (uncorrected, a gradient the update did not see) and
-    the corrected lag numerator, each over the mean same-batch -g_t.u_t, from the ``proto-lag-*`` runs without
-    a decay that probe every step (the SPEC's bias measurement, on this task)."""
+    """Tabulate the bias of the mini-batch numerators, measured on this task.
+
+    Per quarter of the run: the mean -g_t.u_{t-1} (uncorrected, a gradient the update did not see) and the
+    corrected lag numerator n_t, each over the mean same-batch -g_t.u_t, from the `proto-lag-*` runs with status
+    `ok`, no decay, the `fd` route and a probe every step (see `benchmarks.minibatch.prototypes` for the
+    numerators).
+
+    Args:
+        results: the runs' JSON dicts.
+
+    Returns:
+        A Markdown table, one row per such run and seed (sorted); the empty string when there is none.
+    """
     rows = []
     for r in results:
         q = r.get("extra", {}).get("quarters")
@@ -216,8 +267,16 @@ def numerator_bias(results: list[dict[str, Any]]) -> str:
 
 
 def observed(results: list[dict[str, Any]]) -> str:
-    """Markdown: where the fixed schedules observed with passive probes sit relative to the greedy lr n~/d~
-    (median of applied lr / greedy lr per quarter), with the lag (unbiased) and the same-batch pair."""
+    """Tabulate where the fixed schedules observed with passive probes sit relative to the greedy lr n~/d~.
+
+    Args:
+        results: the runs' JSON dicts; the observer runs (family `observe`, status `ok`) are used.
+
+    Returns:
+        A Markdown table, one row per observer run and seed: its final validation loss, per quarter the median of
+        applied lr / greedy lr with the lag (unbiased) pair, the median lag greedy lr, and the same ratio with the
+        same-batch pair; the empty string when there is no observer run.
+    """
     rows = []
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
         x = r.get("extra", {})
@@ -235,8 +294,17 @@ def observed(results: list[dict[str, Any]]) -> str:
 
 
 def cross_task(out: Path, tasks: list[str]) -> str:
-    """Markdown: every method run on all ``tasks``, its mean ratio and time ratio per task, sorted by its worst
-    task's mean ratio (the goal is a configuration <= 1.00 on every task). Written to ``out/summary.md``."""
+    """Compare the methods across tasks, and write the comparison to `out/summary.md`.
+
+    Args:
+        out: the results folder.
+        tasks: the tasks' names (folders under `out`).
+
+    Returns:
+        A Markdown table of every method run on all `tasks`: its mean ratio per task, its worst one, and its mean
+        time ratio per task, sorted by the worst task's mean ratio, then by the mean over tasks (the goal is a
+        configuration <= 1.00 on every task).
+    """
     summaries = {t: summarize(load_results(out, t)) for t in tasks}
     rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for t, summary in summaries.items():
@@ -258,7 +326,20 @@ def cross_task(out: Path, tasks: list[str]) -> str:
 
 
 def write_report(out: Path, task: str, plot_extra: list[str] | None = None) -> dict[str, Any]:
-    """Write ``table.md``, ``summary.json`` and ``<task>.png`` into ``out/<task>/``; returns the summary."""
+    """Rebuild a task's report from all the runs' JSON files in its folder.
+
+    Writes into `out/<task>/`: `table.md` (`markdown_table`, followed by `numerator_bias` and `observed` when
+    they have rows), `summary.json` (the summary, seeds as string keys) and `<task>.png` (`plot_task`, when
+    matplotlib is installed).
+
+    Args:
+        out: the results folder.
+        task: the task's name.
+        plot_extra: more method names to draw in the figure.
+
+    Returns:
+        The task's summary (`summarize`).
+    """
     results = load_results(out, task)
     summary = summarize(results)
     folder = out / task

@@ -5,13 +5,13 @@
     python -m benchmarks.minibatch.run --task all --quick --methods all --out /tmp/mb   # smoke test
     python -m benchmarks.minibatch.run --task chargpt --report-only --out benchmarks/results/minibatch
 
-``--methods`` takes names, shell globs, ``@suite`` (default: baselines, peers, the library's laws and the
-recommended prototype), ``@research`` (every prototype), a family (``@cosine``, ``@constant``, ``@peer``,
-``@law``, ``@proto``) or ``all``; ``--list`` prints them. Each run writes ``OUT/<task>/<method>/seed<s>.json``;
-after the runs every task's ``table.md``, ``summary.json`` and ``<task>.png`` are rewritten from all the JSON
-files in its folder (so separate invocations add up), and ``OUT/summary.md`` lists every method run on all the
+`--methods` takes names, shell globs, `@suite` (default: baselines, peers, the library's laws and the
+recommended prototype), `@research` (every prototype), a family (`@cosine`, `@constant`, `@peer`,
+`@law`, `@proto`) or `all`; `--list` prints them. Each run writes `OUT/<task>/<method>/seed<s>.json`;
+after the runs every task's `table.md`, `summary.json` and `<task>.png` are rewritten from all the JSON
+files in its folder (so separate invocations add up), and `OUT/summary.md` lists every method run on all the
 tasks with its mean ratio per task, worst task first. Run it from the repository root, one process at a time
-(``OMP_NUM_THREADS=1``); timings are ratios to plain AdamW measured in the same process.
+(`OMP_NUM_THREADS=1`); timings are ratios to plain AdamW measured in the same process.
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ from benchmarks.minibatch.tasks import TASKS, get_task
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the suite's command line (the module docstring is its help text).
+
+    Args:
+        argv: the arguments, without the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        The options: `task` (task names or `all`), `seeds`, `quick`, `methods` (None: `@suite`), `out`, `steps`,
+        `calib_steps`, `threads`, `skip_existing`, `report_only`, `plot` and `list`.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", nargs="+", default=["chargpt"], choices=[*TASKS, "all"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -49,6 +58,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected methods on the selected tasks and seeds, then rebuild the reports.
+
+    For each task and seed, each method is trained by `benchmarks.minibatch.runner.run_method` (which writes its
+    JSON) and a line with its status, final validation and train loss and time ratio is printed; with
+    `--skip-existing`, a run whose JSON already says `ok` with the same `--quick` and `--steps` is kept. Each task's
+    table, summary and figure are then rewritten (`benchmarks.minibatch.report.write_report`), and with several
+    tasks or `--report-only` the cross-task `summary.md` too. `--list` only prints the selected methods (name,
+    family, tags).
+
+    Args:
+        argv: the arguments, without the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        The exit status: 1 when a run ended with status `error` (an exception inside the method), else 0 (skipped
+        and diverged runs do not count).
+
+    Raises:
+        ValueError: a `--methods` pattern matches no method (from `benchmarks.minibatch.methods.select`).
+    """
     args = parse_args(argv)
     specs = M.select(args.methods)
     if args.list:

@@ -1,11 +1,11 @@
 """Train one method on one task and seed; time it against plain AdamW in the same process; write its JSON.
 
 Timing: only the training steps are timed (batches are built outside, evaluations excluded). Interleaved
-with the run (blocks of 5 steps, the first of each not timed, ``calib_steps`` in all), the same process
-times plain ``AdamW`` steps (lr 1e-3) on its own copy of the initial model and the same batches;
-``time_ratio`` = the method's mean time per step / plain AdamW's. On a shared machine the ratio is still
+with the run (blocks of 5 steps, the first of each not timed, `calib_steps` in all), the same process
+times plain `AdamW` steps (lr 1e-3) on its own copy of the initial model and the same batches;
+`time_ratio` = the method's mean time per step / plain AdamW's. On a shared machine the ratio is still
 noisy, but slow phases of the machine affect both. Subnormal floats are flushed to zero
-(``torch.set_flush_denormal``): without it, a run whose weights or activations drift into subnormal range
+(`torch.set_flush_denormal`): without it, a run whose weights or activations drift into subnormal range
 (dead ReLU units after a large lr) ran 5-20x slower on this CPU, and the ratio measured the arithmetic of
 subnormals, not the method.
 """
@@ -32,12 +32,21 @@ from benchmarks.minibatch.tasks import Task
 TRAJECTORY_POINTS = 200
 #: validation curve: evaluated every this fraction of the run (and at step 0 and the end)
 VAL_EVERY = 0.05
-#: a run whose training loss exceeds this multiple of its first loss (or is not finite) has diverged
+#: a run whose training loss exceeds this multiple of max(its first loss, 1) (or is not finite) has diverged
 DIVERGED = 100.0
 
 
 def subsample(values: list[float], points: int = TRAJECTORY_POINTS) -> dict[str, list[float]]:
-    """``points`` evenly spaced (step, value) pairs of a per-step series (first and last step included)."""
+    """Thin a per-step series to at most `points` evenly spaced points, first and last step included.
+
+    Args:
+        values: the series, one value per step (step i at index i).
+        points: the most points kept (default `TRAJECTORY_POINTS`, 200); fewer when indices coincide.
+
+    Returns:
+        `{"step": [...], "value": [...]}`: the kept step indices (increasing ints) and their values as floats; both
+        empty for an empty series.
+    """
     if not values:
         return {"step": [], "value": []}
     idx = np.unique(np.linspace(0, len(values) - 1, min(points, len(values))).astype(int))
@@ -45,8 +54,15 @@ def subsample(values: list[float], points: int = TRAJECTORY_POINTS) -> dict[str,
 
 
 class PlainAdamW:
-    """Plain ``AdamW`` (lr 1e-3) on its own copy of the initial model, stepped now and then during a run so that
-    its time per step is measured under the same machine load as the method's."""
+    """Plain `AdamW` (lr 1e-3) on its own copy of the initial model, the timing reference of a run.
+
+    It is stepped now and then during the run, on the run's batches, so that its time per step is measured under the
+    same machine load as the method's.
+
+    Args:
+        task: the task whose loss is minimised.
+        model: the initial model; a deep copy is trained, `model` itself is not touched.
+    """
 
     #: consecutive plain steps per measurement; the first of each block (cold caches after the method's steps)
     #: is not timed
@@ -60,7 +76,7 @@ class PlainAdamW:
         self.steps = 0
 
     def block(self, batch: Any) -> None:
-        """``BLOCK`` plain steps on ``batch``, the last ``BLOCK - 1`` of them timed."""
+        """`BLOCK` plain steps on `batch`, the last `BLOCK - 1` of them timed."""
         for i in range(self.BLOCK):
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
@@ -71,16 +87,32 @@ class PlainAdamW:
                 self.steps += 1
 
     def per_step(self) -> float:
+        """Mean time of a timed plain step.
+
+        Returns:
+            Seconds per timed step (the first step of each block excluded); NaN before any block.
+        """
         return self.elapsed / self.steps if self.steps else math.nan
 
 
 def result_path(out: Path, task: str, method: str, seed: int) -> Path:
+    """Where one run's JSON is written.
+
+    Args:
+        out: the results folder.
+        task: the task's name.
+        method: the method's name.
+        seed: the seed.
+
+    Returns:
+        `out/<task>/<method>/seed<seed>.json`.
+    """
     return out / task / method / f"seed{seed}.json"
 
 
 def run_method(task: Task, spec: MethodSpec, seed: int, out: Path, *, calib_steps: int | None = None,
                steps: int | None = None) -> dict[str, Any]:
-    """Train ``spec`` on ``task`` from seed ``seed`` and write ``out/<task>/<method>/seed<seed>.json``.
+    """Train `spec` on `task` from seed `seed` and write `out/<task>/<method>/seed<seed>.json`.
 
     Args:
         task: the task.
@@ -92,7 +124,13 @@ def run_method(task: Task, spec: MethodSpec, seed: int, out: Path, *, calib_step
         steps: override the task's number of steps.
 
     Returns:
-        The result dict written to the JSON (``status``: ``ok``, ``diverged``, ``skipped`` or ``error``).
+        The result dict written to the JSON. `status` is `ok`, `diverged` (non-finite loss, a loss above
+        `DIVERGED` x max(first loss, 1), or non-finite weights at the end), `skipped` (a package is missing;
+        `reason` says which) or `error` (an exception, whose traceback is in `error`; the run does not raise).
+        Among the other keys: `final_val_loss` (the last validation loss; inf unless `ok`), `final_train_loss`
+        (mean training loss over the last 5% of the steps; inf unless `ok`), `time_ratio` (the method's mean time
+        per step / plain AdamW's, measured in the same process), `lr` and `train_loss` (subsampled trajectories),
+        `val_curve` and `extra` (the trainer's `extra()`). A skipped run holds only the settings and `reason`.
     """
     n_steps = steps if steps is not None else task.steps
     quick = task.quick

@@ -18,19 +18,32 @@ from eos_core.laws import CDAT, Armijo, Constant, Law
 
 #: The default learning-rate grid 2^i, i = -2..1.
 DEFAULT_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+#: The default `--methods`: GD over the grid, Armijo, CDAT(scale=1) and CDAT(scale=2).
 DEFAULT_METHODS = "gd,armijo,cdat1,cdat2"
 _ALIASES = {"cdat1": 1.0, "cdat2": 2.0}
 
 
 @dataclass(frozen=True)
 class Method:
-    """One training run's learning-rate rule."""
+    """One training run's learning-rate rule.
+
+    Examples:
+        >>> Method("cdat", 2.0).label
+        'CDAT(scale=2)'
+        >>> Method.from_label("GD lr=0.5")
+        Method(kind='gd', value=0.5)
+    """
 
     kind: str  #: "gd", "armijo" or "cdat"
     value: float = math.nan  #: the constant lr (gd) or the scale sigma (cdat)
 
     @property
     def label(self) -> str:
+        """The run's name in tables, figures and CSV files.
+
+        Returns:
+            `"GD lr=<value>"`, `"Armijo"` or `"CDAT(scale=<value>)"` (values formatted with `:g`).
+        """
         if self.kind == "gd":
             return f"GD lr={self.value:g}"
         if self.kind == "armijo":
@@ -39,8 +52,17 @@ class Method:
 
     @classmethod
     def from_label(cls, label: str) -> Method:
-        """The inverse of [`label`][eos_core.demo.methods.Method.label] (`"GD lr=0.5"`, `"Armijo"`,
-        `"CDAT(scale=2)"`)."""
+        """Parse a run's name back into its method, the inverse of [`label`][eos_core.demo.methods.Method.label].
+
+        Args:
+            label: `"GD lr=0.5"`, `"Armijo"` or `"CDAT(scale=2)"`; surrounding whitespace is ignored.
+
+        Returns:
+            The method the label names.
+
+        Raises:
+            ValueError: `label` is none of the three forms, or its lr or scale is not a number.
+        """
         text = label.strip()
         try:
             if text.startswith("GD lr="):
@@ -54,6 +76,12 @@ class Method:
         raise ValueError(f"not a demo method label: {label!r}")
 
     def law(self) -> Law:
+        """The learning-rate law that runs this method.
+
+        Returns:
+            `Constant(value)` for `gd`, `Armijo()` with its defaults (the paper's settings) for `armijo`, and
+            `CDAT(scale=value)` with its defaults (no EMA) for `cdat`.
+        """
         if self.kind == "gd":
             return Constant(self.value)
         if self.kind == "armijo":
@@ -62,7 +90,22 @@ class Method:
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
-    """`"0.25,0.5,1"` -> (0.25, 0.5, 1.0); ValueError naming `--lr-grid` for anything else."""
+    """Parse the `--lr-grid` option.
+
+    Args:
+        text: comma-separated learning rates, e.g. `"0.25,0.5,1"`.
+
+    Returns:
+        The distinct learning rates in increasing order, e.g. `(0.25, 0.5, 1.0)`.
+
+    Raises:
+        ValueError: an entry is not a number, is not > 0 and finite, or `text` holds no entry; the message names
+            `--lr-grid`.
+
+    Examples:
+        >>> parse_grid("1, 0.25,0.5,1")
+        (0.25, 0.5, 1.0)
+    """
     values = []
     for token in (t.strip() for t in text.split(",")):
         try:
@@ -78,9 +121,26 @@ def parse_grid(text: str) -> tuple[float, ...]:
 
 
 def parse_methods(text: str, grid: tuple[float, ...] = DEFAULT_GRID) -> list[Method]:
-    """Comma-separated `gd`, `armijo`, `cdat1`, `cdat2`, `cdat=SCALE` -> the runs, in order.
+    """Parse the `--methods` option into the runs, in order.
 
-    `gd` expands to one run per grid learning rate. Duplicates are dropped.
+    `gd` expands to one run per grid learning rate; `cdat1` and `cdat2` are `cdat=1` and `cdat=2`. Duplicates are
+    dropped (the first occurrence keeps its place).
+
+    Args:
+        text: comma-separated `gd`, `armijo`, `cdat1`, `cdat2`, `cdat=SCALE` (case-insensitive, blanks ignored).
+        grid: the constant learning rates `gd` expands to (default
+            [`DEFAULT_GRID`][eos_core.demo.methods.DEFAULT_GRID]).
+
+    Returns:
+        One [`Method`][eos_core.demo.methods.Method] per run.
+
+    Raises:
+        ValueError: `text` names no method, an unknown method, or a `cdat=` scale that is not a number or not > 0
+            and finite; the message names `--methods`.
+
+    Examples:
+        >>> [m.label for m in parse_methods("gd,cdat2", grid=(0.5, 1.0))]
+        ['GD lr=0.5', 'GD lr=1', 'CDAT(scale=2)']
     """
     methods: list[Method] = []
     tokens = [t.strip().lower() for t in text.split(",") if t.strip()]

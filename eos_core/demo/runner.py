@@ -33,9 +33,13 @@ from eos_core.demo.results import (
     write_trajectories_csv,
 )
 
+#: The demo's backends: `--backend torch` (the default) or `--backend jax` (through the JAX/Optax adapter).
 BACKENDS = ("torch", "jax")
+#: File name of the figure in the output folder.
 FIGURE_NAME = "edge_of_stability.png"
+#: File name of the per-step CSV ([`write_trajectories_csv`][eos_core.demo.results.write_trajectories_csv]).
 TRAJECTORIES_NAME = "trajectories.csv"
+#: File name of the per-run CSV ([`write_summary_csv`][eos_core.demo.results.write_summary_csv]).
 SUMMARY_NAME = "summary.csv"
 
 #: (import name, what to install) for each backend; the demo's figure and dataset need the rest of `[demo]`.
@@ -48,7 +52,25 @@ _REQUIREMENTS = {
 
 @dataclass
 class DemoConfig:
-    """What `eos-core demo` runs (the CLI's options)."""
+    """What `eos-core demo` runs (the CLI's options).
+
+    Attributes:
+        backend: one of [`BACKENDS`][eos_core.demo.runner.BACKENDS].
+        dataset: `"digits"` or `"mnist1d"` ([`load_dataset`][eos_core.demo.data.load_dataset]).
+        model: the architecture and loss.
+        steps: full-batch training steps per method.
+        seed: seed of the initial weights (the same for every method).
+        sharpness_every: lambda_max is measured every this many steps (NaN in between).
+        methods: the runs, in order ([`parse_methods`][eos_core.demo.methods.parse_methods]); the default is
+            [`DEFAULT_METHODS`][eos_core.demo.methods.DEFAULT_METHODS] over the default grid.
+        grid: the constant learning rates (kept for reference; `methods` already holds the GD runs).
+        num_samples: keep the first that many examples (None: the whole dataset).
+        dtype: `"float32"` or `"float64"`.
+        out: folder for the figure and the CSV files (created when missing).
+        progress: draw a progress bar per run on the progress stream.
+        figure: draw the figure (needs matplotlib).
+        threads: torch intra-op threads during training (torch backend only; None: torch's default).
+    """
 
     backend: str = "torch"
     dataset: str = "digits"
@@ -68,6 +90,17 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
+    """What [`run_demo`][eos_core.demo.runner.run_demo] returns.
+
+    Attributes:
+        runs: one trajectory per method, in the order of `DemoConfig.methods`.
+        best: the best constant lr ([`best_constant`][eos_core.demo.results.best_constant]); None when every GD run
+            diverged or none was run.
+        files: the files written, by name: `"figure"` (when drawn, listed first), `"trajectories"` and `"summary"`.
+        table: the summary table as printed ([`format_table`][eos_core.demo.results.format_table]).
+        wall_s: total training time of all runs in seconds (data loading, table and files excluded).
+    """
+
     runs: list[Trajectory]
     best: Trajectory | None
     files: dict[str, Path]
@@ -76,8 +109,18 @@ class DemoResult:
 
 
 def check_requirements(backend: str, dataset: str = "digits") -> None:
-    """Raise [`MissingDependency`][eos_core.demo.runner.MissingDependency] naming the `pip install` that provides a
-    missing package."""
+    """Check that the packages a backend and dataset need are installed, without importing them.
+
+    Args:
+        backend: one of [`BACKENDS`][eos_core.demo.runner.BACKENDS].
+        dataset: the dataset to be loaded; `"digits"` needs scikit-learn, `"mnist1d"` needs the `mnist1d` package.
+
+    Raises:
+        ValueError: `backend` is not one of [`BACKENDS`][eos_core.demo.runner.BACKENDS].
+        MissingDependency: a needed package is missing; the message names the `pip install` that provides it
+            (`'eos-core[demo]'` for torch, scikit-learn and matplotlib, `'eos-core[jax]'` for jax and optax,
+            `mnist1d` for the mnist1d dataset).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if dataset == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
@@ -93,8 +136,20 @@ def check_requirements(backend: str, dataset: str = "digits") -> None:
 
 
 def load_backend(backend: str) -> ModuleType:
-    """Import `eos_core.demo.<backend>_backend` (after
-    [`check_requirements`][eos_core.demo.runner.check_requirements])."""
+    """Import the demo's backend module, after checking its requirements.
+
+    Args:
+        backend: one of [`BACKENDS`][eos_core.demo.runner.BACKENDS].
+
+    Returns:
+        The module `eos_core.demo.<backend>_backend` (it provides `train`).
+
+    Raises:
+        ValueError: `backend` is not one of [`BACKENDS`][eos_core.demo.runner.BACKENDS].
+        MissingDependency: [`check_requirements`][eos_core.demo.runner.check_requirements] (with the digits
+            dataset) finds a package missing, or the module fails to import; the message names the extra to
+            install.
+    """
     check_requirements(backend)
     try:
         return importlib.import_module(f"eos_core.demo.{backend}_backend")
@@ -105,6 +160,17 @@ def load_backend(backend: str) -> ModuleType:
 
 
 def describe(config: DemoConfig, data: Dataset) -> str:
+    """Describe the demo's setting in one line, for the printed header and the figure's title.
+
+    Args:
+        config: the demo's options.
+        data: the loaded dataset.
+
+    Returns:
+        The dataset and its size, the architecture and its parameter count, the loss, the number of steps, the
+        backend and the dtype, e.g. `"digits (1797 examples, 64 features), MLP 64-64-64-10 tanh (8970 parameters),
+        squared error, full batch, 600 steps, torch backend, float32"` for the defaults.
+    """
     spec = config.model
     size = num_params(init_params(spec, data.num_features, data.num_classes, seed=0, image_shape=data.image_shape))
     if spec.arch == "mlp":
@@ -117,7 +183,18 @@ def describe(config: DemoConfig, data: Dataset) -> str:
 
 
 def reading(runs: list[Trajectory], best: Trajectory | None) -> list[str]:
-    """What the table says, in words: where each method sits relative to the edge and to the best constant."""
+    """What the table says, in words: where each method sits relative to the edge and to the best constant.
+
+    Args:
+        runs: the demo's runs.
+        best: the best constant lr ([`best_constant`][eos_core.demo.results.best_constant]), or None.
+
+    Returns:
+        Bullet lines (`"- ..."`) wrapped at 110 characters: one for the best constant lr (its median lr x sharpness)
+        and one per non-diverged tuner run (its final loss relative to the best constant's; for CDAT with a scale of
+        at least 2 its lr x sharpness and lr path, otherwise how far its lr fell while the sharpness rose).
+        Diverged runs and the other GD runs get no line.
+    """
     lines = []
     if best is not None and math.isfinite(best.median_lr_sharpness):
         lines.append(f"- GD at lr={best.method.value:g}: median lr*sharpness {best.median_lr_sharpness:.2f} over the "
@@ -139,7 +216,26 @@ def reading(runs: list[Trajectory], best: Trajectory | None) -> list[str]:
 
 
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None, progress_stream: TextIO | None = None) -> DemoResult:
-    """Train every method, print the table, write the figure and CSV files into `config.out`."""
+    """Train every method, print the table, write the figure and CSV files into `config.out`.
+
+    Prints a header ([`describe`][eos_core.demo.runner.describe]), the summary table, the best constant lr and
+    [`reading`][eos_core.demo.runner.reading], then the list of files written. The figure shows every tuner run
+    and the best constant lr (not the other GD runs).
+
+    Args:
+        config: the demo's options.
+        stream: where the header, table and reading are printed (default: `sys.stdout`).
+        progress_stream: where the progress bars are drawn (default: `sys.stderr`).
+
+    Returns:
+        The runs, the best constant lr, the files written, the table and the total training time.
+
+    Raises:
+        ValueError: unknown backend, or `config.model.arch == "cnn"` with a dataset that has no image shape
+            (mnist1d); also from [`load_dataset`][eos_core.demo.data.load_dataset] for an unknown dataset or
+            `num_samples` < 10.
+        MissingDependency: a package the backend, the dataset or the figure needs is not installed.
+    """
     stream = stream if stream is not None else sys.stdout
     progress_stream = progress_stream if progress_stream is not None else sys.stderr
     check_requirements(config.backend, config.dataset)

@@ -104,3 +104,16 @@ def test_a_run_is_deterministic_given_the_seed(tmp_path: Path) -> None:
     assert proc.returncode == 0
     other = json.loads((tmp_path / "c" / "cnn" / methods[0] / "seed0.json").read_text())
     assert other["train_loss"] != runs[0][methods[0]]["train_loss"]
+
+
+def test_a_seed_that_only_observers_ran_is_not_a_missing_column():
+    from benchmarks.minibatch.report import summarize
+
+    def run(method: str, family: str, seed: int, val: float) -> dict:
+        return {"method": method, "family": family, "seed": seed, "status": "ok", "final_val_loss": val,
+                "final_train_loss": val, "time_ratio": 1.0}
+
+    results = [run("cos-1e-3", "cosine", 0, 2.0), run("cdat", "cdat", 0, 2.2), run("observe-adam", "observe", 1, 3.0)]
+    summary = summarize(results)
+    assert summary["seeds"] == [0]
+    assert {row["method"]: row["mean_ratio"] for row in summary["rows"]} == {"cos-1e-3": 1.0, "cdat": 1.1}

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
@@ -37,3 +38,19 @@ def test_two_process_ddp_matches_single_process_on_the_union_batch(tmp_path, wor
     for a, b in zip(ranks[0], single, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=tolerance)
         assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-6, nan_ok=True)  # NaN when not tracked
+
+
+@pytest.mark.parametrize("backend, like, expected", [
+    ("nccl", "cpu", "cuda:3"),  # NCCL takes no CPU tensor: scalars' buffers go to the current GPU
+    ("nccl", "cuda:1", "cuda:1"),
+    ("gloo", "cuda:1", "cpu"),
+    ("gloo", "cpu", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cuda:0", "cuda:0"),
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+])
+def test_collective_buffers_go_where_the_backend_takes_them(monkeypatch, backend, like, expected):
+    from eos_core.adapters.torch.distributed import Reducer
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert Reducer.device_for(torch.device(like), None) == torch.device(expected)
