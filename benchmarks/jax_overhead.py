@@ -691,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,cnn,gpt", type=lambda s: s.split(","),
                         help="comma-separated subset of mlp,cnn,gpt")
     parser.add_argument("--size", default="small", choices=sorted(SIZES),
-                        help="small (CPU, default), gpu (the CDAT paper's model sizes), gpt2-124m (GPT-2 124M, others small), "
-                             "tiny (smoke tests)")
+                        help="small (CPU, default), gpu (the CDAT paper's model sizes), "
+                             "gpt2-124m (GPT-2 124M, others small), tiny (smoke tests)")
     parser.add_argument("--base", default="sgd", choices=("sgd", "adam"))
     parser.add_argument("--lr", type=float, default=None, help="plain optimizer's learning rate")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
