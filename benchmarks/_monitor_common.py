@@ -1,19 +1,19 @@
-"""Shared parts of ``monitor_tracking.py`` and ``monitor_warning.py``: the runs, and lambda_max to convergence.
+"""Shared parts of `monitor_tracking.py` and `monitor_warning.py`: the runs, and lambda_max to convergence.
 
-Runs (every one monitoring only, ``CurvatureTuner(optimizer, None, monitor_budget=...)``):
+Runs (every one monitoring only, `CurvatureTuner(optimizer, None, monitor_budget=...)`):
 
-* ``mlp-gd``: the B1-B3 network of ``reproduce_mlp.py`` (digits, 64-64-64-10 tanh MLP, squared error, the numpy
-  initial weights of :mod:`eos_core.demo.models`), full batch, ``torch.optim.SGD`` at a constant lr (0.5, the best
+* `mlp-gd`: the B1-B3 network of `reproduce_mlp.py` (digits, 64-64-64-10 tanh MLP, squared error, the numpy
+  initial weights of `eos_core.demo.models`), full batch, `torch.optim.SGD` at a constant lr (0.5, the best
   constant of the 2^i grid, trains at the edge: lambda_max ~ 2/lr = 4 from step ~100 on);
-* ``chargpt-adam``: the character-level GPT of ``benchmarks/minibatch/tasks.py`` (2 layers, width 64, ~120k
-  parameters, batch 32 x 64 bytes of stdlib source), ``torch.optim.Adam`` at a constant lr (2e-3, the best
+* `chargpt-adam`: the character-level GPT of `benchmarks/minibatch/tasks.py` (2 layers, width 64, ~120k
+  parameters, batch 32 x 64 bytes of stdlib source), `torch.optim.Adam` at a constant lr (2e-3, the best
   constant of the suite's grid);
-* ``cnn-adam``: the suite's digits CNN (3 ReLU convolutions, 8,410 parameters, batch 32 with shifts and noise),
-  ``torch.optim.Adam`` (3e-3): ReLU, so the monitor keeps exact products (finite differences cross kinks).
+* `cnn-adam`: the suite's digits CNN (3 ReLU convolutions, 8,410 parameters, batch 32 with shifts and noise),
+  `torch.optim.Adam` (3e-3): ReLU, so the monitor keeps exact products (finite differences cross kinks).
 
-:func:`exact_top` is the reference: lambda_max of the Hessian of the loss (or of ``P^{-1/2} H P^{-1/2}`` with the
+`exact_top` is the reference: lambda_max of the Hessian of the loss (or of `P^{-1/2} H P^{-1/2}` with the
 optimizer's own preconditioner P) at the current weights, computed on a float64 (or float32) copy of the model by
-ARPACK (``scipy.sparse.linalg.eigsh``, largest algebraic eigenvalue, relative tolerance 1e-6, 1e-5 in float32) on
+ARPACK (`scipy.sparse.linalg.eigsh`, largest algebraic eigenvalue, relative tolerance 1e-6, 1e-5 in float32) on
 exact double-backward Hessian-vector products, warm-started from the previous reference's eigenvector.
 """
 
@@ -60,18 +60,18 @@ class Setup:
 
 
 def make_setup(name: str, lr: float, *, seed: int = 0, steps: int = 1000, quick: bool = False) -> Setup:
-    """The run ``name`` (see the module docstring) at learning rate ``lr``.
+    """The run `name` (see the module docstring) at learning rate `lr`.
 
     Args:
-        name: one of :data:`RUNS`.
+        name: one of `RUNS`.
         lr: the constant learning rate.
         seed: the initial weights' and the batches' seed.
-        steps: how many training batches the sampler must provide (it provides :data:`EXTRA_BATCHES` more, which
-            the run does not train on: ``steps + i`` for the reference batches of the tracking benchmark).
+        steps: how many training batches the sampler must provide (it provides `EXTRA_BATCHES` more, which
+            the run does not train on: `steps + i` for the reference batches of the tracking benchmark).
         quick: the suite's smoke-test sizes (mini-batch runs: a smaller batch and context).
 
     Returns:
-        The :class:`Setup`.
+        The `Setup`.
     """
     if name == "mlp-gd":
         from eos_core.demo.data import load_dataset
@@ -99,12 +99,12 @@ def make_setup(name: str, lr: float, *, seed: int = 0, steps: int = 1000, quick:
 
 
 def monitored(setup: Setup, budget: float, **options: Any) -> CurvatureTuner:
-    """``CurvatureTuner(optimizer, None, monitor_budget=budget)``: monitoring only."""
+    """`CurvatureTuner(optimizer, None, monitor_budget=budget)`: monitoring only."""
     return CurvatureTuner(setup.optimizer, None, monitor_budget=budget, model=setup.model, **options)
 
 
 def closure_for(setup: Setup, batch: Batch) -> Callable[[], torch.Tensor]:
-    """The step's closure on ``batch``."""
+    """The step's closure on `batch`."""
 
     def closure() -> torch.Tensor:
         setup.optimizer.zero_grad(set_to_none=True)
@@ -136,12 +136,12 @@ def _to_dtype(batch: Batch, dtype: torch.dtype) -> Batch:
 
 
 class ExactTop:
-    """lambda_max of H (or of ``P^{-1/2} H P^{-1/2}``) to convergence, on a float64 copy of the model.
+    """lambda_max of H (or of `P^{-1/2} H P^{-1/2}`) to convergence, on a float64 copy of the model.
 
     Args:
         setup: the run.
         tol: ARPACK's relative tolerance.
-        dtype: the copy's dtype (float32 is about twice as fast; its products' rounding limits ``tol`` to ~1e-5).
+        dtype: the copy's dtype (float32 is about twice as fast; its products' rounding limits `tol` to ~1e-5).
     """
 
     def __init__(self, setup: Setup, tol: float = 1e-6, dtype: torch.dtype = torch.float64) -> None:
@@ -153,11 +153,11 @@ class ExactTop:
         self.matvecs = 0
 
     def __call__(self, batch: Batch, *, preconditioned: bool = False, key: str = "") -> float:
-        """The top eigenvalue at the model's current weights on ``batch`` (NaN: no preconditioner yet).
+        """The top eigenvalue at the model's current weights on `batch` (NaN: no preconditioner yet).
 
         Args:
             batch: the batch whose loss defines H.
-            preconditioned: use ``P^{-1/2} H P^{-1/2}`` with the optimizer's preconditioner as it is now (before the
+            preconditioned: use `P^{-1/2} H P^{-1/2}` with the optimizer's preconditioner as it is now (before the
                 step: the one the monitor uses on this step).
             key: the warm start's name (one per operator and batch kind).
 
@@ -210,7 +210,7 @@ class ExactTop:
 
 
 def loss_spike(losses: list[float], factor: float = 2.0) -> int | None:
-    """The first step whose loss is NaN / inf or above ``factor`` times the running minimum of the steps before."""
+    """The first step whose loss is NaN / inf or above `factor` times the running minimum of the steps before."""
     best = math.inf
     for step, value in enumerate(losses):
         if not math.isfinite(value) or (step > 0 and value > factor * best):
@@ -220,14 +220,14 @@ def loss_spike(losses: list[float], factor: float = 2.0) -> int | None:
 
 
 def divergence_onset(losses: list[float], factor: float = 2.0) -> int | None:
-    """The first step of the excursion above ``factor`` times the running minimum that the run does not recover from.
+    """The first step of the excursion above `factor` times the running minimum that the run does not recover from.
 
     Args:
         losses: the loss of each step.
-        factor: the spike factor (as :func:`loss_spike`).
+        factor: the spike factor (as `loss_spike`).
 
     Returns:
-        The step from which every loss is NaN / inf or above ``factor`` times the lowest loss of the steps before it,
+        The step from which every loss is NaN / inf or above `factor` times the lowest loss of the steps before it,
         or None when the last loss is not such a loss.
     """
     above = []

@@ -1,8 +1,10 @@
 """Keras callback: a sharpness monitor or a tuning law on a Keras model, its diagnostics in `logs`.
 
->>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=...)                                # doctest: +SKIP
->>> history = model.fit(x, y, callbacks=[EdgeOfStabilityCallback()])                               # doctest: +SKIP
->>> history.history["eos/preconditioned_lr_sharpness"], history.history["eos/unstable"]            # doctest: +SKIP
+```python
+model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=...)
+history = model.fit(x, y, callbacks=[EdgeOfStabilityCallback()])
+history.history["eos/preconditioned_lr_sharpness"], history.history["eos/unstable"]
+```
 
 Design (Keras 3 on the JAX and torch backends):
 
@@ -11,19 +13,19 @@ Design (Keras 3 on the JAX and torch backends):
   train function. When the model is compiled with a plain Keras optimizer, the callback then puts an
   [`eos_core.adapters.keras.CurvatureTuner`][] around it as `model.optimizer` (and in the model's compile config,
   so `model.save` / `keras.models.load_model` restore the tuner with its state):
-  - `law=None` (the default): **monitoring only**. The optimizer steps exactly as without the callback (its own
-    learning rate or schedule: the weights are the same bit for bit) and the sharpness monitor
-    (`monitor_budget`, 0.05 of training time by default) reports lambda_max and `lr * lambda_max`
-    (preconditioned for Adam / AdamW / RMSprop) and warns when the run is about to leave the edge of stability.
-  - a law (`CDAT(...)`, ...): the tuner takes the optimizer over and applies the law's learning rate, with the
-    monitor beside it. A law that needs the run's horizon (`CDAT(decay="cosine")` without `horizon=`) gets
-    `epochs * steps` of `fit` (the whole run, `initial_epoch` included); a ValueError asks for `horizon=` when
-    the number of steps per epoch is not known (a dataset without a length and no `steps_per_epoch`).
+    - `law=None` (the default): **monitoring only**. The optimizer steps exactly as without the callback (its own
+      learning rate or schedule: the weights are the same bit for bit) and the sharpness monitor
+      (`monitor_budget`, 0.05 of training time by default) reports lambda_max and `lr * lambda_max`
+      (preconditioned for Adam / AdamW / RMSprop) and warns when the run is about to leave the edge of stability.
+    - a law (`CDAT(...)`, ...): the tuner takes the optimizer over and applies the law's learning rate, with the
+      monitor beside it. A law that needs the run's horizon (`CDAT(decay="cosine")` without `horizon=`) gets
+      `epochs * steps` of `fit` (the whole run, `initial_epoch` included); a ValueError asks for `horizon=` when
+      the number of steps per epoch is not known (a dataset without a length and no `steps_per_epoch`).
 
-  A model compiled with a `CurvatureTuner` of its own (`model.compile(optimizer=CurvatureTuner(...))`, or one
-  restored by `load_model`) keeps it: the callback logs it as it is configured. A law or option given to the
-  callback must then agree with that tuner's (ValueError otherwise), and the callback's default `monitor_budget`
-  does not turn on the monitor of a tuner compiled without one (give `monitor_budget=` to that tuner).
+    A model compiled with a `CurvatureTuner` of its own (`model.compile(optimizer=CurvatureTuner(...))`, or one
+    restored by `load_model`) keeps it: the callback logs it as it is configured. A law or option given to the
+    callback must then agree with that tuner's (ValueError otherwise), and the callback's default `monitor_budget`
+    does not turn on the monitor of a tuner compiled without one (give `monitor_budget=` to that tuner).
 * **Attaching.** The callback wraps the model's `train_step` ([`eos_core.adapters.keras.attach`][]): the tuner
   can then re-evaluate the loss on the batch. The callback is therefore all a Keras user adds, also after
   `keras.models.load_model`.
@@ -94,8 +96,9 @@ _PER_STEP = frozenset({"probed", "fallback", "skipped"})
 
 
 class EdgeOfStabilityCallback(keras.callbacks.Callback):
-    """Monitor the sharpness of a Keras model's training, or tune its learning rate with an eos_core law, and put
-    the diagnostics into Keras `logs`.
+    """Monitor the sharpness of a Keras model's training, or tune its learning rate with an eos_core law.
+
+    The diagnostics go into Keras `logs` (hence `History`, `CSVLogger`, `TensorBoard` and the progress bar).
 
     On a model compiled with a plain Keras optimizer the callback installs an
     [`eos_core.adapters.keras.CurvatureTuner`][] around it when `fit` starts (`law=None`: the optimizer's own
@@ -133,6 +136,18 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
         history: `{name: [value of each read step]}` plus `"step"` (the diagnostics' `step`: the index of the
             step read, skipped steps not counted), over every `fit` this callback took part in.
         latest: the values last put into `logs` (latest measurement of each name).
+
+    Examples:
+        Monitoring only, on a model compiled with a plain Keras optimizer:
+
+        >>> history = model.fit(x, y, epochs=5, callbacks=[EdgeOfStabilityCallback()])  # doctest: +SKIP
+        >>> history.history["eos/lr_sharpness"]  # one value per epoch  # doctest: +SKIP
+
+        With a law, whose learning rate replaces the optimizer's:
+
+        >>> callback = EdgeOfStabilityCallback(CDAT(scale=2.0), sharpness_every=10)  # doctest: +SKIP
+        >>> model.fit(x, y, epochs=5, callbacks=[callback])  # doctest: +SKIP
+        >>> callback.history["lr"][:3]  # per step  # doctest: +SKIP
     """
 
     def __init__(self, law: Law | None = None, *, monitor_budget: float | None = MONITOR_BUDGET,
@@ -169,16 +184,27 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
 
     # -- Keras hooks ------------------------------------------------------------------------------
     def set_model(self, model: Any) -> None:
+        """Keras hook: remember the model, and wrap its `train_step` when it is already compiled with a tuner.
+
+        Args:
+            model: the model `fit` trains.
+        """
         super().set_model(model)
         if find_tuner(model) is not None:
             attach(model)
 
     def set_params(self, params: Mapping[str, Any]) -> None:
-        """Keras's run parameters (`epochs`, `steps` per epoch); `fit` sets them right after the model, before it
-        builds its train function: the tuner is installed (or the compiled one checked) here.
+        """Keras hook: the run's parameters; the tuner is installed (or the compiled one checked) here.
+
+        `fit` sets them right after the model, before it builds its train function.
+
+        Args:
+            params: Keras's run parameters (`epochs`, `steps` per epoch, ...).
 
         Raises:
-            ValueError: see the class docstring.
+            ValueError: an optimizer the tuner cannot wrap (a `LossScaleOptimizer`, an unsupported one), a law or
+                option that disagrees with the `CurvatureTuner` the model is compiled with, or a law whose horizon
+                cannot be known.
         """
         super().set_params(params)
         model = getattr(self, "_model", None)
@@ -193,6 +219,15 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
         attach(model)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Keras hook: find the model's tuner and wrap its `train_step`.
+
+        Args:
+            logs: Keras's logs (unused).
+
+        Raises:
+            ValueError: the model has no `CurvatureTuner` (not compiled, or compiled after `fit` built its
+                callbacks).
+        """
         tuner = find_tuner(self.model)
         if tuner is None:
             raise ValueError(
@@ -203,6 +238,14 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
         self._batches = 0
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Keras hook: read the step's diagnostics (every `log_every` batches) and put them into `logs`.
+
+        Each read appends to `history`; `logs` gets the latest measurement of each name, prefixed.
+
+        Args:
+            batch: the batch index within the epoch.
+            logs: the batch's logs, updated in place.
+        """
         self._batches += 1
         if (self._batches - 1) % self.log_every:
             if logs is not None:
@@ -222,13 +265,28 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
             logs.update(self._prefixed())
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Keras hook: put the latest values into the epoch's `logs` (what `History` and `CSVLogger` record).
+
+        Args:
+            epoch: the epoch index.
+            logs: the epoch's logs, updated in place.
+        """
         if logs is not None:
             logs.update(self._prefixed())
 
     # -- installing the tuner ---------------------------------------------------------------------
     def _install(self, model: Any, params: Mapping[str, Any]) -> CurvatureTuner:
-        """Put a `CurvatureTuner` around the model's optimizer (built when the optimizer is) and into its compile
-        config; returns it."""
+        """Put a `CurvatureTuner` around the model's optimizer (built when the optimizer is).
+
+        The tuner also replaces the optimizer in the model's compile config, which `model.save` stores and
+        `keras.models.load_model` compiles with.
+
+        Returns:
+            The tuner installed.
+
+        Raises:
+            ValueError: the optimizer is a `LossScaleOptimizer`, or the tuner refuses it or the settings.
+        """
         optimizer = model.optimizer
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise ValueError(
@@ -253,6 +311,9 @@ class EdgeOfStabilityCallback(keras.callbacks.Callback):
 
     def _law_for(self, params: Mapping[str, Any]) -> Law | None:
         """The law with the run's horizon when it needs one: `epochs * steps` of `fit`.
+
+        Returns:
+            `law.with_horizon(epochs * steps)`, or the callback's law unchanged (None when only measuring).
 
         Raises:
             ValueError: the number of steps per epoch is not known.

@@ -1,76 +1,78 @@
 """Lightning callback: one line puts a curvature-aware tuner on a LightningModule's optimizer and logs its dynamics.
 
->>> trainer = pl.Trainer(callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])  # doctest: +SKIP
+```python
+trainer = pl.Trainer(callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])
+```
 
-Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
+Design (Lightning 2.x; the facts below are from `lightning/pytorch` 2.6):
 
-* **Where the tuner attaches.** In ``on_fit_start``, to ``trainer.optimizers[0]`` (the torch optimizer
-  inside Lightning's ``LightningOptimizer``). ``Trainer._run`` calls ``strategy.setup`` (which runs
-  ``configure_optimizers``), then the ``on_fit_start`` hooks, and only then
-  ``_checkpoint_connector.restore_training_state()``, which calls ``optimizer.load_state_dict`` for every
-  optimizer, whatever ``strategy.restore_checkpoint_after_setup`` says (that flag only moves the
-  restore of the module and callbacks). So when a fit resumes (``ckpt_path=...``) the tuner is already
+* **Where the tuner attaches.** In `on_fit_start`, to `trainer.optimizers[0]` (the torch optimizer
+  inside Lightning's `LightningOptimizer`). `Trainer._run` calls `strategy.setup` (which runs
+  `configure_optimizers`), then the `on_fit_start` hooks, and only then
+  `_checkpoint_connector.restore_training_state()`, which calls `optimizer.load_state_dict` for every
+  optimizer, whatever `strategy.restore_checkpoint_after_setup` says (that flag only moves the
+  restore of the module and callbacks). So when a fit resumes (`ckpt_path=...`) the tuner is already
   attached when the optimizer's state is loaded, and its state rides in the optimizer's own
-  ``state_dict()`` (key ``"eos_core"``) in both directions: the callback has no state of its own and
-  needs no ``state_dict``.
-* **How the step is tuned.** Automatic optimization calls ``optimizer.step(closure)`` through the
+  `state_dict()` (key `"eos_core"`) in both directions: the callback has no state of its own and
+  needs no `state_dict`.
+* **How the step is tuned.** Automatic optimization calls `optimizer.step(closure)` through the
   precision plugin; the tuner's step hooks run it. The tuner calls Lightning's closure once itself
-  (``training_step``, ``backward``, ``on_before_optimizer_step`` and gradient clipping all run there, so
+  (`training_step`, `backward`, `on_before_optimizer_step` and gradient clipping all run there, so
   the tuner sees the clipped gradient), and the callback gives the tuner, through
-  ``tuner.set_objective``, the loss function its curvature probes evaluate: the module's own
-  ``training_step`` re-run on the step's batches (not Lightning's closure, which would run the hooks,
-  zero the gradients and backpropagate again). Probes call ``pl_module.training_step`` directly, under
-  the precision plugin's ``train_step_context()`` (autocast as in the real step), never through the DDP
+  `tuner.set_objective`, the loss function its curvature probes evaluate: the module's own
+  `training_step` re-run on the step's batches (not Lightning's closure, which would run the hooks,
+  zero the gradients and backpropagate again). Probes call `pl_module.training_step` directly, under
+  the precision plugin's `train_step_context()` (autocast as in the real step), never through the DDP
   wrapper (so no gradient reduction starts). The callback tells that the optimizer stepped by
-  ``tuner.calls`` (steps processed, skipped ones included) changing during the batch.
+  `tuner.calls` (steps processed, skipped ones included) changing during the batch.
 * **Random state (dropout masks).** Each probe evaluation replays, for every micro-batch of the step, the
-  random state its ``training_step`` started from, so the probe sees the masks of the real step. The
+  random state its `training_step` started from, so the probe sees the masks of the real step. The
   state is recorded where that micro-batch's computation starts, not in this callback's
-  ``on_train_batch_start``: Lightning runs every callback's ``on_train_batch_start`` (in list order),
+  `on_train_batch_start`: Lightning runs every callback's `on_train_batch_start` (in list order),
   then the module's, then the strategy's, then the closure, and each of them may draw random numbers.
 
-  - The micro-batch that steps: the callback's own step pre-hook on the optimizer, registered before the
-    tuner's, records the state when ``optimizer.step(closure)`` starts; the tuner's pre-hook then calls
-    the closure, which reaches ``training_step`` without drawing random numbers (precision plugin
-    wrapper, ``Closure``, ``strategy.training_step``). This is exact, even for random numbers
-    ``training_step`` draws before calling a module.
-  - The micro-batches before it under ``accumulate_grad_batches = k`` (Lightning calls their closure
-    itself, without ``optimizer.step``), and the stepping one under ``precision="16-mixed"`` with a
-    GradScaler (the precision plugin calls the closure before ``scaler.step``): a forward pre-hook on
-    every submodule of the LightningModule, armed in ``on_train_batch_start`` and removed at its first
-    call, records the state at the first module call made while Lightning runs ``training_step``
-    (``pl_module._current_fx_name``; a forward call from a later callback's or the module's
-    ``on_train_batch_start``, or from ``optimizer_step``, is ignored). Arming and removing the hooks
-    costs about a microsecond per submodule and micro-batch; the rest of the forward pass and the probes
-    run without them. Under DDP the strategy routes ``training_step`` through the wrapped module's
-    ``forward``, so that first call is the start of ``training_step``: exact. On a single device it is
-    the first module call inside ``training_step``. **Not covered:** random numbers drawn inside
-    ``training_step`` before its first module call (``torch.randn`` noise added to the input, a random
-    crop done there), on a single device, for these micro-batches: their probe sees other values than
-    the real step did. Draw such numbers in a module's ``forward`` (or in the data pipeline) to have
-    them replayed.
-  - A micro-batch whose ``training_step`` calls no module of the LightningModule and does not step
-    falls back to the state at this callback's ``on_train_batch_start``.
-* **Gradient accumulation** (``accumulate_grad_batches = k``). Lightning divides each micro-batch's loss
-  by ``k`` before ``backward`` and zeroes the gradients at batches with ``batch_idx % k == 0``, so the
-  step's gradient is that of ``sum_i loss_i / k`` over the micro-batches since the last zeroing (a short
-  last window of an epoch is still divided by ``k``). The probe evaluates exactly that function, so the
+    - The micro-batch that steps: the callback's own step pre-hook on the optimizer, registered before the
+      tuner's, records the state when `optimizer.step(closure)` starts; the tuner's pre-hook then calls
+      the closure, which reaches `training_step` without drawing random numbers (precision plugin
+      wrapper, `Closure`, `strategy.training_step`). This is exact, even for random numbers
+      `training_step` draws before calling a module.
+    - The micro-batches before it under `accumulate_grad_batches = k` (Lightning calls their closure
+      itself, without `optimizer.step`), and the stepping one under `precision="16-mixed"` with a
+      GradScaler (the precision plugin calls the closure before `scaler.step`): a forward pre-hook on
+      every submodule of the LightningModule, armed in `on_train_batch_start` and removed at its first
+      call, records the state at the first module call made while Lightning runs `training_step`
+      (`pl_module._current_fx_name`; a forward call from a later callback's or the module's
+      `on_train_batch_start`, or from `optimizer_step`, is ignored). Arming and removing the hooks
+      costs about a microsecond per submodule and micro-batch; the rest of the forward pass and the probes
+      run without them. Under DDP the strategy routes `training_step` through the wrapped module's
+      `forward`, so that first call is the start of `training_step`: exact. On a single device it is
+      the first module call inside `training_step`. **Not covered:** random numbers drawn inside
+      `training_step` before its first module call (`torch.randn` noise added to the input, a random
+      crop done there), on a single device, for these micro-batches: their probe sees other values than
+      the real step did. Draw such numbers in a module's `forward` (or in the data pipeline) to have
+      them replayed.
+    - A micro-batch whose `training_step` calls no module of the LightningModule and does not step
+      falls back to the state at this callback's `on_train_batch_start`.
+* **Gradient accumulation** (`accumulate_grad_batches = k`). Lightning divides each micro-batch's loss
+  by `k` before `backward` and zeroes the gradients at batches with `batch_idx % k == 0`, so the
+  step's gradient is that of `sum_i loss_i / k` over the micro-batches since the last zeroing (a short
+  last window of an epoch is still divided by `k`). The probe evaluates exactly that function, so the
   curvature and the gradient describe the same objective (CDAT's ratio is not scale-free in the
-  objective). The ``eos/loss`` value logged under accumulation is that sum as well.
-* **Gradient clipping** runs inside the closure, so ``g`` (in ``g.u`` and ``grad_norm``) and the update
-  ``u`` are the clipped ones: clipping shrinks the step as it does with a fixed lr. The clipped
-  gradient is not the objective's, so when clipping is on (``gradient_clip_val`` or an overridden
-  ``configure_gradient_clipping``) finite-difference curvature evaluates g(w) again instead of reusing
-  it (``clipped_gradients=True`` on the tuner; pass it yourself if ``on_before_optimizer_step`` clips).
-* **The user's logging during probes.** ``training_step`` usually calls ``self.log``. Each probe
+  objective). The `eos/loss` value logged under accumulation is that sum as well.
+* **Gradient clipping** runs inside the closure, so `g` (in `g.u` and `grad_norm`) and the update
+  `u` are the clipped ones: clipping shrinks the step as it does with a fixed lr. The clipped
+  gradient is not the objective's, so when clipping is on (`gradient_clip_val` or an overridden
+  `configure_gradient_clipping`) finite-difference curvature evaluates g(w) again instead of reusing
+  it (`clipped_gradients=True` on the tuner; pass it yourself if `on_before_optimizer_step` clips).
+* **The user's logging during probes.** `training_step` usually calls `self.log`. Each probe
   evaluation would log again (on-epoch means would count probes), so the values logged during a probe
   are discarded (the trainer's result collection is restored after each evaluation). Side effects
-  outside ``self.log`` (a torchmetrics object's ``update``, counters) do happen again in probes: guard
-  them with ``callback.probing`` or pass ``loss_fn=`` (a side-effect-free loss).
-* **Logging.** After each optimizer step the tuner's numeric diagnostics go through ``pl_module.log``
-  (``on_step=True``), named ``"eos/<name>"`` (``eos/lr``, ``eos/sharpness``, ``eos/lr_sharpness``, ...),
-  so every Lightning logger (TensorBoard, CSV, ...) records them at Lightning's ``log_every_n_steps``
-  cadence, and ``eos/lr`` and ``eos/unstable`` show in the progress bar. Values not measured on a step (NaN) are
+  outside `self.log` (a torchmetrics object's `update`, counters) do happen again in probes: guard
+  them with `callback.probing` or pass `loss_fn=` (a side-effect-free loss).
+* **Logging.** After each optimizer step the tuner's numeric diagnostics go through `pl_module.log`
+  (`on_step=True`), named `"eos/<name>"` (`eos/lr`, `eos/sharpness`, `eos/lr_sharpness`, ...),
+  so every Lightning logger (TensorBoard, CSV, ...) records them at Lightning's `log_every_n_steps`
+  cadence, and `eos/lr` and `eos/unstable` show in the progress bar. Values not measured on a step (NaN) are
   left out.
 * **The sharpness monitor** (`monitor_budget`, 0.05 of training time by default; None turns it off) runs in the
   tuner (with a law and with `law=None`, which leaves the user's lr and scheduler untouched: the parameters are
@@ -83,50 +85,50 @@ Design (Lightning 2.x; the facts below are from ``lightning/pytorch`` 2.6):
 * **The horizon of a decaying law** (`CDAT(decay="cosine" | "linear")` without `horizon=`): filled in at fit start
   from `trainer.estimated_stepping_batches`, the optimizer steps of the whole fit (the same number when a fit
   resumes from a checkpoint, whose law state holds the steps already taken).
-  Loggers write every ``log_every_n_steps`` steps (50 by default): each write gets, per name, the
+  Loggers write every `log_every_n_steps` steps (50 by default): each write gets, per name, the
   latest value measured since the previous write (a sharpness tracked at step 100 is written at step
-  149, not lost), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous write.
-* **Schedulers and the lr curves.** ``lr_mode="override"`` (default): the law's lr is applied, the
-  scheduler's only keeps the per-group lr ratios. ``lr_mode="multiply"``: the law's lr times the
-  schedule's factor ``lr(t) / base lr`` (the group's ``initial_lr``). The tuner restores the groups'
+  149, not lost), and `eos/skipped` / `eos/fallback` count the steps since the previous write.
+* **Schedulers and the lr curves.** `lr_mode="override"` (default): the law's lr is applied, the
+  scheduler's only keeps the per-group lr ratios. `lr_mode="multiply"`: the law's lr times the
+  schedule's factor `lr(t) / base lr` (the group's `initial_lr`). The tuner restores the groups'
   lr after each step, so the scheduler steps from its own values (chainable schedulers such as
-  ``LinearLR`` multiply the group's current lr) and checkpoints hold them.
+  `LinearLR` multiply the group's current lr) and checkpoints hold them.
 
-  ``LearningRateMonitor`` reads ``param_group["lr"]`` in its ``on_train_batch_start`` (and
-  ``on_train_epoch_start``) and logs it at the step about to run, before the law has decided that
-  step's lr. In override mode the groups hold the scheduler's lr, which the tuner ignores, so its
-  ``lr-<Optimizer>`` curve would contradict ``eos/lr``. The callback therefore places, in ``setup``, a
-  pair of stateless helper callbacks around each ``LearningRateMonitor`` in ``trainer.callbacks`` (a
-  new list is assigned, as Lightning's own callback connector does, so no hook iteration in progress
-  is disturbed; they are removed at ``teardown``): the one before it writes the lr the tuner applied
-  last (times the groups' ratios) into the groups, the one after it puts the scheduler's values back.
-  Nothing but the monitor runs in between, so the module, the scheduler, the tuner and checkpoints
-  never see the written values. What each curve means:
+    `LearningRateMonitor` reads `param_group["lr"]` in its `on_train_batch_start` (and
+    `on_train_epoch_start`) and logs it at the step about to run, before the law has decided that
+    step's lr. In override mode the groups hold the scheduler's lr, which the tuner ignores, so its
+    `lr-<Optimizer>` curve would contradict `eos/lr`. The callback therefore places, in `setup`, a
+    pair of stateless helper callbacks around each `LearningRateMonitor` in `trainer.callbacks` (a
+    new list is assigned, as Lightning's own callback connector does, so no hook iteration in progress
+    is disturbed; they are removed at `teardown`): the one before it writes the lr the tuner applied
+    last (times the groups' ratios) into the groups, the one after it puts the scheduler's values back.
+    Nothing but the monitor runs in between, so the module, the scheduler, the tuner and checkpoints
+    never see the written values. What each curve means:
 
-  - override: ``eos/lr`` at step t is the lr step t applied; ``lr-<Optimizer>`` at step t is the lr the
-    previous step applied (the lr in effect when step t starts; at the first step of a fit, the law's
-    current lr: its initial lr, or the resumed one), i.e. ``eos/lr`` one step later. The monitor cannot
-    show step t's own lr: it logs before step t runs, and the law decides that lr during the step, from
-    the curvature measured there.
-  - multiply: ``lr-<Optimizer>`` is the scheduler's lr ``lr(t)``, left alone; ``eos/lr`` = ``eos/law_lr``
-    x ``lr(t) / base lr`` is the applied lr, and ``eos/law_lr`` the law's part of it.
-  - ``law=None`` (measuring only): the optimizer's own lr is applied; both curves are the scheduler's.
-* **Data parallel** (``strategy="ddp"``): DDP averages the gradient; every rank probes its own shard
-  and the tuner averages the measurements over ``torch.distributed``, so all ranks apply the same lr.
-* **Sharded parameters** (``strategy=ModelParallelStrategy(...)``, FSDP2: the LightningModule applies
-  ``fully_shard`` in ``configure_model``; it runs on CPU with gloo, ``init_device_mesh("cpu", ...)``). The
+    - override: `eos/lr` at step t is the lr step t applied; `lr-<Optimizer>` at step t is the lr the
+      previous step applied (the lr in effect when step t starts; at the first step of a fit, the law's
+      current lr: its initial lr, or the resumed one), i.e. `eos/lr` one step later. The monitor cannot
+      show step t's own lr: it logs before step t runs, and the law decides that lr during the step, from
+      the curvature measured there.
+    - multiply: `lr-<Optimizer>` is the scheduler's lr `lr(t)`, left alone; `eos/lr` = `eos/law_lr`
+      x `lr(t) / base lr` is the applied lr, and `eos/law_lr` the law's part of it.
+    - `law=None` (measuring only): the optimizer's own lr is applied; both curves are the scheduler's.
+* **Data parallel** (`strategy="ddp"`): DDP averages the gradient; every rank probes its own shard
+  and the tuner averages the measurements over `torch.distributed`, so all ranks apply the same lr.
+* **Sharded parameters** (`strategy=ModelParallelStrategy(...)`, FSDP2: the LightningModule applies
+  `fully_shard` in `configure_model`; it runs on CPU with gloo, `init_device_mesh("cpu", ...)`). The
   optimizer holds DTensor parameters; the tuner works on each rank's shards and all-reduces its sums over the
-  mesh (:mod:`eos_core.adapters.torch.sharding`), probes re-run ``training_step`` through the sharded modules
+  mesh (`eos_core.adapters.torch.sharding`), probes re-run `training_step` through the sharded modules
   (their forward gathers the parameters, the backward reduce-scatters the gradient), the route is
-  ``fd-onesided`` (``auto``) or ``fd-central``. The strategy saves ``get_optimizer_state_dict`` (sharded
-  by default, through ``torch.distributed.checkpoint``; full with ``save_distributed_checkpoint=False``) and
-  loads with ``set_optimizer_state_dict`` after ``on_fit_start``, so the tuner's state travels in both
+  `fd-onesided` (`auto`) or `fd-central`. The strategy saves `get_optimizer_state_dict` (sharded
+  by default, through `torch.distributed.checkpoint`; full with `save_distributed_checkpoint=False`) and
+  loads with `set_optimizer_state_dict` after `on_fit_start`, so the tuner's state travels in both
   directions (in the optimizer's first param group and per-parameter state, which those functions keep).
-  ``FSDPStrategy`` (``strategy="fsdp"``) is FSDP1, whose flat parameters the tuner cannot read, and
-  ``DeepSpeedStrategy`` replaces the optimizer: both are refused.
+  `FSDPStrategy` (`strategy="fsdp"`) is FSDP1, whose flat parameters the tuner cannot read, and
+  `DeepSpeedStrategy` replaces the optimizer: both are refused.
 * **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
-  untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr
-  (``RuntimeWarning``, ``eos/fallback`` = 1).
+  untouched, `RuntimeWarning`, `eos/skipped` = 1); a non-finite curvature keeps the last good lr
+  (`RuntimeWarning`, `eos/fallback` = 1).
 """
 
 from __future__ import annotations
@@ -176,13 +178,13 @@ __all__ = ["EdgeOfStabilityCallback"]
 
 _OWNER = "EdgeOfStabilityCallback"
 LossFunction = Callable[[pl.LightningModule, Any, int], torch.Tensor]
-#: ``LightningModule._current_fx_name`` while Lightning runs ``training_step`` (set by its strategy-hook caller)
+#: `LightningModule._current_fx_name` while Lightning runs `training_step` (set by its strategy-hook caller)
 _TRAINING_STEP = "training_step"
 
 
 @dataclasses.dataclass
 class _MicroBatch:
-    """One micro-batch of the step, and the random state its ``training_step`` started from."""
+    """One micro-batch of the step, and the random state its `training_step` started from."""
 
     batch: Any
     batch_idx: int
@@ -206,11 +208,11 @@ class EdgeOfStabilityCallback(pl.Callback):
             `monitor_margin` for `monitor_patience` measurements; a RuntimeWarning marks each onset) and `eos/edge`.
             The options `monitor_edge`, `monitor_margin`, `monitor_patience` go in `tuner_options`.
         probe_every: measure the law's statistics every that many optimizer steps (reuse the lr between).
-        sharpness_every: every that many steps, log ``sharpness`` (lambda_max), ``lr_sharpness`` and, for
-            Adam-like optimizers, ``preconditioned_sharpness``.
-        route: curvature route; ``"auto"`` falls back from double backward to the math SDPA kernel to
+        sharpness_every: every that many steps, log `sharpness` (lambda_max), `lr_sharpness` and, for
+            Adam-like optimizers, `preconditioned_sharpness`.
+        route: curvature route; `"auto"` falls back from double backward to the math SDPA kernel to
             finite differences.
-        lr_mode: ``"override"`` or ``"multiply"`` (see the module docstring).
+        lr_mode: `"override"` or `"multiply"` (see the module docstring).
         log_prefix: prefix of the logged names (`"eos/"`).
         prog_bar: diagnostics (names without the prefix) also shown in the progress bar: by default the applied
             `lr` and the monitor's warning `unstable` (0, or 1 while the run is beyond the edge of stability).
@@ -228,10 +230,17 @@ class EdgeOfStabilityCallback(pl.Callback):
             without a length and no `max_steps`).
 
     Attributes:
-        settings: the validated :class:`~eos_core.settings.TunerSettings`.
-        tuner: the :class:`CurvatureTuner` (None before ``fit`` starts). It stays attached after ``fit`` (so a
-            ``trainer.save_checkpoint`` after ``fit`` saves its state) until the next ``fit`` replaces it.
-        probing: True while a probe evaluates the objective (so ``training_step`` can skip side effects).
+        settings: the validated [`TunerSettings`][eos_core.settings.TunerSettings].
+        tuner: the [`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner] (None before `fit` starts). It stays
+            attached after `fit` (so a `trainer.save_checkpoint` after `fit` saves its state) until the next `fit`
+            replaces it.
+        probing: True while a probe evaluates the objective (so `training_step` can skip side effects).
+
+    Examples:
+        >>> callback = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=100)  # doctest: +SKIP
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=data)  # doctest: +SKIP
+        >>> callback.tuner.diagnostics["lr"]  # the lr of the last step  # doctest: +SKIP
     """
 
     def __init__(
@@ -276,11 +285,35 @@ class EdgeOfStabilityCallback(pl.Callback):
     # attach / detach
     # ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lightning hook: for `fit`, check the run and place the helpers around each `LearningRateMonitor`.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+            stage: `"fit"`, `"validate"`, `"test"` or `"predict"`; only `"fit"` acts.
+
+        Raises:
+            ValueError: manual optimization, an unsupported strategy (FSDP1, DeepSpeed, ...), or a law that needs
+                the step's loss under `accumulate_grad_batches > 1`.
+        """
         if stage == "fit":
             self._check(trainer, pl_module)
             self._surround_lr_monitors(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning hook: attach the tuner to the trainer's optimizer (before Lightning restores a checkpoint).
+
+        A tuner of a previous `fit` is detached first; a law that needs the run's horizon gets
+        `trainer.estimated_stepping_batches`.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+
+        Raises:
+            ValueError: as in `setup`; more or fewer than one optimizer; an optimizer or setting the tuner refuses;
+                a law that needs the run's horizon when Lightning does not know the number of steps.
+        """
         self._check(trainer, pl_module)
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
@@ -344,6 +377,13 @@ class EdgeOfStabilityCallback(pl.Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lightning hook: after `fit`, remove the hooks and helpers (the tuner stays attached until the next `fit`).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+            stage: the stage ending; only `"fit"` acts.
+        """
         # The tuner stays attached after fit, so that trainer.save_checkpoint(...) after fit still saves its
         # state; the next fit's on_fit_start detaches it. The hooks, helpers and batch references go.
         if stage == "fit":
@@ -351,6 +391,13 @@ class EdgeOfStabilityCallback(pl.Callback):
             self._remove_lr_monitor_helpers(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Lightning hook: remove the hooks and helpers when training fails (the exception propagates).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+            exception: the exception raised.
+        """
         self._release()
         self._remove_lr_monitor_helpers(trainer)
 
@@ -367,6 +414,17 @@ class EdgeOfStabilityCallback(pl.Callback):
     # ---------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        """Lightning hook: record the micro-batch and hand the tuner the objective of the step this batch ends in.
+
+        The random state is recorded here as a fallback; the exact one is taken where the micro-batch's
+        `training_step` starts (see the module docstring).
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+            batch: the micro-batch.
+            batch_idx: its index in the epoch.
+        """
         tuner = self.tuner
         if tuner is None:
             return
@@ -383,7 +441,7 @@ class EdgeOfStabilityCallback(pl.Callback):
         tuner.set_objective(functools.partial(self._objective, trainer, pl_module, tuple(self._window)))
 
     def _arm(self, pl_module: pl.LightningModule) -> None:
-        """Record the random state at the first module call of this micro-batch's ``training_step``."""
+        """Record the random state at the first module call of this micro-batch's `training_step`."""
         self._disarm()
         for module in pl_module.modules():
             try:
@@ -440,6 +498,19 @@ class EdgeOfStabilityCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Lightning hook: after an optimizer step, log the tuner's diagnostics through `pl_module.log`.
+
+        Nothing is logged for a micro-batch that did not step (gradient accumulation, a step skipped by a
+        GradScaler). The values measured since the loggers last wrote are merged (latest value per name,
+        `skipped` / `fallback` counted); under accumulation `loss` is the window's summed loss.
+
+        Args:
+            trainer: the Lightning trainer.
+            pl_module: the LightningModule.
+            outputs: what `training_step` returned (its loss, already divided by `accumulate_grad_batches`).
+            batch: the micro-batch.
+            batch_idx: its index in the epoch.
+        """
         if self.tuner is None:
             return
         self._disarm()
@@ -515,8 +586,11 @@ class EdgeOfStabilityCallback(pl.Callback):
 
 
 class _LearningRateShown(pl.Callback):
-    """Placed right before (``show=True``) and right after (``show=False``) a ``LearningRateMonitor``: shows it
-    the applied lr in ``lr_mode="override"``, and puts the scheduler's lr back once it has read the groups."""
+    """A helper placed right before (`show=True`) and right after (`show=False`) a `LearningRateMonitor`.
+
+    The one before shows the monitor the applied lr in `lr_mode="override"`; the one after puts the scheduler's lr
+    back once the monitor has read the groups.
+    """
 
     def __init__(self, owner: EdgeOfStabilityCallback, *, show: bool) -> None:
         super().__init__()
@@ -538,18 +612,24 @@ class _LearningRateShown(pl.Callback):
 
 
 def _loggers_write_now(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes this step's logged values to its loggers (every ``log_every_n_steps`` steps
-    and at the last step); called from ``on_train_batch_end``, as Lightning's own check is, right after."""
+    """Whether Lightning writes this step's logged values to its loggers.
+
+    Called from `on_train_batch_end`, as Lightning's own check is, right after.
+
+    Returns:
+        Lightning's `should_update_logs` (every `log_every_n_steps` steps and at the last step); True when it
+        cannot be read.
+    """
     flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
     return flag if isinstance(flag, bool) else True
 
 
 @contextlib.contextmanager
 def _discarding_logs(trainer: pl.Trainer) -> Iterator[None]:
-    """Undo what ``self.log`` calls record while a probe re-runs ``training_step``.
+    """Undo what `self.log` calls record while a probe re-runs `training_step`.
 
-    Lightning keeps the values logged in the running loop's result collection (``trainer._results``, a dict
-    of per-key metric objects whose state ``self.log`` replaces). The collection's entries and each entry's
+    Lightning keeps the values logged in the running loop's result collection (`trainer._results`, a dict
+    of per-key metric objects whose state `self.log` replaces). The collection's entries and each entry's
     attributes are copied before and put back after, so probes leave no trace in step or epoch metrics.
     """
     results = getattr(trainer, "_results", None)

@@ -1,95 +1,95 @@
-"""Hugging Face ``Trainer`` callback: a curvature-aware tuner on the Trainer's optimizer, with no Trainer subclass.
+"""Hugging Face `Trainer` callback: a curvature-aware tuner on the Trainer's optimizer, with no Trainer subclass.
 
->>> trainer = Trainer(model, args, train_dataset=data,
-...                   callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])  # doctest: +SKIP
+```python
+trainer = Trainer(model, args, train_dataset=data,
+                  callbacks=[EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9))])
+```
 
-Design (the facts below are from ``transformers`` 5.25's ``trainer.py`` / ``trainer_callback.py`` and
-``accelerate`` 1.15):
+Design (the facts below are from `transformers` 5.25's `trainer.py` / `trainer_callback.py` and
+`accelerate` 1.15):
 
-* **Where the tuner attaches.** In ``on_train_begin``, to the torch optimizer inside accelerate's
-  ``AcceleratedOptimizer`` (``Trainer.optimizer.optimizer``): the Trainer creates the optimizer and the
-  scheduler in ``_prepare_for_training``, which runs before ``on_train_begin`` (callbacks never see the
-  optimizer earlier). ``optimizer.step()`` of the Trainer reaches the inner optimizer, whose step hooks
+* **Where the tuner attaches.** In `on_train_begin`, to the torch optimizer inside accelerate's
+  `AcceleratedOptimizer` (`Trainer.optimizer.optimizer`): the Trainer creates the optimizer and the
+  scheduler in `_prepare_for_training`, which runs before `on_train_begin` (callbacks never see the
+  optimizer earlier). `optimizer.step()` of the Trainer reaches the inner optimizer, whose step hooks
   run the tuner; the Trainer calls it once per optimizer step, after the last micro-batch and after
-  gradient clipping (``max_grad_norm``, 1.0 by default), so the tuner sees the clipped, accumulated
-  gradient (in ``g.u``, ``grad_norm`` and the update). The clipped gradient is not the objective's,
-  so with ``max_grad_norm > 0`` finite-difference curvature evaluates g(w) again instead of reusing
-  it (one more gradient per probe; set ``max_grad_norm=0`` to save it).
-* **How the batch and model are obtained.** The callback gets the model as the ``model`` argument of the
+  gradient clipping (`max_grad_norm`, 1.0 by default), so the tuner sees the clipped, accumulated
+  gradient (in `g.u`, `grad_norm` and the update). The clipped gradient is not the objective's,
+  so with `max_grad_norm > 0` finite-difference curvature evaluates g(w) again instead of reusing
+  it (one more gradient per probe; set `max_grad_norm=0` to save it).
+* **How the batch and model are obtained.** The callback gets the model as the `model` argument of the
   events (the unwrapped model, not the DDP wrapper). It registers a forward pre-hook with kwargs on it
-  (``register_forward_pre_hook(..., with_kwargs=True)``) and records, between ``on_step_begin`` (fired
-  before the first micro-batch of a step) and ``on_pre_optimizer_step``, the inputs of every training
-  forward call (``module.training`` and grad enabled; evaluation and the probes themselves are not
-  recorded), together with the random state at that moment. In ``on_pre_optimizer_step`` it hands the
-  tuner (``tuner.set_objective``) the loss on those inputs: the model is called again on each recorded
-  micro-batch with the same random state (same dropout masks) and its ``outputs.loss`` is taken, as
-  ``Trainer.compute_loss`` does. Probes call the unwrapped model, so DDP never starts a gradient
+  (`register_forward_pre_hook(..., with_kwargs=True)`) and records, between `on_step_begin` (fired
+  before the first micro-batch of a step) and `on_pre_optimizer_step`, the inputs of every training
+  forward call (`module.training` and grad enabled; evaluation and the probes themselves are not
+  recorded), together with the random state at that moment. In `on_pre_optimizer_step` it hands the
+  tuner (`tuner.set_objective`) the loss on those inputs: the model is called again on each recorded
+  micro-batch with the same random state (same dropout masks) and its `outputs.loss` is taken, as
+  `Trainer.compute_loss` does. Probes call the unwrapped model, so DDP never starts a gradient
   reduction for them, and accelerate's mixed-precision forward wrapper (autocast) applies as in training.
-* **Gradient accumulation** (``gradient_accumulation_steps = k``). The probe evaluates the function whose
-  gradient the Trainer accumulated: when the Trainer passed ``num_items_in_batch`` to the model (models
+* **Gradient accumulation** (`gradient_accumulation_steps = k`). The probe evaluates the function whose
+  gradient the Trainer accumulated: when the Trainer passed `num_items_in_batch` to the model (models
   that accept loss kwargs: each micro-batch's loss is already normalised by the token count of the whole
-  step), the sum of the micro-batch losses (times the world size under ``average_tokens_across_devices``,
-  as ``compute_loss`` does); otherwise their mean (the Trainer divides each loss by the number of
-  micro-batches of the step, ``current_gradient_accumulation_steps``).
-* **Curvature route.** ``route="auto"``: double backward; a model using the flash / memory-efficient SDPA
+  step), the sum of the micro-batch losses (times the world size under `average_tokens_across_devices`,
+  as `compute_loss` does); otherwise their mean (the Trainer divides each loss by the number of
+  micro-batches of the step, `current_gradient_accumulation_steps`).
+* **Curvature route.** `route="auto"`: double backward; a model using the flash / memory-efficient SDPA
   kernels (which cannot be differentiated twice) is retried with the math SDPA kernel, then one-sided
   finite differences; bf16 parameters are handled by the same chain. The route in use is
-  ``callback.tuner.route`` and is logged once as text (``eos/route``).
+  `callback.tuner.route` and is logged once as text (`eos/route`).
 * **Scheduler.** The Trainer steps its scheduler after every optimizer step; the tuner restores the
-  groups' lr after its own step, so the scheduler runs unchanged. ``lr_mode="override"`` (default): the
+  groups' lr after its own step, so the scheduler runs unchanged. `lr_mode="override"` (default): the
   law's lr is applied and the scheduler is ignored (it only sets per-group ratios).
-  ``lr_mode="multiply"``: the law's lr times the schedule's factor ``lr(t) / base lr`` (the base lr is
-  the group's ``initial_lr``, so a warm-up that starts at 0 starts the tuned lr at 0 too).
-* **The lr curves.** The Trainer logs ``learning_rate`` (``Trainer._get_learning_rate()``, read after
-  ``optimizer.step()`` and before ``lr_scheduler.step()``: the scheduler's lr of the step just taken)
-  next to ``eos/lr``. In override mode the scheduler's lr is not applied, so the callback replaces
-  ``learning_rate`` in the logs (and in the ``state.log_history`` entry ``Trainer.log`` just appended)
-  with the applied lr of the last step, ``eos/lr``: the two curves are the same. In multiply mode
-  ``learning_rate`` stays the scheduler's ``lr(t)`` (its factor is part of the applied lr), ``eos/lr`` =
-  ``eos/law_lr`` x ``lr(t) / base lr`` is the applied lr and ``eos/law_lr`` the law's part of it.
-  With ``law=None`` the optimizer's own lr is applied and both show it.
-* **Logs.** ``Trainer.log`` appends a copy of the logs to ``state.log_history`` and then calls
-  ``on_log`` on the callbacks in list order; ``Trainer.__init__`` puts the reporting integrations
-  (``report_to``: TensorBoard, W&B, ...) before the callbacks passed in ``callbacks=``. So in
-  ``on_init_end`` and ``on_train_begin`` this callback moves itself right after ``DefaultFlowCallback``
-  in the Trainer's callback list (found as the ``CallbackHandler`` that is calling it), and in
-  ``on_log`` it adds the last step's diagnostics as ``"eos/<name>"`` to the training logs (the ones with
-  ``learning_rate``) and to the entry ``Trainer.log`` just appended to ``state.log_history``: every
-  reporting callback, the progress bar and ``trainer_state.json`` get them. The Trainer logs every
-  ``logging_steps`` steps; each log gets, per name, the latest value measured since the previous log
+  `lr_mode="multiply"`: the law's lr times the schedule's factor `lr(t) / base lr` (the base lr is
+  the group's `initial_lr`, so a warm-up that starts at 0 starts the tuned lr at 0 too).
+* **The lr curves.** The Trainer logs `learning_rate` (`Trainer._get_learning_rate()`, read after
+  `optimizer.step()` and before `lr_scheduler.step()`: the scheduler's lr of the step just taken)
+  next to `eos/lr`. In override mode the scheduler's lr is not applied, so the callback replaces
+  `learning_rate` in the logs (and in the `state.log_history` entry `Trainer.log` just appended)
+  with the applied lr of the last step, `eos/lr`: the two curves are the same. In multiply mode
+  `learning_rate` stays the scheduler's `lr(t)` (its factor is part of the applied lr), `eos/lr` =
+  `eos/law_lr` x `lr(t) / base lr` is the applied lr and `eos/law_lr` the law's part of it.
+  With `law=None` the optimizer's own lr is applied and both show it.
+* **Logs.** `Trainer.log` appends a copy of the logs to `state.log_history` and then calls
+  `on_log` on the callbacks in list order; `Trainer.__init__` puts the reporting integrations
+  (`report_to`: TensorBoard, W&B, ...) before the callbacks passed in `callbacks=`. So in
+  `on_init_end` and `on_train_begin` this callback moves itself right after `DefaultFlowCallback`
+  in the Trainer's callback list (found as the `CallbackHandler` that is calling it), and in
+  `on_log` it adds the last step's diagnostics as `"eos/<name>"` to the training logs (the ones with
+  `learning_rate`) and to the entry `Trainer.log` just appended to `state.log_history`: every
+  reporting callback, the progress bar and `trainer_state.json` get them. The Trainer logs every
+  `logging_steps` steps; each log gets, per name, the latest value measured since the previous log
   (so a sharpness tracked at step 101 appears in the log of step 500 with the default
-  ``logging_steps=500``), and ``eos/skipped`` / ``eos/fallback`` count the steps since the previous log.
-* **Checkpoints.** ``Trainer._save_checkpoint`` saves ``optimizer.state_dict()`` to ``optimizer.pt``
-  (under FSDP2, accelerate's ``save_fsdp_optimizer``: ``get_optimizer_state_dict``, a
-  ``torch.distributed.checkpoint`` folder ``optimizer_0`` with ``SHARDED_STATE_DICT``), which carries the
-  tuner's state (:mod:`eos_core.adapters.torch.checkpoint`). ``_prepare_for_training`` loads it *before*
-  ``on_train_begin``: torch's ``load_state_dict`` drops the top-level ``"eos_core"`` key but keeps the copy
-  in the first param group and the per-parameter state, and the tuner picks that up when the callback
-  attaches it. accelerate's ``load_fsdp_optimizer`` (FSDP2, sharded) loads into a template it builds with
-  ``get_optimizer_state_dict`` before any callback runs, so the tuner's entries are not loaded at all. When the
-  tuner found no state (that case, or a checkpoint of state version 2) on resume (``state.global_step > 0`` at
-  ``on_train_begin``), the callback reads it from the checkpoint itself: the ``optimizer_0`` folder with
-  :meth:`CurvatureTuner.load_distributed_checkpoint`, else ``optimizer.pt``. The folder the Trainer loaded is
-  the ``resume_from_checkpoint`` argument
-  of ``train()``, resolved (``True`` becomes ``get_last_checkpoint(output_dir)``) and passed as a local
-  variable to ``Trainer._inner_training_loop``, which fires ``on_train_begin``; the Trainer stores it
-  nowhere else (``TrainingArguments.resume_from_checkpoint`` is only what the user set in the arguments).
-  So the callback looks for it on the call stack (the frame of the Trainer whose callback handler holds
-  this callback, as it finds the ``CallbackHandler``), then tries ``args.resume_from_checkpoint`` and
-  ``<output_dir>/checkpoint-<global_step>``. A file is used only if its optimizer state equals the state
-  the Trainer just loaded; if none matches the callback warns and the tuner starts afresh.
-* **Sharded parameters** (``TrainingArguments(fsdp=..., fsdp_config={"version": 2})``: accelerate applies
-  FSDP2's ``fully_shard``, the optimizer holds DTensor parameters). The tuner works on each rank's shards and
-  all-reduces its sums (:mod:`eos_core.adapters.torch.sharding`); the probes call the sharded model (its
-  forward gathers the parameters, the backward reduce-scatters the gradient); the route is ``fd-onesided``
-  (``auto``) or ``fd-central``. FSDP1 (``fsdp_config["version"] = 1``) and DeepSpeed are refused. accelerate
-  1.16 turns FSDP on only for GPU-type distributed runs (``AcceleratorState``: ``MULTI_CPU`` is not among them),
-  so on CPU ``fsdp=`` is ignored and the Trainer runs DDP.
-* **Step detection.** The callback tells that the optimizer stepped by ``tuner.calls`` (steps processed,
-  skipped ones included) changing between ``on_pre_optimizer_step`` and ``on_optimizer_step`` (a
-  GradScaler that skips ``optimizer.step`` on inf gradients leaves it unchanged).
+  `logging_steps=500`), and `eos/skipped` / `eos/fallback` count the steps since the previous log.
+* **Checkpoints.** `Trainer._save_checkpoint` saves `optimizer.state_dict()` to `optimizer.pt` (under FSDP2,
+  accelerate's `save_fsdp_optimizer`: `get_optimizer_state_dict`, a `torch.distributed.checkpoint` folder `optimizer_0`
+  with `SHARDED_STATE_DICT`), which carries the tuner's state (`eos_core.adapters.torch.checkpoint`).
+  `_prepare_for_training` loads it *before* `on_train_begin`: torch's `load_state_dict` drops the top-level `"eos_core"`
+  key but keeps the copy in the first param group and the per-parameter state, and the tuner picks that up when the
+  callback attaches it. accelerate's `load_fsdp_optimizer` (FSDP2, sharded) loads into a template it builds with
+  `get_optimizer_state_dict` before any callback runs, so the tuner's entries are not loaded at all. When the tuner
+  found no state (that case, or a checkpoint of state version 2) on resume (`state.global_step > 0` at
+  `on_train_begin`), the callback reads it from the checkpoint itself: the `optimizer_0` folder with
+  [`CurvatureTuner.load_distributed_checkpoint`][eos_core.adapters.torch.CurvatureTuner.load_distributed_checkpoint],
+  else `optimizer.pt`. The folder the Trainer loaded is the `resume_from_checkpoint` argument of `train()`, resolved
+  (`True` becomes `get_last_checkpoint(output_dir)`) and passed as a local variable to `Trainer._inner_training_loop`,
+  which fires `on_train_begin`; the Trainer stores it nowhere else (`TrainingArguments.resume_from_checkpoint` is only
+  what the user set in the arguments). So the callback looks for it on the call stack (the frame of the Trainer whose
+  callback handler holds this callback, as it finds the `CallbackHandler`), then tries `args.resume_from_checkpoint` and
+  `<output_dir>/checkpoint-<global_step>`. A file is used only if its optimizer state equals the state the Trainer just
+  loaded; if none matches the callback warns and the tuner starts afresh.
+* **Sharded parameters** (`TrainingArguments(fsdp=..., fsdp_config={"version": 2})`: accelerate applies
+  FSDP2's `fully_shard`, the optimizer holds DTensor parameters). The tuner works on each rank's shards and
+  all-reduces its sums (`eos_core.adapters.torch.sharding`); the probes call the sharded model (its
+  forward gathers the parameters, the backward reduce-scatters the gradient); the route is `fd-onesided`
+  (`auto`) or `fd-central`. FSDP1 (`fsdp_config["version"] = 1`) and DeepSpeed are refused. accelerate
+  1.16 turns FSDP on only for GPU-type distributed runs (`AcceleratorState`: `MULTI_CPU` is not among them),
+  so on CPU `fsdp=` is ignored and the Trainer runs DDP.
+* **Step detection.** The callback tells that the optimizer stepped by `tuner.calls` (steps processed,
+  skipped ones included) changing between `on_pre_optimizer_step` and `on_optimizer_step` (a
+  GradScaler that skips `optimizer.step` on inf gradients leaves it unchanged).
 * **Bad input.** A step whose loss or gradient is NaN/Inf is skipped (parameters and optimizer state
-  untouched, ``RuntimeWarning``, ``eos/skipped`` = 1); a non-finite curvature keeps the last good lr.
+  untouched, `RuntimeWarning`, `eos/skipped` = 1); a non-finite curvature keeps the last good lr.
 * **The sharpness monitor** (`monitor_budget`, 0.05 of training time by default; None turns it off) runs in the
   tuner, with a law and with `law=None` (which leaves the Trainer's lr and scheduler untouched: the parameters are
   those of a run without the callback). Each log gets `eos/sharpness`, `eos/lr_sharpness` and, for AdamW,
@@ -150,7 +150,7 @@ _GRADIENT_ONLY = frozenset({S.GRAD_DOT_UPDATE, S.GRAD_NORM_SQ, S.GRAD_PREV_UPDAT
 
 
 class EdgeOfStabilityCallback(TrainerCallback):
-    """Tune the learning rate of a ``transformers.Trainer`` with an eos_core law and log the curvature.
+    """Tune the learning rate of a `transformers.Trainer` with an eos_core law and log the curvature.
 
     Args:
         law: the tuning law (e.g. `CDAT(scale=2.0, ema=0.9)`), or None to leave the lr (and the Trainer's
@@ -165,14 +165,14 @@ class EdgeOfStabilityCallback(TrainerCallback):
             `monitor_margin` for `monitor_patience` measurements; a RuntimeWarning marks each onset) and `eos/edge`.
             The options `monitor_edge`, `monitor_margin`, `monitor_patience` go in `tuner_options`.
         probe_every: measure the law's statistics every that many optimizer steps (reuse the lr between).
-        sharpness_every: every that many steps, log ``sharpness`` (lambda_max), ``lr_sharpness`` and, for
-            Adam-like optimizers, ``preconditioned_sharpness``.
-        route: curvature route (``"auto"``: see the module docstring).
-        lr_mode: ``"override"`` or ``"multiply"`` (how the law's lr combines with the Trainer's scheduler).
-        log_prefix: prefix of the logged names (``"eos/"``).
-        loss_fn: ``loss_fn(model, inputs) -> loss`` for the probes, for one micro-batch's ``inputs`` (the
+        sharpness_every: every that many steps, log `sharpness` (lambda_max), `lr_sharpness` and, for
+            Adam-like optimizers, `preconditioned_sharpness`.
+        route: curvature route (`"auto"`: see the module docstring).
+        lr_mode: `"override"` or `"multiply"` (how the law's lr combines with the Trainer's scheduler).
+        log_prefix: prefix of the logged names (`"eos/"`).
+        loss_fn: `loss_fn(model, inputs) -> loss` for the probes, for one micro-batch's `inputs` (the
             keyword arguments the Trainer passed to the model), normalised as the Trainer's loss is before
-            accumulation; default: ``model(**inputs)``'s ``loss``.
+            accumulation; default: `model(**inputs)`'s `loss`.
         **tuner_options: more tuner options, by the names of [`eos_core.settings.TunerSettings`][]
             (`monitor_edge`, `monitor_margin`, `monitor_patience`, `sharpness_iters`, `sharpness_tol`, `seed`,
             `fd_eps`, `fd_above`, `skip_nonfinite`, `warn` (True or False), `clipped_gradients`, `linear_in_lr`);
@@ -184,10 +184,16 @@ class EdgeOfStabilityCallback(TrainerCallback):
             begins, a law that needs the run's horizon when the Trainer does not know its number of steps.
 
     Attributes:
-        settings: the validated :class:`~eos_core.settings.TunerSettings`.
-        tuner: the :class:`CurvatureTuner` (None before training starts). It stays attached after
-            ``train()`` until the next ``train()`` replaces it.
+        settings: the validated [`TunerSettings`][eos_core.settings.TunerSettings].
+        tuner: the [`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner] (None before training starts). It
+            stays attached after `train()` until the next `train()` replaces it.
         probing: True while a probe evaluates the model (a forward hook of yours can skip side effects).
+
+    Examples:
+        >>> callback = EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), sharpness_every=100)  # doctest: +SKIP
+        >>> trainer = Trainer(model, args, train_dataset=data, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+        >>> [entry.get("eos/lr") for entry in trainer.state.log_history]  # doctest: +SKIP
     """
 
     def __init__(
@@ -230,11 +236,41 @@ class EdgeOfStabilityCallback(TrainerCallback):
     # ---------------------------------------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
+        """Trainer event: check the arguments and move this callback before the reporting integrations.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: the event's other arguments.
+
+        Raises:
+            ValueError: arguments the callback does not support (`torch.nn.DataParallel` over several GPUs,
+                `label_smoothing_factor`, DeepSpeed, FSDP1).
+        """
         _check_arguments(args)
         self._place_before_reporters()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        """Trainer event: attach the tuner to the Trainer's optimizer and start recording the model's inputs.
+
+        A tuner of a previous `train()` is detached first; a law that needs the run's horizon gets
+        `state.max_steps`. When training resumes and the tuner found no state in the loaded optimizer, the
+        callback reads it from the checkpoint itself (see the module docstring).
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            model: the (unwrapped) model.
+            optimizer: the Trainer's optimizer (accelerate's wrapper around the torch optimizer).
+            **kwargs: the event's other arguments.
+
+        Raises:
+            ValueError: unsupported arguments (see `on_init_end`), no model or optimizer, an optimizer or setting
+                the tuner refuses, or a law that needs the run's horizon when the Trainer does not know it.
+        """
         _check_arguments(args)
         self._place_before_reporters()
         if model is None or optimizer is None:
@@ -260,6 +296,14 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        """Trainer event: remove the forward hook (the tuner stays attached until the next `train()`).
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: the event's other arguments.
+        """
         # The tuner stays attached (a checkpoint saved after train() keeps its state); the hook goes.
         self._release()
 
@@ -270,11 +314,11 @@ class EdgeOfStabilityCallback(TrainerCallback):
         self._batches, self._recording = [], False
 
     def _place_before_reporters(self) -> None:
-        """Move this callback right after ``DefaultFlowCallback`` in the Trainer's callback list.
+        """Move this callback right after `DefaultFlowCallback` in the Trainer's callback list.
 
-        The reporting integrations (``report_to``) come first in that list, and ``on_log`` reaches the
+        The reporting integrations (`report_to`) come first in that list, and `on_log` reaches the
         callbacks in list order: to add its values to the logs they write, this callback must come before
-        them. The list is the ``callbacks`` attribute of the ``CallbackHandler`` now calling this callback
+        them. The list is the `callbacks` attribute of the `CallbackHandler` now calling this callback
         (found on the call stack). Moving an element from a later to an earlier position while the
         handler iterates over the list does not make it skip or repeat any other callback.
         """
@@ -325,6 +369,14 @@ class EdgeOfStabilityCallback(TrainerCallback):
     # ---------------------------------------------------------------------------------------------
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
+        """Trainer event (before the first micro-batch of a step): start recording the model's training inputs.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: the event's other arguments.
+        """
         self._batches, self._recording = [], True
 
     def _record(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -333,6 +385,19 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
+        """Trainer event: stop recording and hand the tuner the loss on the step's recorded micro-batches.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: the event's other arguments.
+
+        Raises:
+            RuntimeError: no training forward call of the model was recorded in this step while the law or
+                `sharpness_every` needs the loss (a compiled model, or a Trainer subclass that calls another
+                module).
+        """
         self._recording = False
         if self.tuner is None:
             return
@@ -385,6 +450,14 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:
+        """Trainer event: when the tuner stepped, merge its diagnostics into the values of the next log.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            **kwargs: the event's other arguments.
+        """
         calls, self._calls = self._calls, None
         # the tuner ran (not when a GradScaler skipped optimizer.step on inf gradients)
         if self.tuner is not None and calls is not None and tuner_calls(self.tuner) != calls:
@@ -395,6 +468,19 @@ class EdgeOfStabilityCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Trainer event: add the diagnostics since the previous log to the training logs, as `"eos/<name>"`.
+
+        Only the training logs (those with `learning_rate`) get them, and the `state.log_history` entry the
+        Trainer just appended too. In `lr_mode="override"` `learning_rate` is replaced by the applied lr; the
+        route is added once as text when it is first known.
+
+        Args:
+            args: the Trainer's arguments.
+            state: the Trainer's state.
+            control: the Trainer's control flags.
+            logs: the logs being written, updated in place.
+            **kwargs: the event's other arguments.
+        """
         if logs is None or "learning_rate" not in logs or not self._unwritten.values:
             return  # evaluation and end-of-training logs
         values: dict[str, Any] = {self.log_prefix + k: v for k, v in self._unwritten.values.items()}
@@ -427,7 +513,11 @@ def _check_arguments(args: TrainingArguments) -> None:
 
 
 def _fsdp_version(args: TrainingArguments) -> int:
-    """The FSDP version the Trainer runs (``fsdp_config["version"]``; 2 by default in transformers 5)."""
+    """The FSDP version the Trainer runs.
+
+    Returns:
+        `fsdp_config["version"]` (or `"fsdp_version"`); 2, the default in transformers 5, when not set.
+    """
     config = getattr(args, "fsdp_config", None) or {}
     return int(config.get("version", config.get("fsdp_version", 2)))
 
@@ -446,12 +536,16 @@ def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
 
 
 def _loaded_checkpoint(callback: TrainerCallback) -> str | os.PathLike | None:
-    """The checkpoint folder the Trainer running ``callback`` resumed from (None if not found).
+    """The checkpoint folder the Trainer running `callback` resumed from (None if not found).
 
-    ``Trainer.train`` resolves its ``resume_from_checkpoint`` argument and passes it to
-    ``_inner_training_loop`` (a local variable there, stored nowhere else), which loads the checkpoint and
-    then fires ``on_train_begin``. The innermost frame on the call stack that belongs to a ``Trainer``
-    whose callback handler holds ``callback`` and has that local is read.
+    `Trainer.train` resolves its `resume_from_checkpoint` argument and passes it to
+    `_inner_training_loop` (a local variable there, stored nowhere else), which loads the checkpoint and
+    then fires `on_train_begin`. The innermost frame on the call stack that belongs to a `Trainer`
+    whose callback handler holds `callback` and has that local is read.
+
+    Returns:
+        That folder (a path or str), or None when no such frame exists or its value is not a path (e.g. None:
+        training did not resume from a checkpoint).
     """
     frame = inspect.currentframe()
     try:
@@ -476,8 +570,12 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _same_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``saved`` is the optimizer state the Trainer just loaded (not a same-numbered checkpoint of
-    another run): same parameter groups, same state keys, equal first and last per-parameter state."""
+    """Whether `saved` is the optimizer state the Trainer just loaded, not a same-numbered checkpoint of another run.
+
+    Returns:
+        True when the parameter groups (without the tuner's entries), the state keys and the first and last
+        per-parameter states (without the tuner's entries) are equal.
+    """
     current = optimizer.state_dict()
     groups = [{k: v for k, v in g.items() if k not in ("params", STATE_KEY)} for g in current["param_groups"]]
     saved_groups = [{k: v for k, v in g.items() if k not in ("params", STATE_KEY)}

@@ -1,12 +1,14 @@
-"""JAX / Optax adapter: a curvature-aware optax transformation around any optax optimizer.
+r"""JAX / Optax adapter: a curvature-aware optax transformation around any optax optimizer.
 
-``tune(base, law)`` wraps a full optax optimizer built with learning rate 1 (``optax.sgd(1.0)``,
-``optax.adam(1.0)``, ...) whose update is the direction ``u`` (CDAT paper, section 2.1), measures the
-statistics ``law.request()`` asks for (u^T H u by forward-over-forward differentiation, the paper's
-route, Hessian spectra by warm-started power iteration / Lanczos on pytrees, ...) and returns
-``lr * u`` with ``lr`` the law's decision. Everything is jittable and the state is a pytree.
+[`tune(base, law)`][eos_core.adapters.jax.tune] wraps a full optax optimizer built with learning rate 1
+(`optax.sgd(1.0)`, `optax.adam(1.0)`, ...) whose update is the direction `u` (CDAT paper: Roulet et al., 2024,
+"Stepping on the edge: curvature aware learning rate tuners", section 2.1), measures the statistics
+`law.request()` asks for ($u^\top H u$ by forward-over-forward differentiation, the paper's route, appendix C.3;
+Hessian spectra by warm-started power iteration / Lanczos on pytrees, ...) and returns `lr * u` with `lr` the
+law's decision. Everything is jittable and the state is a pytree; [`diagnostics`][eos_core.adapters.jax.diagnostics]
+reads the last step's values on the host.
 
-Importing this module needs ``jax`` and ``optax`` (``pip install 'eos-core[jax]'``).
+Importing this module needs `jax` and `optax` (`pip install 'eos-core[jax]'`).
 """
 
 from eos_core._optional import require

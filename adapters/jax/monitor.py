@@ -1,24 +1,25 @@
-r"""The sharpness monitor of :func:`eos_core.adapters.jax.tune` (``monitor_budget``), traced under ``jax.jit``.
+r"""The sharpness monitor of [`eos_core.adapters.jax.tune`][] (`monitor_budget`), traced under `jax.jit`.
 
-The monitor keeps a restarted-Lanczos tracker of lambda_max of H (and of ``P^{-1/2} H P^{-1/2}`` for an Adam /
-RMSProp base) in :class:`MonitorState`, inside the :class:`~eos_core.adapters.jax.TuneState`, so it is checkpointed
-with the optax state and resumes bit-identically. Each step decides in the compiled program whether to *tick*
-(``lax.cond``: nothing of a tick runs on the other steps) and a tick applies each operator once to the tracker's
-newest Lanczos vector (:mod:`eos_core.spectral.tracking`).
+The monitor keeps a restarted-Lanczos tracker of $\lambda_{\max}(H)$ (and of $\lambda_{\max}(P^{-1/2} H P^{-1/2})$
+for an Adam / RMSProp base) in [`MonitorState`][eos_core.adapters.jax.MonitorState], inside the
+[`TuneState`][eos_core.adapters.jax.TuneState], so it is checkpointed with the optax state and resumes
+bit-identically. Each step decides in the compiled program whether to *tick* (`lax.cond`: nothing of a tick runs on
+the other steps) and a tick applies each operator once to the tracker's newest Lanczos vector
+([`eos_core.spectral.tracking`][]).
 
-* **The product.** One-sided finite differences ``(g(w + h v) - g) / h`` reusing the step's gradient ``g`` (one
-  extra gradient); at the 1st, 10th, 100th, ... tick also the exact product (``jvp-grad``, else
-  ``double-backward``: the first that traces), and finite differences are used until the next check only when they
-  agree to :data:`eos_core.monitor.CHECK_TOLERANCE` (``monitor_exact`` in the diagnostics). A loss that cannot be
+* **The product.** One-sided finite differences $(g(w + h v) - g) / h$ reusing the step's gradient $g$ (one
+  extra gradient); at the 1st, 10th, 100th, ... tick also the exact product (`jvp-grad`, else
+  `double-backward`: the first that traces), and finite differences are used until the next check only when they
+  agree to [`eos_core.monitor.CHECK_TOLERANCE`][] (`monitor_exact` in the diagnostics). A loss that cannot be
   differentiated twice keeps finite differences.
-* **The budget.** Nothing can be timed inside ``jit``, so the spacing follows a **cost model** kept in the state:
-  ``cost_fd`` and ``cost_exact``, one product in training steps (defaults
-  :data:`eos_core.monitor.COST_MODEL`: 1.1 and 2.5, from the routes' costs measured on an H100). A step earns
-  ``monitor_budget`` steps of credit and a tick costs ``operators * cost`` (:func:`eos_core.monitor.wants_tick`),
-  so ticks come every ``k = ceil(operators * cost / budget)`` steps. The costs are arrays of the state, not
-  constants of the program: :func:`set_monitor_cost` (host side, between steps) changes ``k`` without
-  recompiling, and :class:`MonitorTimer` measures them from the wall time of ticking and non-ticking steps (the
-  Keras callback on the JAX backend uses it).
+* **The budget.** Nothing can be timed inside `jit`, so the spacing follows a **cost model** kept in the state:
+  `cost_fd` and `cost_exact`, one product in training steps (defaults [`eos_core.monitor.COST_MODEL`][]: 1.1 and
+  2.5, from the routes' costs measured on an H100). A step earns `monitor_budget` steps of credit and a tick costs
+  `operators * cost` ([`eos_core.monitor.wants_tick`][]), so ticks come every
+  $k = \lceil \text{operators} \cdot \text{cost} / \text{budget} \rceil$ steps. The costs are arrays of the state,
+  not constants of the program: [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost] (host side, between
+  steps) changes $k$ without recompiling, and [`MonitorTimer`][eos_core.adapters.jax.MonitorTimer] measures them
+  from the wall time of ticking and non-ticking steps (the Keras callback on the JAX backend uses it).
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ from eos_core.spectral import preconditioned_operator
 from eos_core.spectral.tracking import TrackerState, tracker_age, tracker_init, tracker_step
 
 PyTree = Any
-#: Lanczos vectors per tracker (see :mod:`eos_core.spectral.tracking`)
+#: Lanczos vectors per tracker (see [`eos_core.spectral.tracking`][])
 RESTART = 2
 #: exact H v routes the checks try, in order
 EXACT_CHAIN: tuple[str, ...] = (routes.JVP_GRAD, routes.DOUBLE_BACKWARD)
 
 
 class MonitorState(NamedTuple):
-    """The monitor's part of the :class:`~eos_core.adapters.jax.TuneState` (arrays only)."""
+    """The monitor's part of the [`TuneState`][eos_core.adapters.jax.TuneState] (arrays only).
+
+    Built by `monitor_init`, advanced by `monitor_step` and `warning_step` inside the compiled update; the two
+    costs can be changed between steps with [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost].
+    """
 
     tracker: TrackerState  #: lambda_max of H
     preconditioned: TrackerState | None  #: lambda_max of P^{-1/2} H P^{-1/2} (None without a preconditioner)
@@ -67,12 +72,24 @@ class MonitorState(NamedTuple):
 class Tick(NamedTuple):
     """What one step's monitoring produced (for the report)."""
 
-    state: MonitorState
+    state: MonitorState  #: the monitor's state after the step
     ticked: jax.Array  #: bool: the operators were applied on this step
 
 
 def monitor_init(params: PyTree, seed: int, *, preconditioned: bool, numerics: Numerics) -> MonitorState:
-    """The monitor's initial state: trackers at :func:`eos_core.spectral.random_start` (``seed``, ``seed + 1``)."""
+    r"""The monitor's initial state: cold trackers, no credit, the default cost model.
+
+    Args:
+        params: the parameters (a pytree; only shapes, dtypes and shardings are read).
+        seed: seed of the start vectors ([`eos_core.spectral.random_start`][]): `seed` for H, `seed + 1` for the
+            preconditioned operator.
+        preconditioned: also track $\lambda_{\max}(P^{-1/2} H P^{-1/2})$ (an Adam / RMSProp base).
+        numerics: the numerics of the float scalars (their dtype).
+
+    Returns:
+        A [`MonitorState`][eos_core.adapters.jax.MonitorState] with `credit = 0`, the costs of
+        [`eos_core.monitor.COST_MODEL`][], every counter 0 and `latest` / `check` NaN.
+    """
     ops = TreeOps(numerics)
     scalar = numerics.scalar
 
@@ -89,7 +106,16 @@ def monitor_init(params: PyTree, seed: int, *, preconditioned: bool, numerics: N
 
 
 def exact_route(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> str | None:
-    """The exact H v route the checks use (the first of :data:`EXACT_CHAIN` that traces), or None."""
+    """The exact $H v$ route the finite-difference checks compare with.
+
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: the parameters.
+
+    Returns:
+        The route `auto` resolves to (`resolve_hvp_route`) when it is one of `EXACT_CHAIN` (`jvp-grad`,
+        `double-backward`); None when only finite differences trace (then there are no checks).
+    """
     try:
         route = resolve_hvp_route(value_fn, params, routes.AUTO)
     except Exception:  # noqa: BLE001 - nothing traces: finite differences only
@@ -98,19 +124,43 @@ def exact_route(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> str 
 
 
 def tick_cost(state: MonitorState, operators: int) -> jax.Array:
-    """A tick's cost in training steps: ``operators`` products of the route in use."""
+    """A tick's cost in training steps.
+
+    Args:
+        state: the monitor's state (its `exact` flag and the two costs).
+        operators: the operators a tick applies (1, or 2 with the preconditioned tracker).
+
+    Returns:
+        `operators * cost_exact` while the products are exact, else `operators * cost_fd` (a 0-d float array).
+    """
     return operators * jnp.where(state.exact > 0, state.cost_exact, state.cost_fd)
 
 
 def every(state: MonitorState, operators: int, budget: float) -> jax.Array:
-    """``k = ceil(operators * cost / budget)`` (a float array, for the diagnostics)."""
+    r"""The spacing of the ticks, for the `monitor_every` diagnostic.
+
+    Args:
+        state: the monitor's state.
+        operators: the operators a tick applies (1 or 2).
+        budget: `monitor_budget`, the share of training time the monitor may take.
+
+    Returns:
+        $k = \max(1, \lceil \text{operators} \cdot \text{cost} / \text{budget} \rceil)$ steps, as a 0-d float array.
+    """
     return jnp.maximum(1.0, jnp.ceil(tick_cost(state, operators) / budget - 1e-6))
 
 
 def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps
              ) -> TrackerState:
-    """One application whose product is ``first``; a cold tracker then continues with ``matvec`` until its
-    relative residual is below :data:`eos_core.monitor.COLD_TOLERANCE` (at most :data:`COLD_PRODUCTS` in all)."""
+    """One tracker step whose product is `first`; a cold tracker then converges with `matvec`.
+
+    A tracker with no product yet continues with `matvec` until its relative residual is below
+    [`eos_core.monitor.COLD_TOLERANCE`][] (at least `RESTART` and at most [`eos_core.monitor.COLD_PRODUCTS`][]
+    products in all).
+
+    Returns:
+        The tracker's state after the products.
+    """
     cold = state.products == 0
     state = tracker_step(state, lambda _: first, ops=ops)
 
@@ -139,21 +189,27 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
                  fd_eps: float | None, ops: TreeOps) -> Tick:
     """Advance the trackers' ages and tick when the credit allows (see the module docstring).
 
+    The credit grows by `budget` per step, capped at one tick's cost ([`eos_core.monitor.accrue`][]); a tick
+    happens when [`eos_core.monitor.wants_tick`][] says so (enough credit, a cold tracker, or `danger` within the
+    allowed debt) and the inputs are finite, and spends `operators * cost` plus, on a check, the other route's
+    product.
+
     Args:
         state: the monitor's state.
-        value_fn: the loss on the batch.
-        params: ``w``.
-        grads: the step's gradient at ``w`` (reused by the finite differences).
-        precond: P of this step (None without a preconditioned tracker).
+        value_fn: the loss on the batch as a function of the parameters.
+        params: $w$.
+        grads: the step's gradient at $w$ (reused by the finite differences).
+        precond: $P$ of this step (None without a preconditioned tracker).
         finite: the step's inputs are finite (no tick on a skipped step).
-        budget: ``monitor_budget``.
+        budget: `monitor_budget`.
         danger: the latest lr x sharpness is beyond the warning threshold and the warning has not fired.
         exact: the exact route (None: finite differences only, no checks).
         fd_eps: machine epsilon of the finite differences (None: the parameters').
         ops: vector operations.
 
     Returns:
-        The new state and whether it ticked.
+        A [`Tick`][eos_core.adapters.jax.monitor.Tick]: the new state (ages advanced, credit updated; trackers,
+        `exact`, `ticks` and `check` updated on a tick) and whether it ticked.
     """
     operators = 1 + int(state.preconditioned is not None)
     cost = tick_cost(state, operators)
@@ -225,11 +281,22 @@ def _unknown(edge: Any) -> bool:
 
 def warning_step(state: MonitorState, *, fresh: jax.Array, value: jax.Array, edge: float | jax.Array,
                  margin: float, patience: int, counted: jax.Array | None = None) -> tuple[MonitorState, jax.Array]:
-    """The early-warning rule on this step's watched lr x sharpness; returns the state and ``fired``.
+    """The early-warning rule ([`eos_core.monitor.warning_update`][]) on this step's watched lr x sharpness.
 
-    ``edge`` is a float (NaN: unknown, no warning) or a traced scalar (it follows an injected momentum). ``fresh``:
-    a new measurement was made; ``counted``: it enters the warning (:func:`eos_core.monitor.counts_for_warning`;
-    default ``fresh``)."""
+    Args:
+        state: the monitor's state.
+        fresh: a new measurement was made on this step.
+        value: the watched lr x sharpness of this step (NaN when unknown).
+        edge: the edge of stability, a float (NaN: unknown, no warning) or a traced scalar (it follows an
+            injected momentum).
+        margin: `monitor_margin`: the threshold is `edge * (1 + margin)`.
+        patience: `monitor_patience`, consecutive counted measurements above the threshold.
+        counted: the measurement enters the warning ([`eos_core.monitor.counts_for_warning`][]); default `fresh`.
+
+    Returns:
+        `(state, fired)`: the state with `latest`, `seen`, `streak` and `unstable` updated, and a bool array, True
+        on the step the warning turns on.
+    """
     counted = fresh if counted is None else counted
     known = jnp.isfinite(value)
     latest = jnp.where(known, value, state.latest).astype(state.latest.dtype)
@@ -243,7 +310,17 @@ def warning_step(state: MonitorState, *, fresh: jax.Array, value: jax.Array, edg
 
 
 def danger(state: MonitorState, edge: float | jax.Array, margin: float) -> jax.Array:
-    """The latest lr x sharpness is beyond the warning threshold and the warning has not fired yet."""
+    """Whether the run looks unstable and the warning has not fired yet (ticks may then run into debt).
+
+    Args:
+        state: the monitor's state.
+        edge: the edge of stability (a float, NaN when unknown, or a traced scalar).
+        margin: `monitor_margin`.
+
+    Returns:
+        A bool array: the latest lr x sharpness is above `edge * (1 + margin)` and `unstable` is 0; False when
+        the edge is unknown.
+    """
     if _unknown(edge):
         return jnp.asarray(False)
     return (state.unstable == 0) & (state.latest > rules.threshold(edge, margin))
@@ -251,13 +328,30 @@ def danger(state: MonitorState, edge: float | jax.Array, margin: float) -> jax.A
 
 # -- host side ------------------------------------------------------------------------------------------------
 def set_monitor_cost(state: Any, *, fd: float | None = None, exact: float | None = None) -> Any:
-    """``state`` (an optax state holding one ``TuneState``) with the monitor's product costs replaced.
+    r"""Replace the monitor's product costs in an optax state, on the host between steps.
 
     The costs are in training steps (one finite-difference / exact product over one step); the spacing
-    ``k = ceil(operators * cost / monitor_budget)`` follows at the next step, without recompiling.
+    $k = \lceil \text{operators} \cdot \text{cost} / \text{monitor\_budget} \rceil$ follows at the next step,
+    without recompiling (the costs are arrays of the state).
+
+    Args:
+        state: an optax state holding exactly one [`TuneState`][eos_core.adapters.jax.TuneState] of a `tune`
+            built with `monitor_budget`.
+        fd: the cost of one finite-difference product (None: unchanged).
+        exact: the cost of one exact product (None: unchanged).
+
+    Returns:
+        A state of the same structure with `cost_fd` / `cost_exact` replaced (dtypes kept).
 
     Raises:
-        ValueError: no ``TuneState`` with a monitor in ``state``, or a cost that is not positive.
+        ValueError: no `TuneState`, more than one, or one without a monitor in `state`; or a cost that is not a
+            positive finite number.
+
+    Examples:
+        A finite-difference product measured at 0.8 training steps
+        ([`MonitorTimer.cost`][eos_core.adapters.jax.MonitorTimer.cost]):
+
+        >>> state = set_monitor_cost(state, fd=0.8)  # doctest: +SKIP
     """
     from eos_core.adapters.jax.transform import TuneState
 
@@ -287,15 +381,34 @@ def set_monitor_cost(state: Any, *, fd: float | None = None, exact: float | None
 
 
 class MonitorTimer:
-    """Measures the monitor's product cost from the wall time of whole steps, on the host.
+    r"""Measures the monitor's product cost from the wall time of whole steps, on the host.
 
-    Inside ``jit`` nothing can be timed; outside, a step that ticked takes longer than one that did not. Feed
-    :meth:`record` the wall time of each step (after ``block_until_ready``) with the state after it; it keeps EMAs
-    of plain steps and of ticking steps and estimates one product as ``(t_tick - t_plain) / (operators t_plain)``.
-    :meth:`cost` returns it once both are known; pass it to :func:`set_monitor_cost` (for the route in use).
+    Inside `jit` nothing can be timed; outside, a step that ticked takes longer than one that did not. Feed
+    [`record`][eos_core.adapters.jax.MonitorTimer.record] the wall time of each step (after `block_until_ready`)
+    with the state after it; it keeps EMAs of plain steps and of ticking steps (the cold start and the checks,
+    which take two products, left out) and estimates one product as
+    $(t_{\text{tick}} - t_{\text{plain}}) / (\text{operators} \cdot t_{\text{plain}})$ training steps.
+    [`cost`][eos_core.adapters.jax.MonitorTimer.cost] returns it once both are known; pass it to
+    [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost] (for the route in use: `exact` tells which).
 
     Args:
-        smoothing: EMA weight of the past.
+        smoothing: EMA weight of the past, in [0, 1) (0: the last step only).
+
+    Attributes:
+        plain: EMA of the wall time of a step without a tick, in seconds (None before one was seen).
+        ticking: EMA of the wall time of a ticking step, in seconds (None before one was seen).
+        operators: operators a tick applies (1, or 2 with the preconditioned tracker), from the last state.
+        exact: whether the monitor's products were exact at the last step recorded.
+
+    Examples:
+        >>> timer = MonitorTimer()  # doctest: +SKIP
+        >>> for batch in batches:  # doctest: +SKIP
+        ...     start = time.perf_counter()
+        ...     params, state = step(params, state, batch)
+        ...     jax.block_until_ready(params)
+        ...     timer.record(time.perf_counter() - start, state)
+        >>> if timer.cost() is not None:  # doctest: +SKIP
+        ...     state = set_monitor_cost(state, **{"exact" if timer.exact else "fd": timer.cost()})
     """
 
     def __init__(self, smoothing: float = 0.9) -> None:
@@ -310,7 +423,17 @@ class MonitorTimer:
         return new if old is None else self.smoothing * old + (1.0 - self.smoothing) * new
 
     def record(self, seconds: float, state: Any) -> None:
-        """One step's wall time and the optax state after it."""
+        """Record one step's wall time and the optax state after it.
+
+        The first call only remembers the tick count; a non-positive or non-finite time is ignored.
+
+        Args:
+            seconds: the step's wall time (after `block_until_ready`).
+            state: the optax state after the step (holding one [`TuneState`][eos_core.adapters.jax.TuneState]).
+
+        Raises:
+            ValueError: `state` holds no `TuneState`, or more than one.
+        """
         from eos_core.adapters.jax.transform import find_tune_state
 
         monitor = find_tune_state(state).monitor
@@ -328,7 +451,12 @@ class MonitorTimer:
             self.ticking = self._smooth(self.ticking, seconds)
 
     def cost(self) -> float | None:
-        """One product in training steps (None until both kinds of steps were seen)."""
+        r"""The estimated cost of one product, in training steps.
+
+        Returns:
+            $(t_{\text{tick}} - t_{\text{plain}}) / (\text{operators} \cdot t_{\text{plain}})$, at least 1e-3;
+            None until both a plain and a ticking step were recorded.
+        """
         if self.plain is None or self.ticking is None:
             return None
         return max((self.ticking - self.plain) / (self.operators * self.plain), 1e-3)

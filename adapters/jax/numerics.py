@@ -1,8 +1,8 @@
-"""The core's :class:`~eos_core.numerics.Numerics` bound to ``jax.numpy`` and ``jax.lax`` control flow.
+"""The core's [`Numerics`][eos_core.numerics.Numerics] bound to `jax.numpy` and `jax.lax` control flow.
 
-Laws and spectral estimators of :mod:`eos_core` are written branch-free against a ``Numerics``
-bundle; with the one built here they trace under ``jax.jit`` (``while_loop`` / ``fori_loop`` are the
-``lax`` primitives, so loops have fixed shapes and ``eager=False`` tells the estimators not to branch
+Laws and spectral estimators of [`eos_core`][] are written branch-free against a `Numerics`
+bundle; with the one built here they trace under `jax.jit` (`while_loop` / `fori_loop` are the
+`lax` primitives, so loops have fixed shapes and `eager=False` tells the estimators not to branch
 on values).
 """
 
@@ -22,12 +22,24 @@ def _index_update(array: Any, index: Any, value: Any) -> Any:
 
 
 def default_dtype() -> Any:
-    """float64 when ``jax_enable_x64`` is on, else float32 (the dtype of a Python float in JAX)."""
+    """The default floating dtype of JAX (the dtype a Python float becomes).
+
+    Returns:
+        `jnp.float64` when `jax_enable_x64` is on, else `jnp.float32`.
+    """
     return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
 def jax_numerics(dtype: Any = None) -> Numerics:
-    """A :class:`Numerics` with ``jax.numpy`` scalars of ``dtype`` (default: :func:`default_dtype`)."""
+    """The [`Numerics`][eos_core.numerics.Numerics] bundle of JAX, for laws and estimators traced under `jit`.
+
+    Args:
+        dtype: the dtype of the scalars it makes (None: float64 with `jax_enable_x64`, else float32).
+
+    Returns:
+        A `Numerics` with `xp=jax.numpy`, `lax.while_loop` / `lax.fori_loop` loops, functional index updates
+        (`array.at[i].set(v)`), int32 counters and `eager=False` (no branching on values).
+    """
     return Numerics(
         xp=jnp,
         dtype=jnp.dtype(default_dtype() if dtype is None else dtype),

@@ -1,37 +1,35 @@
-r"""Curvature oracles in JAX: :math:`u^\top H u` and :math:`H v` by every route of :mod:`eos_core.routes`.
+r"""Curvature oracles in JAX: $u^\top H u$ and $H v$ by every route of [`eos_core.routes`][].
 
-``value_fn(params)`` is the loss on the current batch; ``H`` its Hessian at ``params``. Routes (names
-from :mod:`eos_core.routes`):
+`value_fn(params)` is the loss on the current batch; `H` its Hessian at `params`. Routes (names
+from [`eos_core.routes`][]):
 
-* ``jvp-jvp`` (forward-over-forward, the CDAT paper's route, appendix C.3):
-  :math:`u^\top H u = \partial(\partial f(\cdot)[u])(w)[u]`, two nested ``jax.jvp``. The cheapest
-  exact route in JAX (1.2-2.1x a training step, see :mod:`eos_core.routes`) and the lowest in memory; it gives
-  the scalar only, not :math:`Hu`.
-* ``jvp-grad`` (forward-over-reverse): :math:`Hu = \partial(\nabla f)(w)[u]`.
-* ``double-backward`` (reverse-over-reverse): :math:`Hu = \nabla_w (\nabla f(w)^\top u)`.
-* ``fd-central``: :math:`Hu \approx (\nabla f(w + hu) - \nabla f(w - hu)) / 2h`, two extra gradients.
-* ``fd-onesided``: :math:`Hu \approx (\nabla f(w + hu) - g) / h` reusing the step's gradient ``g``,
-  one extra gradient. ``g`` must be the gradient of ``value_fn`` at ``params``.
+* `jvp-jvp` (forward-over-forward, the CDAT paper's route, appendix C.3):
+  $u^\top H u = \partial(\partial f(\cdot)[u])(w)[u]$, two nested `jax.jvp`. The cheapest
+  exact route in JAX (1.2-2.1x a training step, see [`eos_core.routes`][]) and the lowest in memory; it gives
+  the scalar only, not $Hu$.
+* `jvp-grad` (forward-over-reverse): $Hu = \partial(\nabla f)(w)[u]$.
+* `double-backward` (reverse-over-reverse): $Hu = \nabla_w (\nabla f(w)^\top u)$.
+* `fd-central`: $Hu \approx (\nabla f(w + hu) - \nabla f(w - hu)) / 2h$, two extra gradients.
+* `fd-onesided`: $Hu \approx (\nabla f(w + hu) - g) / h$ reusing the step's gradient `g`,
+  one extra gradient. `g` must be the gradient of `value_fn` at `params`.
 
-The step ``h`` is computed by the core's :func:`eos_core.routes.finite_difference_step` and
-:func:`eos_core.routes.parameter_scale_along`, traced with ``xp=jax.numpy`` (the PyTorch adapter calls the
-same functions): ``||h u|| = eps^{1/2}`` or ``eps^{1/3}`` times ``max(s, 1)`` with
-``s = sum_i |w_i| |u_i| / ||u||`` the parameter scale along ``u`` and ``eps`` the machine epsilon of the
-lowest-precision leaf, or ``fd_eps`` when given.
+The step $h$ is computed by the core's [`eos_core.routes.finite_difference_step`][] and
+[`eos_core.routes.parameter_scale_along`][], traced with `xp=jax.numpy` (the PyTorch adapter calls the
+same functions): $\|h u\| = \epsilon^{1/2} \max(s, 1)$ (one-sided) or $\epsilon^{1/3} \max(s, 1)$ (central), with
+$s = \sum_i |w_i| |u_i| / \|u\|$ the parameter scale along $u$ and $\epsilon$ the machine epsilon of the
+lowest-precision leaf, or `fd_eps` when given.
 
-``auto`` is resolved **at trace time**: each candidate route is traced abstractly
-(``jax.make_jaxpr``, no FLOPs) and the first one that traces to an evaluable program is used. A
-``jax.custom_vjp`` function
-has no forward mode, so ``jvp-jvp`` and ``jvp-grad`` fail on it and ``double-backward`` is used; an
-operation that cannot be differentiated twice at all (e.g. a ``custom_vjp`` whose backward pass is a
-``pure_callback``) ends in one-sided finite differences, which need first derivatives only and reuse
-the step's gradient (one extra gradient, the cheapest route everywhere, and the PyTorch adapter's
-last resort too).
+`auto` is resolved **at trace time**: each candidate route is traced abstractly (`jax.make_jaxpr`, no FLOPs) and
+the first one that traces to an evaluable program is used. A `jax.custom_vjp` function has no forward mode, so
+`jvp-jvp` and `jvp-grad` fail on it and `double-backward` is used; an operation that cannot be differentiated twice
+at all (e.g. a `custom_vjp` whose backward pass is a `pure_callback`) ends in one-sided finite differences, which
+need first derivatives only and reuse the step's gradient (one extra gradient, the cheapest route everywhere, and
+the PyTorch adapter's last resort too).
 
 Accuracy of the finite-difference routes with the core's step rule, relative to an exact route, on
 the small MLP / conv net / attention block of the tests (float32): one-sided within 1e-3 on all
 three; central within 1e-4 on the MLP and conv net but 5e-3 on the attention block, whose softmax and
-layer norm make the O(h^2) truncation at ``h ||u|| = eps^{1/3} ||w||`` dominate. In float64 both are
+layer norm make the O(h^2) truncation at `h ||u|| = eps^{1/3} ||w||` dominate. In float64 both are
 within 1e-6.
 """
 
@@ -55,32 +53,44 @@ PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
 
 CURVATURE_AUTO_CHAIN: tuple[str, ...] = (routes.JVP_JVP, routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_ONESIDED)
-"""Routes ``auto`` tries for u^T H u, in order (cheapest exact route in JAX first)."""
+"""Routes `auto` tries for u^T H u, in order (cheapest exact route in JAX first)."""
 
 HVP_AUTO_CHAIN: tuple[str, ...] = (routes.JVP_GRAD, routes.DOUBLE_BACKWARD, routes.FD_ONESIDED)
-"""Routes ``auto`` tries for H v (spectral estimates), in order."""
+"""Routes `auto` tries for H v (spectral estimates), in order."""
 
 HVP_ROUTES: tuple[str, ...] = (routes.JVP_GRAD, routes.DOUBLE_BACKWARD, *routes.FINITE_DIFFERENCES)
-"""Routes that give the vector H v (``jvp-jvp`` gives the scalar u^T H u only)."""
+"""Routes that give the vector H v (`jvp-jvp` gives the scalar u^T H u only)."""
 
 
 class CurvatureResult(NamedTuple):
+    r"""What [`curvature`][eos_core.adapters.jax.curvature] measured: $u^\top H u$, and the loss when it came free."""
+
     value: jax.Array  #: u^T H u (a 0-d array, at least float32)
     loss: jax.Array | None  #: f(w), when the route computed it on the way (None otherwise)
 
 
 class HvpResult(NamedTuple):
+    """What [`hvp`][eos_core.adapters.jax.hvp] measured: $H v$, and the loss when it came free."""
+
     product: PyTree  #: H v, shaped like the parameters
     loss: jax.Array | None  #: f(w), when the route computed it on the way
 
 
 def _like(tangent: PyTree, params: PyTree) -> PyTree:
-    """``tangent`` with each leaf cast to the dtype of the matching parameter (jvp needs equal dtypes)."""
+    """`tangent` with each leaf cast to the dtype of the matching parameter (jvp needs equal dtypes)."""
     return jax.tree.map(lambda t, p: jnp.asarray(t).astype(jnp.result_type(p)), tangent, params)
 
 
 def lowest_precision_eps(params: PyTree) -> float:
-    """Machine epsilon of the lowest-precision floating leaf of ``params`` (float32's when there is none)."""
+    """Machine epsilon of the lowest-precision floating leaf of `params`.
+
+    Args:
+        params: a pytree of arrays (concrete or traced: only dtypes are read).
+
+    Returns:
+        The largest `finfo(dtype).eps` over the floating leaves (bfloat16: 2**-7, float16: 2**-10, float32:
+        2**-23, float64: 2**-52); float32's when no leaf is floating.
+    """
     eps = [float(jnp.finfo(jnp.result_type(p)).eps) for p in jax.tree.leaves(params)
            if jnp.issubdtype(jnp.result_type(p), jnp.floating)]
     return max(eps) if eps else float(jnp.finfo(jnp.float32).eps)
@@ -88,22 +98,22 @@ def lowest_precision_eps(params: PyTree) -> float:
 
 def finite_difference_step(params: PyTree, direction: PyTree, *, central: bool, eps: float | None = None
                            ) -> jax.Array:
-    r"""The step :math:`h = r \max(s, 1) / \|u\|` of :func:`eos_core.routes.finite_difference_step`, traced.
+    r"""The step $h = r \max(s, 1) / \|u\|$ of [`eos_core.routes.finite_difference_step`][], traced.
 
-    ``s = sum_i |w_i| |u_i| / ||u||`` is the parameter scale along ``u``
-    (:func:`eos_core.routes.parameter_scale_along`) and ``r = eps^{1/2}`` (one-sided) or ``eps^{1/3}``
-    (central); both core functions are called with ``xp=jax.numpy`` on the traced reductions, so the rule
-    is the PyTorch adapter's.
+    $s = \sum_i |w_i| |u_i| / \|u\|$ is the parameter scale along $u$
+    ([`eos_core.routes.parameter_scale_along`][]; Dennis and Schnabel, Numerical Methods for Unconstrained
+    Optimization, section 5.6) and $r = \epsilon^{1/2}$ (one-sided) or $\epsilon^{1/3}$ (central); both core
+    functions are called with `xp=jax.numpy` on the traced reductions, so the rule is the PyTorch adapter's.
 
     Args:
-        params: the parameters ``w``.
-        direction: the direction ``u`` (a pytree like ``params``).
+        params: the parameters $w$.
+        direction: the direction $u$ (a pytree like `params`).
         central: central (True) or one-sided (False) differences.
-        eps: machine epsilon the step is sized for (the ``fd_eps`` option); None: that of the
-            lowest-precision leaf of ``params`` (:func:`lowest_precision_eps`).
+        eps: machine epsilon the step is sized for (the `fd_eps` option); None: that of the
+            lowest-precision leaf of `params` (`lowest_precision_eps`).
 
     Returns:
-        ``h`` as a 0-d array of at least float32; 0 when ``u = 0`` or a reduction is not finite.
+        $h$ as a 0-d array of at least float32; 0 when $u = 0$ or a reduction is not finite.
     """
     eps = lowest_precision_eps(params) if eps is None else float(eps)
     u_norm = tree_norm(direction)
@@ -204,8 +214,8 @@ _CURVATURE = {
 }
 
 
-#: Primitives that trace but cannot be evaluated or lowered: ``custom_lin`` is what forward-mode
-#: differentiation of a ``jax.custom_vjp`` function leaves behind (it can only be transposed).
+#: Primitives that trace but cannot be evaluated or lowered: `custom_lin` is what forward-mode
+#: differentiation of a `jax.custom_vjp` function leaves behind (it can only be transposed).
 _UNEVALUABLE = frozenset({"custom_lin"})
 
 
@@ -222,7 +232,18 @@ def _primitives(jaxpr: Any, found: set[str]) -> set[str]:
 
 
 def traces(fn: Callable[..., Any], *args: Any) -> None:
-    """Trace ``fn(*args)`` abstractly (no FLOPs); raise if it fails or leaves an unevaluable primitive."""
+    """Trace `fn(*args)` abstractly (`jax.make_jaxpr`, no FLOPs) and check that JAX could evaluate it.
+
+    How `auto` tells whether a route can be used: any exception of the trace propagates.
+
+    Args:
+        fn: the computation (a route's oracle applied to a loss).
+        *args: its arguments (concrete or abstract arrays).
+
+    Raises:
+        TypeError: the traced program holds a primitive JAX can trace but not evaluate (`custom_lin`, what
+            forward-mode differentiation of a `jax.custom_vjp` function leaves).
+    """
     closed = jax.make_jaxpr(fn)(*args)
     bad = _primitives(closed.jaxpr, set()) & _UNEVALUABLE
     if bad:
@@ -244,8 +265,25 @@ def _first_route_that_traces(chain: tuple[str, ...], attempt: Callable[[str], An
 
 
 def resolve_curvature_route(value_fn: ValueFn, params: PyTree, u: PyTree, route: str = routes.AUTO) -> str:
-    """The route ``curvature`` uses: ``route`` itself, or for ``auto`` the first of
-    :data:`CURVATURE_AUTO_CHAIN` whose computation traces (see :func:`traces`)."""
+    """The route [`curvature`][eos_core.adapters.jax.curvature] uses for `value_fn` at `params` along `u`.
+
+    Resolved at trace time: for `auto` each route of
+    [`CURVATURE_AUTO_CHAIN`][eos_core.adapters.jax.CURVATURE_AUTO_CHAIN] is traced abstractly (`traces`, no FLOPs)
+    and the first whose computation traces to an evaluable program is taken.
+
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: the point $w$.
+        u: the direction (a pytree like `params`).
+        route: a route name of [`eos_core.routes`][].
+
+    Returns:
+        `route` itself, or for `auto` the first route of the chain that traces.
+
+    Raises:
+        ValueError: `route` is not a route name.
+        Exception: with `auto`, the last route's trace error when no route traces.
+    """
     routes.validate_route(route, owner="curvature")
     if route != routes.AUTO:
         return route
@@ -255,8 +293,23 @@ def resolve_curvature_route(value_fn: ValueFn, params: PyTree, u: PyTree, route:
 
 
 def resolve_hvp_route(value_fn: ValueFn, params: PyTree, route: str = routes.AUTO) -> str:
-    """The route ``hvp`` uses: ``route`` itself (``jvp-jvp`` is not an H v route: it maps to ``auto``),
-    or for ``auto`` the first of :data:`HVP_AUTO_CHAIN` that traces."""
+    r"""The route [`hvp`][eos_core.adapters.jax.hvp] uses for `value_fn` at `params`.
+
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: the point $w$.
+        route: a route name of [`eos_core.routes`][]; `jvp-jvp` gives $u^\top H u$ only, not $H v$, and is
+            resolved as `auto`.
+
+    Returns:
+        `route` itself when it gives $H v$ (`jvp-grad`, `double-backward`, `fd-central`, `fd-onesided`), else the
+        first route of [`HVP_AUTO_CHAIN`][eos_core.adapters.jax.HVP_AUTO_CHAIN] that traces (see
+        [`resolve_curvature_route`][eos_core.adapters.jax.resolve_curvature_route]).
+
+    Raises:
+        ValueError: `route` is not a route name.
+        Exception: with `auto` or `jvp-jvp`, the last route's trace error when no route traces.
+    """
     routes.validate_route(route, owner="hvp")
     if route in HVP_ROUTES:
         return route
@@ -269,22 +322,37 @@ def curvature(
     value_fn: ValueFn, params: PyTree, u: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None,
     fd_eps: float | None = None,
 ) -> tuple[CurvatureResult, str]:
-    r"""The second directional derivative :math:`u^\top H u` of ``value_fn`` at ``params`` along ``u``.
+    r"""The second directional derivative $u^\top H u$ of `value_fn` at `params` along `u`.
 
-    This is the CDAT denominator before its absolute value (CDAT paper eq. 8).
+    This is the CDAT denominator before its absolute value: $d_t = |u_t^\top H_t u_t| + \varepsilon$ (CDAT paper,
+    Roulet et al. 2024, eq. 8).
 
     Args:
         value_fn: the loss on the batch as a function of the parameters.
-        params: the point ``w``.
-        u: the direction (a pytree like ``params``).
-        route: a route of :mod:`eos_core.routes` (``auto``: the first of :data:`CURVATURE_AUTO_CHAIN`
-            that traces).
-        grads: the step's gradient :math:`\nabla f(w)`, reused by ``fd-onesided`` (computed when not given).
+        params: the point $w$.
+        u: the direction (a pytree like `params`).
+        route: a route of [`eos_core.routes`][] (`auto`: the first of
+            [`CURVATURE_AUTO_CHAIN`][eos_core.adapters.jax.CURVATURE_AUTO_CHAIN] that traces).
+        grads: the step's gradient $\nabla f(w)$, reused by `fd-onesided` (computed when not given).
         fd_eps: machine epsilon the finite-difference step is sized for (None: the lowest-precision leaf's).
 
     Returns:
-        ``(CurvatureResult(value, loss), route_used)``; ``loss`` is f(w) when the route computed it
-        anyway (every route but finite differences), else None.
+        `(CurvatureResult(value, loss), route_used)`: `value` is $u^\top H u$ as a 0-d array of at least float32;
+        `loss` is $f(w)$ when the route computed it anyway (every route but finite differences), else None.
+
+    Raises:
+        ValueError: `route` is not a route name.
+
+    Examples:
+        On $f(w) = \sum_i w_i^2$, whose Hessian is $2I$:
+
+        >>> import jax.numpy as jnp
+        >>> from eos_core.adapters.jax import curvature
+        >>> def f(w):
+        ...     return jnp.sum(w ** 2)
+        >>> result, route = curvature(f, jnp.ones(3), jnp.array([1.0, 0.0, 2.0]))
+        >>> float(result.value), route  # u^T (2 I) u = 2 * 5
+        (10.0, 'jvp-jvp')
     """
     used = resolve_curvature_route(value_fn, params, u, route)
     return _CURVATURE[used](value_fn, params, u, grads, fd_eps), used
@@ -294,10 +362,32 @@ def hvp(
     value_fn: ValueFn, params: PyTree, v: PyTree, *, route: str = routes.AUTO, grads: PyTree | None = None,
     fd_eps: float | None = None,
 ) -> tuple[HvpResult, str]:
-    r"""The Hessian-vector product :math:`H v` of ``value_fn`` at ``params`` (a pytree like ``params``).
+    r"""The Hessian-vector product $H v$ of `value_fn` at `params` (a pytree like `params`).
 
-    Routes: ``jvp-grad``, ``double-backward``, ``fd-central``, ``fd-onesided`` (reusing ``grads``);
-    ``auto`` and ``jvp-jvp`` resolve through :data:`HVP_AUTO_CHAIN`. ``fd_eps`` as in :func:`curvature`.
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: the point $w$.
+        v: the vector (a pytree like `params`).
+        route: `jvp-grad`, `double-backward`, `fd-central`, `fd-onesided` (reusing `grads`); `auto` and `jvp-jvp`
+            resolve through [`HVP_AUTO_CHAIN`][eos_core.adapters.jax.HVP_AUTO_CHAIN].
+        grads: the step's gradient $\nabla f(w)$, reused by `fd-onesided` (computed when not given).
+        fd_eps: machine epsilon the finite-difference step is sized for (None: the lowest-precision leaf's).
+
+    Returns:
+        `(HvpResult(product, loss), route_used)`: `product` is $H v$, a pytree like `params` with the parameters'
+        dtypes; `loss` is $f(w)$ when the route computed it (`jvp-grad`, `double-backward`), else None.
+
+    Raises:
+        ValueError: `route` is not a route name.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from eos_core.adapters.jax import hvp
+        >>> def f(w):
+        ...     return jnp.sum(w ** 3)  # H = diag(6 w)
+        >>> result, route = hvp(f, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+        >>> result.product.tolist(), route
+        ([6.0, 12.0], 'jvp-grad')
     """
     used = resolve_hvp_route(value_fn, params, route)
     return _HVP[used](value_fn, params, v, grads, fd_eps), used

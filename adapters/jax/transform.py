@@ -1,126 +1,120 @@
-r"""``tune``: an optax transformation that applies a tuning law's learning rate to a base optimizer.
+r"""`tune`: an optax transformation that applies a tuning law's learning rate to a base optimizer.
 
-Notation of the CDAT paper (Roulet et al. 2024): ``w`` the parameters, ``g`` the gradient,
-``u`` the base optimizer's update **for learning rate 1** and ``H`` the Hessian of the loss on the
-current batch. ``base`` is a complete optax optimizer built with learning rate 1
-(``optax.sgd(1.0)``, ``optax.adam(1.0)``, ...), so its output is ``u``; the transformation outputs
-``lr * u`` with ``lr`` the law's decision for this step (for CDAT, eq. 8:
-``lr = sigma * max(-g.u, 0) / (|u^T H u| + eps)``, optionally EMA-smoothed).
+Notation of the CDAT paper (Roulet et al. 2024, "Stepping on the edge: curvature aware learning rate tuners"): $w$
+the parameters, $g$ the gradient, $u$ the base optimizer's update **for learning rate 1** and $H$ the Hessian of the
+loss on the current batch. `base` is a complete optax optimizer built with learning rate 1 (`optax.sgd(1.0)`,
+`optax.adam(1.0)`, ...), so its output is $u$; the transformation outputs $\eta_t u_t$ with $\eta_t$ the law's
+decision for this step (for CDAT, eq. 8: $\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)$,
+optionally EMA-smoothed).
 
-Usage (the convention of optax's line searches: ``value_fn(params)`` is the loss on the batch)::
+Usage (the convention of optax's line searches: `value_fn(params)` is the loss on the batch):
 
-    opt = tune(optax.sgd(1.0), CDAT(scale=2.0))
-    state = opt.init(params)
+```python
+opt = tune(optax.sgd(1.0), CDAT(scale=2.0))
+state = opt.init(params)
 
-    @jax.jit
-    def step(params, state, batch):
-        value_fn = lambda p: loss(p, batch)
-        grads = jax.grad(value_fn)(params)
-        updates, state = opt.update(grads, state, params, value_fn=value_fn)
-        return optax.apply_updates(params, updates), state
+@jax.jit
+def step(params, state, batch):
+    value_fn = lambda p: loss(p, batch)
+    grads = jax.grad(value_fn)(params)
+    updates, state = opt.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+```
 
-Options
--------
-The tuner options of :class:`eos_core.settings.TunerSettings`, by the names every adapter uses, as
-keywords or as ``settings=``: ``probe_every``, ``route``, ``sharpness_every``, ``sharpness_iters``,
-``sharpness_tol``, ``warn``, ``skip_nonfinite``, ``seed``, ``fd_eps``, ``reference_lr``, ``monitor_budget``,
-``monitor_edge``, ``monitor_margin``, ``monitor_patience`` (:data:`SUPPORTED_OPTIONS`). ``lr_mode``,
-``fd_above``, ``clipped_gradients`` and ``linear_in_lr`` concern the PyTorch optimizer and its scheduler:
-giving them a non-default value raises a ValueError. The old names ``power_iters``, ``power_tol`` and
-``initial_lr`` still work with a DeprecationWarning.
+**Options.** The tuner options of [`TunerSettings`][eos_core.settings.TunerSettings], by the names every adapter
+uses, as keywords or as `settings=`: `probe_every`, `route`, `sharpness_every`, `sharpness_iters`, `sharpness_tol`,
+`warn`, `skip_nonfinite`, `seed`, `fd_eps`, `reference_lr`, `monitor_budget`, `monitor_edge`, `monitor_margin`,
+`monitor_patience` ([`SUPPORTED_OPTIONS`][eos_core.adapters.jax.SUPPORTED_OPTIONS]). `lr_mode`, `fd_above`,
+`clipped_gradients` and `linear_in_lr` concern the PyTorch optimizer and its scheduler: giving them a non-default
+value raises a ValueError. The old names `power_iters`, `power_tol` and `initial_lr` still work with a
+DeprecationWarning.
 
-Design
-------
-* **Statistics.** On a probe step the transformation measures exactly what ``law.request()``
-  (:class:`eos_core.request.StatsRequest`) asks for: ``g.u``; ``u^T H u`` (:mod:`.oracles`); ``f(w)``
-  (free with every exact curvature route, or the ``value`` extra argument, else one forward pass);
-  ``|g|^2``; lambda_max by warm-started power iteration (``request.power_iters`` /
-  ``request.power_tol``); the top ``k`` eigenvalues by Lanczos (``request.num_eigenvalues``,
-  ``request.lanczos_steps_for(n)``; 20 steps unless the law sets them); the preconditioned variants
-  (:mod:`.preconditioner`); ``trial_loss``, the callable ``eta -> value_fn(w + eta u)`` (forward
-  passes only; the law loops with ``lax.while_loop``); ``cos(g_t, u_{t-1})`` from the previous
-  direction kept in the state (0 on the first step); CDAT's previous-update numerator
-  (``numerator="previous-update"``): ``g_t . u_{t-1}``, ``u_{t-1}^T H_t u_{t-1}`` (the curvature route,
-  along ``u_{t-1}``: still one curvature probe per probe step) and the lr applied to ``u_{t-1}``, where
-  ``u_{t-1}`` (kept in the state with that lr, the parameters' shardings included) is the update for lr 1
-  of the last applied step, also between probes; NaN before the first one (the law keeps ``lr_init``).
-* **Start vectors.** Power iteration and Lanczos start from :func:`eos_core.spectral.random_start`
-  (numpy, float64, unit norm over the leaves in ``jax.tree.leaves`` order; ``seed`` for H, ``seed + 1``
-  for the preconditioned operator), the start vector of every adapter, and are warm-started from the
-  previous estimate afterwards. Lanczos on H starts from the H warm-start vector.
-* **Probing every k steps.** ``lax.cond(count % probe_every == 0, probe, hold)`` with ``count`` the
-  steps taken (skipped steps excluded): between probes ``law.hold`` reuses the last learning rate.
-  **Convolutions on CPU:** XLA:CPU runs the *gradient* convolutions of a conv net 30-100x slower inside a
-  ``lax.cond`` branch or a loop body than at the top level of the program (jax-ml/jax#12868; measured
-  with jax 0.10 on a small CNN: a gradient 6 ms at top level, 480 ms inside a ``cond``; forward
-  convolutions are unaffected). On CPU a conv net therefore pays that price for every probe that takes a
-  gradient inside the ``cond`` (``probe_every > 1`` with a finite-difference, ``jvp-grad`` or
-  ``double-backward`` route) and for every power-iteration / Lanczos step (spectral laws,
-  ``sharpness_every``); the default ``jvp-jvp`` probe is forward-mode only and keeps its cost.
-* **Routes.** ``route`` picks the u^T H u oracle; ``auto`` resolves at trace time to the first of
-  jvp-jvp, jvp-grad, double-backward, fd-onesided that ``value_fn`` can be traced through (a
-  ``custom_vjp`` function has no forward mode). Hessian-vector products for spectra use the same
-  route when it is an H v route, else the ``auto`` chain jvp-grad, double-backward, fd-onesided.
-  :func:`diagnostics` reports the first as ``route`` (the second when the law needs no u^T H u, the
-  ``route`` setting when neither is used); :func:`hvp_route` tells the second. The
-  finite-difference step is the core's (:func:`eos_core.routes.finite_difference_step`), sized for
-  ``fd_eps`` when given. Cost on a GPT-2 124M step (H100, fp32, ``benchmarks/jax_overhead.py``): a
-  jvp-jvp probe is about 2.2 training steps, a one-sided finite difference about 1.1.
-* **Sharpness tracking.** ``sharpness_every=m`` estimates lambda_max(H) every m steps (of ``count``)
-  by warm-started power iteration (``sharpness_iters`` products at most, stopping at relative change
-  ``sharpness_tol``) and, for an Adam / RMSProp base, lambda_max(P^{-1/2} H P^{-1/2}). When the law's
-  probe estimated lambda_max of the same operator on the same step with settings at least as strict
-  (``power_iters >= sharpness_iters`` and ``0 < power_tol <= sharpness_tol``), tracking reuses that
-  estimate; otherwise it continues from the law's new vector. Power iteration returns the eigenvalue of
-  largest magnitude, with its sign.
-* **Diagnostics.** :func:`diagnostics` reports exactly ``eos_core.diagnostics.keys_for(law)``, with the
-  meanings of :data:`eos_core.diagnostics.REGISTRY`: ``sharpness`` is the tracked lambda_max, else the
-  law's own measurement, ``lr_sharpness`` the applied lr times it, ``alignment`` = |cos(u, v_max)| and
-  ``power_iterations`` on tracked steps (NaN on the others), ``step`` the index of the step among the
-  steps taken. The state keeps them as one float vector (:class:`Diagnostics`); the integer keys come
-  from the state's int32 counters.
-* **Other hyperparameters (DCAO).** A law that decides ``momentum`` / ``weight_decay`` writes them
-  into the base's ``optax.inject_hyperparams`` state (``momentum`` or ``b1``; ``weight_decay``).
-  They take effect from the next step: this step's ``u`` was formed before the law measured the
-  curvature. A ValueError is raised when the base is not built with ``inject_hyperparams``, when a knob
-  is a schedule (it would overwrite the law), or when a knob the law would move off 0 is missing (a
-  missing knob is read as 0, and DCAO's rules are multiplicative).
-* **Bad input.** A non-finite gradient, update ``u`` or loss (when the loss is known: the ``value``
-  argument or a route that computed it) skips the step inside ``jit`` (``skip_nonfinite=True``, the
-  default): the update is 0 and the base state, law state, warm-start vectors and step count are left
-  unchanged, as ``optax.apply_if_finite`` does. ``skip_nonfinite=False`` applies such a step (the
-  non-finite values reach the parameters, as with a plain optax optimizer). Non-finite or degenerate
-  curvature is handled by the law: it keeps its last good learning rate (``fallback = 1``). The state
-  counts both (``skipped``, ``fallbacks``; reported as ``skipped_steps`` and ``fallback_steps``).
-* **Warnings** (``warn``). ``True`` (default): the compiled update holds no host callback; the
-  RuntimeWarning is raised on the host by :func:`diagnostics` when the last step was skipped or fell
-  back, with the cumulative counts (:func:`warn_bad_steps`). ``"jit"``: from inside ``jit`` through
-  ``jax.debug.callback`` on probe steps (steps skipped between probes are reported at the next probe).
-  A host callback anywhere in the program slows every step: +9-12% per step on GPT-2 124M (H100),
-  1.23-1.26x instead of 1.12-1.14x a plain step on the CPU model of ``benchmarks/jax_overhead.py``.
-  ``False``: never; the counts stay in the state.
-* **Composition with other optax transformations.** ``tune`` must receive the raw gradient of
-  ``value_fn``: it is ``g`` in ``g.u`` (CDAT's numerator), ``|g|^2`` (Polyak), the base point of
-  one-sided finite differences and the cosine of HyperGradient. Put gradient transformations
-  *inside* ``base``, which then forms ``u`` from them::
+**Design.**
 
-      opt = tune(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), CDAT(scale=2.0))
-
-  CDAT's rate scales as ``1 / |u|``, so a global-norm clip inside ``base`` leaves SGD's step ``lr * u``
-  unchanged (it does change Adam's moments); bound the step with the law's ``lr_max`` instead.
-  :func:`diagnostics` finds the ``TuneState`` inside a chained or wrapped state.
-* **Data parallel.** Every statistic is a function of ``value_fn`` and ``grads`` on the whole batch:
-  under ``jax.jit`` with a batch-sharded input XLA inserts the reductions itself; under ``shard_map``
-  ``value_fn`` must return the global loss (``lax.pmean(loss(p, local_batch), "data")``) and ``grads``
-  its gradient. jax < 0.7 runs ``tune`` under ``shard_map`` only with ``check_rep=False`` (no replication
-  rule for ``lax.cond``), and there the transpose of ``pmean`` does not sum over the devices: reverse mode
-  through that ``value_fn`` gives the local gradient divided by the device count (jax 0.4.30). There pass
-  ``grads = lax.pmean(jax.grad(local_loss)(p), "data")`` and keep the products forward-mode
-  (``route="jvp-jvp"``; no spectral law, ``sharpness_every`` or ``monitor_budget``), or use ``jit`` with a
-  batch-sharded input.
-* **State.** :class:`TuneState` is a NamedTuple of arrays (and ``None`` for unused slots; counters are
-  int32, the law's included): it checkpoints with the parameters, and resuming from a saved copy
-  continues bit-identically.
+* **Statistics.** On a probe step the transformation measures exactly what `law.request()`
+  ([`eos_core.request.StatsRequest`][]) asks for: $g^\top u$; $u^\top H u$ (`eos_core.adapters.jax.oracles`);
+  $f(w)$ (free with every exact curvature route, or the `value` extra argument, else one forward pass);
+  $\|g\|^2$; $\lambda_{\max}$ by warm-started power iteration (`request.power_iters` / `request.power_tol`); the
+  top `k` eigenvalues by Lanczos (`request.num_eigenvalues`, `request.lanczos_steps_for(n)`; 20 steps unless the
+  law sets them); the preconditioned variants (`eos_core.adapters.jax.preconditioner`); `trial_loss`, the callable
+  $\eta \mapsto f(w + \eta u)$ (forward passes only; the law loops with `lax.while_loop`);
+  $\cos(g_t, u_{t-1})$ from the previous direction kept in the state (0 on the first step); CDAT's
+  previous-update numerator (`numerator="previous-update"`): $g_t^\top u_{t-1}$, $u_{t-1}^\top H_t u_{t-1}$ (the
+  curvature route, along $u_{t-1}$: still one curvature probe per probe step) and the lr applied to $u_{t-1}$,
+  where $u_{t-1}$ (kept in the state with that lr, the parameters' shardings included) is the update for lr 1 of
+  the last applied step, also between probes; NaN before the first one (the law keeps `lr_init`).
+* **Start vectors.** Power iteration and Lanczos start from [`eos_core.spectral.random_start`][] (numpy, float64,
+  unit norm over the leaves in `jax.tree.leaves` order; `seed` for $H$, `seed + 1` for the preconditioned
+  operator), the start vector of every adapter, and are warm-started from the previous estimate afterwards.
+  Lanczos on $H$ starts from the $H$ warm-start vector.
+* **Probing every k steps.** `lax.cond(count % probe_every == 0, probe, hold)` with `count` the steps taken
+  (skipped steps excluded): between probes `law.hold` reuses the last learning rate. **Convolutions on CPU:**
+  XLA:CPU runs the *gradient* convolutions of a conv net 30-100x slower inside a `lax.cond` branch or a loop body
+  than at the top level of the program (jax-ml/jax#12868; measured with jax 0.10 on a small CNN: a gradient 6 ms at
+  top level, 480 ms inside a `cond`; forward convolutions are unaffected). On CPU a conv net therefore pays that
+  price for every probe that takes a gradient inside the `cond` (`probe_every > 1` with a finite-difference,
+  `jvp-grad` or `double-backward` route) and for every power-iteration / Lanczos step (spectral laws,
+  `sharpness_every`); the default `jvp-jvp` probe is forward-mode only and keeps its cost.
+* **Routes.** `route` picks the $u^\top H u$ oracle; `auto` resolves at trace time to the first of `jvp-jvp`,
+  `jvp-grad`, `double-backward`, `fd-onesided` that `value_fn` can be traced through (a `custom_vjp` function has
+  no forward mode). Hessian-vector products for spectra use the same route when it is an $H v$ route, else the
+  `auto` chain `jvp-grad`, `double-backward`, `fd-onesided`. [`diagnostics`][eos_core.adapters.jax.diagnostics]
+  reports the first as `route` (the second when the law needs no $u^\top H u$, the `route` setting when neither is
+  used); [`hvp_route`][eos_core.adapters.jax.hvp_route] tells the second. The finite-difference step is the core's
+  ([`eos_core.routes.finite_difference_step`][]), sized for `fd_eps` when given. Cost on a GPT-2 124M step (H100,
+  fp32, `benchmarks/jax_overhead.py`): a `jvp-jvp` probe is about 2.2 training steps, a one-sided finite
+  difference about 1.1.
+* **Sharpness tracking.** `sharpness_every=m` estimates $\lambda_{\max}(H)$ every m steps (of `count`) by
+  warm-started power iteration (`sharpness_iters` products at most, stopping at relative change `sharpness_tol`)
+  and, for an Adam / RMSProp base, $\lambda_{\max}(P^{-1/2} H P^{-1/2})$. When the law's probe estimated
+  $\lambda_{\max}$ of the same operator on the same step with settings at least as strict
+  (`power_iters >= sharpness_iters` and `0 < power_tol <= sharpness_tol`), tracking reuses that estimate;
+  otherwise it continues from the law's new vector. Power iteration returns the eigenvalue of largest magnitude,
+  with its sign.
+* **Diagnostics.** [`diagnostics`][eos_core.adapters.jax.diagnostics] reports exactly
+  [`eos_core.diagnostics.keys_for(law)`][eos_core.diagnostics.keys_for], with the meanings of
+  [`eos_core.diagnostics.REGISTRY`][]: `sharpness` is the tracked $\lambda_{\max}$, else the law's own
+  measurement, `lr_sharpness` the applied lr times it, `alignment` $= |\cos(u, v_{\max})|$ and `power_iterations`
+  on tracked steps (NaN on the others), `step` the index of the step among the steps taken. The state keeps them
+  as one float vector ([`Diagnostics`][eos_core.adapters.jax.Diagnostics]); the integer keys come from the state's
+  int32 counters.
+* **Other hyperparameters (DCAO).** A law that decides `momentum` / `weight_decay` writes them into the base's
+  `optax.inject_hyperparams` state (`momentum` or `b1`; `weight_decay`). They take effect from the next step: this
+  step's $u$ was formed before the law measured the curvature. A ValueError is raised when the base is not built
+  with `inject_hyperparams`, when a knob is a schedule (it would overwrite the law), or when a knob the law would
+  move off 0 is missing (a missing knob is read as 0, and DCAO's rules are multiplicative).
+* **Bad input.** A non-finite gradient, update $u$ or loss (when the loss is known: the `value` argument or a
+  route that computed it) skips the step inside `jit` (`skip_nonfinite=True`, the default): the update is 0 and
+  the base state, law state, warm-start vectors and step count are left unchanged, as `optax.apply_if_finite`
+  does. `skip_nonfinite=False` applies such a step (the non-finite values reach the parameters, as with a plain
+  optax optimizer). Non-finite or degenerate curvature is handled by the law: it keeps its last good learning rate
+  (`fallback = 1`). The state counts both (`skipped`, `fallbacks`; reported as `skipped_steps` and
+  `fallback_steps`).
+* **Warnings** (`warn`). `True` (default): the compiled update holds no host callback; the RuntimeWarning is
+  raised on the host by [`diagnostics`][eos_core.adapters.jax.diagnostics] when the last step was skipped or fell
+  back, with the cumulative counts ([`warn_bad_steps`][eos_core.adapters.jax.warn_bad_steps]). `"jit"`: from
+  inside `jit` through `jax.debug.callback` on probe steps (steps skipped between probes are reported at the next
+  probe). A host callback anywhere in the program slows every step: +9-12% per step on GPT-2 124M (H100),
+  1.23-1.26x instead of 1.12-1.14x a plain step on the CPU model of `benchmarks/jax_overhead.py`. `False`:
+  never; the counts stay in the state.
+* **Composition with other optax transformations.** `tune` must receive the raw gradient of `value_fn`: it is $g$ in
+  $g^\top u$ (CDAT's numerator), $\|g\|^2$ (Polyak), the base point of one-sided finite differences and the cosine of
+  HyperGradient. Put gradient transformations *inside* `base`, which then forms $u$ from them:
+  `tune(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), CDAT(scale=2.0))`. CDAT's rate scales as
+  $1 / \|u\|$, so a global-norm clip inside `base` leaves SGD's step $\eta u$ unchanged (it does change Adam's moments);
+  bound the step with the law's `lr_max` instead. [`diagnostics`][eos_core.adapters.jax.diagnostics] finds the
+  `TuneState` inside a chained or wrapped state.
+* **Data parallel.** Every statistic is a function of `value_fn` and `grads` on the whole batch: under `jax.jit`
+  with a batch-sharded input XLA inserts the reductions itself; under `shard_map` `value_fn` must return the
+  global loss (`lax.pmean(loss(p, local_batch), "data")`) and `grads` its gradient. jax < 0.7 runs `tune` under
+  `shard_map` only with `check_rep=False` (no replication rule for `lax.cond`), and there the transpose of `pmean`
+  does not sum over the devices: reverse mode through that `value_fn` gives the local gradient divided by the
+  device count (jax 0.4.30). There pass `grads = lax.pmean(jax.grad(local_loss)(p), "data")` and keep the
+  products forward-mode (`route="jvp-jvp"`; no spectral law, `sharpness_every` or `monitor_budget`), or use `jit`
+  with a batch-sharded input.
+* **State.** [`TuneState`][eos_core.adapters.jax.TuneState] is a NamedTuple of arrays (and `None` for unused
+  slots; counters are int32, the law's included): it checkpoints with the parameters, and resuming from a saved
+  copy continues bit-identically.
 """
 
 from __future__ import annotations
@@ -157,34 +151,52 @@ from eos_core.settings import DEPRECATED, TunerSettings
 PyTree = Any
 Preconditioner = AdamPreconditioner | RmsPreconditioner | Callable[[Any], PyTree]
 
-#: The :class:`~eos_core.settings.TunerSettings` options ``tune`` honours.
+#: The [`TunerSettings`][eos_core.settings.TunerSettings] options `tune` honours.
 SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
                                       "warn", "skip_nonfinite", "seed", "fd_eps", "reference_lr", "monitor_budget",
                                       "monitor_edge", "monitor_margin", "monitor_patience")
 
-#: Route names by code (the diagnostics vector stores the code; ``none``: no H v route was used).
+#: Route names by code (the diagnostics vector stores the code; `none`: no H v route was used).
 ROUTE_NAMES: tuple[str, ...] = ("none", *routes.EXACT, *routes.FINITE_DIFFERENCES, routes.AUTO)
 
 #: Entries of the diagnostics vector that are not diagnostics: the codes of the u^T H u and H v routes, and 1 on
-#: the step the monitor's early warning fired (raised on the host by :func:`diagnostics`).
+#: the step the monitor's early warning fired (raised on the host by
+#: [`diagnostics`][eos_core.adapters.jax.diagnostics]).
 CODE_KEYS: tuple[str, ...] = ("route_code", "hvp_route_code", "monitor_fired")
 
 
 def vector_keys(law: Law | None) -> tuple[str, ...]:
-    """The entries of the :class:`Diagnostics` vector for ``law``: the float keys of
-    :func:`eos_core.diagnostics.keys_for` (registry order) and :data:`CODE_KEYS`."""
+    """The entries of the [`Diagnostics`][eos_core.adapters.jax.Diagnostics] vector of a `tune` with `law`.
+
+    Args:
+        law: the law (None: measuring only).
+
+    Returns:
+        The float keys of [`eos_core.diagnostics.keys_for`][] (registry order; the integer and string keys come
+        from the state's counters), then `CODE_KEYS`.
+    """
     skip = set(D.INTEGER_KEYS) | set(D.STRING_KEYS)
     return (*(k for k in D.keys_for(law) if k not in skip), *CODE_KEYS)
 
 
 @jax.tree_util.register_pytree_node_class
 class Diagnostics:
-    """The last step's diagnostics: a fixed tuple of names and the transformation's ``warn`` mode (static) and
-    one float vector of values (a pytree leaf).
+    """The last step's diagnostics as one float vector, the `diagnostics` field of a `TuneState`.
 
-    One array keeps the per-step bookkeeping to a single select; ``d["lr"]`` reads one value and
-    :func:`diagnostics` converts all of them to host values (and, when ``warn`` is True, raises the
-    warnings of a skipped or fallen-back last step).
+    A pytree whose only leaf is the vector of values; the names, the transformation's `warn` mode and the early
+    warning's rule are static (auxiliary data). One array keeps the per-step bookkeeping to a single select;
+    `d["lr"]` reads one value (a traced or device array) and [`diagnostics`][eos_core.adapters.jax.diagnostics]
+    converts all of them to host values (and, when `warn` is True, raises the warnings of a skipped or fallen-back
+    last step). `key in d` tells whether a name is in the vector.
+
+    Args:
+        keys: the names of the entries (`vector_keys(law)`).
+        values: the float vector, one value per key (NaN: not measured on the last step).
+        warn: the `warn` option of the transformation (True, `"jit"` or False).
+        rule: the early warning's `(monitor_margin, monitor_patience)`, None without a monitor.
+
+    Raises:
+        KeyError: `d[key]` for a name not in `keys`.
     """
 
     def __init__(self, keys: tuple[str, ...], values: Any, warn: bool | str = True,
@@ -192,14 +204,16 @@ class Diagnostics:
         self.keys = tuple(keys)
         self.values = values
         self.warn = warn
-        #: the early warning's ``(monitor_margin, monitor_patience)`` (None without a monitor), for its message
+        #: the early warning's `(monitor_margin, monitor_patience)` (None without a monitor), for its message
         self.rule = rule
 
     def tree_flatten(self) -> tuple[tuple[Any], tuple[Any, ...]]:
+        """The pytree protocol: `((values,), (keys, warn, rule))`, the vector as the only child."""
         return (self.values,), (self.keys, self.warn, self.rule)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Diagnostics:
+        """The pytree protocol: the `Diagnostics` of `tree_flatten`'s `aux` data and its one child."""
         keys, warn, rule = aux
         return cls(keys, children[0], warn, rule)
 
@@ -216,20 +230,25 @@ class Diagnostics:
 
 
 class TuneState(NamedTuple):
-    """State of :func:`tune`: a pytree of arrays (unused slots are ``None``)."""
+    """State of [`tune`][eos_core.adapters.jax.tune]: a pytree of arrays (unused slots are `None`).
+
+    It checkpoints with the parameters (any pytree checkpointer) and a run resumed from a saved copy continues
+    bit-identically. Read it on the host with [`diagnostics`][eos_core.adapters.jax.diagnostics]; inside a chained or
+    wrapped optax state, [`find_tune_state`][eos_core.adapters.jax.find_tune_state] finds it.
+    """
 
     base_state: Any  #: the base optimizer's state
     law_state: Any  #: the law's state (a NamedTuple of 0-d arrays; counters are int32)
-    count: jax.Array  #: int32, steps taken (skipped steps excluded); probes when ``count % probe_every == 0``
+    count: jax.Array  #: int32, steps taken (skipped steps excluded); probes when `count % probe_every == 0`
     skipped: jax.Array  #: int32, steps skipped because of a non-finite loss, gradient or update
-    fallbacks: jax.Array  #: int32, probe steps where the law kept its last learning rate (``fallback = 1``)
-    reported_skips: jax.Array  #: int32, skipped steps counted up to the last probe (reported there by ``warn="jit"``)
+    fallbacks: jax.Array  #: int32, probe steps where the law kept its last learning rate (`fallback = 1`)
+    reported_skips: jax.Array  #: int32, skipped steps counted up to the last probe (reported there by `warn="jit"`)
     eigenvector: PyTree | None  #: warm start of power iteration / Lanczos on H (unit norm)
     preconditioned_eigenvector: PyTree | None  #: warm start on P^{-1/2} H P^{-1/2}
     previous_update: PyTree | None  #: u_{t-1}, the last applied step's update for lr 1 (HyperGradient, CDAT)
-    diagnostics: Diagnostics  #: the last step's diagnostics (see :func:`diagnostics`)
-    monitor: MonitorState | None = None  #: the sharpness monitor (``monitor_budget``; :mod:`.monitor`)
-    #: the lr applied to ``previous_update`` (NaN before the first applied step; CDAT's previous-update numerator)
+    diagnostics: Diagnostics  #: the last step's diagnostics (see [`diagnostics`][eos_core.adapters.jax.diagnostics])
+    monitor: MonitorState | None = None  #: the sharpness monitor (`monitor_budget`; `eos_core.adapters.jax.monitor`)
+    #: the lr applied to `previous_update` (NaN before the first applied step; CDAT's previous-update numerator)
     previous_lr: jax.Array | None = None
 
 
@@ -242,21 +261,21 @@ class _Inputs(NamedTuple):
     u: PyTree  #: the base's update for lr = 1
     base_state: Any  #: the base's state after this step
     value_fn: Callable[[PyTree], jax.Array] | None
-    value: Any  #: the loss at ``params`` when the caller gave it, else None
+    value: Any  #: the loss at `params` when the caller gave it, else None
     grad_sq: jax.Array
     update_sq: jax.Array
     finite: jax.Array  #: gradient, update and given loss are finite
     precond: PyTree | None  #: P of an adaptive base, when a preconditioned estimate may be needed
-    curvature_code: int  #: code (:data:`ROUTE_NAMES`) of the u^T H u route
+    curvature_code: int  #: code (`ROUTE_NAMES`) of the u^T H u route
     hvp_code: int  #: code of the H v route
     numerics: Numerics
     ops: TreeOps
     raw: PyTree | None = None  #: law=None: the base's own update, applied unchanged
-    lr: Any = None  #: law=None: the learning rate the base applied (``raw = lr * u``)
+    lr: Any = None  #: law=None: the learning rate the base applied (`raw = lr * u`)
 
 
 class _Probed(NamedTuple):
-    """Stage "probe": the law's output (``law.update`` on a probe step, ``law.hold`` otherwise)."""
+    """Stage "probe": the law's output (`law.update` on a probe step, `law.hold` otherwise)."""
 
     out: LawOutput
     loss: jax.Array  #: f(w) (NaN when unknown)
@@ -270,7 +289,7 @@ class _Probed(NamedTuple):
 
 
 class _Tracked(NamedTuple):
-    """Stage "track": the ``sharpness_every`` estimates (NaN when not tracked on this step)."""
+    """Stage "track": the `sharpness_every` estimates (NaN when not tracked on this step)."""
 
     sharpness: jax.Array
     preconditioned_sharpness: jax.Array
@@ -297,31 +316,31 @@ _NO_LR = ("tune(base, None): with law=None the base's own update is applied and 
 
 
 def _injected_lr(base_state: Any) -> bool:
-    """Whether the base injects a ``learning_rate`` hyperparameter (``optax.inject_hyperparams``)."""
+    """Whether the base injects a `learning_rate` hyperparameter (`optax.inject_hyperparams`)."""
     return any("learning_rate" in hyperparams for hyperparams, _ in knobs.injected(base_state))
 
 
-#: Zero-gradient steps :func:`_impulse_edge` may take until the base's learning rate is positive (a warm-up from 0).
+#: Zero-gradient steps `_impulse_edge` may take until the base's learning rate is positive (a warm-up from 0).
 _WARM_STEPS = 64
-#: Steps of the impulse response (at least 4 for :func:`eos_core.monitor.edge_from_impulse_response`).
+#: Steps of the impulse response (at least 4 for [`eos_core.monitor.edge_from_impulse_response`][]).
 _RESPONSE_STEPS = 6
 
 
 def _impulse_edge(base: optax.GradientTransformation, lr: float | None, spec: Any = None) -> float:
-    r"""The edge of ``base`` from its response to one unit gradient, in the coordinates of its preconditioner.
+    r"""The edge of `base` from its response to one unit gradient, in the coordinates of its preconditioner.
 
-    :func:`eos_core.monitor.edge_from_impulse_response` of the base run on a one-parameter problem: a unit gradient
-    at step 0 and zero gradients after, ``h_k = -u_k / lr_k`` (gradient descent: 1, 0, 0, ...; heavy ball
-    ``beta^k``). For an adaptive base ``P`` is frozen at its value (Cohen et al. 2022) and the response is taken on
-    ``P^{-1} H``: ``h_k = -P_k u_k / lr_k`` for Adam (the momentum filters the gradient, then ``P_k`` divides it:
-    ``h_k = (1 - b1) b1^k``, edge ``2 (1 + b1) / (1 - b1)``, Nesterov's Adam too), ``h_k = -P_0 u_k / lr_k`` for
-    RMSProp (a momentum, if any, filters the preconditioned gradient: edge 2, or ``2 (1 + beta)`` with heavy-ball
+    [`eos_core.monitor.edge_from_impulse_response`][] of the base run on a one-parameter problem: a unit gradient
+    at step 0 and zero gradients after, `h_k = -u_k / lr_k` (gradient descent: 1, 0, 0, ...; heavy ball
+    `beta^k`). For an adaptive base `P` is frozen at its value (Cohen et al. 2022) and the response is taken on
+    `P^{-1} H`: `h_k = -P_k u_k / lr_k` for Adam (the momentum filters the gradient, then `P_k` divides it:
+    `h_k = (1 - b1) b1^k`, edge `2 (1 + b1) / (1 - b1)`, Nesterov's Adam too), `h_k = -P_0 u_k / lr_k` for
+    RMSProp (a momentum, if any, filters the preconditioned gradient: edge 2, or `2 (1 + beta)` with heavy-ball
     momentum). Zero-gradient steps come first while the base's learning rate is 0 (a warm-up from 0); they leave a
     linear filter's state at 0.
 
     Args:
         base: the base optimizer.
-        lr: the base's learning rate (None: read from its injected ``learning_rate`` at each step; 1 for a base of
+        lr: the base's learning rate (None: read from its injected `learning_rate` at each step; 1 for a base of
             learning rate 1).
         spec: the base's preconditioner spec (None: not adaptive).
 
@@ -361,8 +380,8 @@ def _impulse_edge(base: optax.GradientTransformation, lr: float | None, spec: An
     return monitor_rules.edge_from_impulse_response(response)
 
 
-#: Edges of lr x sharpness as functions of a momentum hyperparameter (:mod:`eos_core.monitor`), traceable: the
-#: formulas of ``adam_edge``, ``heavy_ball_edge`` and ``nesterov_edge``.
+#: Edges of lr x sharpness as functions of a momentum hyperparameter ([`eos_core.monitor`][]), traceable: the
+#: formulas of `adam_edge`, `heavy_ball_edge` and `nesterov_edge`.
 _EDGE_FORMULAS: dict[str, Callable[[Any], Any]] = {
     "adam": lambda b: 2.0 * (1.0 + b) / (1.0 - b),
     "heavy-ball": lambda b: 2.0 * (1.0 + b),
@@ -371,7 +390,7 @@ _EDGE_FORMULAS: dict[str, Callable[[Any], Any]] = {
 
 
 def _warn_unstable(value: Any, edge: Any, *, margin: float, patience: int, count: Any, what: str) -> None:
-    """Host side of ``warn="jit"``'s early warning."""
+    """Host side of `warn="jit"`'s early warning."""
     warnings.warn(monitor_rules.warning_message(float(value), float(edge), margin, patience, int(count),
                                                 what.replace("_", " ").replace("lr ", "lr x ")),
                   RuntimeWarning, stacklevel=2)
@@ -387,7 +406,7 @@ def _law_numerics(law_state: Any) -> Numerics:
 
 
 def _warn(count: Any, unreported: Any, fallback: Any) -> None:
-    """Host side of the in-jit warning of ``warn="jit"`` (``jax.debug.callback`` on a probe step)."""
+    """Host side of the in-jit warning of `warn="jit"` (`jax.debug.callback` on a probe step)."""
     if int(unreported) > 0:
         warnings.warn(
             f"eos_core tune: {int(unreported)} step(s) with a non-finite loss, gradient or update were skipped "
@@ -400,19 +419,25 @@ def _warn(count: Any, unreported: Any, fallback: Any) -> None:
 
 def warn_bad_steps(found: Mapping[str, Any], *, new_skips: int | None = None, new_fallbacks: int | None = None,
                    stacklevel: int = 1) -> None:
-    """Raise the host-side RuntimeWarnings of ``warn=True`` from host diagnostics (:func:`diagnostics`' dict).
+    """Raise the host-side RuntimeWarnings of `warn=True` for skipped steps and law fallbacks.
 
-    By default they describe the last step: skipped (``skipped`` = 1), or else fell back (``fallback`` = 1).
-    A caller that remembers the counts it saw last (the Keras callback, reading every ``log_every`` steps)
-    passes ``new_skips`` / ``new_fallbacks``, the increase of ``skipped_steps`` / ``fallback_steps`` since
-    then. The messages number steps by update call from ``init`` (0-based, skipped steps included): the
-    last one is ``step + skipped_steps - skipped`` (``step`` excludes skipped steps).
+    Reads host diagnostics (the dict of [`diagnostics`][eos_core.adapters.jax.diagnostics]). By default the
+    warnings describe the last step: skipped (`skipped` = 1), or else fell back (`fallback` = 1). A caller that
+    remembers the counts it saw last (the Keras callback, reading every `log_every` steps) passes `new_skips` /
+    `new_fallbacks`, the increase of `skipped_steps` / `fallback_steps` since then. The messages number steps by
+    update call from `init` (0-based, skipped steps included): the last one is `step + skipped_steps - skipped`
+    (`step` excludes skipped steps).
 
     Args:
-        found: host diagnostics with ``step``, ``skipped``, ``fallback``, ``skipped_steps`` and ``fallback_steps``.
+        found: host diagnostics with `step`, `skipped`, `fallback`, `skipped_steps` and `fallback_steps`.
         new_skips: skipped steps to report (default: 1 when the last step was skipped).
         new_fallbacks: fallbacks to report (default: 1 when the last step fell back).
-        stacklevel: as in ``warnings.warn``; 1 points the warning at the caller of this function.
+        stacklevel: as in `warnings.warn`; 1 points the warning at the caller of this function.
+
+    Warns:
+        RuntimeWarning: one for the skipped steps (a non-finite loss, gradient or update) and one for the
+            fallbacks (non-finite or degenerate curvature), each with the cumulative count; none when there are
+            none to report.
     """
     skipped_steps, fallback_steps = int(found["skipped_steps"]), int(found.get("fallback_steps", 0))
     last_skipped = float(found.get("skipped", 0.0)) > 0
@@ -436,7 +461,14 @@ def warn_bad_steps(found: Mapping[str, Any], *, new_skips: int | None = None, ne
 
 
 def _resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any]) -> TunerSettings:
-    """``settings`` with ``options`` applied on top (old names accepted), checked against :data:`SUPPORTED_OPTIONS`."""
+    """`settings` with `options` applied on top (old names accepted), checked against `SUPPORTED_OPTIONS`.
+
+    Returns:
+        The checked settings.
+
+    Raises:
+        ValueError: `settings` is not a `TunerSettings`, or an option is unknown, unsupported or invalid.
+    """
     given: dict[str, Any] = {}
     if settings is not None:
         if not isinstance(settings, TunerSettings):
@@ -450,8 +482,12 @@ def _resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any]
 
 
 def _synthetic_state(base: optax.GradientTransformation) -> Any:
-    """``base.init`` of a small float32 vector, or None when the base needs the real parameter structure
-    (``optax.masked``, ``optax.multi_transform``, ...); then the checks of :func:`_init_law` run at ``init``."""
+    """`base.init` of a small float32 vector, for the checks that need a base state before `init`.
+
+    Returns:
+        The state, or None when the base needs the real parameter structure (`optax.masked`,
+        `optax.multi_transform`, ...); then the checks of `_init_law` run at `init`.
+    """
     try:
         return base.init(jnp.zeros((4,), jnp.float32))
     except Exception:  # noqa: BLE001 - any failure means "checked at init instead"
@@ -459,10 +495,15 @@ def _synthetic_state(base: optax.GradientTransformation) -> Any:
 
 
 def _base_hyperparams(law: Law, base_state: Any) -> dict[str, Any]:
-    """The current values of the hyperparameters ``law`` decides, read from the base's injected state.
+    """The current values of the hyperparameters `law` decides, read from the base's injected state.
+
+    Returns:
+        `{law name: value}`; 0.0 for a hyperparameter the base does not have (allowed when the law's lower bound
+        for it is 0).
 
     Raises:
-        ValueError: when the base cannot take them (see the module docstring).
+        ValueError: when the base cannot take them: not built with `optax.inject_hyperparams`, a hyperparameter
+            missing that the law would move off 0, or one given as a schedule.
     """
     decides = tuple(law.decides)
     owner = f"tune({type(law).__name__})"
@@ -489,8 +530,18 @@ def _base_hyperparams(law: Law, base_state: Any) -> dict[str, Any]:
 
 
 def _init_law(law: Law, base_state: Any, numerics: Numerics, reference_lr: float | None) -> Any:
-    """The law's initial state (``law.init(reference_lr)``); for a law that decides hyperparameters, seeded
-    with the base's values (traced values when ``init`` runs under ``jit``)."""
+    """The law's initial state, `law.init(reference_lr)`.
+
+    For a law that decides hyperparameters it is seeded with the base's values (traced values when `init` runs
+    under `jit`; the law validated its settings at construction then).
+
+    Returns:
+        The law's state.
+
+    Raises:
+        ValueError: the base cannot take the law's hyperparameters (`_base_hyperparams`), or the law cannot
+            start (from `law.init`).
+    """
     if not law.decides:
         return law.init(reference_lr, numerics=numerics)
     values = _base_hyperparams(law, base_state)
@@ -512,23 +563,23 @@ def _cosine(grads: PyTree, previous: PyTree, grad_sq: jax.Array, numerics: Numer
 
 
 def _alignment(step: PyTree, v: PyTree, numerics: Numerics) -> jax.Array:
-    """|cos(step, v)|; NaN when either is zero (``alignment`` of the registry with ``step = u``)."""
+    """|cos(step, v)|; NaN when either is zero (`alignment` of the registry with `step = u`)."""
     norms = tree_norm(step, numerics.dtype) * tree_norm(v, numerics.dtype)
     value = jnp.abs(tree_dot(step, v, numerics.dtype)) / jnp.where(norms > 0, norms, 1.0)
     return jnp.where(norms > 0, value, numerics.scalar(math.nan))
 
 
 class _Tuner:
-    """The static configuration of one :func:`tune` transformation and its stages.
+    """The static configuration of one [`tune`][eos_core.adapters.jax.tune] transformation and its stages.
 
-    ``update`` runs the stages check inputs, probe, track, decide, apply and report; every method is a
-    pure function of arrays (the configuration is Python data), so all of it traces under ``jax.jit``.
+    `update` runs the stages check inputs, probe, track, decide, apply and report; every method is a
+    pure function of arrays (the configuration is Python data), so all of it traces under `jax.jit`.
     """
 
     def __init__(self, base: optax.GradientTransformation, law: Law | None, settings: TunerSettings,
                  preconditioner: Preconditioner | None) -> None:
         self.base = optax.with_extra_args_support(base)
-        #: law=None: the base's update is applied unchanged, its learning rate only read (see :func:`tune`)
+        #: law=None: the base's update is applied unchanged, its learning rate only read (see `tune`)
         self.measuring = law is None
         self.user_law = law
         self.law = Constant(1.0) if law is None else law
@@ -568,14 +619,16 @@ class _Tuner:
                 and 0 < req.power_tol <= s.sharpness_tol)
 
     def _edge(self) -> tuple[float, bool, tuple[str, Callable[[Any], Any]] | None]:
-        """The early warning's edge: ``monitor_edge``, else the base's (:func:`_impulse_edge`: gradient descent,
-        heavy-ball and Nesterov momentum; Adam's ``2 (1 + b1) / (1 - b1)`` and RMSProp's on the preconditioned
-        sharpness); NaN when not recognised (then no warning).
+        """The early warning's edge: `monitor_edge`, else the base's.
+
+        The base's edge comes from `_impulse_edge` (gradient descent, heavy-ball and Nesterov momentum; Adam's
+        `2 (1 + b1) / (1 - b1)` and RMSProp's on the preconditioned sharpness); NaN when not recognised (then no
+        warning).
 
         Returns:
-            ``(edge, preconditioned, rule)``: ``rule`` is ``(hyperparameter, formula)`` when the edge follows an
-            injected momentum (``b1`` of Adam, ``momentum`` of SGD / RMSProp; DCAO moves them): then each step's
-            edge is the formula of the value in the base's state (:meth:`_step_edge`).
+            `(edge, preconditioned, rule)`: `rule` is `(hyperparameter, formula)` when the edge follows an
+            injected momentum (`b1` of Adam, `momentum` of SGD / RMSProp; DCAO moves them): then each step's
+            edge is the formula of the value in the base's state (`_step_edge`).
         """
         preconditioned = self.spec is not None
         if self.settings.monitor_edge is not None:
@@ -599,15 +652,19 @@ class _Tuner:
         return edge, preconditioned, rule
 
     def _step_edge(self, base_state: Any, numerics: Numerics) -> Any:
-        """This step's edge: the formula of the injected momentum in ``base_state`` (traced) when the edge follows
-        one, else the constant (a Python float; NaN when unknown)."""
+        """This step's edge of stability, for the early warning.
+
+        Returns:
+            The formula of the injected momentum in `base_state` (traced) when the edge follows one, else the
+            constant edge (a Python float; NaN when unknown).
+        """
         if self.edge_rule is None:
             return self.edge
         name, formula = self.edge_rule
         return numerics.scalar(formula(numerics.scalar(knobs.read(base_state, name))))
 
     def _constant_lr(self) -> float | None:
-        """The base's learning rate when ``law=None`` (``reference_lr``; 1 with a law: the contract)."""
+        """The base's learning rate when `law=None` (`reference_lr`; 1 with a law: the contract)."""
         if not self.measuring:
             return 1.0
         return self.settings.reference_lr
@@ -750,8 +807,10 @@ class _Tuner:
                        raw=raw, lr=lr)
 
     def _base_lr(self, base_state: Any, numerics: Numerics) -> jax.Array:
-        """law=None: the learning rate of this step's base update (injected ``learning_rate``, else
-        ``reference_lr``).
+        """With law=None, the learning rate of this step's base update.
+
+        Returns:
+            The injected `learning_rate` of `base_state`, else `reference_lr`, as a 0-d array.
 
         Raises:
             ValueError: neither is there.
@@ -764,7 +823,7 @@ class _Tuner:
 
     # -- the sharpness monitor ---------------------------------------------------------------------------
     def _monitor(self, inputs: _Inputs, state: TuneState) -> mon.Tick:
-        """A tick of the monitor at ``w`` when its credit allows (:func:`.monitor.monitor_step`)."""
+        """A tick of the monitor at `w` when its credit allows (`eos_core.adapters.jax.monitor.monitor_step`)."""
         settings = self.settings
         return mon.monitor_step(
             state.monitor, value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, precond=inputs.precond,
@@ -779,7 +838,7 @@ class _Tuner:
         return self.spec(base_state)
 
     def _operator(self, inputs: _Inputs, *, preconditioned: bool) -> Callable[[PyTree], PyTree]:
-        """``v -> H v`` or ``v -> P^{-1/2} H P^{-1/2} v`` at this step's parameters."""
+        """`v -> H v` or `v -> P^{-1/2} H P^{-1/2} v` at this step's parameters."""
         matvec, _ = hessian_operator(inputs.value_fn, inputs.params, route=ROUTE_NAMES[inputs.hvp_code],
                                      grads=inputs.grads, precond=inputs.precond if preconditioned else None,
                                      ops=inputs.ops, fd_eps=self.settings.fd_eps)
@@ -796,7 +855,7 @@ class _Tuner:
                         lambda _: self._hold(inputs, state), None)
 
     def _measure(self, inputs: _Inputs, state: TuneState) -> _Probed:
-        """A probe step: the statistics of ``law.request()``, then ``law.update``."""
+        """A probe step: the statistics of `law.request()`, then `law.update`."""
         numerics = inputs.numerics
         stats, loss = self._scalar_statistics(inputs, state)
         finite = inputs.finite if loss is None else inputs.finite & jnp.isfinite(loss)
@@ -815,7 +874,7 @@ class _Tuner:
                        fell_back=fell_back, law_iterations=iterations)
 
     def _hold(self, inputs: _Inputs, state: TuneState) -> _Probed:
-        """A step between probes: ``law.hold`` reuses the last learning rate."""
+        """A step between probes: `law.hold` reuses the last learning rate."""
         numerics = inputs.numerics
         nan = numerics.scalar(math.nan)
         known = inputs.value is not None
@@ -855,14 +914,18 @@ class _Tuner:
         return stats, loss
 
     def _previous_statistics(self, inputs: _Inputs, state: TuneState, loss: Any) -> tuple[dict[str, Any], Any]:
-        r"""CDAT's previous-update statistics (CDAT docstring, ``numerator="previous-update"``) and the loss.
+        r"""CDAT's previous-update statistics (CDAT docstring, `numerator="previous-update"`) and the loss.
 
-        ``g_t(w_t) . u_{t-1}``, ``u_{t-1}^T H_t u_{t-1}`` (at ``w_t`` on this step's batch, with the route of
-        ``curvature``) and the lr applied to ``u_{t-1}``, where ``u_{t-1}`` is the update for lr 1 of the last
-        applied step (the step just before this probe, also with ``probe_every > 1``; skipped steps keep the one
-        before). All three are NaN before the first applied step: the law then keeps ``lr_init``. The curvature
-        probe runs on every probe step (a zero ``u_{t-1}`` on the first), so that the compiled step has no
+        `g_t(w_t) . u_{t-1}`, `u_{t-1}^T H_t u_{t-1}` (at `w_t` on this step's batch, with the route of
+        `curvature`) and the lr applied to `u_{t-1}`, where `u_{t-1}` is the update for lr 1 of the last
+        applied step (the step just before this probe, also with `probe_every > 1`; skipped steps keep the one
+        before). All three are NaN before the first applied step: the law then keeps `lr_init`. The curvature
+        probe runs on every probe step (a zero `u_{t-1}` on the first), so that the compiled step has no
         branch.
+
+        Returns:
+            `(stats, loss)`: the statistics by their `eos_core.stats` names, and the loss (the one given, else
+            the curvature route's, else None).
         """
         needs, numerics = self.request.needs, inputs.numerics
         previous_lr = numerics.scalar(state.previous_lr)
@@ -884,8 +947,13 @@ class _Tuner:
 
     def _spectral_statistics(self, inputs: _Inputs, state: TuneState, finite: jax.Array
                              ) -> tuple[dict[str, Any], PyTree | None, PyTree | None, tuple[Any, Any]]:
-        """The law's eigenvalue statistics, the new warm starts (kept on a step with non-finite inputs) and the
-        products each power iteration used."""
+        """The law's eigenvalue statistics on a probe step.
+
+        Returns:
+            `(stats, eigenvector, preconditioned_eigenvector, iterations)`: the statistics, the new warm starts
+            (the old ones kept on a step with non-finite inputs) and the products each power iteration used (NaN
+            for an operator not estimated).
+        """
         nan = inputs.numerics.scalar(math.nan)
         stats: dict[str, Any] = {}
         vectors = [state.eigenvector, state.preconditioned_eigenvector]
@@ -902,7 +970,7 @@ class _Tuner:
 
     def _spectrum(self, inputs: _Inputs, matvec: Callable[[PyTree], PyTree], v0: PyTree, *, preconditioned: bool
                   ) -> tuple[PyTree, dict[str, Any], Any]:
-        """The eigenvalue statistics of one operator: ``(new warm start, stats, power-iteration products)``."""
+        """The eigenvalue statistics of one operator: `(new warm start, stats, power-iteration products)`."""
         req, ops, numerics = self.request, inputs.ops, inputs.numerics
         sharp_key = S.PRECONDITIONED_SHARPNESS if preconditioned else S.SHARPNESS
         top_key = S.PRECONDITIONED_TOP_EIGENVALUES if preconditioned else S.TOP_EIGENVALUES
@@ -942,8 +1010,12 @@ class _Tuner:
 
     def _lambda_max(self, inputs: _Inputs, state: TuneState, probed: _Probed, *, preconditioned: bool
                     ) -> tuple[Any, Any, PyTree]:
-        """``(lambda_max, products, eigenvector)`` of one operator: the law's estimate of this step when the
-        reuse rule holds, else warm-started power iteration from the law's (or the last) vector."""
+        r"""The tracked $\lambda_{\max}$ of one operator ($H$, or $P^{-1/2} H P^{-1/2}$ when `preconditioned`).
+
+        Returns:
+            `(lambda_max, products, eigenvector)`: the law's estimate of this step when the reuse rule holds,
+            else warm-started power iteration from the law's (or the last) vector.
+        """
         numerics = inputs.numerics
         v0 = probed.preconditioned_eigenvector if preconditioned else probed.eigenvector
 
@@ -967,13 +1039,13 @@ class _Tuner:
 
     # -- stage 4: decide -----------------------------------------------------------------------------------
     def _decide(self, probed: _Probed) -> _Decision:
-        """The step is taken unless its inputs are not finite (and ``skip_nonfinite``); lr is the law's."""
+        """The step is taken unless its inputs are not finite (and `skip_nonfinite`); lr is the law's."""
         applied = probed.finite if self.settings.skip_nonfinite else jnp.asarray(True)
         return _Decision(applied=applied, lr=probed.out.lr, fell_back=applied & probed.fell_back)
 
     # -- stage 5: apply -------------------------------------------------------------------------------------
     def _apply(self, inputs: _Inputs, probed: _Probed, decision: _Decision) -> tuple[PyTree, Any]:
-        """``lr * u`` (0 on a skipped step) and the base state with the law's other hyperparameters written in."""
+        """`lr * u` (0 on a skipped step) and the base state with the law's other hyperparameters written in."""
         base_state = inputs.base_state
         if self.decides:
             names = knobs.resolve_names(base_state, self.decides)
@@ -988,15 +1060,23 @@ class _Tuner:
 
     # -- stage 6: report ------------------------------------------------------------------------------------
     def _route_in_use(self, inputs: _Inputs) -> int:
-        """The code of the registry's ``route``: the u^T H u route when the law needs it, else the H v route of
-        the spectral estimates when there are any, else the ``route`` setting (``auto``: never resolved), as the
-        PyTorch adapter, whose one oracle serves both, reports it."""
+        r"""The code (`ROUTE_NAMES` index) of the registry's `route`.
+
+        Returns:
+            The $u^\top H u$ route's code when the law needs it, else the $H v$ route's of the spectral estimates
+            when there are any, else the `route` setting's (`auto`: never resolved), as the PyTorch adapter,
+            whose one oracle serves both, reports it.
+        """
         return inputs.curvature_code or inputs.hvp_code or _route_code(self.settings.route)
 
     def _report(self, inputs: _Inputs, state: TuneState, probed: _Probed, tracked: _Tracked,
                 decision: _Decision, tick: mon.Tick | None) -> tuple[Diagnostics, MonitorState | None]:
-        """The diagnostics vector (a skipped step keeps the previous one with ``skipped = 1``) and the monitor's
-        state after its early warning."""
+        """Stage "report": this step's diagnostics.
+
+        Returns:
+            `(diagnostics, monitor)`: the diagnostics vector (a skipped step keeps the previous one with
+            `skipped = 1`) and the monitor's state after its early warning (None without a monitor).
+        """
         scalar = inputs.numerics.scalar
         nan = scalar(math.nan)
         values = {k: scalar(v) for k, v in probed.out.diagnostics.items()}
@@ -1060,7 +1140,7 @@ class _Tuner:
     @staticmethod
     def _reading(tracker: Any, ticked: jax.Array, scalar: Callable[[Any], jax.Array]
                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """``(eigenvalue, relative residual, age, fresh)`` of a tracker (NaNs before its first product)."""
+        """`(eigenvalue, relative residual, age, fresh)` of a tracker (NaNs before its first product)."""
         started = tracker.products > 0
         nan = scalar(math.nan)
         value = jnp.where(started, scalar(tracker.eigenvalue), nan)
@@ -1077,68 +1157,93 @@ def tune(
     settings: TunerSettings | None = None,
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Wrap ``base`` (an optax optimizer with learning rate 1) so that its update is scaled by ``law``.
+    r"""Wrap `base` (an optax optimizer with learning rate 1) so that its update is scaled by `law`.
 
     The returned transformation's update is
-    ``update(grads, state, params, *, value_fn=None, value=None, **extra) -> (lr * u, state)`` where
-    ``u`` is ``base``'s update, ``value_fn(params)`` the loss on the current batch as a scalar (needed
+    `update(grads, state, params, *, value_fn=None, value=None, **extra) -> (lr * u, state)` where
+    `u` is `base`'s update, `value_fn(params)` the loss on the current batch as a scalar (needed
     for curvature, spectra and line searches; for a loss with auxiliary outputs pass
-    ``lambda p: loss_and_aux(p)[0]``) and ``value`` optionally its value at ``params``. ``grads`` must be
-    the raw gradient of ``value_fn`` at ``params``: chain gradient transformations (clipping, ...) inside
-    ``base``, not before ``tune`` (see the module docstring). For CDAT the learning rate is eq. 8 of the
-    CDAT paper, :math:`\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)`.
+    `lambda p: loss_and_aux(p)[0]`) and `value` optionally its value at `params`. `grads` must be
+    the raw gradient of `value_fn` at `params`: chain gradient transformations (clipping, ...) inside
+    `base`, not before `tune` (see the module docstring). For CDAT the learning rate is eq. 8 of the
+    CDAT paper (Roulet et al. 2024, "Stepping on the edge: curvature aware learning rate tuners"),
+    $\eta_t = \sigma \max(-g_t^\top u_t, 0) / (|u_t^\top H_t u_t| + \varepsilon)$ (with its EMAs), and
+    [`diagnostics`][eos_core.adapters.jax.diagnostics] reads what the last step measured.
 
     Args:
-        base: an ``optax.GradientTransformation`` with learning rate 1.
-        law: a tuning law from :mod:`eos_core.laws`, or None to only measure: the base's own update
-            (with its own learning rate, injected with ``optax.inject_hyperparams`` or given as
-            ``reference_lr``) is applied unchanged, and the diagnostics report it (with ``monitor_budget``).
-        preconditioner: P of an adaptive base; by default identified from ``base``
-            (:func:`eos_core.adapters.jax.preconditioner.identify`). Either a spec
-            (:class:`AdamPreconditioner`, :class:`RmsPreconditioner`) or a callable
-            ``base_state -> P`` (a pytree like the parameters, entrywise positive).
-        settings: the tuner options as one :class:`eos_core.settings.TunerSettings`; keyword ``options``
+        base: an `optax.GradientTransformation` with learning rate 1.
+        law: a tuning law from [`eos_core.laws`][], or None to only measure: the base's own update
+            (with its own learning rate, injected with `optax.inject_hyperparams` or given as
+            `reference_lr`) is applied unchanged, and the diagnostics report it (with `monitor_budget`).
+        preconditioner: $P$ of an adaptive base; by default identified from `base`
+            (`eos_core.adapters.jax.preconditioner.identify`). Either a spec
+            ([`AdamPreconditioner`][eos_core.adapters.jax.AdamPreconditioner],
+            [`RmsPreconditioner`][eos_core.adapters.jax.RmsPreconditioner]) or a callable `base_state -> P` (a
+            pytree like the parameters, entrywise positive).
+        settings: the tuner options as one [`TunerSettings`][eos_core.settings.TunerSettings]; keyword `options`
             given as well replace its values.
-        **options: the options of :class:`~eos_core.settings.TunerSettings` this adapter supports
-            (:data:`SUPPORTED_OPTIONS`):
+        **options: the options of [`TunerSettings`][eos_core.settings.TunerSettings] this adapter supports
+            ([`SUPPORTED_OPTIONS`][eos_core.adapters.jax.SUPPORTED_OPTIONS]):
 
-            * ``probe_every``: measure the statistics every that many steps (steps 0, k, 2k, ... of the
+            * `probe_every`: measure the statistics every that many steps (steps 0, k, 2k, ... of the
               steps taken) and reuse the learning rate in between. Meant for laws whose rate changes
               slowly (CDAT with an EMA, AdaEoS, DCAO, ExactSharpness); the Polyak step is a property of
               the current point only, and holding it for several steps can diverge.
-            * ``route``: u^T H u oracle: ``auto``, ``jvp-jvp``, ``jvp-grad``, ``double-backward``,
-              ``fd-central``, ``fd-onesided`` (see :mod:`eos_core.adapters.jax.oracles`).
-            * ``sharpness_every``, ``sharpness_iters``, ``sharpness_tol``: sharpness tracking every m steps
+            * `route`: $u^\top H u$ oracle: `auto`, `jvp-jvp`, `jvp-grad`, `double-backward`,
+              `fd-central`, `fd-onesided` (see `eos_core.adapters.jax.oracles`).
+            * `sharpness_every`, `sharpness_iters`, `sharpness_tol`: sharpness tracking every m steps
               (None: off) and its power-iteration budget and tolerance.
-            * ``warn``: ``True`` (RuntimeWarnings raised by :func:`diagnostics`, no host callback in the
-              compiled update), ``"jit"`` (from inside ``jit``, about 10% per step) or ``False``.
-            * ``skip_nonfinite``: skip a step whose gradient, update or known loss is not finite (default
+            * `warn`: `True` (RuntimeWarnings raised by [`diagnostics`][eos_core.adapters.jax.diagnostics], no
+              host callback in the compiled update), `"jit"` (from inside `jit`, about 10% per step) or
+              `False`.
+            * `skip_nonfinite`: skip a step whose gradient, update or known loss is not finite (default
               True); False applies it.
-            * ``seed``: seed of the start vectors (:func:`eos_core.spectral.random_start`).
-            * ``fd_eps``: machine epsilon the finite-difference routes size their step for (default: that
+            * `seed`: seed of the start vectors ([`eos_core.spectral.random_start`][]).
+            * `fd_eps`: machine epsilon the finite-difference routes size their step for (default: that
               of the lowest-precision parameter).
-            * ``reference_lr``: the learning rate the law starts from when it has no ``lr_init``
-              (``law.init(reference_lr)``; the base's own rate is 1 by contract). With ``law=None``: the
+            * `reference_lr`: the learning rate the law starts from when it has no `lr_init`
+              (`law.init(reference_lr)`; the base's own rate is 1 by contract). With `law=None`: the
               base's constant learning rate, when it does not inject one.
-            * ``monitor_budget``: the sharpness monitor (:mod:`eos_core.adapters.jax.monitor`), the share of
-              training time it may take (None: off); ``monitor_edge`` (default: the base's edge, derived from
+            * `monitor_budget`: the sharpness monitor (`eos_core.adapters.jax.monitor`), the share of
+              training time it may take (None: off); `monitor_edge` (default: the base's edge, derived from
               its impulse response in the coordinates of its preconditioner, and following an injected
-              ``b1`` / ``momentum``), ``monitor_margin`` and ``monitor_patience`` set its early warning
-              (:mod:`eos_core.monitor`).
+              `b1` / `momentum`), `monitor_margin` and `monitor_patience` set its early warning
+              ([`eos_core.monitor`][]).
 
-            The old names ``power_iters``, ``power_tol`` and ``initial_lr`` warn with a DeprecationWarning.
+            The old names `power_iters`, `power_tol` and `initial_lr` warn with a DeprecationWarning.
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`TuneState`.
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        [`TuneState`][eos_core.adapters.jax.TuneState] and whose update returns $\eta_t u_t$ (0 on a skipped
+        step).
 
     Raises:
-        ValueError: naming the setting, for an invalid ``base``, ``law`` or option, an option this adapter
-            does not support given a non-default value (``lr_mode``, ``fd_above``, ``clipped_gradients``,
-            ``linear_in_lr``), a law that cannot start (e.g. a multiplicative law without ``lr_init`` or
-            ``reference_lr``), a preconditioned law on a base without a preconditioner, or a law that
-            decides a hyperparameter ``base`` cannot take (DCAO on a base not built with
-            ``optax.inject_hyperparams``; checked on a synthetic parameter vector, or at ``init`` for a base
-            that needs the real parameter structure).
+        ValueError: naming the setting, for an invalid `base`, `law` or option, an option this adapter
+            does not support given a non-default value (`lr_mode`, `fd_above`, `clipped_gradients`,
+            `linear_in_lr`), a law that cannot start (e.g. a multiplicative law without `lr_init` or
+            `reference_lr`), a preconditioned law on a base without a preconditioner, or a law that
+            decides a hyperparameter `base` cannot take (DCAO on a base not built with
+            `optax.inject_hyperparams`; checked on a synthetic parameter vector, or at `init` for a base
+            that needs the real parameter structure). The returned transformation's `update` raises it
+            without `params`, or without `value_fn` when the law, `sharpness_every` or `monitor_budget` needs
+            the loss.
+
+    Examples:
+        One CDAT step of gradient descent on $f(w) = \frac12 (w_1^2 + 10 w_2^2)$:
+
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from eos_core import CDAT
+        >>> from eos_core.adapters.jax import diagnostics, tune
+        >>> def loss(w):
+        ...     return 0.5 * jnp.sum(jnp.array([1.0, 10.0]) * w ** 2)
+        >>> opt = tune(optax.sgd(1.0), CDAT(scale=2.0))
+        >>> params = jnp.array([1.0, 1.0])
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
+        >>> params = optax.apply_updates(params, updates)
+        >>> found = diagnostics(state)
+        >>> round(found["lr"], 4), found["route"]  # sigma (g.g) / (g^T H g) = 2 * 101 / 1001
+        (0.2018, 'jvp-jvp')
     """
     if not isinstance(base, optax.GradientTransformation):
         raise ValueError(f"tune: base must be an optax.GradientTransformation (e.g. optax.sgd(1.0)), "
@@ -1152,9 +1257,19 @@ def tune(
 
 # -- reading the state on the host ------------------------------------------------------------------------
 def find_tune_state(state: Any) -> TuneState:
-    """The :class:`TuneState` in an optax state: ``state`` itself, or the one inside a chain or wrapper
-    (``optax.chain`` tuples, ``optax.named_chain`` dicts, ``optax.apply_if_finite`` / ``inject_hyperparams``
-    NamedTuples). Raises ValueError when there is none or more than one."""
+    """The [`TuneState`][eos_core.adapters.jax.TuneState] in an optax state.
+
+    Args:
+        state: the state of a [`tune`][eos_core.adapters.jax.tune] transformation, or of a chain or wrapper
+            holding one (`optax.chain` tuples, `optax.named_chain` dicts, `optax.apply_if_finite` /
+            `inject_hyperparams` NamedTuples).
+
+    Returns:
+        `state` itself, or the one `TuneState` found inside it.
+
+    Raises:
+        ValueError: `state` holds no `TuneState`, or more than one.
+    """
     found: list[TuneState] = []
 
     def walk(node: Any) -> None:
@@ -1176,22 +1291,23 @@ def find_tune_state(state: Any) -> TuneState:
 
 def decode_diagnostics(keys: Sequence[str], values: Any, *, count: Any, skipped_steps: Any,
                        fallback_steps: Any) -> dict[str, float | int | str]:
-    """Host diagnostics from a diagnostics vector and the three counters of a :class:`TuneState`.
+    """Host diagnostics from a diagnostics vector and the three counters of a `TuneState`.
 
-    The one decoding of the state, for :func:`diagnostics` and for code that keeps the state elsewhere (the
-    Keras engine keeps it in variables).
+    The one decoding of a [`TuneState`][eos_core.adapters.jax.TuneState], for
+    [`diagnostics`][eos_core.adapters.jax.diagnostics] and for code that keeps the state elsewhere (the Keras engine
+    keeps it in variables).
 
     Args:
-        keys: the vector's entries (:func:`vector_keys`).
-        values: the vector.
-        count: ``TuneState.count``, steps taken (skipped steps excluded).
-        skipped_steps: ``TuneState.skipped``.
-        fallback_steps: ``TuneState.fallbacks``.
+        keys: the vector's entries (`Diagnostics.keys`, from `vector_keys(law)`).
+        values: the vector (`Diagnostics.values`; any array convertible by `numpy.asarray`).
+        count: `TuneState.count`, steps taken (skipped steps excluded).
+        skipped_steps: `TuneState.skipped`.
+        fallback_steps: `TuneState.fallbacks`.
 
     Returns:
-        The keys of :func:`eos_core.diagnostics.keys_for` in registry order: floats, ``route`` (a str) and the
-        ints ``step`` (``count - 1`` after a step taken, ``count`` after a skipped one: the index the next
-        step taken gets; 0 before any step), ``skipped_steps`` and ``fallback_steps``.
+        The keys of [`eos_core.diagnostics.keys_for`][] in registry order (the law's own keys last): floats,
+        `route` (a str) and the ints `step` (`count - 1` after a step taken, `count` after a skipped one: the
+        index the next step taken gets; 0 before any step), `skipped_steps` and `fallback_steps`.
     """
     host = dict(zip(keys, np.asarray(values, dtype=np.float64).tolist(), strict=True))
     skipped = host.get("skipped", 0.0) > 0
@@ -1205,23 +1321,38 @@ def decode_diagnostics(keys: Sequence[str], values: Any, *, count: Any, skipped_
 
 
 def diagnostics(state: Any) -> dict[str, float | int | str]:
-    """The last step's diagnostics as host values: exactly the keys of ``eos_core.diagnostics.keys_for(law)``.
+    r"""The last step's diagnostics as host values: exactly the keys of `eos_core.diagnostics.keys_for(law)`.
 
-    ``state`` is the state of a :func:`tune` transformation, or any optax state that holds exactly one
-    (see :func:`find_tune_state`). The meanings are those of :data:`eos_core.diagnostics.REGISTRY`: ``lr``
-    (= ``law_lr``) the rate applied to the last step, ``probed``, ``fallback``, ``skipped`` (1 when the last
-    step was skipped; the other values are then the previous step's), ``loss`` (when known: the ``value``
-    argument or computed by the oracle), ``grad_norm`` and ``update_norm`` (of ``u``, the update for lr = 1),
-    ``route`` (the u^T H u route, else the H v route of the spectral estimates, else the setting; the H v
-    route itself is :func:`hvp_route`), ``step``,
-    ``skipped_steps``, ``fallback_steps``; ``sharpness``, ``lr_sharpness``, ``preconditioned_sharpness``,
-    ``preconditioned_lr_sharpness``, ``alignment``, ``power_iterations``; the law's own measurements and the
-    hyperparameters it decides. NaN marks a value not measured on the last step.
+    The meanings are those of [`eos_core.diagnostics.REGISTRY`][]: `lr` (= `law_lr`) the rate applied to the last
+    step, `probed`, `fallback`, `skipped` (1 when the last step was skipped; the other values are then the
+    previous step's), `loss` (when known: the `value` argument or computed by the oracle), `grad_norm` and
+    `update_norm` (of $u$, the update for lr = 1), `route` (the $u^\top H u$ route, else the $H v$ route of the
+    spectral estimates, else the setting; the $H v$ route itself is
+    [`hvp_route`][eos_core.adapters.jax.hvp_route]), `step`, `skipped_steps`, `fallback_steps`; `sharpness`,
+    `lr_sharpness`, `preconditioned_sharpness`, `preconditioned_lr_sharpness`, `alignment`, `power_iterations`;
+    with `monitor_budget` the monitor's `sharpness_age`, `sharpness_residual`, `edge`, `unstable`,
+    `monitor_every`, `monitor_exact`; the law's own measurements and the hyperparameters it decides. NaN marks a
+    value not measured on the last step.
 
-    For a transformation built with ``warn=True`` (the default) this is where the warnings are raised: a
+    For a transformation built with `warn=True` (the default) this is where the warnings are raised: a
     RuntimeWarning when the last step was skipped, or else when the law fell back on it, with the cumulative
-    counts in the message (:func:`warn_bad_steps`). ``warn="jit"`` (warned inside ``jit`` already) and
-    ``warn=False`` read silently.
+    counts in the message ([`warn_bad_steps`][eos_core.adapters.jax.warn_bad_steps]), and the monitor's early
+    warning ([`warn_unstable`][eos_core.adapters.jax.warn_unstable]) on the step it fired. `warn="jit"` (warned
+    inside `jit` already) and `warn=False` read silently.
+
+    Args:
+        state: the state of a [`tune`][eos_core.adapters.jax.tune] transformation, or any optax state that holds
+            exactly one (see [`find_tune_state`][eos_core.adapters.jax.find_tune_state]).
+
+    Returns:
+        `{name: value}` in registry order: floats, the str `route` and the ints `step`, `skipped_steps`,
+        `fallback_steps` (see [`decode_diagnostics`][eos_core.adapters.jax.decode_diagnostics]).
+
+    Raises:
+        ValueError: `state` holds no `TuneState`, or more than one.
+
+    Warns:
+        RuntimeWarning: with `warn=True`, for a skipped or fallen-back last step and for the early warning.
     """
     state = find_tune_state(state)
     count, skipped, fallbacks, values = jax.device_get((state.count, state.skipped, state.fallbacks,
@@ -1236,13 +1367,21 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
 
 
 def warn_unstable(found: Mapping[str, Any], rule: tuple[float, int] | None = None, *, stacklevel: int = 1) -> None:
-    """The early warning's RuntimeWarning (:mod:`eos_core.monitor`) from host diagnostics (:func:`diagnostics`' dict)
-    of the step it fired on.
+    """Raise the sharpness monitor's early warning ([`eos_core.monitor`][]) on the host.
+
+    Reads the host diagnostics (the dict of [`diagnostics`][eos_core.adapters.jax.diagnostics]) of the step the
+    warning fired on: the preconditioned lr x sharpness when it is measured (an adaptive base), else lr x
+    sharpness, against `edge`.
 
     Args:
-        found: host diagnostics with ``edge``, ``step`` and ``lr_sharpness`` / ``preconditioned_lr_sharpness``.
-        rule: ``(monitor_margin, monitor_patience)`` (default: the core's defaults).
-        stacklevel: as in ``warnings.warn``; 1 points the warning at the caller of this function.
+        found: host diagnostics with `edge`, `step` and `lr_sharpness` / `preconditioned_lr_sharpness`.
+        rule: `(monitor_margin, monitor_patience)` (default: the core's defaults, [`eos_core.monitor.MARGIN`][]
+            and [`eos_core.monitor.PATIENCE`][]).
+        stacklevel: as in `warnings.warn`; 1 points the warning at the caller of this function.
+
+    Warns:
+        RuntimeWarning: always, with the value, the edge, the rule and the step
+            ([`eos_core.monitor.warning_message`][]).
     """
     margin, patience = rule if rule is not None else (monitor_rules.MARGIN, monitor_rules.PATIENCE)
     preconditioned = np.isfinite(float(found.get("preconditioned_lr_sharpness", math.nan)))
@@ -1253,13 +1392,20 @@ def warn_unstable(found: Mapping[str, Any], rule: tuple[float, int] | None = Non
 
 
 def hvp_route(state: Any) -> str:
-    """The route of the Hessian-vector products of the last step's spectral estimates (``none`` when there were
-    none): the route when it gives H v, else the first of ``jvp-grad``, ``double-backward``, ``fd-onesided``
-    that traces (see :mod:`eos_core.adapters.jax.oracles`). Not a diagnostics key: the registry's ``route``
-    is the u^T H u route in every adapter.
+    r"""The route of the Hessian-vector products of the last step's spectral estimates.
+
+    Not a diagnostics key: the registry's `route` is the $u^\top H u$ route in every adapter.
 
     Args:
-        state: the state of a :func:`tune` transformation or an optax state holding one.
+        state: the state of a [`tune`][eos_core.adapters.jax.tune] transformation or an optax state holding one.
+
+    Returns:
+        The `route` setting when it gives $H v$, else the first of `jvp-grad`, `double-backward`, `fd-onesided`
+        that traces (see [`resolve_hvp_route`][eos_core.adapters.jax.resolve_hvp_route]); `"none"` when the
+        transformation makes no spectral estimates (no spectral law, no `sharpness_every`).
+
+    Raises:
+        ValueError: `state` holds no `TuneState`, or more than one.
     """
     found = find_tune_state(state)
     return ROUTE_NAMES[int(jax.device_get(found.diagnostics["hvp_route_code"]))]

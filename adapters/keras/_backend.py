@@ -1,11 +1,11 @@
-"""Which Keras backend is active, checked before and after ``import keras``: JAX and torch only.
+"""Which Keras backend is active, checked before and after `import keras`: JAX and torch only.
 
-Keras picks its backend when it is first imported, from ``KERAS_BACKEND`` or else the ``"backend"``
-entry of ``$KERAS_HOME/keras.json`` (``~/.keras/keras.json``), default ``"tensorflow"``. The curvature
-probes reuse the JAX adapter (:mod:`eos_core.adapters.jax`) on the JAX backend and the PyTorch adapter
-(:mod:`eos_core.adapters.torch`) on the torch backend; there is no TensorFlow adapter, so any other
-backend is refused with an ImportError that says what to set. The check runs before ``import keras``
-too, because with the TensorFlow backend selected and TensorFlow not installed ``import keras`` itself
+Keras picks its backend when it is first imported, from `KERAS_BACKEND` or else the `"backend"`
+entry of `$KERAS_HOME/keras.json` (`~/.keras/keras.json`), default `"tensorflow"`. The curvature
+probes reuse the JAX adapter ([`eos_core.adapters.jax`][]) on the JAX backend and the PyTorch adapter
+([`eos_core.adapters.torch`][]) on the torch backend; there is no TensorFlow adapter, so any other
+backend is refused with an ImportError that says what to set. The check runs before `import keras`
+too, because with the TensorFlow backend selected and TensorFlow not installed `import keras` itself
 fails, and that failure must not be reported as "keras is not installed".
 """
 
@@ -24,7 +24,12 @@ SUPPORTED_BACKENDS: tuple[str, ...] = ("jax", "torch")
 
 
 def configured_backend() -> str:
-    """The backend Keras will use when imported: ``KERAS_BACKEND``, else keras.json's, else ``"tensorflow"``."""
+    """The backend Keras will use when it is first imported, read without importing it.
+
+    Returns:
+        `KERAS_BACKEND` when set, else the `"backend"` entry of `$KERAS_HOME/keras.json` (`~/.keras/keras.json`),
+        else `"tensorflow"` (also when that file is missing or unreadable).
+    """
     name = os.environ.get("KERAS_BACKEND")
     if name:
         return name
@@ -36,6 +41,7 @@ def configured_backend() -> str:
 
 
 def unsupported_message(feature: str, backend: str) -> str:
+    """The ImportError's text for `feature` on the unsupported Keras backend `backend` (it says what to set)."""
     return (
         f"{feature} supports the Keras backends {' and '.join(SUPPORTED_BACKENDS)}; the active Keras backend is "
         f"{backend!r}. TensorFlow (and every other backend) is not supported: its curvature probes would need a "
@@ -45,7 +51,19 @@ def unsupported_message(feature: str, backend: str) -> str:
 
 
 def import_keras(feature: str, extra: str = "keras") -> ModuleType:
-    """``import keras`` for ``feature``, or an ImportError naming the extra (missing) or the backend (unsupported)."""
+    """`import keras` for `feature`, checking the backend before and after the import.
+
+    Args:
+        feature: what needs Keras, named in the errors (e.g. `"eos_core.adapters.keras"`).
+        extra: the `eos-core` extra that installs Keras, named when it is missing.
+
+    Returns:
+        The `keras` module, with the JAX or torch backend active.
+
+    Raises:
+        ImportError: Keras is not installed (naming the extra), or the configured or active backend is not one of
+            `SUPPORTED_BACKENDS` (saying how to select `jax` or `torch`).
+    """
     if importlib.util.find_spec("keras") is not None:
         backend = _imported_backend() or configured_backend()
         if backend not in SUPPORTED_BACKENDS:

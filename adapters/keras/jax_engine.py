@@ -1,52 +1,50 @@
-r"""The JAX backend: the Keras optimizer as an optax transformation, tuned by :func:`eos_core.adapters.jax.tune`.
+r"""The JAX backend: the Keras optimizer as an optax transformation, tuned by [`eos_core.adapters.jax.tune`][].
 
-Everything the JAX adapter does (probes, routes and their ``auto`` resolution at trace time, spectra,
-skipping non-finite steps inside ``jit``, counting skipped steps and law fallbacks in the state) is reused
+Everything the JAX adapter does (probes, routes and their `auto` resolution at trace time, spectra,
+skipping non-finite steps inside `jit`, counting skipped steps and law fallbacks in the state) is reused
 unchanged:
 
-1. :func:`keras_direction` turns the wrapped Keras optimizer into an ``optax.GradientTransformation``
-   whose update is ``u``, the Keras update for learning rate 1 (see :mod:`.optimizers`): the Keras
-   optimizer runs inside a ``keras.StatelessScope`` that maps its variables to the optax state (a list
-   of the optimizer variables' values) and the model's trainable variables to zeros.
-2. ``tune(keras_direction(...), law, ...)`` is the transformation the tuner applies in
-   ``stateless_apply``, with ``value_fn`` the loss on the batch that the wrapped ``train_step`` publishes
-   (:mod:`.train_step`). New weights are ``w + lr * u`` (then the variables' constraints).
-3. The ``TuneState`` pytree is stored in Keras variables: its ``base_state`` *is* the wrapped optimizer's
+1. `keras_direction` turns the wrapped Keras optimizer into an `optax.GradientTransformation` whose update is $u$,
+   the Keras update for learning rate 1 (see `eos_core.adapters.keras.optimizers`): the Keras optimizer runs
+   inside a `keras.StatelessScope` that maps its variables to the optax state (a list of the optimizer variables'
+   values) and the model's trainable variables to zeros.
+2. `tune(keras_direction(...), law, ...)` is the transformation the tuner applies in `stateless_apply`, with
+   `value_fn` the loss on the batch that the wrapped `train_step` publishes (`eos_core.adapters.keras.train_step`).
+   New weights are $w + \eta u$ (then the variables' constraints).
+3. The `TuneState` pytree is stored in Keras variables: its `base_state` *is* the wrapped optimizer's
    own variables, every other leaf (law state, step, skip and fallback counters, warm-start eigenvectors,
-   previous update, the diagnostics vector) is one variable of the tuner, in ``TuneState`` field order.
-   ``model.save`` / ``load_model`` and Keras's checkpoint callbacks therefore save and restore all of it.
+   previous update, the diagnostics vector) is one variable of the tuner, in `TuneState` field order.
+   `model.save` / `load_model` and Keras's checkpoint callbacks therefore save and restore all of it.
 4. The diagnostics are decoded by the JAX adapter's own
-   :func:`~eos_core.adapters.jax.transform.decode_diagnostics`, so they are exactly
-   ``eos_core.diagnostics.keys_for(law)`` with the JAX adapter's meanings (``step``: the index of the step
+   [`decode_diagnostics`][eos_core.adapters.jax.decode_diagnostics], so they are exactly
+   `eos_core.diagnostics.keys_for(law)` with the JAX adapter's meanings (`step`: the index of the step
    described among the steps taken).
 
 The state is initialised eagerly when the optimizer is built (the spectral start vectors are drawn by numpy,
-:func:`eos_core.spectral.random_start`; under ``jit`` that draw would be a host callback).
+[`eos_core.spectral.random_start`][]; under `jit` that draw would be a host callback).
 
-Warnings (the tuner's ``warn``, passed to ``tune``): with ``warn=True`` the jitted step holds no host
-callback (one would cost about 10% on every step); :meth:`JaxEngine.report` raises the RuntimeWarnings on
-the host when :func:`~eos_core.adapters.keras.current_diagnostics` reads the diagnostics (the Keras
-callback calls it after every logged batch), for the skipped steps and fallbacks counted since the previous
-report, so each bad step is reported once and reading every few batches misses none. The counts of a
-loaded checkpoint are the baseline of the next report (:meth:`JaxEngine.mark_loaded`). ``warn="jit"``
-warns from inside the step instead (``jax.debug.callback``), ``False`` never.
+Warnings (the tuner's `warn`, passed to `tune`): with `warn=True` the jitted step holds no host callback (one would
+cost about 10% on every step); `JaxEngine.report` raises the RuntimeWarnings on the host when
+[`current_diagnostics`][eos_core.adapters.keras.current_diagnostics] reads the diagnostics (the Keras callback
+calls it after every logged batch), for the skipped steps and fallbacks counted since the previous report, so each
+bad step is reported once and reading every few batches misses none. The counts of a loaded checkpoint are the
+baseline of the next report (`JaxEngine.mark_loaded`). `warn="jit"` warns from inside the step instead
+(`jax.debug.callback`), `False` never.
 
-**Monitoring only** (`law=None`): the base is [`keras_measured`][eos_core.adapters.keras.jax_engine.keras_measured],
-the Keras optimizer's own `stateless_apply` (its learning rate or schedule, its constraints) as an optax
-transformation whose state also carries the new weights and, as an injected `learning_rate`, the rate it applied;
-`tune(base, None)` measures beside it and the weights are those of a plain Keras run.
+**Monitoring only** (`law=None`): the base is `keras_measured`, the Keras optimizer's own `stateless_apply` (its
+learning rate or schedule, its constraints) as an optax transformation whose state also carries the new weights
+and, as an injected `learning_rate`, the rate it applied; `tune(base, None)` measures beside it and the weights are
+those of a plain Keras run.
 
-**The sharpness monitor** (`monitor_budget`) is the JAX adapter's ([`eos_core.adapters.jax.monitor`][]): its
-state is part of the `TuneState`, hence Keras variables like the rest. The edge of its warning is the Keras
-optimizer's ([`eos_core.adapters.keras.optimizers.edge`][]), passed to `tune` as `monitor_edge`. With
-`warn=True` its RuntimeWarning is raised by [`JaxEngine.report`][eos_core.adapters.keras.jax_engine.JaxEngine.report]
-when a read finds `unstable` turned on since the previous read.
+**The sharpness monitor** (`monitor_budget`) is the JAX adapter's (`eos_core.adapters.jax.monitor`): its state is
+part of the `TuneState`, hence Keras variables like the rest. The edge of its warning is the Keras optimizer's
+(`eos_core.adapters.keras.optimizers.edge`), passed to `tune` as `monitor_edge`. With `warn=True` its
+RuntimeWarning is raised by `JaxEngine.report` when a read finds `unstable` turned on since the previous read.
 
-Preconditioned sharpness (``sharpness_every``, ``ExactSharpness(preconditioned=True)``,
-``AdaEoS(preconditioned=True)``) is available for Adam, AdamW (``amsgrad`` too) and RMSprop without
-momentum: with lr = 1 Keras's Adam takes ``u = -P^{-1} m`` with
-``P = (sqrt(v) + epsilon) (1 - beta_1^t) / sqrt(1 - beta_2^t)`` and RMSprop ``u = -P^{-1} g`` with
-``P = sqrt(v + epsilon)`` (centred: ``sqrt(v - gbar^2 + epsilon)``).
+Preconditioned sharpness (`sharpness_every`, `ExactSharpness(preconditioned=True)`,
+`AdaEoS(preconditioned=True)`) is available for Adam, AdamW (`amsgrad` too) and RMSprop without momentum: with
+lr = 1 Keras's Adam takes $u = -P^{-1} m$ with $P = (\sqrt{v} + \epsilon) (1 - \beta_1^t) / \sqrt{1 - \beta_2^t}$
+and RMSprop $u = -P^{-1} g$ with $P = \sqrt{v + \epsilon}$ (centred: $\sqrt{v - \bar g^2 + \epsilon}$).
 """
 
 from __future__ import annotations
@@ -71,9 +69,20 @@ _LR_DTYPE = jnp.float32
 
 
 def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTransformation:
-    """``optimizer`` (built on ``trainable``, learning rate 1) as an optax transformation whose update is ``u``.
+    r"""`optimizer` as an optax transformation whose update is $u$, its update for learning rate 1.
 
-    The optax state is the list of ``optimizer.variables``' values.
+    The update runs the Keras optimizer's own update (`apply_update`) inside a `keras.StatelessScope` on zero
+    weights and adds the decoupled weight decay $-\text{wd} \cdot w$ (see `eos_core.adapters.keras.optimizers`).
+    The transformation's `init` and `update` raise ValueError when `params` is not a list shaped like
+    `trainable`.
+
+    Args:
+        optimizer: the Keras optimizer, built on `trainable`, with learning rate 1.
+        trainable: the model's trainable variables.
+
+    Returns:
+        An `optax.GradientTransformation` whose state is the list of `optimizer.variables`' values and whose
+        `update(grads, state, params)` returns $u$ as a list like `params`.
     """
     trainable = list(trainable)
     shapes = [tuple(v.shape) for v in trainable]
@@ -105,18 +114,19 @@ def keras_direction(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientT
 def keras_measured(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTransformation:
     """`optimizer` (built on `trainable`) stepping with its own learning rate, as an optax transformation.
 
-    The update is Keras's own step, `optimizer.stateless_apply` (its learning rate or `LearningRateSchedule` at
-    its `iterations`, gradient clipping, weight decay, constraints), reported as `new - w`. The state is an
+    The update is Keras's own step, `optimizer.stateless_apply` (its learning rate or `LearningRateSchedule` at its
+    `iterations`, gradient clipping, weight decay, constraints), reported as `new - w`. The state is an
     `optax.InjectHyperparamsState` whose `hyperparams["learning_rate"]` is the rate the last update applied (how
-    `tune(base, None)` reads a base's learning rate) and whose `inner_state` is `(optimizer values, new
-    weights)`: the weights Keras computed, which the engine applies as they are (`w + (new - w)` would round).
+    `tune(base, None)` reads a base's learning rate) and whose `inner_state` is `(optimizer values, new weights)`: the
+    weights Keras computed, which the engine applies as they are (`w + (new - w)` would round).
 
     Args:
         optimizer: the Keras optimizer, built on `trainable`.
         trainable: the model's trainable variables.
 
     Returns:
-        The transformation.
+        An `optax.GradientTransformation` whose `update(grads, state, params)` returns `new - w` as a list like
+        `params` (its `init` and `update` raise ValueError when `params` is not a list shaped like `trainable`).
     """
     trainable = list(trainable)
     shapes = [tuple(v.shape) for v in trainable]
@@ -148,14 +158,37 @@ def keras_measured(optimizer: Any, trainable: Sequence[Any]) -> optax.GradientTr
 
 
 def measured_state(values: list[Any], weights: list[Any], lr: Any) -> optax.InjectHyperparamsState:
-    """The state of [`keras_measured`][eos_core.adapters.keras.jax_engine.keras_measured]."""
+    """The state of `keras_measured`.
+
+    Args:
+        values: the Keras optimizer's variables' values.
+        weights: the weights its last step produced.
+        lr: the learning rate that step applied.
+
+    Returns:
+        An `optax.InjectHyperparamsState` with `hyperparams={"learning_rate": lr}` (float32) and
+        `inner_state=(values, weights)`.
+    """
     return optax.InjectHyperparamsState(count=jnp.zeros((), jnp.int32),
                                         hyperparams={"learning_rate": jnp.asarray(lr, _LR_DTYPE)},
                                         inner_state=(list(values), list(weights)))
 
 
 def keras_preconditioner(optimizer: Any, trainable: Sequence[Any]) -> Callable[[list[Any]], list[Any]] | None:
-    """``base_state -> P`` (a list like the weights) for Adam / AdamW / RMSprop without momentum, else None."""
+    r"""The diagonal preconditioner $P$ of the Keras optimizer, read from its state.
+
+    Adam / AdamW: $P = (\sqrt{v} + \epsilon) (1 - \beta_1^t) / \sqrt{1 - \beta_2^t}$ (`amsgrad`: $v$ is the
+    running maximum); RMSprop without momentum: $P = \sqrt{v + \epsilon}$, centred
+    $\sqrt{v - \bar g^2 + \epsilon}$.
+
+    Args:
+        optimizer: the Keras optimizer, built on `trainable`.
+        trainable: the model's trainable variables.
+
+    Returns:
+        A callable `base_state -> P` (`base_state` the list of the optimizer variables' values, `P` a list like
+        the weights), or None for the other optimizers.
+    """
     index = {id(v): i for i, v in enumerate(optimizer.variables)}
     position = [optimizer._get_variable_index(v) for v in trainable]
     count = index[id(optimizer._iterations)]
@@ -188,7 +221,12 @@ def keras_preconditioner(optimizer: Any, trainable: Sequence[Any]) -> Callable[[
 
 
 class JaxEngine:
-    """Runs the tuner's step on the JAX backend (see the module docstring)."""
+    """Runs the tuner's step on the JAX backend (see the module docstring).
+
+    Args:
+        tuner: the Keras `CurvatureTuner` that owns the engine (its settings, variables and wrapped optimizer).
+        law: the law (None: measuring only).
+    """
 
     def __init__(self, tuner: Any, law: Law | None) -> None:
         self.tuner = tuner
@@ -206,7 +244,7 @@ class JaxEngine:
 
     # -- build -----------------------------------------------------------------------------------
     def build(self, trainable: Sequence[Any]) -> None:
-        """The `tune` transformation around the Keras optimizer, and one Keras variable per leaf of its state.
+        """Build the `tune` transformation around the Keras optimizer, and one Keras variable per leaf of its state.
 
         Args:
             trainable: the model's trainable variables.
@@ -252,11 +290,24 @@ class JaxEngine:
     # -- step --------------------------------------------------------------------------------------
     def update(self, state_values: list[Any], optimizer_values: list[Any], grads: list[Any], params: list[Any],
                value_fn: Callable[[list[Any]], Any] | None) -> tuple[list[Any], list[Any], list[Any], Any]:
-        """New ``(weights, tuner state values, optimizer values, lr)`` from the current ones.
+        """One tuned step, as a pure function of the values (it runs inside Keras's jitted train step).
 
-        With the batch's ``value_fn`` the step's loss is passed as ``value`` (the ``loss`` diagnostic and the
+        With the batch's `value_fn` the step's loss is passed as `value` (the `loss` diagnostic and the
         non-finite check, as the PyTorch tuner has them from the step's closure): the same function of the same
         inputs as the forward pass Keras differentiated in this jitted step, which XLA computes once.
+
+        Args:
+            state_values: the values of the engine's state variables (`state_variables` order).
+            optimizer_values: the values of the wrapped optimizer's variables.
+            grads: the gradients, one per trainable variable.
+            params: the trainable variables' values.
+            value_fn: the loss on the batch as a function of the trainable values (None when the step has no
+                batch and the law needs none).
+
+        Returns:
+            `(weights, state_values, optimizer_values, lr)`: the new weights (before the variables'
+            constraints), the new values of the state and optimizer variables, and the learning rate applied (a
+            0-d array).
         """
         base_state: Any = list(optimizer_values)
         if self.measuring:  # the learning rate entering the state is not read: update_fn writes this step's
@@ -275,10 +326,20 @@ class JaxEngine:
     # -- reading ----------------------------------------------------------------------------------
     @property
     def diagnostics_variable(self) -> Any:
+        """The Keras variable holding the diagnostics vector of the `TuneState`."""
         return self.state_variables[self.offsets["diagnostics"]]
 
     def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:
-        """The diagnostics (exactly ``keys_for(law)``), reading each variable's current value with ``read``."""
+        """The last step's diagnostics, decoded from the state variables.
+
+        Args:
+            read: maps a Keras variable to its current value (inside `fit` on JAX: from the live training
+                state).
+
+        Returns:
+            Exactly `eos_core.diagnostics.keys_for(law)` (see
+            [`decode_diagnostics`][eos_core.adapters.jax.decode_diagnostics]).
+        """
 
         def counter(field: str) -> int:
             return int(np.asarray(read(self.state_variables[self.offsets[field]])))
@@ -287,12 +348,19 @@ class JaxEngine:
                                   skipped_steps=counter("skipped"), fallback_steps=counter("fallbacks"))
 
     def report(self, found: dict[str, Any], *, stacklevel: int = 1) -> None:
-        """With `warn=True`: RuntimeWarnings for the steps skipped and the law fallbacks since the last report, and
-        the sharpness monitor's early warning when `unstable` turned on since then, from diagnostics just read.
+        """Raise the host-side warnings of `warn=True` from diagnostics just read.
+
+        RuntimeWarnings for the steps skipped and the law fallbacks since the last report, and the sharpness
+        monitor's early warning when `unstable` turned on since then. Nothing with another `warn`, for empty
+        diagnostics, or (for the counts) on the first read after a checkpoint loaded inside `fit`.
 
         Args:
             found: the diagnostics just read.
             stacklevel: as in `warnings.warn`, 1 being the caller.
+
+        Warns:
+            RuntimeWarning: see above ([`warn_bad_steps`][eos_core.adapters.jax.warn_bad_steps],
+                [`warn_unstable`][eos_core.adapters.jax.warn_unstable]).
         """
         if self.tuner.warn is not True or not found:
             return
@@ -309,7 +377,11 @@ class JaxEngine:
                        stacklevel=stacklevel + 1)
 
     def mark_loaded(self) -> None:
-        """The variables are the state; a loaded checkpoint's counts become the baseline of the next report."""
+        """Take a loaded checkpoint's counts (and `unstable`) as the baseline of the next report.
+
+        The variables are the state, so nothing else is to do; inside `fit` (values held outside the variables)
+        the next read sets the baseline silently.
+        """
         if not self.state_variables:
             return
         counters = [self.state_variables[self.offsets[k]] for k in ("skipped", "fallbacks")]

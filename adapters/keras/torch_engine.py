@@ -1,46 +1,43 @@
-r"""The torch backend: the Keras optimizer behind a ``torch.optim.Optimizer``, tuned by the PyTorch adapter.
+r"""The torch backend: the Keras optimizer behind a `torch.optim.Optimizer`, tuned by the PyTorch adapter.
 
-On the torch backend Keras variables hold ``torch.nn.Parameter`` values and the step runs eagerly, so the
-PyTorch adapter's :class:`~eos_core.adapters.torch.CurvatureTuner` (u^T H u by double backward or finite
-differences, warm-started power iteration, non-finite skipping, law fallbacks, skipped-step and fallback
+On the torch backend Keras variables hold `torch.nn.Parameter` values and the step runs eagerly, so the
+PyTorch adapter's [`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner] ($u^\top H u$ by double backward or
+finite differences, warm-started power iteration, non-finite skipping, law fallbacks, skipped-step and fallback
 counts, the registry's diagnostics) drives the step unchanged:
 
-1. :class:`KerasDirection` is a ``torch.optim.Optimizer`` over those parameters whose step is ``w <- w + lr * u``,
-   ``u`` the Keras optimizer's update for learning rate 1 (see :mod:`.optimizers`), computed by running the
-   Keras optimizer on the parameters set to 0. It is linear in ``lr`` with a state that does not depend on
-   ``lr``, which is all the PyTorch tuner asks of an optimizer (``linear_in_lr=True``). Its ``lr`` is the
+1. `KerasDirection` is a `torch.optim.Optimizer` over those parameters whose step is $w \leftarrow w + \eta u$,
+   $u$ the Keras optimizer's update for learning rate 1 (see `eos_core.adapters.keras.optimizers`), computed by
+   running the Keras optimizer on the parameters set to 0. It is linear in $\eta$ with a state that does not
+   depend on $\eta$, which is all the PyTorch tuner asks of an optimizer (`linear_in_lr=True`). Its `lr` is the
    learning rate the law starts from.
-2. The PyTorch tuner gets the loss on the batch through ``set_objective``: the wrapped ``train_step``
-   (:mod:`.train_step`) publishes a :class:`~eos_core.adapters.keras.train_step.TorchBatch` whose ``loss()``
-   re-runs the model on the batch with the non-trainable variables entering the step.
-3. Its state, ``state_dict()["eos_core"]`` (see :meth:`TorchEngine.build` for the layout), is copied into
-   Keras variables after every step and handed back to ``load_tuner_state`` after ``load_own_variables`` /
-   ``set_weights`` (what ``keras.models.load_model``, ``model.load_weights`` and the checkpoint callbacks
+2. The PyTorch tuner gets the loss on the batch through `set_objective`: the wrapped `train_step`
+   (`eos_core.adapters.keras.train_step`) publishes a `TorchBatch` whose `loss()` re-runs the model on the batch
+   with the non-trainable variables entering the step.
+3. Its state, `state_dict()["eos_core"]` (see `TorchEngine.build` for the layout), is copied into
+   Keras variables after every step and handed back to `load_tuner_state` after `load_own_variables` /
+   `set_weights` (what `keras.models.load_model`, `model.load_weights` and the checkpoint callbacks
    call), so a checkpoint restores every field of it and the resumed run continues bit-identically. A field
    this engine does not know how to store raises a RuntimeError at the first step rather than being lost.
 
-The diagnostics are the PyTorch tuner's (exactly ``eos_core.diagnostics.keys_for(law)``); the tuner itself
-skips non-finite steps, counts them and the law fallbacks, and warns as ``warn`` says (``warn="jit"`` is
-``True`` here: the step runs on the host).
+The diagnostics are the PyTorch tuner's (exactly `eos_core.diagnostics.keys_for(law)`); the tuner itself
+skips non-finite steps, counts them and the law fallbacks, and warns as `warn` says (`warn="jit"` is
+`True` here: the step runs on the host).
 
-**Monitoring only** (`law=None`): [`KerasDirection`][eos_core.adapters.keras.torch_engine.KerasDirection] then
-runs the Keras optimizer's own `apply` on the weights (its learning rate or schedule, its constraints), so the
-weights are those of a plain Keras run; the PyTorch tuner measures beside it with the optimizer's current learning
-rate in its param group (for `lr` and `lr_sharpness`).
+**Monitoring only** (`law=None`): `KerasDirection` then runs the Keras optimizer's own `apply` on the weights (its
+learning rate or schedule, its constraints), so the weights are those of a plain Keras run; the PyTorch tuner
+measures beside it with the optimizer's current learning rate in its param group (for `lr` and `lr_sharpness`).
 
-**The sharpness monitor** (`monitor_budget`) is the PyTorch adapter's
-([`eos_core.adapters.torch.monitor`][]), ticking in the step's pre-hook at `w` with the step's gradient. The
-Keras optimizer's edge of stability and preconditioner
-([`eos_core.adapters.keras.optimizers.edge`][], [`keras_preconditioner`][
-eos_core.adapters.keras.torch_engine.keras_preconditioner]) replace the torch optimizer's. Its state (the
-trackers' Lanczos bases, the scalars of `state_dict()["eos_core"]["monitor"]` as JSON) is kept in Keras variables
-like the rest (see [`TorchEngine.build`][eos_core.adapters.keras.torch_engine.TorchEngine.build]).
+**The sharpness monitor** (`monitor_budget`) is the PyTorch adapter's ([`eos_core.adapters.torch.monitor`][]),
+ticking in the step's pre-hook at $w$ with the step's gradient. The Keras optimizer's edge of stability and
+preconditioner (`eos_core.adapters.keras.optimizers.edge`, `keras_preconditioner`) replace the torch optimizer's.
+Its state (the trackers' Lanczos bases, the scalars of `state_dict()["eos_core"]["monitor"]` as JSON) is kept in
+Keras variables like the rest (see `TorchEngine.build`).
 
-Routes: ``auto`` (double backward, falling back to one-sided finite differences), ``double-backward``,
-``fd-central``, ``fd-onesided``. ``jvp-jvp`` / ``jvp-grad`` need ``torch.func.functional_call`` to swap the
+Routes: `auto` (double backward, falling back to one-sided finite differences), `double-backward`,
+`fd-central`, `fd-onesided`. `jvp-jvp` / `jvp-grad` need `torch.func.functional_call` to swap the
 parameters, which Keras layers do not read through their module attributes, so they are refused.
-Preconditioned sharpness (``sharpness_every``) is reported for Adam / AdamW / RMSprop without momentum; laws
-that *need* the preconditioned Hessian (``preconditioned=True``) run on the JAX backend only.
+Preconditioned sharpness (`sharpness_every`) is reported for Adam / AdamW / RMSprop without momentum; laws
+that *need* the preconditioned Hessian (`preconditioned=True`) run on the JAX backend only.
 """
 
 from __future__ import annotations
@@ -61,7 +58,7 @@ from eos_core.adapters.torch import CurvatureTuner as TorchCurvatureTuner
 from eos_core.adapters.torch.checkpoint import MONITOR_VECTORS
 from eos_core.laws.base import Law
 
-#: Counters of the PyTorch tuner's state kept in the ``eos_core_counters`` variable (int64), in this order; the
+#: Counters of the PyTorch tuner's state kept in the `eos_core_counters` variable (int64), in this order; the
 #: law state's integer fields follow them.
 COUNTERS: tuple[str, ...] = ("version", "step", "calls", "skipped_steps", "fallback_steps", "exact_probes",
                              "has_diagnostics", "has_eigenvector", "has_preconditioned_eigenvector",
@@ -78,7 +75,7 @@ MONITOR_BYTES = 4096
 
 
 def _host(variable: Any, dtype: Any = np.float64) -> np.ndarray:
-    """A Keras variable's value as a numpy array (without Keras's ``numpy()`` copy warnings)."""
+    """A Keras variable's value as a numpy array (without Keras's `numpy()` copy warnings)."""
     return variable.value.detach().cpu().numpy().astype(dtype)
 
 
@@ -101,7 +98,7 @@ def _decode(row: np.ndarray) -> str:
 
 
 class KerasDirection(torch.optim.Optimizer):
-    """A torch optimizer whose step is `w <- w + lr * u`, `u` the Keras `optimizer`'s update for lr = 1.
+    r"""A torch optimizer whose step is $w \leftarrow w + \eta u$, $u$ the Keras `optimizer`'s update for lr = 1.
 
     Parameters without a gradient are left alone (as Keras does), and a step where no parameter has one changes
     nothing (the PyTorch tuner's way of skipping a non-finite step).
@@ -122,6 +119,18 @@ class KerasDirection(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        r"""One step: $w \leftarrow w + \eta u$ for the parameters with a gradient, $\eta$ the group's `lr`.
+
+        $u$ is the Keras optimizer's update at lr = 1, computed on the parameters set to 0, plus
+        $-\text{wd} \cdot w$ for decoupled weight decay; the Keras optimizer's state advances by one step. With
+        `measuring` the step is the Keras optimizer's own `apply` instead.
+
+        Args:
+            closure: re-evaluates the loss (run with gradients enabled), as for any torch optimizer.
+
+        Returns:
+            The closure's loss, or None without a closure.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -148,8 +157,11 @@ class KerasDirection(torch.optim.Optimizer):
 
 
 class _KerasTorchTuner(TorchCurvatureTuner):
-    """The PyTorch tuner, with the Keras optimizer's preconditioner (preconditioned sharpness) and edge of stability
-    (the monitor's warning) in place of the torch optimizer's."""
+    """The PyTorch tuner, with the Keras optimizer's preconditioner and edge of stability.
+
+    The preconditioner serves the preconditioned sharpness, the edge the monitor's warning; both replace the torch
+    optimizer's.
+    """
 
     keras_preconditioner: Callable[[], list[torch.Tensor] | None] = staticmethod(lambda: None)
     #: the Keras optimizer exposes a diagonal preconditioner (Adam, AdamW, RMSprop without momentum)
@@ -168,10 +180,19 @@ class _KerasTorchTuner(TorchCurvatureTuner):
 
 
 def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[], list[torch.Tensor]] | None:
-    """`() -> P` (tensors like the weights) of Adam / AdamW / RMSprop without momentum, None for the other optimizers.
+    r"""The diagonal preconditioner $P$ of the Keras optimizer, as a callable that reads its current state.
 
-    Read after the step by `sharpness_every` and before it by the monitor (P as the previous step left it; NaN before
-    Adam's first step, when its bias corrections are not defined).
+    Adam / AdamW: $P = (\sqrt{v} + \epsilon) (1 - \beta_1^t) / \sqrt{1 - \beta_2^t}$ (`amsgrad`: $v$ is the
+    running maximum); RMSprop without momentum: $P = \sqrt{v + \epsilon}$, centred
+    $\sqrt{v - \bar g^2 + \epsilon}$. Read after the step by `sharpness_every` and before it by the monitor
+    ($P$ as the previous step left it; NaN before Adam's first step, when its bias corrections are not defined).
+
+    Args:
+        optimizer: the Keras optimizer, built on `variables`.
+        variables: the model's trainable variables.
+
+    Returns:
+        A callable `() -> P` (a list of tensors like the weights), or None for the other optimizers.
     """
     import keras
 
@@ -199,7 +220,12 @@ def keras_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Callable[[
 
 
 class TorchEngine:
-    """Runs the tuner's step on the torch backend (see the module docstring)."""
+    """Runs the tuner's step on the torch backend (see the module docstring).
+
+    Args:
+        tuner: the Keras `CurvatureTuner` that owns the engine (its settings, variables and wrapped optimizer).
+        law: the law (None: measuring only).
+    """
 
     def __init__(self, tuner: Any, law: Law | None) -> None:
         self.tuner = tuner
@@ -219,19 +245,19 @@ class TorchEngine:
 
     # -- build -----------------------------------------------------------------------------------
     def build(self, trainable: Sequence[Any]) -> None:
-        """The PyTorch tuner on the Keras optimizer, and the variables that hold its state.
+        """Build the PyTorch tuner on the Keras optimizer, and the variables that hold its state.
 
-        Layout (every value of the PyTorch tuner's ``state_dict()["eos_core"]``):
+        Layout (every value of the PyTorch tuner's `state_dict()["eos_core"]`):
 
-        * ``eos_core_counters`` (int64): :data:`COUNTERS` (``version`` is the version of the PyTorch state
-          these values came from; ``has_*`` say which optional parts exist), then the law state's integer
+        * `eos_core_counters` (int64): `COUNTERS` (`version` is the version of the PyTorch state
+          these values came from; `has_*` say which optional parts exist), then the law state's integer
           fields;
-        * ``eos_core_scalars`` (float64): ``reference_lr``, then the law state's float fields;
-        * ``eos_core_text`` (int32, UTF-8 bytes): the resolved ``route`` (empty: not resolved), then the
+        * `eos_core_scalars` (float64): `reference_lr`, then the law state's float fields;
+        * `eos_core_text` (int32, UTF-8 bytes): the resolved `route` (empty: not resolved), then the
           diagnostics' string keys;
-        * ``eos_core_diagnostics`` (float64) and ``eos_core_diagnostic_counts`` (int64): the last step's
-          diagnostics, float and integer keys of ``keys_for(law)``;
-        * ``eos_core_<vector>``: one variable per trainable variable for each vector of :data:`VECTORS` the
+        * `eos_core_diagnostics` (float64) and `eos_core_diagnostic_counts` (int64): the last step's
+          diagnostics, float and integer keys of `keys_for(law)`;
+        * `eos_core_<vector>`: one variable per trainable variable for each vector of `VECTORS` the
           run can produce;
         * for a law that uses the previous update, `eos_core_previous_lr` (float64): the lr applied to it;
         * with the sharpness monitor (`monitor_budget`), `eos_core_monitor` (int32, UTF-8 bytes): the monitor's
@@ -241,7 +267,7 @@ class TorchEngine:
           ([`MONITOR_VECTORS`][eos_core.adapters.torch.checkpoint.MONITOR_VECTORS]; the preconditioned ones with
           a preconditioner only), in at least float32. A tracker not started yet is None in the JSON.
 
-        ``law`` is the law the tuner was built with (None: measuring only); ``hyperparam_ratios`` is empty (the
+        `law` is the law the tuner was built with (None: measuring only); `hyperparam_ratios` is empty (the
         Keras tuner refuses laws that decide hyperparameters).
 
         Args:
@@ -297,7 +323,23 @@ class TorchEngine:
 
     # -- step --------------------------------------------------------------------------------------
     def apply(self, grads: Sequence[Any]) -> float:
-        """One tuned step from the step's gradients; returns the learning rate applied."""
+        """One tuned step from the step's gradients (the PyTorch tuner's `step`), on the Keras variables in place.
+
+        The PyTorch tuner's objective is the published batch's loss; the step's own loss (recorded by the wrapped
+        `train_step`) is handed over as the closure's value. The batch's non-trainable and metrics variables are
+        put back to the values the real step produced after the probes, and the tuner's state is copied into the
+        engine's variables.
+
+        Args:
+            grads: the gradients, one per trainable variable (None for a variable without one).
+
+        Returns:
+            The learning rate applied (the `lr` diagnostic).
+
+        Raises:
+            RuntimeError: the step needs the loss on the batch (the law, `sharpness_every` or the monitor) and no
+                wrapped `train_step` published one (the model is not attached).
+        """
         batch = current_batch()
         batch = batch if isinstance(batch, TorchBatch) else None
         if batch is None and self.needs_objective:
@@ -388,7 +430,7 @@ class TorchEngine:
         return out
 
     def _read(self) -> None:
-        """Hand the state held by the variables back to the PyTorch tuner (``load_tuner_state``)."""
+        """Hand the state held by the variables back to the PyTorch tuner (`load_tuner_state`)."""
         ints = _host(self.counters, np.int64).tolist()
         counters = dict(zip(COUNTERS, ints, strict=False))
         scalars = _host(self.scalars).tolist()
@@ -415,8 +457,13 @@ class TorchEngine:
         })
 
     def _initial_diagnostics(self) -> dict[str, Any]:
-        """What is reported before the first step: the law's initial lr (with `law=None` the optimizer's), nothing
-        measured, no step taken."""
+        """The diagnostics reported before the first step.
+
+        Returns:
+            The law's initial lr (with `law=None` the optimizer's) as `lr` and `law_lr`, the law's held
+            diagnostics, `step`, `skipped_steps`, `fallback_steps` 0, the tuner's `route` and NaN for everything
+            else.
+        """
         values: dict[str, Any] = dict.fromkeys(self.keys, math.nan)
         if self.law is None:
             lr = current_lr(self.tuner.inner_optimizer)
@@ -429,8 +476,11 @@ class TorchEngine:
         return values
 
     def mark_loaded(self) -> None:
-        """The variables were overwritten (a checkpoint was loaded): hand them to the PyTorch tuner now, so that a
-        state it cannot read (a newer version of its state, vectors of other shapes) fails the load itself."""
+        """Hand the variables, just overwritten by a loaded checkpoint, to the PyTorch tuner now.
+
+        A state it cannot read (a newer version of its state, vectors of other shapes) then fails the load itself
+        rather than the next step.
+        """
         self.dirty = True
         self._read()
         self.dirty = False
@@ -440,7 +490,15 @@ class TorchEngine:
 
     # -- reading ----------------------------------------------------------------------------------
     def decode(self, read: Callable[[Any], Any]) -> dict[str, Any]:
-        """The last step's diagnostics (exactly ``keys_for(law)``), reading each variable's value with ``read``."""
+        """The last step's diagnostics, decoded from the engine's variables.
+
+        Args:
+            read: maps a Keras variable to its current value.
+
+        Returns:
+            Exactly `eos_core.diagnostics.keys_for(law)`, in that order: floats, the ints `step`,
+            `skipped_steps`, `fallback_steps` and the str `route`.
+        """
         values: dict[str, Any] = dict(zip(self.float_keys, np.asarray(read(self.diagnostics_variable),
                                                                       dtype=np.float64).tolist(), strict=True))
         values.update(zip(self.int_keys, np.asarray(read(self.counts_variable)).astype(np.int64).tolist(),

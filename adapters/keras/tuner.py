@@ -1,20 +1,23 @@
-r"""``CurvatureTuner``: a Keras 3 optimizer that applies a tuning law's learning rate to a wrapped optimizer.
+r"""`CurvatureTuner`: a Keras 3 optimizer that applies a tuning law's learning rate to a wrapped optimizer.
 
->>> model.compile(optimizer=CurvatureTuner(keras.optimizers.SGD(0.1), CDAT(scale=2.0)), loss=...)  # doctest: +SKIP
->>> model.fit(x, y, callbacks=[EdgeOfStabilityCallback()])                                        # doctest: +SKIP
+```python
+model.compile(optimizer=CurvatureTuner(keras.optimizers.SGD(0.1), CDAT(scale=2.0)), loss=...)
+model.fit(x, y, callbacks=[EdgeOfStabilityCallback()])
+```
 
-Each step is ``w <- w + lr * u`` with ``u`` the wrapped optimizer's update for learning rate 1
-(:mod:`.optimizers`) and ``lr`` the law's decision from the statistics it declares (CDAT, eq. 8 of the
-CDAT paper: ``lr = sigma * max(-g.u, 0) / (|u^T H u| + eps)``). The statistics are measured with the
-active backend's own adapter: :func:`eos_core.adapters.jax.tune` on JAX (:mod:`.jax_engine`; u^T H u by
-forward-over-forward differentiation inside the jitted step), the PyTorch adapter's tuner on torch
-(:mod:`.torch_engine`; double backward, falling back to finite differences). The loss on the batch that the
-probes re-evaluate comes from the model's wrapped ``train_step`` (:mod:`.train_step`, installed by
-:func:`~eos_core.adapters.keras.attach` or by the Keras callback).
+Each step is $w \leftarrow w + \eta u$ with $u$ the wrapped optimizer's update for learning rate 1
+(`eos_core.adapters.keras.optimizers`) and $\eta$ the law's decision from the statistics it declares (CDAT, eq. 8 of
+the CDAT paper, Roulet et al. 2024: $\eta = \sigma \max(-g^\top u, 0) / (|u^\top H u| + \varepsilon)$). The
+statistics are measured with the active backend's own adapter: [`eos_core.adapters.jax.tune`][] on JAX
+(`eos_core.adapters.keras.jax_engine`; $u^\top H u$ by forward-over-forward differentiation inside the jitted step),
+the PyTorch adapter's tuner on torch (`eos_core.adapters.keras.torch_engine`; double backward, falling back to
+finite differences). The loss on the batch that the probes re-evaluate comes from the model's wrapped `train_step`
+(`eos_core.adapters.keras.train_step`, installed by [`attach`][eos_core.adapters.keras.attach] or by the Keras
+callback).
 
-Saved models name their law by class; :func:`law_from_config` resolves that name among the eos_core laws
-and the classes registered with Keras (``keras.saving.register_keras_serializable`` or ``custom_objects``),
-and never imports a module a file names, so ``keras.models.load_model``'s ``safe_mode`` keeps its meaning.
+Saved models name their law by class; `law_from_config` resolves that name among the eos_core laws
+and the classes registered with Keras (`keras.saving.register_keras_serializable` or `custom_objects`),
+and never imports a module a file names, so `keras.models.load_model`'s `safe_mode` keeps its meaning.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from eos_core import _validation as check
 from eos_core import laws as core_laws
 from eos_core import routes
 from eos_core import stats as S
-from eos_core.adapters.keras.optimizers import check_supported, current_lr
+from eos_core.adapters.keras.optimizers import check_supported, current_lr, is_variable
 from eos_core.adapters.keras.optimizers import edge as optimizer_edge
 from eos_core.adapters.keras.train_step import JaxBatch, current_batch
 from eos_core.laws.base import Law
@@ -39,15 +42,15 @@ from eos_core.settings import DEPRECATED, TunerSettings
 _OWNER = "CurvatureTuner"
 _NEEDS_VALUE_FN = frozenset({S.CURVATURE, S.TRIAL_LOSS, S.LOSS}) | S.SPECTRAL
 
-#: The :class:`~eos_core.settings.TunerSettings` options the Keras tuner honours (on both backends).
+#: The [`TunerSettings`][eos_core.settings.TunerSettings] options the Keras tuner honours (on both backends).
 SUPPORTED_OPTIONS: tuple[str, ...] = ("probe_every", "route", "sharpness_every", "sharpness_iters", "sharpness_tol",
                                       "warn", "seed", "reference_lr", "monitor_budget", "monitor_edge",
                                       "monitor_margin", "monitor_patience")
-#: Routes on the torch backend (``jvp-*`` need ``torch.func.functional_call``, which Keras layers do not follow).
+#: Routes on the torch backend (`jvp-*` need `torch.func.functional_call`, which Keras layers do not follow).
 TORCH_ROUTES: tuple[str, ...] = (routes.AUTO, routes.DOUBLE_BACKWARD, *routes.FINITE_DIFFERENCES)
-#: Version of the tuner's state layout in the optimizer's variables (read back by ``load_own_variables``).
+#: Version of the tuner's state layout in the optimizer's variables (read back by `load_own_variables`).
 STATE_VERSION = 2
-#: The laws a saved model may name without being registered with Keras: every law of :mod:`eos_core.laws`.
+#: The laws a saved model may name without being registered with Keras: every law of [`eos_core.laws`][].
 LAWS: dict[str, type[Law]] = {
     name: cls for name in core_laws.__all__
     if isinstance(cls := getattr(core_laws, name), type) and issubclass(cls, Law) and cls is not Law
@@ -55,7 +58,14 @@ LAWS: dict[str, type[Law]] = {
 
 
 def host_value(value: Any) -> np.ndarray:
-    """A backend tensor (torch or JAX) as a numpy array."""
+    """A backend tensor (torch or JAX) as a numpy array.
+
+    Args:
+        value: a torch tensor (detached and moved to the CPU) or anything `numpy.asarray` takes.
+
+    Returns:
+        The array.
+    """
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -63,14 +73,14 @@ def host_value(value: Any) -> np.ndarray:
 
 # -- laws in saved configs --------------------------------------------------------------------------------
 def law_config(law: Law) -> dict[str, Any]:
-    """A JSON-friendly description of ``law``: its class (``class_name``, Keras' ``registered_name``, ``module``)
-    and its constructor settings (``config``).
+    """A JSON-friendly description of `law`, for the tuner's `get_config`.
 
     Args:
         law: the law.
 
     Returns:
-        The description :func:`law_from_config` reads.
+        `{"module", "class_name", "registered_name", "config"}`: the law's class (its module, its name and Keras'
+        registered name, None when not registered) and its constructor settings; what `law_from_config` reads.
     """
     cls = type(law)
     return {"module": cls.__module__, "class_name": cls.__name__,
@@ -78,20 +88,20 @@ def law_config(law: Law) -> dict[str, Any]:
 
 
 def law_from_config(config: Mapping[str, Any], custom_objects: Mapping[str, Any] | None = None) -> Law:
-    """The law :func:`law_config` described, without importing any module the description names.
+    """The law `law_config` described, without importing any module the description names.
 
-    The class is looked up, in this order, among the eos_core laws (:data:`LAWS`, when ``module`` is an
-    ``eos_core`` module or absent) and the classes registered with Keras: ``registered_name`` (then
-    ``class_name``) through ``keras.saving.get_registered_object``, which sees
-    ``@keras.saving.register_keras_serializable`` classes, ``keras.saving.custom_object_scope`` and the
-    ``custom_objects`` given to ``keras.models.load_model``.
+    The class is looked up, in this order, among the eos_core laws (`LAWS`, when `module` is an
+    `eos_core` module or absent) and the classes registered with Keras: `registered_name` (then
+    `class_name`) through `keras.saving.get_registered_object`, which sees
+    `@keras.saving.register_keras_serializable` classes, `keras.saving.custom_object_scope` and the
+    `custom_objects` given to `keras.models.load_model`.
 
     Args:
-        config: the description (``class_name``, optional ``registered_name`` and ``module``, ``config``).
-        custom_objects: extra ``{name: class}`` to look the name up in.
+        config: the description (`class_name`, optional `registered_name` and `module`, `config`).
+        custom_objects: extra `{name: class}` to look the name up in.
 
     Returns:
-        The law, built from ``config["config"]``.
+        The law, built from `config["config"]`.
 
     Raises:
         ValueError: when the description is malformed, names a class that is neither an eos_core law nor
@@ -129,9 +139,10 @@ def _law_class(config: Mapping[str, Any], custom_objects: Mapping[str, Any] | No
 # -- settings ------------------------------------------------------------------------------------------------
 def resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any], backend: str, *,
                      measuring: bool = False, owner: str = _OWNER) -> TunerSettings:
-    """The tuner's settings: `settings` with `options` on top (old names accepted with a DeprecationWarning),
-    checked by `TunerSettings.from_options` against
-    [`SUPPORTED_OPTIONS`][eos_core.adapters.keras.tuner.SUPPORTED_OPTIONS] and the backend's routes.
+    """The tuner's settings: `settings` with `options` on top, checked.
+
+    Old names are accepted with a DeprecationWarning; the check is `TunerSettings.from_options` against
+    `SUPPORTED_OPTIONS` and the backend's routes.
 
     Args:
         settings: the options as one `TunerSettings`, or None.
@@ -171,16 +182,18 @@ def resolve_settings(settings: TunerSettings | None, options: Mapping[str, Any],
 
 @keras.saving.register_keras_serializable(package="eos_core")
 class CurvatureTuner(keras.optimizers.Optimizer):
-    r"""Drive a Keras optimizer with an eos_core tuning law: ``w <- w + lr * u``, ``u`` its update for lr = 1.
+    r"""Drive a Keras optimizer with an eos_core tuning law: $w \leftarrow w + \eta u$, $u$ its update for lr = 1.
 
-    Use it as the model's optimizer and train with ``fit``; the probes need the loss on the current batch,
-    which the model's ``train_step`` hands over once it is wrapped: pass
-    :class:`eos_core.integrations.keras.EdgeOfStabilityCallback` to ``fit`` (it wraps it and logs the
-    diagnostics), or call :func:`eos_core.adapters.keras.attach` on the model yourself::
+    Use it as the model's optimizer and train with `fit`; the probes need the loss on the current batch,
+    which the model's `train_step` hands over once it is wrapped: pass
+    [`EdgeOfStabilityCallback`][eos_core.integrations.keras.EdgeOfStabilityCallback] to `fit` (it wraps it and logs the
+    diagnostics), or call [`attach`][eos_core.adapters.keras.attach] on the model yourself:
 
-        model.compile(optimizer=CurvatureTuner(keras.optimizers.SGD(0.1), CDAT(scale=2.0)),
-                      loss="sparse_categorical_crossentropy")
-        model.fit(x, y, batch_size=128, epochs=5, callbacks=[EdgeOfStabilityCallback()])
+    ```python
+    model.compile(optimizer=CurvatureTuner(keras.optimizers.SGD(0.1), CDAT(scale=2.0)),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=128, epochs=5, callbacks=[EdgeOfStabilityCallback()])
+    ```
 
     Laws that need no curvature (`Constant`, `WarmupCosine`) work without the wrapper.
 
@@ -204,23 +217,23 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             backend with Adam / AdamW / RMSprop), or a subclass registered with Keras; None to only measure (see
             above). `DCAO` is refused: it rewrites the momentum and weight decay, which Keras optimizers keep as
             Python constants compiled into the train step.
-        settings: the options as one :class:`eos_core.settings.TunerSettings`; keyword ``options`` given as
+        settings: the options as one [`TunerSettings`][eos_core.settings.TunerSettings]; keyword `options` given as
             well replace its values.
         name: the optimizer's name.
-        **options: the :class:`~eos_core.settings.TunerSettings` options this tuner supports
-            (:data:`SUPPORTED_OPTIONS`), by the names every adapter uses:
+        **options: the [`TunerSettings`][eos_core.settings.TunerSettings] options this tuner supports
+            ([`SUPPORTED_OPTIONS`][eos_core.adapters.keras.SUPPORTED_OPTIONS]), by the names every adapter uses:
 
-            * ``probe_every``: measure the law's statistics every ``probe_every`` steps (steps 0, k, 2k, ...
+            * `probe_every`: measure the law's statistics every `probe_every` steps (steps 0, k, 2k, ...
               of the steps taken) and reuse the learning rate in between.
-            * ``route``: the u^T H u oracle. JAX: ``auto`` (jvp-jvp, then jvp-grad, double-backward,
-              fd-onesided: the first that traces), ``jvp-jvp``, ``jvp-grad``, ``double-backward``,
-              ``fd-central``, ``fd-onesided``. torch: ``auto`` (double backward, falling back to one-sided
-              finite differences), ``double-backward``, ``fd-central``, ``fd-onesided``.
-            * ``sharpness_every``: every that many steps, estimate lambda_max of the Hessian by warm-started
-              power iteration and report ``sharpness``, ``lr_sharpness`` (2 at the edge), ``alignment`` and,
-              for Adam / AdamW / RMSprop without momentum, ``preconditioned_sharpness``. None: off.
-            * ``sharpness_iters``, ``sharpness_tol``: power-iteration budget and relative stopping tolerance.
-            * ``reference_lr``: the learning rate the law starts from when it sets no ``lr_init``; default:
+            * `route`: the $u^\top H u$ oracle. JAX: `auto` (jvp-jvp, then jvp-grad, double-backward,
+              fd-onesided: the first that traces), `jvp-jvp`, `jvp-grad`, `double-backward`,
+              `fd-central`, `fd-onesided`. torch: `auto` (double backward, falling back to one-sided
+              finite differences), `double-backward`, `fd-central`, `fd-onesided`.
+            * `sharpness_every`: every that many steps, estimate $\lambda_{\max}$ of the Hessian by warm-started
+              power iteration and report `sharpness`, `lr_sharpness` (2 at the edge), `alignment` and,
+              for Adam / AdamW / RMSprop without momentum, `preconditioned_sharpness`. None: off.
+            * `sharpness_iters`, `sharpness_tol`: power-iteration budget and relative stopping tolerance.
+            * `reference_lr`: the learning rate the law starts from when it sets no `lr_init`; default:
               the wrapped optimizer's. Refused with `law=None`.
             * `monitor_budget`: the sharpness monitor, a fraction of training time in (0, 1] (None, the default:
               off). A streaming estimate of lambda_max of the Hessian (and, with Adam / AdamW / RMSprop without
@@ -241,35 +254,34 @@ class CurvatureTuner(keras.optimizers.Optimizer):
               measurements sets `unstable` = 1 and raises a RuntimeWarning (once per episode). On torch the step
               warns as it runs; on JAX (with `warn=True`) the read of the diagnostics does
               ([`current_diagnostics`][eos_core.adapters.keras.current_diagnostics], which the callback calls).
-            * ``seed``: seed of the spectral start vectors (:func:`eos_core.spectral.random_start`; ``seed``
-              for H, ``seed + 1`` for the preconditioned Hessian), the same start as PyTorch's and JAX's.
-            * ``warn``: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts
-              ``skipped_steps`` and ``fallback_steps`` are in the diagnostics whatever the setting). ``True``
-              (default): on torch the step warns as it runs. On JAX the jitted step holds no host callback
-              (one costs about 10% on every step); the warnings are raised on the host by
-              :func:`~eos_core.adapters.keras.current_diagnostics`, for every step skipped and every fallback
-              since its previous call, and :class:`~eos_core.integrations.keras.EdgeOfStabilityCallback`
-              calls it after each batch it logs. The callback, which the curvature laws need anyway,
-              therefore warns at the batch where a step was skipped; a ``fit`` without it raises none until
-              ``current_diagnostics(model)`` is called (the :attr:`diagnostics` property reports nothing:
-              Keras's saving reads it). ``"jit"``: on JAX, warnings from inside the jitted step
-              (``jax.debug.callback``, with its per-step cost) without any read; on torch the same as True.
-              ``False``: no warnings.
+            * `seed`: seed of the spectral start vectors ([`eos_core.spectral.random_start`][]; `seed`
+              for H, `seed + 1` for the preconditioned Hessian), the same start as PyTorch's and JAX's.
+            * `warn`: how skipped steps and law fallbacks are reported (RuntimeWarnings; the counts `skipped_steps` and
+              `fallback_steps` are in the diagnostics whatever the setting). `True` (default): on torch the step warns
+              as it runs. On JAX the jitted step holds no host callback (one costs about 10% on every step); the
+              warnings are raised on the host by [`current_diagnostics`][eos_core.adapters.keras.current_diagnostics],
+              for every step skipped and every fallback since its previous call, and
+              [`EdgeOfStabilityCallback`][eos_core.integrations.keras.EdgeOfStabilityCallback] calls it after each batch
+              it logs. The callback, which the curvature laws need anyway, therefore warns at the batch where a step was
+              skipped; a `fit` without it raises none until `current_diagnostics(model)` is called (the
+              [`diagnostics`][eos_core.adapters.keras.CurvatureTuner.diagnostics] property reports nothing: Keras's
+              saving reads it). `"jit"`: on JAX, warnings from inside the jitted step (`jax.debug.callback`, with its
+              per-step cost) without any read; on torch the same as True. `False`: no warnings.
 
             `initial_lr` is the deprecated name of `reference_lr` (DeprecationWarning). The other
-            options of :class:`~eos_core.settings.TunerSettings` (``lr_mode``, ``skip_nonfinite``,
-            ``fd_eps``, ``fd_above``, ``clipped_gradients``, ``linear_in_lr``) raise a ValueError when given
+            options of [`TunerSettings`][eos_core.settings.TunerSettings] (`lr_mode`, `skip_nonfinite`,
+            `fd_eps`, `fd_above`, `clipped_gradients`, `linear_in_lr`) raise a ValueError when given
             a value other than their default.
 
     Bad input: a step whose loss or gradient is NaN/Inf is skipped (weights and optimizer state unchanged,
-    ``skipped`` = 1, a RuntimeWarning as ``warn`` says) and training continues; a non-finite or degenerate
-    curvature keeps the last good learning rate (``fallback`` = 1, a RuntimeWarning). Invalid settings raise
+    `skipped` = 1, a RuntimeWarning as `warn` says) and training continues; a non-finite or degenerate
+    curvature keeps the last good learning rate (`fallback` = 1, a RuntimeWarning). Invalid settings raise
     ValueError here, naming the setting.
 
-    Diagnostics: :attr:`diagnostics` (after ``fit``) and :func:`eos_core.adapters.keras.current_diagnostics`
-    (inside callbacks) hold exactly ``eos_core.diagnostics.keys_for(law)``, with the meanings of
-    :data:`eos_core.diagnostics.REGISTRY`, on both backends (``step`` is the index of the step described,
-    skipped steps not counted).
+    Diagnostics: [`diagnostics`][eos_core.adapters.keras.CurvatureTuner.diagnostics] (after `fit`) and
+    [`current_diagnostics`][eos_core.adapters.keras.current_diagnostics] (inside callbacks) hold exactly
+    `eos_core.diagnostics.keys_for(law)`, with the meanings of [`eos_core.diagnostics.REGISTRY`][], on both backends
+    (`step` is the index of the step described, skipped steps not counted).
 
     State: everything (law state, counters, warm-start vectors, the sharpness monitor's trackers, credit and
     warning, the wrapped optimizer's slots, the last step's diagnostics) lives in Keras variables, so `model.save` /
@@ -366,57 +378,70 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     # -- the options, read from the settings ----------------------------------------------------------------
     @property
     def probe_every(self) -> int:
+        """The `probe_every` option: the law's statistics are measured every that many steps."""
         return self.settings.probe_every
 
     @property
     def route(self) -> str:
+        """The `route` option: the curvature route asked for (`auto` until resolved by the backend's adapter)."""
         return self.settings.route
 
     @property
     def sharpness_every(self) -> int | None:
+        """The `sharpness_every` option: sharpness tracked every that many steps (None: off)."""
         return self.settings.sharpness_every
 
     @property
     def sharpness_iters(self) -> int:
+        """The `sharpness_iters` option: the most power-iteration products per tracked step."""
         return self.settings.sharpness_iters
 
     @property
     def sharpness_tol(self) -> float:
+        """The `sharpness_tol` option: relative change of the eigenvalue that stops power iteration."""
         return self.settings.sharpness_tol
 
     @property
     def seed(self) -> int:
+        """The `seed` option: seed of the spectral start vectors."""
         return self.settings.seed
 
     @property
     def warn(self) -> bool | str:
+        """The `warn` option: True, `"jit"` or False (how skipped steps and fallbacks are reported)."""
         return self.settings.warn
 
     @property
     def monitor_budget(self) -> float | None:
+        """The `monitor_budget` option: the sharpness monitor's share of training time (None: off)."""
         return self.settings.monitor_budget
 
     @property
     def monitor_edge(self) -> float | None:
+        """The `monitor_edge` option as given (None: the optimizer's edge, `edge[0]`)."""
         return self.settings.monitor_edge
 
     @property
     def monitor_margin(self) -> float:
+        """The `monitor_margin` option: the warning's threshold is `edge * (1 + monitor_margin)`."""
         return self.settings.monitor_margin
 
     @property
     def monitor_patience(self) -> int:
+        """The `monitor_patience` option: consecutive measurements above the threshold that warn."""
         return self.settings.monitor_patience
 
     @property
     def initial_lr(self) -> float:
-        """Deprecated name of :attr:`reference_lr`."""
+        """Deprecated name of `reference_lr`, the learning rate the law starts from."""
         return self.reference_lr
 
     # -- Keras optimizer protocol ------------------------------------------------------------------
     def build(self, var_list: list[Any]) -> None:
-        """Build the wrapped optimizer on `var_list` (unless `fit` built it already, on the same variables) and the
-        tuner's own variables (the engine's state).
+        """Build the wrapped optimizer and the tuner's own variables (the engine's state) on `var_list`.
+
+        The wrapped optimizer is built unless `fit` built it already, on the same variables. Nothing happens when
+        the tuner is built already.
 
         Args:
             var_list: the model's trainable variables.
@@ -441,17 +466,39 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     @property
     def variables(self) -> list[Any]:
+        """Every variable: the tuner's own (`iterations`, `learning_rate`, the state), then the wrapped optimizer's."""
         return self._variables + self.inner_optimizer.variables
 
     def stateless_apply(self, optimizer_variables: list[Any], grads: list[Any], trainable_variables: list[Any]
                         ) -> tuple[list[Any], list[Any]]:
+        """One tuned step as a pure function of the values (Keras's JAX trainer calls it inside the jitted step).
+
+        On JAX the engine's `update` runs the law with the loss on the batch the wrapped `train_step` published;
+        on the other backends Keras's own `stateless_apply` (which calls `apply`).
+
+        Args:
+            optimizer_variables: the values of [`variables`][eos_core.adapters.keras.CurvatureTuner.variables], in
+                that order.
+            grads: the gradients, one per trainable variable.
+            trainable_variables: the trainable variables' values.
+
+        Returns:
+            `(new trainable values, new optimizer variable values)`: the weights after the step (the variables'
+            constraints applied) and every optimizer variable's new value (`iterations` + 1, `learning_rate` the
+            rate the step applied).
+
+        Raises:
+            ValueError: the tuner is not built.
+            RuntimeError: the step needs the loss on the batch and the model's `train_step` is not wrapped
+                ([`attach`][eos_core.adapters.keras.attach]).
+        """
         if keras.backend.backend() != "jax":
             return super().stateless_apply(optimizer_variables, grads, trainable_variables)
         if not self.built:
             raise ValueError(f"To call `stateless_apply`, {_OWNER} must be built: optimizer.build(trainable_variables)")
         engine = self._engine
-        values = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
-        params = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        values = [v.value if is_variable(v) else v for v in optimizer_variables]
+        params = [v.value if is_variable(v) else v for v in trainable_variables]
         own, inner = values[:len(self._variables)], values[len(self._variables):]
         position = {id(v): i for i, v in enumerate(self._variables)}
         state_values = [own[position[id(v)]] for v in engine.state_variables]
@@ -465,12 +512,27 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             new_own[position[id(variable)]] = value
         iterations = position[id(self._iterations)]
         new_own[iterations] = own[iterations] + 1
-        if isinstance(self._learning_rate, keras.Variable):
+        if is_variable(self._learning_rate):
             lr_index = position[id(self._learning_rate)]
             new_own[lr_index] = keras.ops.cast(lr, own[lr_index].dtype)
         return weights, new_own + new_inner
 
     def apply(self, grads: list[Any], trainable_variables: list[Any] | None = None) -> None:
+        """One tuned step on the variables in place (what `fit` calls on torch; on JAX through `stateless_apply`).
+
+        Builds the tuner on `trainable_variables` at the first call. The variables' constraints are applied after
+        the step (with a law; with `law=None` the wrapped optimizer applies them), `iterations` advances by one and
+        `learning_rate` holds the rate applied.
+
+        Args:
+            grads: the gradients, one per trainable variable.
+            trainable_variables: the model's trainable variables (needed at the first call, to build).
+
+        Raises:
+            ValueError: the first call without `trainable_variables`, or variables the tuner was not built on.
+            RuntimeError: the step needs the loss on the batch and the model's `train_step` is not wrapped
+                ([`attach`][eos_core.adapters.keras.attach]).
+        """
         if not self.built:
             variables = list(trainable_variables) if trainable_variables is not None else None
             if variables is None:
@@ -492,7 +554,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
         self._iterations.assign_add(1)
-        if isinstance(self._learning_rate, keras.Variable) and math.isfinite(lr):
+        if is_variable(self._learning_rate) and math.isfinite(lr):
             self._learning_rate.assign(lr)
 
     def _value_fn(self, n_params: int) -> Any:
@@ -505,12 +567,16 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     @property
     def needs_batch(self) -> bool:
-        """Whether a step needs the loss on the batch: the law evaluates it, or `sharpness_every` / the monitor."""
+        """Whether a step needs the loss on the batch: the law evaluates it, or `sharpness_every` / the monitor do."""
         law_needs = self.law is not None and bool(self.law.needs & _NEEDS_VALUE_FN)
         return law_needs or self.sharpness_every is not None or self.monitor_budget is not None
 
     def no_batch_message(self) -> str:
-        """The error of a step that needs the loss on the batch and was not given it."""
+        """The error message of a step that needs the loss on the batch and was not given it.
+
+        Returns:
+            The message, naming the law (or the sharpness measurement) and how to wrap the model's `train_step`.
+        """
         who = type(self.law).__name__ if self.law is not None else "the sharpness measurement"
         return (f"{_OWNER}: {who} needs the loss on the current batch, but the model's train_step "
                 "does not provide it. Pass eos_core.integrations.keras.EdgeOfStabilityCallback() to fit, or call "
@@ -518,13 +584,32 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     # -- loading a saved state ------------------------------------------------------------------------------
     def load_own_variables(self, store: Any) -> None:
+        """Load the optimizer variables from a saved store (Keras's saving calls it) and hand them to the engine.
+
+        Args:
+            store: Keras's variable store, `store[str(i)]` the value of variable `i`.
+
+        Raises:
+            ValueError: a saved state this tuner cannot resume (a newer layout version, or another number of
+                variables: another law, other settings, another wrapped optimizer or release).
+        """
         if self.built:
             self._check_saved_state(len(store.keys()), lambda i: store[str(i)])
         super().load_own_variables(store)
         self._engine.mark_loaded()
 
     def set_weights(self, weights: list[Any]) -> None:
-        """Set every variable of :attr:`variables` (the tuner's and the wrapped optimizer's), in that order."""
+        """Set every variable of [`variables`][eos_core.adapters.keras.CurvatureTuner.variables], in that order.
+
+        The tuner's own variables come first, then the wrapped optimizer's; the engine reads the new state at once.
+
+        Args:
+            weights: one value per variable (e.g. from `[v.numpy() for v in tuner.variables]`).
+
+        Raises:
+            ValueError: the tuner is not built (Keras's own error), a saved state it cannot resume (see
+                `load_own_variables`), or a value whose shape differs from its variable's.
+        """
         if not self.built:
             super().set_weights(weights)  # raises: not built
         weights = list(weights)
@@ -540,7 +625,7 @@ class CurvatureTuner(keras.optimizers.Optimizer):
         """A saved optimizer state this tuner can take: the layout version and the number of variables agree.
 
         A state saved before the optimizer was built (a model saved before training: the tuner's and the wrapped
-        optimizer's ``iterations`` and ``learning_rate`` only) holds nothing to resume; it is left to Keras,
+        optimizer's `iterations` and `learning_rate` only) holds nothing to resume; it is left to Keras,
         which skips it with a warning.
 
         Raises:
@@ -573,12 +658,16 @@ class CurvatureTuner(keras.optimizers.Optimizer):
     # -- reading -----------------------------------------------------------------------------------
     @property
     def diagnostics(self) -> dict[str, Any]:
-        """The last step's diagnostics from the variables (outside ``fit`` on JAX; any time on torch): exactly
-        ``eos_core.diagnostics.keys_for(law)``.
+        """The last step's diagnostics, read from the variables: exactly `eos_core.diagnostics.keys_for(law)`.
 
-        A plain read: it reports nothing (Keras's saving visits every attribute of the optimizer, this one
-        too). :func:`eos_core.adapters.keras.current_diagnostics` is the read that raises ``warn=True``'s
-        warnings on JAX."""
+        Outside `fit` on JAX, any time on torch; empty before the tuner is built. A plain read: it reports
+        nothing (Keras's saving visits every attribute of the optimizer, this one too).
+        [`current_diagnostics`][eos_core.adapters.keras.current_diagnostics] is the read that works inside `fit` and
+        raises `warn=True`'s warnings on JAX.
+
+        Raises:
+            RuntimeError: read inside `fit` on JAX, where the variables are not synced (use `current_diagnostics`).
+        """
         if not self.built:
             return {}
 
@@ -597,7 +686,14 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     # -- serialisation -----------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
-        """The tuner's constructor arguments (`law` None when only measuring; the wrapped optimizer's config)."""
+        """The tuner's constructor arguments, for Keras's saving.
+
+        Returns:
+            A JSON-friendly dict: `name`, `optimizer` (the wrapped optimizer, serialised by Keras), `law` (its
+            class and settings, `law_config`; None when only measuring) and every option (`reference_lr` None
+            when only measuring); [`from_config`][eos_core.adapters.keras.CurvatureTuner.from_config] rebuilds the
+            tuner from it.
+        """
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
@@ -618,8 +714,9 @@ class CurvatureTuner(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CurvatureTuner:
-        """The tuner [`get_config`][eos_core.adapters.keras.CurvatureTuner.get_config] described (configs saved
-        with `initial_lr`, or before the monitor options, load too).
+        """The tuner [`get_config`][eos_core.adapters.keras.CurvatureTuner.get_config] described.
+
+        Configs saved with `initial_lr`, or before the monitor options, load too.
 
         The law is resolved by `eos_core.adapters.keras.tuner.law_from_config` (eos_core laws
         and Keras-registered classes only); a saved `law` of None is a monitoring-only tuner.

@@ -121,8 +121,9 @@ def test_a_law_page_has_the_equation_a_reference_the_parameters_and_an_example(n
 
 #: modules whose docstrings are Markdown now (Sphinx roles, `.. math::` and "SPEC" must not come back)
 CONVERTED = sorted(
-    [*(ROOT / "eos_core").glob("*.py"), *(ROOT / "eos_core").glob("*/*.py"), ROOT / "benchmarks" / "theory_figures.py",
-     *(ROOT / "benchmarks").glob("reproduce_*.py")]
+    [*(ROOT / "eos_core").glob("*.py"), *(ROOT / "eos_core").glob("*/*.py"), *(ROOT / "adapters").glob("**/*.py"),
+     *(ROOT / "integrations").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+     *(ROOT / "benchmarks" / "minibatch").glob("*.py")]
 )
 SPHINX = re.compile(r":(func|class|meth|mod|data|attr|exc|obj|math):`|^\s*\.\. math::", re.M)
 

@@ -221,7 +221,11 @@ def test_bf16_mixed_precision_measures_the_same_curvature(tmp_path):
 
         def forward(self, x):
             if eos.probing:
-                probes.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+                try:
+                    under_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                except TypeError:  # torch < 2.4: the device-less names
+                    under_bf16 = torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+                probes.append(under_bf16)
             return super().forward(x)
 
     runs = {}

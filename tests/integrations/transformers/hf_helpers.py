@@ -1,11 +1,28 @@
 """Shared pieces of the Hugging Face Trainer callback tests: tiny models from configs, synthetic token data."""
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
+
+#: `TrainingArguments.train_sampling_strategy` exists in recent releases only (not in 4.48, the lowest admitted)
+HAS_SAMPLING_STRATEGY = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+class Trainer(transformers.Trainer):
+    """The Trainer, drawing the training batches in order on every release (sequential sampling).
+
+    Recent releases take `train_sampling_strategy="sequential"` (see `arguments`); older ones get a
+    SequentialSampler here, which accelerate splits across data-parallel ranks the same way.
+    """
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if HAS_SAMPLING_STRATEGY:
+            return super()._get_train_sampler(*args, **kwargs)
+        return torch.utils.data.SequentialSampler(self.train_dataset)
 
 VOCAB, LENGTH = 64, 16
 
@@ -104,8 +121,9 @@ def flat(model: torch.nn.Module) -> np.ndarray:
 def arguments(tmp_path, **overrides) -> TrainingArguments:
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=8, logging_steps=1,
                    report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
-                   lr_scheduler_type="constant", seed=0, train_sampling_strategy="sequential",
-                   dataloader_num_workers=0)
+                   lr_scheduler_type="constant", seed=0, dataloader_num_workers=0)
+    if HAS_SAMPLING_STRATEGY:
+        options["train_sampling_strategy"] = "sequential"
     options.update(overrides)
     return TrainingArguments(**options)
 

@@ -30,8 +30,7 @@ import torch.distributed as dist
 warnings.simplefilter("ignore")
 logging.disable(logging.WARNING)
 sys.path.insert(0, {helpers!r})
-from transformers import Trainer
-from hf_helpers import StepRecorder, TokenData, arguments, logged, measured, tiny_gpt2
+from hf_helpers import StepRecorder, TokenData, Trainer, arguments, logged, measured, tiny_gpt2
 from eos_core import CDAT
 from eos_core.integrations.transformers import EdgeOfStabilityCallback
 
@@ -90,7 +89,10 @@ if dist.is_initialized():
 def test_fsdp2_ranks_tune_alike_log_the_applied_lr_and_resume(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(helpers=str(HERE), out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    # older transformers (4.48) write ACCELERATE_MIXED_PRECISION into os.environ (a bf16 test before this one):
+    # the ranks would inherit it and train under bf16 autocast
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
