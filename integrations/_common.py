@@ -16,6 +16,7 @@ import torch
 from eos_core.adapters.torch import STATE_KEY, CurvatureTuner
 from eos_core.adapters.torch.objective import capture_rng
 from eos_core.laws.base import Law
+from eos_core.monitor import CALLBACK_BUDGET
 from eos_core.settings import TunerSettings
 
 __all__ = ["MONITOR_BUDGET", "STATE_KEY", "TunerSpec", "UnwrittenDiagnostics", "applied_group_lrs", "capture_rng",
@@ -26,7 +27,7 @@ _NOT_LOGGED = ("step", "route")
 #: Tuner arguments the callbacks set themselves (`initial_lr` is the deprecated name of `reference_lr`).
 SET_BY_CALLBACK = ("optimizer", "model", "grad_scaler", "reference_lr", "initial_lr")
 #: The callbacks' default share of training time for the sharpness monitor (`monitor_budget`; None turns it off).
-MONITOR_BUDGET = 0.05
+MONITOR_BUDGET = CALLBACK_BUDGET
 
 
 def law_with_horizon(owner: str, law: Law | None, horizon: Any, where: str) -> Law | None:

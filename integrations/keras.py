@@ -82,13 +82,14 @@ from eos_core import _validation as check  # noqa: E402
 from eos_core.adapters.keras import CurvatureTuner, attach, current_diagnostics, find_tuner  # noqa: E402
 from eos_core.adapters.keras.tuner import resolve_settings  # noqa: E402
 from eos_core.laws.base import Law  # noqa: E402
+from eos_core.monitor import CALLBACK_BUDGET  # noqa: E402
 from eos_core.settings import DEPRECATED  # noqa: E402
 
 __all__ = ["EdgeOfStabilityCallback"]
 
 _OWNER = "EdgeOfStabilityCallback"
 #: The callbacks' default share of training time for the sharpness monitor.
-MONITOR_BUDGET = 0.05
+MONITOR_BUDGET = CALLBACK_BUDGET
 #: Diagnostics that are not logged: the step index (Keras counts its own) and the route (a name).
 _NOT_LOGGED = frozenset({"step", "route"})
 #: Flags of the current step: never carried forward.

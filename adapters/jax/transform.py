@@ -1256,13 +1256,14 @@ def tune(
 
 
 # -- reading the state on the host ------------------------------------------------------------------------
-def find_tune_state(state: Any) -> TuneState:
+def find_tune_state(state: Any, *, caller: str = "find_tune_state") -> TuneState:
     """The [`TuneState`][eos_core.adapters.jax.TuneState] in an optax state.
 
     Args:
         state: the state of a [`tune`][eos_core.adapters.jax.tune] transformation, or of a chain or wrapper
             holding one (`optax.chain` tuples, `optax.named_chain` dicts, `optax.apply_if_finite` /
             `inject_hyperparams` NamedTuples).
+        caller: the public function asking, named in the error message.
 
     Returns:
         `state` itself, or the one `TuneState` found inside it.
@@ -1284,7 +1285,7 @@ def find_tune_state(state: Any) -> TuneState:
 
     walk(state)
     if len(found) != 1:
-        raise ValueError(f"diagnostics: expected one TuneState (the state of a tune(...) transformation) in the "
+        raise ValueError(f"{caller}: expected one TuneState (the state of a tune(...) transformation) in the "
                          f"optimizer state, found {len(found)}")
     return found[0]
 
@@ -1354,7 +1355,7 @@ def diagnostics(state: Any) -> dict[str, float | int | str]:
     Warns:
         RuntimeWarning: with `warn=True`, for a skipped or fallen-back last step and for the early warning.
     """
-    state = find_tune_state(state)
+    state = find_tune_state(state, caller="diagnostics")
     count, skipped, fallbacks, values = jax.device_get((state.count, state.skipped, state.fallbacks,
                                                         state.diagnostics.values))
     out = decode_diagnostics(state.diagnostics.keys, values, count=count, skipped_steps=skipped,
@@ -1407,5 +1408,5 @@ def hvp_route(state: Any) -> str:
     Raises:
         ValueError: `state` holds no `TuneState`, or more than one.
     """
-    found = find_tune_state(state)
+    found = find_tune_state(state, caller="hvp_route")
     return ROUTE_NAMES[int(jax.device_get(found.diagnostics["hvp_route_code"]))]
