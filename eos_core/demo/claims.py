@@ -163,7 +163,10 @@ def check_b1(runs: Sequence[Trajectory]) -> Verdict:
             verdict.lines.append(f"lr={eta:g}: diverged (excluded)")
             continue
         sharp = run.sharpness[np.isfinite(run.sharpness)]
-        start = float(sharp[0]) if sharp.size else math.nan
+        if not sharp.size:
+            verdict.lines.append(f"lr={eta:g}: no lambda_max was measured (excluded)")
+            continue
+        start = float(sharp[0])
         if not start < edge:
             verdict.lines.append(f"lr={eta:g}: starts above the edge (lambda_0 = {start:.3g} >= 2/lr = {edge:.3g}; "
                                  "excluded)")

@@ -141,6 +141,15 @@ def test_b1_passes_at_the_edge_and_fails_away_from_it():
     assert not claims.check_b1([edge_run(0.5), edge_run(1.0, ratio=1.3)]).passed
     never = claims.check_b1([edge_run(0.5, ratio=0.5)])  # never reaches the edge
     assert not never.passed and "did not reach" in never.report()
+    unmeasured = claims.check_b1([run(Method("gd", 0.5), [1.0, 0.5], 0.5)])  # no sharpness: not "above the edge"
+    assert "no lambda_max was measured" in unmeasured.report() and "above the edge" not in unmeasured.report()
+
+
+def test_a_run_that_recorded_no_step_counts_as_diverged_instead_of_crashing():
+    empty = run(Method("cdat", 2.0), [], 0.1)
+    assert empty.diverged and math.isinf(empty.final_loss)
+    assert not run(Method("cdat", 2.0), [1.0, 0.5, 0.4], 0.1).diverged
+    assert run(Method("cdat", 2.0), [1.0, math.nan], 0.1).diverged
 
 
 def greedy_run(kind: str, steps: int = 200, fall: float = 20.0, growth: float = 1.5, loss_factor: float = 2.0):
