@@ -21,9 +21,7 @@ namespace `xp`):
   from a random vector, a one-off cost outside the budget), and while the latest lr x sharpness lies beyond the
   warning threshold and the warning has not fired yet, the monitor ticks at every step, going into debt by at most
   [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products (repaid from later credit), so a crossing is confirmed
-  within a few steps instead of a few hundred. Such a tick runs up to
-  [`DANGER_PRODUCTS`][eos_core.monitor.DANGER_PRODUCTS] products, until the estimate has converged on the current
-  Hessian ([`tick_products`][eos_core.monitor.tick_products]), all charged to the budget.
+  within a few steps instead of a few hundred.
 * **Which product** ([`is_check`][eos_core.monitor.is_check], [`finite_differences_agree`][
   eos_core.monitor.finite_differences_agree]): the one-sided finite difference of gradients
   $(g(w + h v) - g(w)) / h$ reusing the step's own gradient costs one gradient; at the 1st, 10th, 100th, ... tick
@@ -62,10 +60,6 @@ COLD_PRODUCTS = 16
 COLD_TOLERANCE = 1e-2
 #: Products the monitor may borrow from future credit to confirm a crossing at every step.
 DEBT_PRODUCTS = 8
-#: Products a tick in danger may run (stopping at COLD_TOLERANCE): above the edge the Hessian's top eigenvector
-#: turns within one step, and a single product from the previous step's vector reads a fraction of lambda_max
-#: (a tanh MLP at 2.4x its edge: 0.63 against 3.82), so the tick converges on the current Hessian instead.
-DANGER_PRODUCTS = 4
 #: Finite differences are trusted when ||Hv_fd - Hv_exact|| <= CHECK_TOLERANCE ||Hv_exact||.
 CHECK_TOLERANCE = 0.05
 #: Cost model of one product in training steps (JAX, where nothing can be timed inside `jit`): one extra gradient
@@ -204,26 +198,6 @@ def wants_tick(xp: Any, credit: Any, cost: Any, *, cold: Any, danger: Any) -> An
         A boolean scalar.
     """
     return cold | (credit >= cost) | (danger & (credit - cost >= -DEBT_PRODUCTS * cost))
-
-
-def tick_products(xp: Any, *, cold: Any, danger: Any) -> Any:
-    """The most products one tracker may run on this tick.
-
-    A tick normally applies the operator once, continuing the iteration. A cold tracker (no product yet) converges
-    from its random start, its products beyond the first outside the budget (a one-off cost); a tracker in danger
-    (see [`wants_tick`][eos_core.monitor.wants_tick]) converges on the current Hessian, every product charged.
-    Both stop early once the relative residual is at most [`COLD_TOLERANCE`][eos_core.monitor.COLD_TOLERANCE].
-
-    Args:
-        xp: the array namespace.
-        cold: the tracker has no product yet.
-        danger: the latest lr x sharpness is beyond the warning threshold and the warning has not fired.
-
-    Returns:
-        [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] when cold,
-        [`DANGER_PRODUCTS`][eos_core.monitor.DANGER_PRODUCTS] in danger, else 1.
-    """
-    return xp.where(cold, COLD_PRODUCTS, xp.where(danger, DANGER_PRODUCTS, 1))
 
 
 def every(cost: float, budget: float) -> int:

@@ -150,42 +150,33 @@ def every(state: MonitorState, operators: int, budget: float) -> jax.Array:
     return jnp.maximum(1.0, jnp.ceil(tick_cost(state, operators) / budget - 1e-6))
 
 
-def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps, *,
-             danger: jax.Array) -> tuple[TrackerState, jax.Array]:
-    """One tracker step whose product is `first`; a cold tracker, or one in danger, then converges with `matvec`.
+def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps
+             ) -> TrackerState:
+    """One tracker step whose product is `first`; a cold tracker then converges with `matvec`.
 
-    A tracker with no product yet (at most [`eos_core.monitor.COLD_PRODUCTS`][] products in all) or in danger (at
-    most [`eos_core.monitor.DANGER_PRODUCTS`][]; [`eos_core.monitor.tick_products`][]) continues with `matvec`
-    until its relative residual is below [`eos_core.monitor.COLD_TOLERANCE`][], after at least `RESTART` products.
-
-    Args:
-        state: the tracker's state.
-        first: the operator applied to the tracker's next vector (the tick's first product, computed by the
-            caller: it may be a check of finite differences against the exact product).
-        matvec: the operator, for the further products.
-        ops: vector operations.
-        danger: the latest lr x sharpness is beyond the warning threshold and the warning has not fired.
+    A tracker with no product yet continues with `matvec` until its relative residual is below
+    [`eos_core.monitor.COLD_TOLERANCE`][] (at least `RESTART` and at most [`eos_core.monitor.COLD_PRODUCTS`][]
+    products in all).
 
     Returns:
-        `(state, charged)`: the tracker's state after the products, and the products charged to the budget (1
-        for a cold start, whose further products are a one-off cost outside it; every product otherwise).
+        The tracker's state after the products.
     """
     cold = state.products == 0
-    limit = rules.tick_products(jnp, cold=cold, danger=danger)
-    least = jnp.where(limit > 1, RESTART, 1)
     state = tracker_step(state, lambda _: first, ops=ops)
 
     def keep_going(carry: tuple[TrackerState, jax.Array]) -> jax.Array:
         current, made = carry
         residual = rules.relative_residual(jnp, current.residual, current.eigenvalue)
-        return (made < limit) & ((made < least) | ~(residual <= rules.COLD_TOLERANCE))
+        return (made < rules.COLD_PRODUCTS) & ((made < RESTART) | ~(residual <= rules.COLD_TOLERANCE))
 
     def more(carry: tuple[TrackerState, jax.Array]) -> tuple[TrackerState, jax.Array]:
         current, made = carry
         return tracker_step(current, matvec, ops=ops), made + 1
 
-    state, made = lax.while_loop(keep_going, more, (state, jnp.asarray(1, jnp.int32)))
-    return state, jnp.where(cold, 1, made)
+    def converge(current: TrackerState) -> TrackerState:
+        return lax.while_loop(keep_going, more, (current, jnp.asarray(1, jnp.int32)))[0]
+
+    return lax.cond(cold, converge, lambda current: current, state)
 
 
 def _next_vector(state: TrackerState, ops: TreeOps) -> PyTree:
@@ -270,14 +261,12 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
             other = jnp.where(is_exact, current.cost_fd, current.cost_exact)
             # the check's second product (the first tick's is part of the cold start, outside the budget)
             extra = jnp.where(checking & (current.tracker.products > 0), other, 0.0).astype(credit.dtype)
-        tracker, charged = _advance(current.tracker, first, regular, ops, danger=danger)
+        tracker = _advance(current.tracker, first, regular, ops)
         preconditioned = current.preconditioned
         if preconditioned is not None:
             operator = preconditioned_operator(regular, precond, ops=ops)
-            preconditioned, more = _advance(preconditioned, operator(_next_vector(preconditioned, ops)), operator,
-                                            ops, danger=danger)
-            charged = charged + more
-        spent = charged * jnp.where(is_exact, current.cost_exact, current.cost_fd) + extra
+            preconditioned = _advance(preconditioned, operator(_next_vector(preconditioned, ops)), operator, ops)
+        spent = operators * jnp.where(is_exact, current.cost_exact, current.cost_fd) + extra
         return current._replace(tracker=tracker, preconditioned=preconditioned, credit=credit - spent,
                                 exact=is_exact.astype(jnp.int32), ticks=current.ticks + 1, check=ratio)
 

@@ -169,8 +169,7 @@ class Monitor:
         cost = self.tick_cost(operators)
         self.credit = float(rules.accrue(np, self.credit, self.budget.budget, cost))
         cold = self.trackers[0] is None or int(self.trackers[0].products) == 0
-        danger = self.danger()
-        if not bool(rules.wants_tick(np, self.credit, cost, cold=cold, danger=danger)):
+        if not bool(rules.wants_tick(np, self.credit, cost, cold=cold, danger=self.danger())):
             return
         if objective is None:
             if not self.missing_objective_warned:
@@ -187,8 +186,7 @@ class Monitor:
             torch.cuda.synchronize()
         start = time.perf_counter()
         self._spent += start - before
-        products, free = self._tick(objective, saved, clipped, seed, preconditioner if wants_preconditioned else None,
-                                    danger=danger)
+        products, free = self._tick(objective, saved, clipped, seed, preconditioner if wants_preconditioned else None)
         if synchronize:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -216,16 +214,8 @@ class Monitor:
 
     # -- one tick ------------------------------------------------------------------------------------------
     def _tick(self, objective: Any, saved: Vector, clipped: bool, seed: int,
-              preconditioner: Callable[[], Vector | None] | None, *, danger: bool = False) -> tuple[int, int]:
-        """Apply each tracker's operator at `w` (a cold tracker, or every tracker in danger: several times).
-
-        Args:
-            objective: the step's objective.
-            saved: the tuner's copy of `w`.
-            clipped: the step's `.grad` is clipped (finite differences evaluate `g(w)` again).
-            seed: the start vectors' seed.
-            preconditioner: P as the optimizer's state holds it now, or None (no preconditioned tracker).
-            danger: the latest lr x sharpness is beyond the warning threshold: converge on the current Hessian.
+              preconditioner: Callable[[], Vector | None] | None) -> tuple[int, int]:
+        """Apply each tracker's operator at `w` (a cold tracker: several times).
 
         Returns:
             `(made, free)`: the products made, checks included, and how many of them were a tracker's cold start
@@ -269,48 +259,36 @@ class Monitor:
                         continue
                     operator = hessian if p is None else preconditioned_operator(
                         hessian, [t.to(torch.promote_types(t.dtype, torch.float32)) for t in p], ops=self.ops)
-                    free += self._advance(index, operator, params, seed, danger=danger)[1]
+                    free += self._advance(index, operator, params, seed) - 1
                     self.ticked = (True, self.ticked[1]) if index == 0 else (self.ticked[0], True)
         finally:
             if exact_operator is not None:
                 exact_operator.release()
         return products, free
 
-    def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int, *,
-                 danger: bool) -> tuple[int, int]:
-        """Advance tracker `index` by one product (cold or in danger: until its residual is small).
+    def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int) -> int:
+        """Advance tracker `index` by one product (a cold tracker: until its residual is small).
 
-        A cold tracker runs up to `COLD_PRODUCTS` products and one in danger up to `DANGER_PRODUCTS`
-        ([`tick_products`][eos_core.monitor.tick_products]), stopping once the relative residual is at most
-        `COLD_TOLERANCE` (after at least `RESTART` products, one full cycle on the current Hessian).
-
-        Args:
-            index: 0 for H, 1 for the preconditioned Hessian.
-            operator: the tracker's operator at the current parameters.
-            params: the parameters (the shapes of a cold tracker's start vector).
-            seed: the start vectors' seed.
-            danger: the latest lr x sharpness is beyond the warning threshold (see `danger`).
+        A cold tracker runs up to `COLD_PRODUCTS` products, stopping once its relative residual is at most
+        `COLD_TOLERANCE` (after at least `RESTART` products).
 
         Returns:
-            `(made, free)`: the products made, and how many of them are a cold start's beyond its first (outside
-            the budget).
+            The number of products made.
         """
         state = self.trackers[index]
         if state is None:
             like = [p.detach().to(torch.promote_types(p.dtype, torch.float32)) for p in params]
             state = tracker_init(self.space.random_start(seed + index, like), restart=RESTART, ops=self.ops)
-        cold = int(state.products) == 0
-        limit = int(rules.tick_products(np, cold=cold, danger=danger))
-        least = RESTART if limit > 1 else 1
+        limit = rules.COLD_PRODUCTS if int(state.products) == 0 else 1
         made = 0
         while made < limit:
             state = tracker_step(state, operator, ops=self.ops)
             made += 1
-            if made >= least and not float(rules.relative_residual(np, state.residual, state.eigenvalue)) > (
+            if made >= RESTART and not float(rules.relative_residual(np, state.residual, state.eigenvalue)) > (
                     rules.COLD_TOLERANCE):
                 break
         self.trackers[index] = state
-        return made, made - 1 if cold else 0
+        return made
 
     def _finite_difference(self, objective: Any, params: Vector, saved: Vector, base: Vector, v: Vector) -> Vector:
         """`(g(w + h v) - g(w)) / h`; the parameters go back to `w` (the tuner's copy) bit for bit."""

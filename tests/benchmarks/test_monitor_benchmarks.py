@@ -150,14 +150,3 @@ def test_monitor_warning_classifies_runs(tmp_path):
     assert blown["onset"] is not None and blown["onset"] <= blown["steps"] - 1
     summary = json.loads(out.read_text())["summary"]["mlp-gd"]
     assert summary["diverging"] == 1 and summary["stable"] == 1
-
-
-def test_the_warning_comes_before_the_spike_of_a_tanh_mlp_diverging_from_above_its_edge(tmp_path):
-    # GD at 2.3-2.5x its edge on the benchmark's MLP blows up within 5-7 steps. Above the edge the top eigenvector
-    # turns within one step: a tick of one product from the previous vector read 0.63 against an exact 3.82 and
-    # the warning never came. Ticks in danger converge on the current Hessian (DANGER_PRODUCTS).
-    out = tmp_path / "warning.json"
-    assert monitor_warning.main(["--case", "mlp-gd=1.6,1.7", "--seeds", "0", "--json", str(out)]) == 0
-    for run in json.loads(out.read_text())["runs"]:
-        assert run["diverged"] and run["spike"] is not None
-        assert run["warning"] is not None and run["lead"] >= 1, (run["lr"], run["warning"], run["spike"])

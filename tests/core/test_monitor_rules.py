@@ -90,10 +90,3 @@ def test_an_adaptive_optimizers_first_steps_do_not_count():
     assert rules.counts_for_warning(np, True, rules.GRACE_STEPS, adaptive=True)
     assert rules.counts_for_warning(np, True, 0)  # gradient descent: no grace
     assert not rules.counts_for_warning(np, False, 100)
-
-
-def test_a_tick_converges_when_cold_or_in_danger_and_applies_one_product_otherwise():
-    assert rules.tick_products(np, cold=True, danger=False) == rules.COLD_PRODUCTS
-    assert rules.tick_products(np, cold=False, danger=True) == rules.DANGER_PRODUCTS
-    assert rules.tick_products(np, cold=False, danger=False) == 1
-    assert 1 < rules.DANGER_PRODUCTS <= rules.DEBT_PRODUCTS  # a danger tick fits in the allowed debt
