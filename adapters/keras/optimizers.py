@@ -96,8 +96,8 @@ def check_supported(owner: str, optimizer: Any, *, measuring: bool = False) -> N
 def is_variable(value: Any) -> bool:
     """Whether `value` is a Keras variable (a learning rate given as a number is stored as one).
 
-    `keras.Variable` is the variables' class from Keras 3.6 on; Keras 3.5 exports another class under that name
-    and creates the backend's own (`keras.src.backend.Variable`), which is checked too.
+    `keras.Variable` is the variables' class in recent Keras 3 releases (3.15 is tested); Keras 3.5 exports another
+    class under that name and creates the backend's own (`keras.src.backend.Variable`), which is checked too.
 
     Args:
         value: anything, e.g. an optimizer's `_learning_rate` (a variable, a schedule or a callable).
