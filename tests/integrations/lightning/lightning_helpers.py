@@ -1,12 +1,18 @@
 """Shared pieces of the Lightning callback tests (also imported by the DDP script the tests write)."""
 
-import math
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
+
+TESTS = Path(__file__).resolve().parents[2]  # tests/: the scripts the tests write import this module without conftest
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from diagnostics_checks import measured, same_diagnostics  # noqa: E402, F401
 
 
 def digits(n: int = 512, dtype: torch.dtype = torch.float32) -> TensorDataset:
@@ -135,16 +141,3 @@ def trainer(tmp_path, callbacks, *, max_steps: int = 16, logger=None, **kwargs) 
     return pl.Trainer(callbacks=callbacks, **options)
 
 
-def measured(diagnostics: dict, name: str, default=None):
-    """The value of ``name`` when it was measured on that step: the tuner reports NaN (or leaves out) the rest."""
-    value = diagnostics.get(name)
-    return default if value is None or math.isnan(value) else value
-
-
-def same_diagnostics(a: dict, b: dict) -> bool:
-    """Same keys and bit-identical values (NaN equal to NaN)."""
-    def same(x, y):
-        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-            return True
-        return x == y and type(x) is type(y)
-    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)

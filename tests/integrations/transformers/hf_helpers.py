@@ -1,16 +1,33 @@
 """Shared pieces of the Hugging Face Trainer callback tests: tiny models from configs, synthetic token data."""
 
 import dataclasses
-import math
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from transformers import TrainerCallback, TrainingArguments
 
+TESTS = Path(__file__).resolve().parents[2]  # tests/: the scripts the tests write import this module without conftest
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from diagnostics_checks import measured, same_diagnostics  # noqa: E402, F401
+
 #: `TrainingArguments.train_sampling_strategy` exists in recent releases only (not in 4.48, the lowest admitted)
 HAS_SAMPLING_STRATEGY = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
 
+
+def launch_env() -> dict:
+    """The environment of a test's training subprocesses (one process, or ranks under torchrun): this one, offline,
+    one thread, without a parent's distributed variables, and without ACCELERATE_* (transformers 4.48 writes
+    ACCELERATE_MIXED_PRECISION into os.environ during a bf16 test: the ranks would train under bf16 autocast)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 class Trainer(transformers.Trainer):
     """The Trainer, drawing the training batches in order on every release (sequential sampling).
@@ -138,21 +155,6 @@ def train(tmp_path, model, eos, *, data=None, resume=None, optimizers=(None, Non
 
 def logged(trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
-def measured(diagnostics: dict, name: str, default=None):
-    """The value of ``name`` when it was measured on that step: the tuner reports NaN (or leaves out) the rest."""
-    value = diagnostics.get(name)
-    return default if value is None or math.isnan(value) else value
-
-
-def same_diagnostics(a: dict, b: dict) -> bool:
-    """Same keys and bit-identical values (NaN equal to NaN)."""
-    def same(x, y):
-        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-            return True
-        return x == y and type(x) is type(y)
-    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 class LinearRegression(torch.nn.Module):

@@ -5,12 +5,12 @@ world size (``average_tokens_across_devices``); the probe has to do the same for
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hf_helpers import launch_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,12 +48,7 @@ if dist.is_initialized():
 def test_two_ranks_agree_with_each_other_and_with_one_process_on_the_union_batch(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(helpers=str(HERE), out=str(tmp_path)))
-    # older transformers (4.48) write ACCELERATE_MIXED_PRECISION into os.environ (a bf16 test before this one):
-    # the ranks would inherit it and train under bf16 autocast
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launch_env()
     single = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-5000:]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]

@@ -13,12 +13,12 @@ is saved).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hf_helpers import launch_env
 
 from eos_core.adapters.torch.sharding import MIN_TORCH_SHARDED, torch_version
 
@@ -89,12 +89,7 @@ if dist.is_initialized():
 def test_fsdp2_ranks_tune_alike_log_the_applied_lr_and_resume(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(helpers=str(HERE), out=str(tmp_path)))
-    # older transformers (4.48) write ACCELERATE_MIXED_PRECISION into os.environ (a bf16 test before this one):
-    # the ranks would inherit it and train under bf16 autocast
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launch_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     fsdp = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert fsdp.returncode == 0, fsdp.stderr[-5000:]
