@@ -8,6 +8,7 @@ mixed precision. `torch._foreach_*` kernels do the elementwise work.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -107,10 +108,23 @@ def _float32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     Returns:
         One fp32 scalar tensor per tensor.
     """
-    try:
+    if _foreach_norm_takes_dtype():
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    except TypeError:  # torch < 2.4: no dtype argument
-        return [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+    return [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+
+
+@functools.cache
+def _foreach_norm_takes_dtype() -> bool:
+    """Whether this torch's `_foreach_norm` takes `dtype` (asked once, on a one-element tensor).
+
+    Returns:
+        False on torch < 2.4, where the call raises TypeError.
+    """
+    try:
+        torch._foreach_norm([torch.zeros(1, dtype=torch.bfloat16)], 2, dtype=torch.float32)
+    except TypeError:
+        return False
+    return True
 
 
 def step_inputs(loss: torch.Tensor | None, grads: Sequence[torch.Tensor | None]) -> tuple[float | None, float, bool]:
