@@ -13,15 +13,16 @@ namespace `xp`):
   $f(w) = \tfrac12 \lambda w^2$ ([`heavy_ball_edge`][eos_core.monitor.heavy_ball_edge],
   [`nesterov_edge`][eos_core.monitor.nesterov_edge], [`adam_edge`][eos_core.monitor.adam_edge],
   [`edge_from_impulse_response`][eos_core.monitor.edge_from_impulse_response]).
-* **The budget as credit** ([`accrue`][eos_core.monitor.accrue], [`wants_tick`][eos_core.monitor.wants_tick]):
-  every step earns `budget` step-times of credit, a product costs `cost` step-times
-  (`cost = t_product / t_step`, measured or modelled), and the monitor applies the operator when the credit covers
-  it, i.e. every $k = \lceil \text{cost} / \text{budget} \rceil$ steps on average. Two exceptions, both bounded:
-  the first tick runs up to [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] products at once (the cold start
-  from a random vector, a one-off cost outside the budget), and while the latest lr x sharpness lies beyond the
-  warning threshold and the warning has not fired yet, the monitor ticks at every step, going into debt by at most
-  [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products (repaid from later credit), so a crossing is confirmed
-  within a few steps instead of a few hundred.
+* **The budget as credit** ([`accrue`][eos_core.monitor.accrue], [`wants_tick`][eos_core.monitor.wants_tick]): every
+  step earns `budget` step-times of credit, less the adapter's measured per-step bookkeeping
+  ([`product_share`][eos_core.monitor.product_share]: PyTorch times it, inside `jit` it is not measured); a product
+  costs `cost` step-times (`cost = t_product / t_step`, measured or modelled), and the monitor applies the operator
+  when the credit covers it, i.e. every $k = \lceil \text{cost} / \text{share} \rceil$ steps on average. Two
+  exceptions, both bounded: the first tick runs up to [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] products at
+  once (the cold start from a random vector, a one-off cost outside the budget), and while the latest lr x sharpness
+  lies beyond the warning threshold and the warning has not fired yet, the monitor ticks at every step, going into
+  debt by at most [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products (repaid from later credit), so a crossing
+  is confirmed within a few steps instead of a few hundred.
 * **Which product** ([`is_check`][eos_core.monitor.is_check], [`finite_differences_agree`][
   eos_core.monitor.finite_differences_agree]): the one-sided finite difference of gradients
   $(g(w + h v) - g(w)) / h$ reusing the step's own gradient costs one gradient; at the 1st, 10th, 100th, ... tick
@@ -60,6 +61,14 @@ COLD_PRODUCTS = 16
 COLD_TOLERANCE = 1e-2
 #: Products the monitor may borrow from future credit to confirm a crossing at every step.
 DEBT_PRODUCTS = 8
+#: The share of the budget the adapter's own per-step work for monitoring may take before products get the rest: the
+#: PyTorch tuner times its hooks (outside the step's closure and the products) and charges them to the budget up to
+#: this share, so products and bookkeeping together stay within the budget unless the bookkeeping alone exceeds it.
+OVERHEAD_SHARE = 0.5
+#: The share of the budget kept back for what no adapter can time: the optimizer's hook dispatch, the caches a tick
+#: evicts from the next steps' working set (measured on the PyTorch CPU MLP: the three steps after a tick run ~5%
+#: slower), the timing noise of the step-time estimate.
+RESERVE = 0.1
 #: Finite differences are trusted when ||Hv_fd - Hv_exact|| <= CHECK_TOLERANCE ||Hv_exact||.
 CHECK_TOLERANCE = 0.05
 #: Cost model of one product in training steps (JAX, where nothing can be timed inside `jit`): one extra gradient
@@ -181,6 +190,21 @@ def accrue(xp: Any, credit: Any, budget: float, cost: Any) -> Any:
         `min(credit + budget, max(cost, budget))`.
     """
     return xp.minimum(credit + budget, xp.maximum(cost, budget))
+
+
+def product_share(budget: float, overhead: float) -> float:
+    """The budget left for products after the per-step bookkeeping (step-times per step).
+
+    Args:
+        budget: `monitor_budget`, the fraction of training time monitoring may take.
+        overhead: the measured per-step bookkeeping in step-times (0 where it is not measured, as inside `jit`).
+
+    Returns:
+        `(1 - RESERVE) budget - min(overhead, OVERHEAD_SHARE * budget)`: products always keep at least 40% of the
+        budget ([`RESERVE`][eos_core.monitor.RESERVE], [`OVERHEAD_SHARE`][eos_core.monitor.OVERHEAD_SHARE]).
+    """
+    budget = float(budget)
+    return (1.0 - RESERVE) * budget - min(max(float(overhead), 0.0), OVERHEAD_SHARE * budget)
 
 
 def wants_tick(xp: Any, credit: Any, cost: Any, *, cold: Any, danger: Any) -> Any:

@@ -105,3 +105,47 @@ NUMPY = Numerics(
     index_update=numpy_index_update,
 )
 """Float64 numpy scalars and Python control flow: the default everywhere."""
+
+
+class _PythonScalars:
+    """The few array-namespace functions the per-step rules use, for Python floats, ints and bools.
+
+    numpy's functions on Python scalars build 0-d arrays: a few microseconds each, ten of them a step, more with the
+    caches cold after a training step's forward and backward passes. The PyTorch adapter applies the per-step rules
+    of [`eos_core.monitor`][] and [`eos_core.diagnostics`][] to host floats with this namespace instead; the results
+    are those of numpy (NaN propagates through `minimum` and `maximum` as there).
+    """
+
+    @staticmethod
+    def where(condition: Any, x: Any, y: Any) -> Any:
+        """`x if condition else y`."""
+        return x if condition else y
+
+    @staticmethod
+    def isnan(x: float) -> bool:
+        """`x != x`."""
+        return x != x
+
+    @staticmethod
+    def isfinite(x: float) -> bool:
+        """Neither NaN nor infinite."""
+        return x - x == 0.0
+
+    @staticmethod
+    def abs(x: float) -> float:
+        """`|x|`."""
+        return abs(x)
+
+    @staticmethod
+    def minimum(x: float, y: float) -> float:
+        """The smaller of two floats (NaN when either is)."""
+        return x if (x != x or x <= y) else y
+
+    @staticmethod
+    def maximum(x: float, y: float) -> float:
+        """The larger of two floats (NaN when either is)."""
+        return x if (x != x or x >= y) else y
+
+
+#: Host scalars: the array namespace `xp` for the per-step rules applied to Python floats.
+PYTHON_SCALARS = _PythonScalars()

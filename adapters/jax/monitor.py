@@ -145,9 +145,11 @@ def every(state: MonitorState, operators: int, budget: float) -> jax.Array:
         budget: `monitor_budget`, the share of training time the monitor may take.
 
     Returns:
-        $k = \max(1, \lceil \text{operators} \cdot \text{cost} / \text{budget} \rceil)$ steps, as a 0-d float array.
+        $k = \max(1, \lceil \text{operators} \cdot \text{cost} / s \rceil)$ steps, as a 0-d float array, with $s$
+        the budget left for products ([`product_share`][eos_core.monitor.product_share]: 90% of it, no bookkeeping
+        is timed inside `jit`).
     """
-    return jnp.maximum(1.0, jnp.ceil(tick_cost(state, operators) / budget - 1e-6))
+    return jnp.maximum(1.0, jnp.ceil(tick_cost(state, operators) / rules.product_share(budget, 0.0) - 1e-6))
 
 
 def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps
@@ -213,7 +215,7 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
     """
     operators = 1 + int(state.preconditioned is not None)
     cost = tick_cost(state, operators)
-    credit = rules.accrue(jnp, state.credit, budget, cost)
+    credit = rules.accrue(jnp, state.credit, rules.product_share(budget, 0.0), cost)  # bookkeeping is not timed
     cold = state.tracker.products == 0
     tick = finite & rules.wants_tick(jnp, credit, cost, cold=cold, danger=danger)
 

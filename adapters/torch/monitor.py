@@ -44,6 +44,7 @@ from eos_core import routes
 from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.oracles import Oracle, is_route_unavailable
 from eos_core.adapters.torch.sharding import ParameterSpace
+from eos_core.numerics import PYTHON_SCALARS as scalars
 from eos_core.routes import finite_difference_step
 from eos_core.settings import TunerSettings
 from eos_core.spectral import preconditioned_operator
@@ -57,6 +58,11 @@ OPERATORS = ("", "preconditioned_")
 #: Names of the saved basis vectors (`<operator>monitor_basis_<i>`)
 VECTORS = tuple(f"{op}monitor_basis_{i}" for op in OPERATORS for i in range(RESTART))
 _NAN = math.nan
+
+
+def now() -> float:
+    """The monitor's clock (`time.perf_counter`), read by the tuner too to time its own per-step work."""
+    return time.perf_counter()
 
 
 class Monitor:
@@ -100,13 +106,25 @@ class Monitor:
         self.missing_objective_warned = False
         self.eps = float(torch.finfo(torch.float32).eps)  #: machine epsilon of this tick's finite differences
         self._last_start: float | None = None
+        self._untimed = 1  #: intervals still to leave untimed after a (re)start
         self._spent = 0.0
+        #: per tracker, (products, eigenvalue, relative residual) of its latest reading
+        self._readings: list[tuple[int, float, float] | None] = [None, None]
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def start_step(self) -> None:
-        """Record a step time, at the pre-step hook of every step: the interval since the last one minus monitoring."""
+        """Record a step time, at the pre-step hook of every step: the interval since the last one minus monitoring.
+
+        The first interval of a run, and of a resumed run, is not recorded: it holds one-off work (the finite
+        differences' machine-epsilon estimates, lazy initialisations) and a resumed run cannot measure the interval
+        that spans the checkpoint, so the two runs would time different steps.
+        """
         now = time.perf_counter()
-        if self._last_start is not None:
+        if self._last_start is None:  # the first step (of the run, or since a resume): its interval is not timed
+            self._untimed = 1
+        elif self._untimed:
+            self._untimed -= 1
+        else:
             self.local.record_step(now - self._last_start - self._spent)
         self._last_start, self._spent = now, 0.0
         self.ticked = (False, False)
@@ -129,8 +147,12 @@ class Monitor:
 
     @property
     def every(self) -> float:
-        """`k`, the steady-state spacing of ticks in steps ([`every`][eos_core.monitor.every] of the tick's cost)."""
-        return float(rules.every(self.tick_cost(self._operators_in_use()), self.budget.budget))
+        """`k`, the steady-state spacing of ticks in steps.
+
+        Returns:
+            [`every`][eos_core.monitor.every] of the tick's cost and the budget left for products.
+        """
+        return float(rules.every(self.tick_cost(self._operators_in_use()), self.budget.share))
 
     def _operators_in_use(self) -> int:
         return 1 + int(self.trackers[1] is not None)
@@ -147,12 +169,29 @@ class Monitor:
         return (not self.unstable and math.isfinite(self.latest) and math.isfinite(edge)
                 and self.latest > rules.threshold(edge, self.settings.monitor_margin))
 
-    def step(self, *, objective: Any, saved: Vector, clipped: bool, seed: int,
-             preconditioner: Callable[[], Vector | None], wants_preconditioned: bool) -> None:
-        """Advance the trackers' ages and tick when the credit allows (before the optimizer's step, at `w`).
+    def plan(self, *, wants_preconditioned: bool) -> bool:
+        """Advance the trackers' ages and the credit; whether this step ticks (decided before the tuner copies `w`).
 
-        Without an objective on a step that would tick, the monitor warns once (RuntimeWarning) and skips the
-        tick.
+        Args:
+            wants_preconditioned: the optimizer has a diagonal preconditioner (a second tracker).
+
+        Returns:
+            True when the credit (or the cold start, or danger) calls for a tick on this step: the tuner then copies
+            `w` and calls [`tick`][eos_core.adapters.torch.monitor.Monitor.tick].
+        """
+        for i, state in enumerate(self.trackers):
+            if state is not None and int(state.products) > 0:
+                self.trackers[i] = tracker_age(state)
+        cost = self.tick_cost(1 + int(wants_preconditioned))
+        self.credit = float(rules.accrue(scalars, self.credit, self.budget.share, cost))
+        cold = self.trackers[0] is None or int(self.trackers[0].products) == 0
+        return bool(rules.wants_tick(scalars, self.credit, cost, cold=cold, danger=self.danger()))
+
+    def tick(self, *, objective: Any, saved: Vector, clipped: bool, seed: int,
+             preconditioner: Callable[[], Vector | None], wants_preconditioned: bool) -> float:
+        """Apply the trackers' operators at `w` (before the optimizer's step), on a step `plan` chose.
+
+        Without an objective the monitor warns once (RuntimeWarning) and skips the tick.
 
         Args:
             objective: the step's objective (None: no tick is possible on this step).
@@ -161,23 +200,17 @@ class Monitor:
             seed: the start vectors' seed (`seed` for H, `seed + 1` for the preconditioned Hessian).
             preconditioner: P as the optimizer's state holds it now (local tensors), or None.
             wants_preconditioned: the optimizer has a diagonal preconditioner (a second tracker).
+
+        Returns:
+            The tick's wall time in seconds (charged to the budget here; 0 for a skipped tick).
         """
-        for i, state in enumerate(self.trackers):
-            if state is not None and int(state.products) > 0:
-                self.trackers[i] = tracker_age(state)
-        operators = 1 + int(wants_preconditioned)
-        cost = self.tick_cost(operators)
-        self.credit = float(rules.accrue(np, self.credit, self.budget.budget, cost))
-        cold = self.trackers[0] is None or int(self.trackers[0].products) == 0
-        if not bool(rules.wants_tick(np, self.credit, cost, cold=cold, danger=self.danger())):
-            return
         if objective is None:
             if not self.missing_objective_warned:
                 self.missing_objective_warned = True
                 warnings.warn("eos_core: the sharpness monitor (monitor_budget) needs the loss on the batch: call "
                               "tuner.step(closure) or tuner.set_objective(loss_fn) before each step; no sharpness is "
                               "measured meanwhile", RuntimeWarning, stacklevel=4)
-            return
+            return 0.0
         before = time.perf_counter()
         with objective.preserving_buffers():  # may evaluate the loss once (not a product): BatchNorm stays put
             self.eps = self.oracle._eps(self.space.local(), objective)
@@ -185,25 +218,43 @@ class Monitor:
         if synchronize:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        self._spent += start - before
         products, free = self._tick(objective, saved, clipped, seed, preconditioner if wants_preconditioned else None)
         if synchronize:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self._spent += seconds
-        self._account(seconds, products, free)
+        end = time.perf_counter()
+        self._spent += end - before
+        self._account(end - start, products, free)  # the machine epsilon is estimated once: not charged
         self.ticks += 1
+        return end - before
+
+    def record_overhead(self, seconds: float) -> None:
+        """The tuner's own work for this step outside the closure and the tick (its hooks), timed by the tuner.
+
+        It is left out of the step time and charged to the budget ([`product_share`][eos_core.monitor.product_share]).
+        """
+        if seconds >= 0:
+            self.local.record_overhead(seconds)
+            self._spent += seconds
 
     def _account(self, seconds: float, products: int, free: int) -> None:
         """Charge a tick to the credit and update the times the schedule uses.
 
-        From the mean over the data-parallel ranks (one all-reduce of three numbers, at a tick, which every rank
+        From the mean over the data-parallel ranks (one all-reduce of four numbers, at a tick, which every rank
         takes together): every rank then takes the same decisions from the same numbers.
+
+        Args:
+            seconds: the products' time.
+            products: the products made.
+            free: how many of them were a cold start's (not charged).
         """
         local_step = self.local.step_time if self.local.step_time is not None else _NAN
-        step_time, seconds, products = self.space.mean_loss([local_step, seconds, float(products)])
+        local_overhead = self.local.overhead_time if self.local.overhead_time is not None else _NAN
+        step_time, seconds, products, overhead = self.space.mean_loss(
+            [local_step, seconds, float(products), local_overhead])
         if math.isfinite(step_time) and step_time > 0:
             self.budget.step_time = step_time
+        if math.isfinite(overhead):
+            self.budget.overhead_time = overhead
         if products and not self.checking:  # a check tick also computes the other product: not a cost sample
             self.budget.record_product(seconds / products)
         charged = (products - free) / products if products else 0.0  # a tracker's cold start is a one-off cost
@@ -229,7 +280,7 @@ class Monitor:
         precond = preconditioner() if preconditioner is not None else None
         if precond is not None and not any(bool(torch.isfinite(p).any()) for p in precond):
             precond = None  # no optimizer state yet: nothing to precondition with
-        check = self.checking = self.exact_available and bool(rules.is_check(np, self.ticks + 1))
+        check = self.checking = self.exact_available and bool(rules.is_check(scalars, self.ticks + 1))
         try:
             with objective.preserving_buffers():
                 if base is None:
@@ -284,7 +335,7 @@ class Monitor:
         while made < limit:
             state = tracker_step(state, operator, ops=self.ops)
             made += 1
-            if made >= RESTART and not float(rules.relative_residual(np, state.residual, state.eigenvalue)) > (
+            if made >= RESTART and not float(rules.relative_residual(scalars, state.residual, state.eigenvalue)) > (
                     rules.COLD_TOLERANCE):
                 break
         self.trackers[index] = state
@@ -318,7 +369,7 @@ class Monitor:
         difference = self.space.norm(list(torch._foreach_sub(approximate, reference)))
         size = self.space.norm(reference)
         self.check = (float(difference), float(size))
-        before, self.exact = self.exact, not bool(rules.finite_differences_agree(np, difference, size))
+        before, self.exact = self.exact, not bool(rules.finite_differences_agree(scalars, difference, size))
         if self.exact != before:
             self.budget.reset_product()  # the other product's cost is measured from the next tick on
         chosen = reference if self.exact else approximate
@@ -340,9 +391,13 @@ class Monitor:
         state = self.trackers[index]
         if state is None or int(state.products) == 0:
             return _NAN, _NAN, _NAN, False
-        value = float(state.eigenvalue)
-        return (value, float(rules.relative_residual(np, float(state.residual), value)), float(state.age),
-                bool(self.ticked[index]))
+        products = int(state.products)
+        cached = self._readings[index]
+        if cached is None or cached[0] != products:  # the estimate changes only with a product
+            value = float(state.eigenvalue)
+            cached = self._readings[index] = (products, value,
+                                              float(rules.relative_residual(scalars, float(state.residual), value)))
+        return cached[1], cached[2], float(state.age), bool(self.ticked[index])
 
     def warn_update(self, *, fresh: bool, value: float, edge: float, step: int, what: str, warn: bool,
                     counted: bool | None = None) -> bool:
@@ -357,7 +412,8 @@ class Monitor:
             value: the watched lr x sharpness (NaN when unknown).
             edge: the optimizer's edge of stability (NaN: unknown, the rule is not applied).
             step: the step index, for the warning's message.
-            what: the watched quantity's name, for the warning's message.
+            what: the watched diagnostic's name (`lr_sharpness` or `preconditioned_lr_sharpness`), for the warning's
+                message.
             warn: raise the RuntimeWarning (False: only the state changes).
             counted: the measurement enters the warning
                 ([`counts_for_warning`][eos_core.monitor.counts_for_warning]; default: `fresh`).
@@ -373,12 +429,14 @@ class Monitor:
         if not math.isfinite(edge):
             return False
         limit = rules.threshold(edge, self.settings.monitor_margin)
-        streak, now, fired = rules.warning_update(np, self.streak, int(self.unstable), bool(counted), value, limit,
+        streak, now, fired = rules.warning_update(scalars, self.streak, int(self.unstable), bool(counted), value,
+                                                  limit,
                                                   self.settings.monitor_patience)
         self.streak, self.unstable = int(streak), bool(now)
         if bool(fired) and warn:
+            name = what.replace("_", " ").replace("lr ", "lr x ")  # lr_sharpness -> "lr x sharpness"
             warnings.warn(rules.warning_message(value, edge, self.settings.monitor_margin,
-                                                self.settings.monitor_patience, step, what), RuntimeWarning,
+                                                self.settings.monitor_patience, step, name), RuntimeWarning,
                           stacklevel=4)
         return self.unstable
 
@@ -447,6 +505,7 @@ class Monitor:
                 eigenvalue=np.float64(entry["eigenvalue"]), residual=np.float64(entry["residual"]),
                 products=np.int64(entry["products"]), age=np.int64(entry["age"])))
         self.trackers = trackers
+        self._readings = [None, None]
         self.budget.load_state_dict(saved.get("budget", {}))
         self.local.load_state_dict(saved.get("local", {}))
         self.credit = float(saved.get("credit", 0.0))

@@ -54,7 +54,11 @@ class PendingStep:
     step_lr: float = 0.0  #: the first group's lr during the optimizer's step
     eta_probe: float = 1.0  #: `step_lr` of an instrumented step
     output: LawOutput | None = None  #: the law's decision, made before a direct step
-    saved: Vector | None = None  #: w before the step (on an instrumented step, then D = eta_probe u)
+    #: w before the step (on an instrumented step, then D = eta_probe u); with `law=None` only on the steps that
+    #: measure (instrumented steps and monitor ticks)
+    saved: Vector | None = None
+    #: seconds of the tuner's own work in the pre-step hook (closure and monitor tick excluded), with `law=None`
+    bookkeeping: float | None = None
     law_estimates: dict[bool, Estimate] = field(default_factory=dict)  #: the law's lambda_max, per operator
     preconditioner: Any = NOT_COMPUTED
 

@@ -70,6 +70,7 @@ from eos_core import diagnostics as diag
 from eos_core import monitor as rules
 from eos_core import stats as S
 from eos_core.adapters.torch import checkpoint, configuration
+from eos_core.adapters.torch import monitor as monitoring
 from eos_core.adapters.torch import optimizers as opt_info
 from eos_core.adapters.torch import vector_ops as vec
 from eos_core.adapters.torch.checkpoint import REQUIRED_STATE_FIELDS, STATE_KEY, STATE_VERSION
@@ -81,6 +82,7 @@ from eos_core.adapters.torch.sharding import ParameterSpace, local
 from eos_core.adapters.torch.spectral_estimates import SpectralEstimates
 from eos_core.adapters.torch.step import NOT_COMPUTED, AtW, PendingStep, Probe, group_ratios
 from eos_core.laws.base import Law, LawOutput
+from eos_core.numerics import PYTHON_SCALARS as scalars
 from eos_core.routes import parameter_scale_along
 from eos_core.settings import TunerSettings
 
@@ -552,43 +554,74 @@ class CurvatureTuner:
         if _initialising_checkpoint_state(optimizer, args, kwargs):
             self._pending = PendingStep(step=self._step_count, passthrough=True)
             return None
+        started = monitoring.now()
         self._sync_space()
-        if self.monitor is not None:
-            self.monitor.start_step()
-        positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs))
-        pending = PendingStep(step=self._step_count, objective=objective)
-        if self._check_inputs(pending, loss):
+        monitor = self.monitor
+        if monitor is not None:
+            monitor.start_step()
+        pending = PendingStep(step=self._step_count)
+        ticking = measuring = False
+        lean = self.law is None and not self.space.sharded
+        if lean:  # measuring only: whether this step measures is decided first (it then reads g and copies w)
             self._plan(pending)
+            ticking = monitor is not None and monitor.plan(wants_preconditioned=self._has_preconditioner())
+            measuring = ticking or pending.instrumented
+        positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs),
+                                                                  measuring=measuring or not lean)
+        pending.objective = objective
+        elsewhere = self._closure_seconds  # the training step's own work, and the monitor's products below
+        if lean:  # between measurements the loss alone decides a skip (its gradient is not read)
+            proceed = self._check_inputs(pending, loss) if measuring else self._check_loss(pending, loss)
+        else:
+            proceed = self._check_inputs(pending, loss)
+            if proceed:
+                self._plan(pending)
+                ticking = monitor is not None and monitor.plan(wants_preconditioned=self._has_preconditioner())
+        if proceed:
             self._set_step_lr(pending)
-            pending.saved = vec.clone(self.space.local())
-            if self.monitor is not None:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
-                self.monitor.step(objective=objective, saved=pending.saved, clipped=self.clipped_gradients,
-                                  seed=self.settings.seed, preconditioner=lambda: self._current_preconditioner(pending),
-                                  wants_preconditioned=self._has_preconditioner())
+            if ticking or self.law is not None or pending.instrumented:  # measuring only: no copy of w otherwise
+                pending.saved = vec.clone(self.space.local())
+            if ticking:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
+                elsewhere += monitor.tick(objective=objective, saved=pending.saved, clipped=self.clipped_gradients,
+                                          seed=self.settings.seed,
+                                          preconditioner=lambda: self._current_preconditioner(pending),
+                                          wants_preconditioned=self._has_preconditioner())
         else:
             self._skip_inputs(pending)
+        if monitor is not None and self.law is None:
+            pending.bookkeeping = monitoring.now() - started - elsewhere
         self._pending = pending
         return tuple(positional), keywords
 
-    def _run_closure(self, args: list, kwargs: dict) -> tuple[list, dict, Any, Objective | None]:
+    def _run_closure(self, args: list, kwargs: dict, *, measuring: bool = True
+                     ) -> tuple[list, dict, Any, Objective | None]:
         """Call the step's closure once (recording the random state) and hand the optimizer its result.
 
         Probes evaluate the objective given by `set_objective` when there is one (a trainer's
         closure may run hooks and logging that must not run again), else the step's own closure.
 
+        Args:
+            args: the optimizer step's positional arguments.
+            kwargs: its keyword arguments.
+            measuring: the step may measure: record the random state (probes replay the forward pass's
+                randomness) and build the objective (False: a step that measures nothing needs neither).
+
         Returns:
             `(args, kwargs, loss, objective)`: the step's arguments with the closure replaced by one that returns
             the loss already computed, that loss (None without a closure), and the probes' objective (None
-            without a closure or `set_objective`).
+            without a closure or `set_objective`, or when not measuring).
         """
         params = self._params()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         probe_fn, self._objective_fn = self._objective_fn, None
         loss, rng = None, None
+        self._closure_seconds = 0.0
         if closure is not None:
-            rng = capture_rng(self.space.local())
+            rng = capture_rng(self.space.local()) if measuring else None
+            started = monitoring.now()
             with torch.enable_grad():
                 loss = closure()
+            self._closure_seconds = monitoring.now() - started
             probe_fn = probe_fn if probe_fn is not None else closure
 
             def cached() -> Any:
@@ -598,8 +631,9 @@ class CurvatureTuner:
                 kwargs["closure"] = cached
             else:
                 args[1] = cached
-        objective = None if probe_fn is None else Objective(probe_fn, params, rng_state=rng, module=self.model,
-                                                            loss_scale=self._loss_scale(), sharded=self.space.sharded)
+        objective = None if probe_fn is None or not measuring else Objective(
+            probe_fn, params, rng_state=rng, module=self.model, loss_scale=self._loss_scale(),
+            sharded=self.space.sharded)
         return args, kwargs, loss, objective
 
     def _check_inputs(self, pending: PendingStep, loss: Any) -> bool:
@@ -611,6 +645,16 @@ class CurvatureTuner:
             finite = finite and math.isfinite(value)
         pending.loss = value
         return finite or not self.settings.skip_nonfinite
+
+    def _check_loss(self, pending: PendingStep, loss: Any) -> bool:
+        """Read the loss alone (measuring only, between measurements); False when the step must be skipped."""
+        value = None
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            value = loss.item()
+        elif isinstance(loss, int | float) and not isinstance(loss, bool):
+            value = float(loss)
+        pending.loss = value
+        return value is None or math.isfinite(value) or not self.settings.skip_nonfinite
 
     def _skip_inputs(self, pending: PendingStep) -> None:
         """A non-finite loss or gradient: torch optimizers skip parameters without a gradient."""
@@ -653,12 +697,15 @@ class CurvatureTuner:
     # after the optimizer's step
     # ---------------------------------------------------------------------------------------------
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        started = monitoring.now()
         pending, self._pending = self._pending, None
         if pending is None or pending.passthrough:  # hooks attached mid-step; a checkpoint's state initialisation
             return
         try:
             if pending.skipped:
                 self._report_skipped(pending)
+            elif pending.saved is None:  # measuring only, on a step that measures nothing: no copy of w to use
+                self._report(pending, None, pending.step_lr, self._step_values(pending, _NAN))
             elif self.settings.skip_nonfinite and not self.space.all_finite(self.space.local()):
                 self._undo_non_finite_update(pending)
             elif pending.instrumented:
@@ -671,6 +718,8 @@ class CurvatureTuner:
             self.calls += 1
             if not pending.skipped:
                 self._step_count += 1
+            if pending.bookkeeping is not None:  # monitoring only: the whole of the tuner's work is the monitor's
+                self.monitor.record_overhead(pending.bookkeeping + monitoring.now() - started)
 
     def _undo_non_finite_update(self, pending: PendingStep) -> None:
         """Undo a NaN/Inf update that the optimizer produced from a finite gradient.
@@ -822,11 +871,13 @@ class CurvatureTuner:
                     for i in range(2)]
         # exact measurements of this step (sharpness_every, then the law's own) win over the monitor's estimate
         fallback = [law if math.isfinite(law) else reading[0] for law, reading in zip(laws, readings, strict=True)]
-        derived = diag.derive_sharpness(np, float(lr), exact[0], exact[1], fallback[0], fallback[1])
+        derived = diag.derive_sharpness(scalars, float(lr), exact[0], exact[1], fallback[0], fallback[1])
         values.update({k: float(v) for k, v in derived.items()})
         if self.monitor is not None:
             values.update(self._monitor_values(step, float(lr), exact, laws, readings, values, update))
         values.update(self._counters(step))
+        if len(values) == len(self._keys):  # no other key: already exactly the keys, in their order
+            return values
         return {key: values[key] for key in self._keys}
 
     def _monitor_values(self, step: int, lr: float, exact: tuple[float, float], laws: tuple[float, float],
@@ -848,9 +899,9 @@ class CurvatureTuner:
         unstable = monitor.unstable
         if update:
             index = int(on_preconditioned)
-            counted = bool(rules.counts_for_warning(np, fresh[index], step, adaptive=on_preconditioned))
+            counted = bool(rules.counts_for_warning(scalars, fresh[index], step, adaptive=on_preconditioned))
             unstable = monitor.warn_update(fresh=fresh[index], counted=counted, value=float(values[watched]),
-                                           edge=edge, step=step, what=watched.replace("_", " ").replace("lr ", "lr x "),
+                                           edge=edge, step=step, what=watched,
                                            warn=self.settings.warn is not False)
         out.update(edge=edge, unstable=float(unstable) if monitor.seen and math.isfinite(edge) else _NAN,
                    monitor_every=monitor.every, monitor_exact=float(monitor.exact))

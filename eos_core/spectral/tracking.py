@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from eos_core import _validation as check
+from eos_core.monitor import product_share
 from eos_core.spectral.power_iteration import normalized
 from eos_core.spectral.vector_ops import NumpyOps, VectorOps
 
@@ -174,21 +175,26 @@ class MonitorBudget:
     The adapter reports the wall time of each training step
     ([`record_step`][eos_core.spectral.tracking.MonitorBudget.record_step], the interval between two optimizer steps,
     everything included) and of each operator application
-    ([`record_product`][eos_core.spectral.tracking.MonitorBudget.record_product]); both are smoothed (EMA). The
-    tracker then applies the operator every
+    ([`record_product`][eos_core.spectral.tracking.MonitorBudget.record_product]) and, where it can be timed, of its
+    own per-step work for monitoring ([`record_overhead`][eos_core.spectral.tracking.MonitorBudget.record_overhead]);
+    all are smoothed (EMA). The tracker then applies the operator every
 
     $$
-    k = \\max(1, \\lceil t_{\\rm product} / (\\text{budget} \\cdot t_{\\rm step}) \\rceil)
+    k = \\max(1, \\lceil t_{\\rm product} / (s \\cdot t_{\\rm step}) \\rceil), \\qquad
+    s = 0.9\\,\\text{budget} - \\min(t_{\\rm overhead} / t_{\\rm step}, \\tfrac12 \\text{budget})
     $$
 
-    steps, so its share of the time is at most `budget` (e.g. 0.05). Before both times are known the first application
-    happens at the first step and [`every`][eos_core.spectral.tracking.MonitorBudget.every] is `initial_every`.
+    steps ([`product_share`][eos_core.monitor.product_share]), so products and bookkeeping together take at most
+    `budget` (e.g. 0.05) of the time, a tenth of it kept back for what cannot be timed, while the bookkeeping takes
+    at most half of it. Before both times are known
+    the first application happens at the first step and [`every`][eos_core.spectral.tracking.MonitorBudget.every]
+    is `initial_every`.
 
     Args:
         budget: the fraction of training time monitoring may take, in (0, 1].
         initial_every: `k` before the first measurements (default `ceil(1 / budget)`: one extra gradient
             costs about one step).
-        smoothing: EMA weight of the past for both times.
+        smoothing: EMA weight of the past for the times.
 
     Raises:
         ValueError: for a budget outside (0, 1], `initial_every` < 1 or `smoothing` outside [0, 1).
@@ -204,6 +210,7 @@ class MonitorBudget:
                                            closed_high=False)
         self.step_time: float | None = None
         self.product_time: float | None = None
+        self.overhead_time: float | None = None
 
     def _smooth(self, old: float | None, new: float) -> float:
         return new if old is None else self.smoothing * old + (1.0 - self.smoothing) * new
@@ -212,6 +219,11 @@ class MonitorBudget:
         """The wall time of one training step (without monitoring)."""
         if math.isfinite(seconds) and seconds > 0:
             self.step_time = self._smooth(self.step_time, float(seconds))
+
+    def record_overhead(self, seconds: float) -> None:
+        """The wall time of the adapter's own per-step work for monitoring (outside products): a step's bookkeeping."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self.overhead_time = self._smooth(self.overhead_time, float(seconds))
 
     def record_product(self, seconds: float) -> None:
         """The wall time of one operator application."""
@@ -223,7 +235,7 @@ class MonitorBudget:
         """`k`: steps between two operator applications."""
         if self.step_time is None or self.product_time is None:
             return self.initial_every
-        return max(1, math.ceil(self.product_time / (self.budget * self.step_time) - 1e-9))
+        return max(1, math.ceil(self.product_time / (self.share * self.step_time) - 1e-9))
 
     @property
     def cost(self) -> float | None:
@@ -232,15 +244,28 @@ class MonitorBudget:
             return None
         return self.product_time / self.step_time
 
+    @property
+    def share(self) -> float:
+        """The budget left for products per step ([`product_share`][eos_core.monitor.product_share])."""
+        return product_share(self.budget, self.overhead)
+
+    @property
+    def overhead(self) -> float:
+        """`t_overhead / t_step`: the per-step bookkeeping in training steps (0 before both times are known)."""
+        if self.step_time is None or self.overhead_time is None or self.step_time <= 0:
+            return 0.0
+        return self.overhead_time / self.step_time
+
     def reset_product(self) -> None:
         """Forget the product time (the adapter switched to a product of another cost)."""
         self.product_time = None
 
     def state_dict(self) -> dict[str, Any]:
         """The measured times, for checkpoints."""
-        return {"step_time": self.step_time, "product_time": self.product_time}
+        return {"step_time": self.step_time, "product_time": self.product_time, "overhead_time": self.overhead_time}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Restore [`state_dict`][eos_core.spectral.tracking.MonitorBudget.state_dict]'s output."""
         self.step_time = saved.get("step_time")
         self.product_time = saved.get("product_time")
+        self.overhead_time = saved.get("overhead_time")

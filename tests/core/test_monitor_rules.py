@@ -72,6 +72,28 @@ def test_the_budget_spaces_the_products_and_the_credit_is_capped():
             ticks += 1
     assert ticks == 50
     assert rules.accrue(np, 5.0, 0.05, 1.0) == 1.0  # no burst saved up while nothing ticked
+    assert rules.product_share(0.05, 0.0) == pytest.approx(0.045)  # 10% kept back for what cannot be timed
+    assert rules.product_share(0.05, 0.01) == pytest.approx(0.035)
+    assert rules.product_share(0.05, 0.2) == pytest.approx(0.02)  # bookkeeping beyond the budget: 40% is left
+
+
+def test_host_scalars_follow_numpy():
+    """The PyTorch adapter applies the per-step rules to Python floats: the same results as with numpy."""
+    from eos_core.numerics import PYTHON_SCALARS
+    values = (0.0, -1.5, 2.5, 3.0, math.nan, math.inf, -math.inf)
+    for x in values:
+        assert PYTHON_SCALARS.isnan(x) == bool(np.isnan(x)) and PYTHON_SCALARS.isfinite(x) == bool(np.isfinite(x))
+        for y in values:
+            for name in ("minimum", "maximum"):
+                got, want = getattr(PYTHON_SCALARS, name)(x, y), float(getattr(np, name)(x, y))
+                assert got == want or (math.isnan(got) and math.isnan(want)), (name, x, y)
+            for fresh in (False, True):
+                for streak in (0, 2):
+                    a = rules.warning_update(PYTHON_SCALARS, streak, 0, fresh, x, y, 3)
+                    b = rules.warning_update(np, streak, 0, fresh, x, y, 3)
+                    assert [int(v) for v in a] == [int(v) for v in b]
+        assert rules.relative_residual(PYTHON_SCALARS, 0.5, x) == pytest.approx(
+            float(rules.relative_residual(np, 0.5, x)), nan_ok=True)
 
 
 def test_the_warning_needs_patience_fires_once_per_episode_and_ends_below_the_threshold():

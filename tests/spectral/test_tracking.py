@@ -110,15 +110,31 @@ def test_budget_spaces_products_to_the_budget():
     assert budget.every == 20  # one extra gradient costs about one step
     budget.record_step(0.1)
     budget.record_product(0.08)
-    assert budget.every == math.ceil(0.08 / (0.05 * 0.1))
+    assert budget.every == math.ceil(0.08 / (0.045 * 0.1))  # 10% of the budget is kept back (monitor.RESERVE)
     budget.record_product(1.0)  # smoothed
-    assert budget.every == math.ceil((0.9 * 0.08 + 0.1 * 1.0) / (0.05 * 0.1))
+    assert budget.every == math.ceil((0.9 * 0.08 + 0.1 * 1.0) / (0.045 * 0.1))
     copy = MonitorBudget(0.05)
     copy.load_state_dict(budget.state_dict())
     assert copy.every == budget.every
     for bad in (0.0, 1.5, -0.1, math.nan):
         with pytest.raises(ValueError, match="budget"):
             MonitorBudget(bad)
+
+
+def test_the_bookkeeping_is_charged_to_the_budget_up_to_half_of_it():
+    """Products get what the adapter's per-step work leaves of 90% of the budget, and always 40% of it."""
+    budget = MonitorBudget(0.05)
+    budget.record_step(0.1)
+    budget.record_product(0.08)
+    assert budget.overhead == 0.0 and budget.every == math.ceil(0.08 / (0.045 * 0.1))  # not measured: 90%
+    budget.record_overhead(0.002)  # 2% of a step
+    assert budget.overhead == pytest.approx(0.02) and budget.share == pytest.approx(0.025)
+    assert budget.every == math.ceil(0.08 / (0.025 * 0.1))
+    budget.overhead_time = 0.01  # 10% of a step, beyond the budget: products keep 40% of it
+    assert budget.share == pytest.approx(0.02) and budget.every == math.ceil(0.08 / (0.02 * 0.1))
+    copy = MonitorBudget(0.05)
+    copy.load_state_dict(budget.state_dict())
+    assert copy.share == budget.share
 
 
 def test_lanczos_on_non_finite_products_returns_nan_instead_of_raising():

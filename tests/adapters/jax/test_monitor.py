@@ -122,8 +122,8 @@ def test_tracks_a_rotating_and_rescaling_quadratic_at_the_default_budget(x64):
         ages.append(found["sharpness_age"])
         if t >= 300:
             errors.append(abs(found["sharpness"] - top) / top)
-    k = math.ceil(rules.COST_MODEL["fd"] / 0.05)
-    assert diagnostics(state)["monitor_every"] == k
+    k = math.ceil(rules.COST_MODEL["fd"] / rules.product_share(0.05, 0.0))  # 90% of the budget: 25
+    assert diagnostics(state)["monitor_every"] == k == 25
     assert max(ages) <= 2 * k + 60 and sorted(ages)[-100] <= k - 1  # a check (tick 10) charges its exact product
     assert np.median(errors) < 0.03 and max(errors) < 0.1
 
@@ -137,19 +137,19 @@ def test_the_cost_model_spaces_the_products_and_the_host_changes_it_without_reco
     params, state = step(params, state, None)
     monitor = find_tune_state(state).monitor
     cold = (int(monitor.tracker.products), int(monitor.preconditioned.products))
-    k = math.ceil(2 * rules.COST_MODEL["fd"] / 0.05)
-    assert diagnostics(state)["monitor_every"] == k == 44
+    k = math.ceil(2 * rules.COST_MODEL["fd"] / rules.product_share(0.05, 0.0))
+    assert diagnostics(state)["monitor_every"] == k == 49
     for _ in range(440):
         params, state = step(params, state, None)
     monitor = find_tune_state(state).monitor
     made = int(monitor.tracker.products) - cold[0]
     assert 440 // k - 3 <= made <= 440 // k and int(monitor.preconditioned.products) - cold[1] == made
-    state = set_monitor_cost(state, fd=0.5)  # e.g. measured by MonitorTimer: k = ceil(2 * 0.5 / 0.05) = 20
+    state = set_monitor_cost(state, fd=0.5)  # e.g. measured by MonitorTimer: k = ceil(2 * 0.5 / (0.9 * 0.05)) = 23
     before = int(find_tune_state(state).monitor.tracker.products)
     for _ in range(200):
         params, state = step(params, state, None)
-    assert diagnostics(state)["monitor_every"] == 20
-    assert 200 // 20 - 3 <= int(find_tune_state(state).monitor.tracker.products) - before <= 200 // 20 + 1
+    assert diagnostics(state)["monitor_every"] == 23
+    assert 200 // 23 - 3 <= int(find_tune_state(state).monitor.tracker.products) - before <= 200 // 23 + 1
     assert len(traces) == 1  # one compilation: the costs are arrays of the state
 
 
@@ -340,7 +340,8 @@ def test_the_monitor_keys_are_the_registry_keys(x64, law, budget):
     assert all(math.isfinite(v) for v in values), dict(zip(D.MONITOR_KEYS, values, strict=True))
     assert found["sharpness_age"] == found["preconditioned_sharpness_age"] == 0.0
     assert found["edge"] == pytest.approx(rules.adam_edge(0.9)) and found["unstable"] == 0.0
-    assert found["monitor_every"] == math.ceil(2 * rules.COST_MODEL["fd"] / budget) and found["monitor_exact"] == 0.0
+    assert found["monitor_every"] == math.ceil(2 * rules.COST_MODEL["fd"] / rules.product_share(budget, 0.0))
+    assert found["monitor_exact"] == 0.0
     assert found["preconditioned_lr_sharpness"] == pytest.approx(found["lr"] * found["preconditioned_sharpness"])
 
 

@@ -32,7 +32,7 @@ def test_the_tracked_lambda_max_matches_an_independent_hessian():
     history = callback.history
     assert set(keys_for(None)) - {"step", "route"} == set(history) - {"step"}
     assert history["lr"] == [0.5] * 12 and history["edge"] == [2.0] * 12
-    assert set(history["monitor_every"]) == {2.0}  # k = ceil(1.1 / 1.0): one finite-difference product, 1.1 steps
+    assert set(history["monitor_every"]) == {2.0}  # k = ceil(1.1 / 0.9): one finite-difference product, 1.1 steps
     ticks = [t for t, age in enumerate(history["sharpness_age"]) if age == 0]
     assert ticks[0] == 0 and len(ticks) >= 5
     last = ticks[-1]
@@ -88,7 +88,7 @@ def test_save_load_continue_resumes_the_monitor_bit_identically(tmp_path):
         np.testing.assert_array_equal(a, b)
     ages = tail.history["sharpness_age"]
     assert 0.0 in ages and 0.0 in tail.history["preconditioned_sharpness_age"]  # both trackers ticked after the load
-    assert tail.history["monitor_every"][-1] == 4.0  # ceil(2 operators x 1.1 steps / 0.6)
+    assert tail.history["monitor_every"][-1] == 5.0  # ceil(2 operators x 1.1 steps / (0.9 x 0.6))
 
 
 def test_a_state_saved_with_the_monitor_does_not_load_into_a_tuner_without_it():

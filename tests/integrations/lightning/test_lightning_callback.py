@@ -584,8 +584,8 @@ def test_monitoring_only_by_default_leaves_the_run_untouched(tmp_path):
     steps = recorder.steps
     assert recorder.lrs() == pytest.approx([0.05 * (1.0 - 0.9 * t / 8) for t in range(8)])  # LinearLR's, untouched
     assert all(math.isfinite(s["sharpness"]) and s["lr_sharpness"] == s["lr"] * s["sharpness"] for s in steps)
-    assert [s["sharpness_age"] for s in steps] == list(range(8))  # the cold start at step 0; k = 22 steps after it
-    assert {s["monitor_every"] for s in steps} == {22.0} and {s["edge"] for s in steps} == {3.8}  # momentum 0.9
+    assert [s["sharpness_age"] for s in steps] == list(range(8))  # the cold start at step 0; k = 25 steps after it
+    assert {s["monitor_every"] for s in steps} == {25.0} and {s["edge"] for s in steps} == {3.8}  # momentum 0.9
     assert {s["unstable"] for s in steps} == {0.0} and monitored.progress_bar_metrics["eos/unstable"] == 0.0
 
 
