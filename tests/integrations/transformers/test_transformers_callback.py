@@ -231,20 +231,25 @@ def test_scheduler_override_ignores_it_and_multiply_applies_its_shape(tmp_path):
 
 
 def resume_callback():
-    """EMA and probe_every=2: the lr depends on the tuner's state, not only on the weights; the sharpness monitor at a
-    budget that makes it tick in the resumed half too (every 3 steps: two operators for AdamW, 90% of the budget for
-    products), its edge out of reach (no ticks in debt while AdamW's first preconditioned readings are far above 38,
-    which would leave no credit for the resumed half)."""
+    """EMA and probe_every=2: the lr depends on the tuner's state, not only on the weights.
+
+    The sharpness monitor at a budget that makes it tick in the resumed part too (every 3 steps with finite
+    differences, every 6 with exact products: two operators for AdamW, 90% of the budget for products), its edge
+    out of reach (no ticks in debt while AdamW's first preconditioned readings are far above 38, which would leave
+    no credit for the resumed part).
+    """
     return EdgeOfStabilityCallback(CDAT(scale=2.0, ema=0.9), probe_every=2, sharpness_every=3, monitor_budget=1.0,
                                    monitor_edge=1e12)
 
 
-RESUME_RUN = dict(max_steps=8, save_strategy="steps", save_steps=4)
+#: resumed from checkpoint-4: 8 resumed steps, so that the monitor ticks in them also where its checks keep exact
+#: products (transformers 4.48 / torch 2.3: a tick of two exact products costs 5 steps, one every 6 steps)
+RESUME_RUN = dict(max_steps=12, save_strategy="steps", save_steps=4)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """An 8-step run that saves checkpoint-4, and its recorder."""
+    """A 12-step run that saves checkpoint-4 (and -8, -12), and its recorder."""
     out = tmp_path_factory.mktemp("uninterrupted")
     _, recorder = train(out, tiny_gpt2(), resume_callback(), **RESUME_RUN)
     saved = torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
@@ -271,7 +276,7 @@ def test_resume_from_a_checkpoint_copied_outside_output_dir_continues_the_tuner(
         _, resumed = train(tmp_path / "other", tiny_gpt2(seed=1), resume_callback(), resume=str(elsewhere),
                            **RESUME_RUN)
     assert not [w for w in caught if "checkpoint" in str(w.message)]
-    assert len(resumed.steps) == 4
+    assert len(resumed.steps) == 8
     for mine, theirs in zip(resumed.steps, straight.steps[4:], strict=True):
         assert same_diagnostics(mine, theirs)  # bit-identical: lr, EMAs, sharpness, the monitor's, step index
     np.testing.assert_array_equal(resumed.params[-1], straight.params[-1])
