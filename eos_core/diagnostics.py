@@ -51,10 +51,10 @@ REGISTRY: tuple[Diagnostic, ...] = (
                "the other values are then the previous step's", "step"),
     Diagnostic("loss", "the loss on the batch at the step's parameters (NaN when the adapter was not given it)",
                "step"),
-    Diagnostic("grad_norm", "|g|, the norm of the step's gradient (PyTorch measuring only, law=None: on the steps "
-               "that measure sharpness, NaN between)", "step"),
-    Diagnostic("update_norm", "|u|, the norm of the update for lr = 1 (PyTorch measuring only, law=None: on the steps "
-               "that measure sharpness, NaN between)", "step"),
+    Diagnostic("grad_norm", "|g|, the norm of the step's gradient (PyTorch measuring only, law=None, one process: on "
+               "the steps that measure sharpness, NaN between)", "step"),
+    Diagnostic("update_norm", "|u|, the norm of the update for lr = 1 (PyTorch measuring only, law=None, one "
+               "process: on the steps that measure sharpness, NaN between)", "step"),
     Diagnostic("route", "the second-order route in use: u^T H u's for a law that needs it, else that of the H v "
                "products of spectra and tracking, else the route setting ('auto' until resolved)", "step", "str"),
     Diagnostic("skipped_steps", "steps skipped so far", "total", "int"),

@@ -53,8 +53,9 @@ class TunerSettings:
         warn: how skipped steps and law fallbacks are reported: True (RuntimeWarning on the host), `"jit"` (JAX: from
             inside the compiled step, at about 10% per step), False (never; the counts stay in the diagnostics).
         skip_nonfinite: skip steps whose loss or gradient is NaN/Inf (parameters and optimizer state untouched).
-            PyTorch and JAX. A PyTorch tuner that only measures (`law=None`) reads the gradient on the steps that
-            measure sharpness; between them it checks the loss alone and keeps no copy of the parameters.
+            PyTorch and JAX. A PyTorch tuner that only measures (`law=None`), in a single process, reads the
+            gradient on the steps that measure sharpness; between them it checks the loss alone and keeps no copy of
+            the parameters.
         seed: seed of the random start vectors of the spectral estimators.
         fd_eps: machine epsilon the finite-difference steps are sized for (default: that of the lowest precision the
             loss is computed in).

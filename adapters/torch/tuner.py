@@ -561,8 +561,10 @@ class CurvatureTuner:
             monitor.start_step()
         pending = PendingStep(step=self._step_count)
         ticking = measuring = False
-        lean = self.law is None and not self.space.sharded
-        if lean:  # measuring only: whether this step measures is decided first (it then reads g and copies w)
+        # measuring only, in one process: whether this step measures is decided first (it then reads g and copies w);
+        # data-parallel ranks read g on every step, so that a NaN loss on one rank skips the step on all of them
+        lean = self.law is None and not self.space.sharded and self.space.reducer.world_size == 1
+        if lean:
             self._plan(pending)
             ticking = monitor is not None and monitor.plan(wants_preconditioned=self._has_preconditioner())
             measuring = ticking or pending.instrumented

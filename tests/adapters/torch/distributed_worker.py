@@ -7,7 +7,9 @@ child processes can import it, whatever pytest's import mode and however pytest 
 
 import gc
 import json
+import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -57,6 +59,32 @@ def train_shard(rank, law_name, route):
     return run(ddp, optimizer, tuner, x[shard], y[shard])
 
 
+def train_measuring_with_a_nan_on_one_rank(rank):
+    """Monitoring only (law=None, the sharpness monitor on): rank 1's loss is NaN at step 3, so the all-reduced
+    gradient is NaN on both ranks; the history of `skipped` and the parameters after the run."""
+    x, y = data()
+    shard = slice(rank * 16, (rank + 1) * 16)
+    model, optimizer = build(None)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    tuner = CurvatureTuner(optimizer, None, model=ddp, monitor_budget=0.05)
+    out = []
+    for step in range(STEPS):
+        def closure(step=step):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(ddp(x[shard]), y[shard])
+            if step == 3 and rank == 1:
+                loss = loss * math.nan
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skipped step's RuntimeWarning
+            tuner.step(closure)
+        out.append({"skipped": tuner.diagnostics["skipped"]})
+    out.append({"params": [p.detach().flatten().tolist() for p in model.parameters()]})
+    return out
+
+
 def close_process_group(finished):
     """Tear gloo down while every rank is alive and idle.
 
@@ -75,7 +103,9 @@ def worker(rank, world, init_file, out_dir, law_name, route):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     finished = False
     try:
-        history = train_shard(rank, law_name, route)  # the DDP model and the tuner die with its frame
+        # the DDP model and the tuner die with the function's frame
+        history = (train_measuring_with_a_nan_on_one_rank(rank) if law_name == "measuring-nan"
+                   else train_shard(rank, law_name, route))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(history, f)
         finished = True

@@ -1,6 +1,7 @@
 """Data parallel: two gloo processes agree with each other and with one process on the union batch."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,6 +39,20 @@ def test_two_process_ddp_matches_single_process_on_the_union_batch(tmp_path, wor
     for a, b in zip(ranks[0], single, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=tolerance)
         assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-6, nan_ok=True)  # NaN when not tracked
+
+
+def test_measuring_only_skips_a_step_on_every_rank_when_one_ranks_loss_is_nan(tmp_path, workers):
+    """law=None under data parallelism reads the (all-reduced) gradient on every step: a NaN loss on one rank makes
+    every rank skip, and the replicas stay equal and finite (a rank that checked its loss alone would step with the
+    NaN gradient while the other skipped)."""
+    mp.spawn(workers.worker, args=(2, str(tmp_path / "init"), str(tmp_path), "measuring-nan", None), nprocs=2,
+             join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for history in ranks:
+        assert [h["skipped"] for h in history[:-1]] == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    params = [history[-1]["params"] for history in ranks]
+    assert params[0] == params[1]
+    assert all(all(map(math.isfinite, p)) for p in params[0])
 
 
 @pytest.mark.parametrize("backend, like, expected", [
