@@ -7,7 +7,8 @@ The rules (edge, budget, which product, warning) are the core's, shared with the
 [`eos_core.monitor`][].
 
 * **Where a tick runs.** In the optimizer's step *pre*-hook, after the tuner has read the step's gradient and
-  copied the parameters `w` (its copy of `w` for `|u|`, made on every step anyway): there `w` and
+  copied the parameters `w` (its copy of `w` for `|u|`; measuring only, in one process, it copies `w` just on the
+  steps that tick or measure, [`plan`][eos_core.adapters.torch.monitor.Monitor.plan] deciding first): there `w` and
   `g(w)` (`.grad`, averaged by DDP, reduce-scattered by FSDP2) are at hand, so the one-sided finite difference
   `(g(w + h v) - g(w)) / h` costs one gradient; the parameters are moved to `w + h v` in place and copied back
   from the tuner's copy, bit for bit, without a copy of their own. With a clipped gradient
@@ -20,9 +21,12 @@ The rules (edge, budget, which product, warning) are the core's, shared with the
   Sharded parameters (FSDP2) always use finite differences (no exact route runs there); so does a model the exact
   route cannot differentiate.
 * **When.** [`MonitorBudget`][eos_core.spectral.tracking.MonitorBudget] measures `t_step` (the interval between
-  optimizer steps, monitoring excluded) and `t_product`; a credit of `monitor_budget * t_step` per step pays for
-  products ([`wants_tick`][eos_core.monitor.wants_tick]), so products come every
-  `k = ceil(t_product / (budget t_step))` steps on average. On CUDA each tick synchronises the device before and
+  optimizer steps, monitoring excluded; not the first after a start or a resume), `t_product` and, measuring
+  only, the tuner's own per-step work in its hooks (`t_overhead`, [`record_overhead`][
+  eos_core.adapters.torch.monitor.Monitor.record_overhead]); a credit of
+  `share * t_step` per step pays for products ([`product_share`][eos_core.monitor.product_share]: 90% of the budget
+  less the bookkeeping, at least 40% of it; [`wants_tick`][eos_core.monitor.wants_tick]), so products come every
+  `k = ceil(t_product / (share t_step))` steps on average. On CUDA each tick synchronises the device before and
   after, to time it.
 * **Saved state.** The trackers (Lanczos basis, tridiagonal entries, counters), the times, the credit and the
   warning's state travel in the optimizer's state dict with the rest of the tuner's state.
@@ -68,8 +72,9 @@ def now() -> float:
 class Monitor:
     """The sharpness monitor of one [`CurvatureTuner`][eos_core.adapters.torch.CurvatureTuner] (see the module).
 
-    The tuner calls `start_step` and `step` in its pre-step hook, `warn_update` when it reports a step, and
-    `state_dict`, `vectors` and `load` with its checkpoints.
+    The tuner calls `start_step`, `plan` and (on a step `plan` chose) `tick` in its pre-step hook,
+    `record_overhead` (measuring only) and `warn_update` when it reports a step, and `state_dict`, `vectors` and
+    `load` with its checkpoints.
 
     Args:
         settings: the tuner's settings (`monitor_budget` is not None).
