@@ -14,12 +14,13 @@ the other steps) and a tick applies each operator once to the tracker's newest L
   differentiated twice keeps finite differences.
 * **The budget.** Nothing can be timed inside `jit`, so the spacing follows a **cost model** kept in the state:
   `cost_fd` and `cost_exact`, one product in training steps (defaults [`eos_core.monitor.COST_MODEL`][]: 1.1 and
-  2.5, from the routes' costs measured on an H100). A step earns `monitor_budget` steps of credit and a tick costs
-  `operators * cost` ([`eos_core.monitor.wants_tick`][]), so ticks come every
-  $k = \lceil \text{operators} \cdot \text{cost} / \text{budget} \rceil$ steps. The costs are arrays of the state,
-  not constants of the program: [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost] (host side, between
-  steps) changes $k$ without recompiling, and [`MonitorTimer`][eos_core.adapters.jax.MonitorTimer] measures them
-  from the wall time of ticking and non-ticking steps (the Keras callback on the JAX backend uses it).
+  2.5, from the routes' costs measured on an H100). A step earns 90% of `monitor_budget` in steps of credit
+  ([`eos_core.monitor.product_share`][] with no bookkeeping timed: the rest is kept back for what cannot be timed)
+  and a tick costs `operators * cost` ([`eos_core.monitor.wants_tick`][]), so ticks come every
+  $k = \lceil \text{operators} \cdot \text{cost} / (0.9\,\text{budget}) \rceil$ steps. The costs are arrays of
+  the state, not constants of the program: [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost] (host
+  side, between steps) changes $k$ without recompiling, and [`MonitorTimer`][eos_core.adapters.jax.MonitorTimer]
+  measures them from the wall time of ticking and non-ticking steps (the Keras callback on the JAX backend uses it).
 """
 
 from __future__ import annotations
