@@ -46,6 +46,7 @@ class PendingStep:
     track: bool = False  #: lambda_max is tracked on this step (`sharpness_every`)
     record: bool = False  #: u is kept for the next step's probe (HyperGradient's cos(g_t, u_{t-1}))
     instrumented: bool = False  #: the optimizer steps with `eta_probe` and the lr is decided afterwards
+    tick: bool = False  #: the sharpness monitor applies its operators on this step (`monitor_budget`)
     loss: float | None = None
     grad_sq: float = math.nan  #: |g|^2 of the step's gradient
     group_lrs: list[float] = field(default_factory=list)

@@ -560,14 +560,12 @@ class CurvatureTuner:
         if monitor is not None:
             monitor.start_step()
         pending = PendingStep(step=self._step_count)
-        ticking = measuring = False
         # measuring only, in one process: whether this step measures is decided first (it then reads g and copies w);
         # data-parallel ranks read g on every step, so that a NaN loss on one rank skips the step on all of them
         lean = self.law is None and not self.space.sharded and self.space.reducer.world_size == 1
         if lean:
             self._plan(pending)
-            ticking = monitor is not None and monitor.plan(wants_preconditioned=self._has_preconditioner())
-            measuring = ticking or pending.instrumented
+        measuring = pending.tick or pending.instrumented  # (False before the plan: not lean)
         positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs),
                                                                   measuring=measuring or not lean)
         pending.objective = objective
@@ -578,12 +576,11 @@ class CurvatureTuner:
             proceed = self._check_inputs(pending, loss)
             if proceed:
                 self._plan(pending)
-                ticking = monitor is not None and monitor.plan(wants_preconditioned=self._has_preconditioner())
         if proceed:
             self._set_step_lr(pending)
-            if ticking or self.law is not None or pending.instrumented:  # measuring only: no copy of w otherwise
+            if pending.tick or pending.instrumented or self.law is not None:  # measuring only: no copy of w otherwise
                 pending.saved = vec.clone(self.space.local())
-            if ticking:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
+            if pending.tick:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
                 elsewhere += monitor.tick(objective=objective, saved=pending.saved, clipped=self.clipped_gradients,
                                           seed=self.settings.seed,
                                           preconditioner=lambda: self._current_preconditioner(pending),
@@ -667,12 +664,17 @@ class CurvatureTuner:
                    f"state left unchanged; {self._skipped_steps + 1} step(s) skipped so far)")
 
     def _plan(self, pending: PendingStep) -> None:
-        """Which measurements this step makes; the step index excludes skipped steps."""
+        """Which measurements this step makes; the step index excludes skipped steps.
+
+        The sharpness monitor's decision ([`plan`][eos_core.adapters.torch.monitor.Monitor.plan]) is part of it: it
+        advances the monitor's credit and its trackers' ages, so it is made once per step that is not skipped.
+        """
         step, request = pending.step, self._request
         pending.probe = self.law is not None and step % self.probe_every == 0
         pending.track = self.sharpness_every is not None and step % self.sharpness_every == 0
         pending.record = request.previous_update and (step + 1) % self.probe_every == 0
         pending.instrumented = (pending.probe and bool(request.needs)) or pending.track or pending.record
+        pending.tick = self.monitor is not None and self.monitor.plan(wants_preconditioned=self._has_preconditioner())
 
     def _set_step_lr(self, pending: PendingStep) -> None:
         """The lr the optimizer steps with: `eta_probe` on an instrumented step, else the law's decision."""
