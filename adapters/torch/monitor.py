@@ -435,8 +435,7 @@ class Monitor:
             return False
         limit = rules.threshold(edge, self.settings.monitor_margin)
         streak, now, fired = rules.warning_update(scalars, self.streak, int(self.unstable), bool(counted), value,
-                                                  limit,
-                                                  self.settings.monitor_patience)
+                                                  limit, self.settings.monitor_patience)
         self.streak, self.unstable = int(streak), bool(now)
         if bool(fired) and warn:
             name = what.replace("_", " ").replace("lr ", "lr x ")  # lr_sharpness -> "lr x sharpness"

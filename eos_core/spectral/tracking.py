@@ -186,9 +186,8 @@ class MonitorBudget:
 
     steps ([`product_share`][eos_core.monitor.product_share]), so products and bookkeeping together take at most
     `budget` (e.g. 0.05) of the time, a tenth of it kept back for what cannot be timed, while the bookkeeping takes
-    at most half of it. Before both times are known
-    the first application happens at the first step and [`every`][eos_core.spectral.tracking.MonitorBudget.every]
-    is `initial_every`.
+    at most half of it. Before both times are known the first application happens at the first step and
+    [`every`][eos_core.spectral.tracking.MonitorBudget.every] is `initial_every`.
 
     Args:
         budget: the fraction of training time monitoring may take, in (0, 1].
