@@ -31,9 +31,10 @@ namespace `xp`):
   ReLU networks: a step of a few 1e-4 crosses kinks that the autograd Hessian does not see (measured on a
   784-256-256-10 MLP: 8x relative error along the top eigenvector with ReLU, 1e-3 with tanh or GELU).
 * **The early warning** ([`warning_update`][eos_core.monitor.warning_update]): lr x sharpness above
-  `edge * (1 + margin)` on `patience` consecutive fresh measurements sets `unstable` and raises one
-  RuntimeWarning per episode (an episode ends at the first fresh measurement below the threshold). Measurements
-  of an adaptive optimizer's first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps do not count
+  `edge * (1 + margin)` on `patience` consecutive fresh measurements, or on one that is a Ritz value of the step's
+  own Hessian ([`conclusive`][eos_core.monitor.conclusive], e.g. the cold start's), sets `unstable` and
+  raises one RuntimeWarning per episode (an episode ends at the first fresh measurement below the threshold).
+  Measurements of an adaptive optimizer's first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps do not count
   ([`counts_for_warning`][eos_core.monitor.counts_for_warning]).
 """
 
@@ -46,9 +47,12 @@ from typing import Any
 #: The callbacks' (Lightning, Hugging Face, Keras) default `monitor_budget`: the monitor may take 5% of training
 #: time (the tuners themselves default to None, off).
 CALLBACK_BUDGET = 0.05
-#: Default relative margin above the edge before a measurement counts as beyond it (see benchmarks/README.md,
-#: "Sharpness monitor": stable runs at the edge hover at lr x sharpness 2.0-2.3 with excursions beyond).
-MARGIN = 0.25
+#: Default relative margin above the edge before a measurement counts as beyond it. Stable runs overshoot the edge:
+#: full-batch GD at its best constant lr (a tanh MLP on digits, benchmarks/README.md, "Sharpness monitor") enters the
+#: edge of stability with an exact lr x lambda_max of 2.9-3.2 (up to 1.6 x the edge of 2) before it settles at
+#: 2.0-2.3, and a run started at 1.44 x the edge trains without a loss spike; the diverging runs of that benchmark
+#: start at 1.78 x the edge or more.
+MARGIN = 0.6
 #: Default number of consecutive fresh measurements beyond the threshold before the warning fires.
 PATIENCE = 3
 #: Measurements of an adaptive optimizer's first steps do not count towards the warning: Adam's moments rest on a
@@ -277,8 +281,32 @@ def counts_for_warning(xp: Any, fresh: Any, step: Any, *, adaptive: bool = False
     return fresh & (step >= GRACE_STEPS) if adaptive else fresh
 
 
-def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, limit: Any, patience: int
-                   ) -> tuple[Any, Any, Any]:
+def conclusive(xp: Any, made: Any, position: Any, restart: int) -> Any:
+    r"""Whether a tracker's reading is a Ritz value of this step's operator alone (beyond the threshold: a warning).
+
+    The reading after a tick is the top Ritz value of the current restarted-Lanczos cycle, built from the products
+    since the cycle started: `restart` of them when the tick ended on a restart (`position == 0`), else `position`.
+    When this tick made all of them they are products of one operator, so the reading is a Ritz value of this step's
+    (batch) Hessian and a lower bound of its lambda_max: lr x reading above the threshold proves lr x lambda_max above
+    it, however far from converged. A reading that mixes products of steps several ticks apart is neither. Two kinds
+    of tick qualify: the cold start, and a warm tick that starts a cycle (one product: the Rayleigh quotient of the
+    tracker's vector on this step's operator).
+
+    Args:
+        xp: the array namespace.
+        made: the products this tick made on the tracker (0 when it did not tick).
+        position: the tracker's position in its cycle after them.
+        restart: products per cycle (the tracker's `restart`).
+
+    Returns:
+        `made > 0` and `made >= (restart if position == 0 else position)`.
+    """
+    needed = xp.where(position == 0, restart, position)
+    return (made > 0) & (made >= needed)
+
+
+def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, limit: Any, patience: int,
+                   certain: Any = False) -> tuple[Any, Any, Any]:
     """One step of the early-warning rule.
 
     Args:
@@ -289,13 +317,19 @@ def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, 
         value: that measurement (NaN counts as below).
         limit: `edge * (1 + margin)` ([`threshold`][eos_core.monitor.threshold]).
         patience: measurements above `limit` in a row that turn the warning on.
+        certain: the measurement is a Ritz value of this step's operator alone
+            ([`conclusive`][eos_core.monitor.conclusive]), a lower bound of its lambda_max: above `limit` it counts as
+            `patience` measurements. Patience guards against the tracker's other readings, which mix Hessians
+            several steps apart and can overshoot; runs far above the edge blow up within a few steps (1-7 on the
+            benchmark's MLP), too soon for three readings.
 
     Returns:
         `(streak, unstable, fired)` (`unstable` a boolean): `fired` is True on the step the warning turns on (once
         per episode; the episode ends at the first fresh measurement at or below `limit`).
     """
     above = fresh & (value > limit)
-    streak = xp.where(above, streak + 1, xp.where(fresh, 0, streak))
+    counted = xp.where(certain, xp.maximum(streak + 1, patience), streak + 1)
+    streak = xp.where(above, counted, xp.where(fresh, 0, streak))
     now = streak >= patience
     fired = now & (unstable == 0)
     return streak, now, fired
@@ -303,7 +337,8 @@ def warning_update(xp: Any, streak: Any, unstable: Any, fresh: Any, value: Any, 
 
 def warning_message(value: float, edge: float, margin: float, patience: int, step: int, what: str) -> str:
     """The RuntimeWarning's text."""
-    return (f"eos_core: step {step}: {what} = {value:.4g} has been above the optimizer's edge of stability "
-            f"{edge:.4g} by more than {100 * margin:.0f}% for {patience} consecutive measurements: the loss is likely "
+    return (f"eos_core: step {step}: {what} = {value:.4g} is above the optimizer's edge of stability {edge:.4g} by "
+            f"more than {100 * margin:.0f}% ({patience} consecutive measurements, or one of this step's Hessian "
+            "alone): the loss is likely "
             "to spike or diverge, or, with an adaptive optimizer, to stall well above what a lower learning rate "
             "reaches (lower the learning rate; the diagnostic 'unstable' is 1 while this lasts)")

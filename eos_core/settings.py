@@ -73,7 +73,8 @@ class TunerSettings:
         monitor_edge: the edge of stability the early warning compares lr x sharpness with (None: derived from the
             optimizer, e.g. 2 for gradient descent, 38 for Adam's preconditioned sharpness at beta1 = 0.9).
         monitor_margin: the warning counts a measurement above `edge * (1 + monitor_margin)`.
-        monitor_patience: that many consecutive such measurements turn the warning on.
+        monitor_patience: that many consecutive such measurements turn the warning on (one suffices when it is a
+            Ritz value of the step's own Hessian, [`eos_core.monitor.conclusive`][]).
     """
 
     probe_every: int = 1

@@ -44,7 +44,8 @@ Design (Keras 3 on the JAX and torch backends):
   TensorBoard callback writes through `tf.summary`, so it needs TensorFlow installed, whatever the backend), and
   the progress bar shows them.
 * **The early warning.** When lr * sharpness (preconditioned for adaptive optimizers) has been above the
-  optimizer's edge by more than `monitor_margin` for `monitor_patience` consecutive measurements, `eos/unstable`
+  optimizer's edge by more than `monitor_margin` for `monitor_patience` consecutive measurements (or on one that
+  is a Ritz value of the step's own Hessian, such as the first step's), `eos/unstable`
   is 1 in the logs and the progress bar, and a RuntimeWarning is raised (once per episode): on torch by the step,
   on JAX by the read of the diagnostics after that batch.
 * **Values not measured on a step** (`sharpness` between power iterations, `numerator` between probes

@@ -80,8 +80,9 @@ Design (Lightning 2.x; the facts below are from `lightning/pytorch` 2.6):
   `eos/preconditioned_sharpness` / `eos/preconditioned_lr_sharpness` carry its latest estimate on every step
   (`eos/sharpness_age` steps old); `eos/unstable` turns 1 (and a RuntimeWarning is raised once) when lr x sharpness
   has been beyond the optimizer's edge (`eos/edge`) by more than `monitor_margin` for `monitor_patience`
-  consecutive measurements. Its state (trackers, measured times, credit, warning) rides in the optimizer's state
-  dict like the rest of the tuner's, so a resumed fit continues it.
+  consecutive measurements, or on one that is a Ritz value of the step's own Hessian (such as the first step's).
+  Its state (trackers, measured times, credit, warning) rides in the optimizer's state dict like the rest of the
+  tuner's, so a resumed fit continues it.
 * **The horizon of a decaying law** (`CDAT(decay="cosine" | "linear")` without `horizon=`): filled in at fit start
   from `trainer.estimated_stepping_batches`, the optimizer steps of the whole fit (the same number when a fit
   resumes from a checkpoint, whose law state holds the steps already taken).

@@ -95,7 +95,8 @@ Design (the facts below are from `transformers` 5.25's `trainer.py` / `trainer_c
   those of a run without the callback). Each log gets `eos/sharpness`, `eos/lr_sharpness` and, for AdamW,
   `eos/preconditioned_sharpness` / `eos/preconditioned_lr_sharpness` (the latest estimates), `eos/edge` and
   `eos/unstable`: 1 (with a RuntimeWarning at its onset) when lr x sharpness has been beyond the optimizer's edge of
-  stability by more than `monitor_margin` for `monitor_patience` consecutive measurements, so the console log
+  stability by more than `monitor_margin` for `monitor_patience` consecutive measurements (or on one that is a
+  Ritz value of the step's own Hessian, such as the first step's), so the console log
   line, `trainer_state.json` and every reporting integration show it. Its state rides in `optimizer.pt` with
   the rest of the tuner's.
 * **The horizon of a decaying law** (`CDAT(decay="cosine" | "linear")` without `horizon=`): filled in at

@@ -75,6 +75,9 @@ class Tick(NamedTuple):
 
     state: MonitorState  #: the monitor's state after the step
     ticked: jax.Array  #: bool: the operators were applied on this step
+    #: bool, shape (2,): each tracker's reading is a Ritz value of this step's operator alone
+    #: ([`eos_core.monitor.conclusive`][]: the early warning then needs no patience)
+    conclusive: jax.Array
 
 
 def monitor_init(params: PyTree, seed: int, *, preconditioned: bool, numerics: Numerics) -> MonitorState:
@@ -154,7 +157,7 @@ def every(state: MonitorState, operators: int, budget: float) -> jax.Array:
 
 
 def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps
-             ) -> TrackerState:
+             ) -> tuple[TrackerState, jax.Array]:
     """One tracker step whose product is `first`; a cold tracker then converges with `matvec`.
 
     A tracker with no product yet continues with `matvec` until its relative residual is below
@@ -162,7 +165,8 @@ def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTr
     products in all).
 
     Returns:
-        The tracker's state after the products.
+        The tracker's state after the products, and whether its reading is a Ritz value of this step's operator
+        alone ([`eos_core.monitor.conclusive`][]).
     """
     cold = state.products == 0
     state = tracker_step(state, lambda _: first, ops=ops)
@@ -176,10 +180,11 @@ def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTr
         current, made = carry
         return tracker_step(current, matvec, ops=ops), made + 1
 
-    def converge(current: TrackerState) -> TrackerState:
-        return lax.while_loop(keep_going, more, (current, jnp.asarray(1, jnp.int32)))[0]
+    def converge(current: TrackerState) -> tuple[TrackerState, jax.Array]:
+        return lax.while_loop(keep_going, more, (current, jnp.asarray(1, jnp.int32)))
 
-    return lax.cond(cold, converge, lambda current: current, state)
+    state, made = lax.cond(cold, converge, lambda current: (current, jnp.asarray(1, jnp.int32)), state)
+    return state, rules.conclusive(jnp, made, state.position, RESTART)
 
 
 def _next_vector(state: TrackerState, ops: TreeOps) -> PyTree:
@@ -233,7 +238,7 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
             return tracker._replace(age=jnp.where(tracker.products > 0, tracker_age(tracker).age, tracker.age))
 
         return current._replace(tracker=age(current.tracker), preconditioned=age(current.preconditioned),
-                                credit=credit)
+                                credit=credit), jnp.zeros((2,), bool)
 
     def run(current: MonitorState) -> MonitorState:
         is_exact, ratio = current.exact > 0, current.check
@@ -264,17 +269,19 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
             other = jnp.where(is_exact, current.cost_fd, current.cost_exact)
             # the check's second product (the first tick's is part of the cold start, outside the budget)
             extra = jnp.where(checking & (current.tracker.products > 0), other, 0.0).astype(credit.dtype)
-        tracker = _advance(current.tracker, first, regular, ops)
-        preconditioned = current.preconditioned
+        tracker, alone = _advance(current.tracker, first, regular, ops)
+        preconditioned, alone_preconditioned = current.preconditioned, jnp.asarray(False)
         if preconditioned is not None:
             operator = preconditioned_operator(regular, precond, ops=ops)
-            preconditioned = _advance(preconditioned, operator(_next_vector(preconditioned, ops)), operator, ops)
+            preconditioned, alone_preconditioned = _advance(
+                preconditioned, operator(_next_vector(preconditioned, ops)), operator, ops)
         spent = operators * jnp.where(is_exact, current.cost_exact, current.cost_fd) + extra
         return current._replace(tracker=tracker, preconditioned=preconditioned, credit=credit - spent,
-                                exact=is_exact.astype(jnp.int32), ticks=current.ticks + 1, check=ratio)
+                                exact=is_exact.astype(jnp.int32), ticks=current.ticks + 1,
+                                check=ratio), jnp.stack([alone, alone_preconditioned])
 
-    new = lax.cond(tick, run, aged, state)
-    return Tick(new, tick)
+    new, alone = lax.cond(tick, run, aged, state)
+    return Tick(new, tick, alone)
 
 
 def _unknown(edge: Any) -> bool:
@@ -283,7 +290,8 @@ def _unknown(edge: Any) -> bool:
 
 
 def warning_step(state: MonitorState, *, fresh: jax.Array, value: jax.Array, edge: float | jax.Array,
-                 margin: float, patience: int, counted: jax.Array | None = None) -> tuple[MonitorState, jax.Array]:
+                 margin: float, patience: int, counted: jax.Array | None = None,
+                 certain: jax.Array | bool = False) -> tuple[MonitorState, jax.Array]:
     """The early-warning rule ([`eos_core.monitor.warning_update`][]) on this step's watched lr x sharpness.
 
     Args:
@@ -295,6 +303,8 @@ def warning_step(state: MonitorState, *, fresh: jax.Array, value: jax.Array, edg
         margin: `monitor_margin`: the threshold is `edge * (1 + margin)`.
         patience: `monitor_patience`, consecutive counted measurements above the threshold.
         counted: the measurement enters the warning ([`eos_core.monitor.counts_for_warning`][]); default `fresh`.
+        certain: the measurement is a reading of this step's operator alone (`Tick.conclusive`): above the
+            threshold it warns at once.
 
     Returns:
         `(state, fired)`: the state with `latest`, `seen`, `streak` and `unstable` updated, and a bool array, True
@@ -307,7 +317,7 @@ def warning_step(state: MonitorState, *, fresh: jax.Array, value: jax.Array, edg
     if _unknown(edge):
         return state._replace(latest=latest, seen=seen), jnp.asarray(False)
     streak, now, fired = rules.warning_update(jnp, state.streak, state.unstable, counted, value,
-                                              rules.threshold(edge, margin), patience)
+                                              rules.threshold(edge, margin), patience, certain)
     return state._replace(latest=latest, seen=seen, streak=streak.astype(jnp.int32),
                           unstable=now.astype(jnp.int32)), fired
 

@@ -1097,18 +1097,20 @@ class _Tuner:
                                          fallback[1]))
         fired = jnp.asarray(False)
         if monitor is not None:
-            fresh = []
-            for prefix, measured, law, reading in zip(("", "preconditioned_"), exact, laws, readings, strict=True):
+            fresh, certain = [], []
+            for index, (prefix, measured, law, reading) in enumerate(zip(("", "preconditioned_"), exact, laws,
+                                                                           readings, strict=True)):
                 known = ~jnp.isnan(measured) | ~jnp.isnan(law)
                 values[prefix + "sharpness_residual"] = jnp.where(known, nan, reading[1])
                 values[prefix + "sharpness_age"] = jnp.where(known, scalar(0.0), reading[2])
                 fresh.append(known | reading[3])
+                certain.append(~known & reading[3] & tick.conclusive[index])
             watched = "preconditioned_lr_sharpness" if self.edge_preconditioned else "lr_sharpness"
             edge = self._step_edge(inputs.base_state, inputs.numerics)
             index = int(self.edge_preconditioned)
             counted = monitor_rules.counts_for_warning(jnp, fresh[index], state.count,
                                                        adaptive=bool(self.edge_preconditioned))
-            monitor, fired = mon.warning_step(monitor, fresh=fresh[index], counted=counted,
+            monitor, fired = mon.warning_step(monitor, fresh=fresh[index], counted=counted, certain=certain[index],
                                               value=values[watched], edge=edge,
                                               margin=self.settings.monitor_margin,
                                               patience=self.settings.monitor_patience)

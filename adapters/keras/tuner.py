@@ -251,8 +251,9 @@ class CurvatureTuner(keras.optimizers.Optimizer):
               warn unless it is given).
             * `monitor_margin`, `monitor_patience`: the early warning: lr x sharpness (preconditioned for Adam /
               AdamW / RMSprop) above `edge * (1 + monitor_margin)` on `monitor_patience` consecutive fresh
-              measurements sets `unstable` = 1 and raises a RuntimeWarning (once per episode). On torch the step
-              warns as it runs; on JAX (with `warn=True`) the read of the diagnostics does
+              measurements (or one that is a Ritz value of the step's own Hessian) sets `unstable` = 1 and
+              raises a RuntimeWarning (once per episode). On torch the step warns as it runs; on JAX (with
+              `warn=True`) the read of the diagnostics does
               ([`current_diagnostics`][eos_core.adapters.keras.current_diagnostics], which the callback calls).
             * `seed`: seed of the spectral start vectors ([`eos_core.spectral.random_start`][]; `seed`
               for H, `seed + 1` for the preconditioned Hessian), the same start as PyTorch's and JAX's.

@@ -106,6 +106,9 @@ class Monitor:
         self.seen = False  #: a fresh lr x sharpness was measured
         self.latest = _NAN  #: the latest lr x sharpness the warning looked at (this step's lr, fresh or not)
         self.ticked = (False, False)  #: each tracker applied its operator on this step
+        #: each tracker's reading of this step is a Ritz value of this step's operator alone ([`conclusive`][
+        #: eos_core.monitor.conclusive])
+        self.conclusive = (False, False)
         self.checking = False  #: the current tick compares finite differences with the exact product
         self.edge = _NAN  #: the edge the warning compared with on the last step
         self.missing_objective_warned = False
@@ -132,7 +135,7 @@ class Monitor:
         else:
             self.local.record_step(now - self._last_start - self._spent)
         self._last_start, self._spent = now, 0.0
-        self.ticked = (False, False)
+        self.ticked = self.conclusive = (False, False)
 
     def tick_cost(self, operators: int) -> float:
         """The cost of a tick in training steps.
@@ -344,6 +347,8 @@ class Monitor:
                     rules.COLD_TOLERANCE):
                 break
         self.trackers[index] = state
+        alone = bool(rules.conclusive(scalars, made, int(state.position), RESTART))
+        self.conclusive = (alone, self.conclusive[1]) if index == 0 else (self.conclusive[0], alone)
         return made
 
     def _finite_difference(self, objective: Any, params: Vector, saved: Vector, base: Vector, v: Vector) -> Vector:
@@ -405,12 +410,12 @@ class Monitor:
         return cached[1], cached[2], float(state.age), bool(self.ticked[index])
 
     def warn_update(self, *, fresh: bool, value: float, edge: float, step: int, what: str, warn: bool,
-                    counted: bool | None = None) -> bool:
+                    counted: bool | None = None, certain: bool = False) -> bool:
         """Apply the early-warning rule to this step's watched lr x sharpness.
 
         The rule is [`warning_update`][eos_core.monitor.warning_update]: `monitor_patience` consecutive counted
-        measurements above `edge * (1 + monitor_margin)` make the monitor unstable and raise one RuntimeWarning
-        per episode (when `warn`).
+        measurements above `edge * (1 + monitor_margin)`, or one `certain` one, make the monitor unstable and raise
+        one RuntimeWarning per episode (when `warn`).
 
         Args:
             fresh: a new measurement was made on this step.
@@ -422,6 +427,8 @@ class Monitor:
             warn: raise the RuntimeWarning (False: only the state changes).
             counted: the measurement enters the warning
                 ([`counts_for_warning`][eos_core.monitor.counts_for_warning]; default: `fresh`).
+            certain: the measurement is a reading of this step's operator alone (`conclusive`): above the
+                threshold it warns at once.
 
         Returns:
             Whether the monitor is unstable after this step (False when the edge is not finite).
@@ -435,7 +442,7 @@ class Monitor:
             return False
         limit = rules.threshold(edge, self.settings.monitor_margin)
         streak, now, fired = rules.warning_update(scalars, self.streak, int(self.unstable), bool(counted), value,
-                                                  limit, self.settings.monitor_patience)
+                                                  limit, self.settings.monitor_patience, bool(certain))
         self.streak, self.unstable = int(streak), bool(now)
         if bool(fired) and warn:
             name = what.replace("_", " ").replace("lr ", "lr x ")  # lr_sharpness -> "lr x sharpness"

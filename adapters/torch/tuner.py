@@ -134,7 +134,8 @@ class CurvatureTuner:
             sharpness monitor may take, in (0, 1]; None: off), `monitor_edge` (the edge of stability the early
             warning compares lr x sharpness with; default: the optimizer's, NaN for an unknown optimizer, which
             disables the warning), `monitor_margin` and `monitor_patience` (the warning fires after
-            `monitor_patience` consecutive measurements above `edge * (1 + monitor_margin)`). Deprecated:
+            `monitor_patience` consecutive measurements above `edge * (1 + monitor_margin)`, or one that is a Ritz
+            value of the step's own Hessian). Deprecated:
             `power_iters` / `power_tol` (`sharpness_iters` / `sharpness_tol`), `initial_lr` (`reference_lr`)
             and `lanczos_steps` (set `DCAO(lanczos_steps=...)`; used only while the law leaves it unset).
 
@@ -890,14 +891,17 @@ class CurvatureTuner:
         """The monitor's diagnostics of a step (residual, age, edge, unstable, k, route) and its early warning."""
         monitor = self.monitor
         out: dict[str, float] = {}
-        fresh = []
-        for prefix, measured, law, reading in zip(("", "preconditioned_"), exact, laws, readings, strict=True):
+        fresh, certain = [], []
+        for index, (prefix, measured, law, reading) in enumerate(zip(("", "preconditioned_"), exact, laws, readings,
+                                                                       strict=True)):
             if math.isfinite(measured) or math.isfinite(law):
-                residual, age, new = _NAN, 0.0, True
+                residual, age, new, alone = _NAN, 0.0, True, False
             else:
                 residual, age, new = reading[1], reading[2], reading[3]
+                alone = new and monitor.conclusive[index]
             out[prefix + "sharpness_residual"], out[prefix + "sharpness_age"] = residual, age
             fresh.append(new)
+            certain.append(alone)
         edge, on_preconditioned = self._edge()
         watched = "preconditioned_lr_sharpness" if on_preconditioned else "lr_sharpness"
         unstable = monitor.unstable
@@ -906,7 +910,7 @@ class CurvatureTuner:
             counted = bool(rules.counts_for_warning(scalars, fresh[index], step, adaptive=on_preconditioned))
             unstable = monitor.warn_update(fresh=fresh[index], counted=counted, value=float(values[watched]),
                                            edge=edge, step=step, what=watched,
-                                           warn=self.settings.warn is not False)
+                                           warn=self.settings.warn is not False, certain=certain[index])
         out.update(edge=edge, unstable=float(unstable) if monitor.seen and math.isfinite(edge) else _NAN,
                    monitor_every=monitor.every, monitor_exact=float(monitor.exact))
         return out

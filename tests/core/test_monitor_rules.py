@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from eos_core import monitor as rules
+from eos_core.numerics import PYTHON_SCALARS
 
 
 def diverges(step, lam: float, lr: float, steps: int = 4000) -> bool:
@@ -79,7 +80,6 @@ def test_the_budget_spaces_the_products_and_the_credit_is_capped():
 
 def test_host_scalars_follow_numpy():
     """The PyTorch adapter applies the per-step rules to Python floats: the same results as with numpy."""
-    from eos_core.numerics import PYTHON_SCALARS
     values = (0.0, -1.5, 2.5, 3.0, math.nan, math.inf, -math.inf)
     for x in values:
         assert PYTHON_SCALARS.isnan(x) == bool(np.isnan(x)) and PYTHON_SCALARS.isfinite(x) == bool(np.isfinite(x))
@@ -105,6 +105,38 @@ def test_the_warning_needs_patience_fires_once_per_episode_and_ends_below_the_th
         if fired:
             fired_at.append(step)
     assert fired_at == [2, 8]
+
+
+@pytest.mark.parametrize("xp", [np, PYTHON_SCALARS])
+def test_a_converged_reading_above_the_threshold_fires_at_once_and_below_it_ends_the_episode(xp):
+    limit = rules.threshold(2.0, rules.MARGIN)
+    # (fresh, value, certain): one converged reading above the limit fires; a tracked one only adds to the streak
+    runs = {"certain": [(True, 4.0, True)], "tracked": [(True, 4.0, False)],
+            "certain below": [(True, 3.0, True)], "not fresh": [(False, 4.0, True)],
+            "tracked then certain": [(True, 4.0, False), (True, 4.0, True), (True, 1.0, True), (True, 4.0, False)]}
+    outcome = {}
+    for name, steps in runs.items():
+        streak, unstable, trace = 0, 0, []
+        for fresh, value, certain in steps:
+            streak, now, fired = rules.warning_update(xp, streak, unstable, fresh, value, limit, 3, certain)
+            unstable = int(bool(now))
+            trace.append((int(streak), unstable, bool(fired)))
+        outcome[name] = trace
+    assert outcome == {"certain": [(3, 1, True)], "tracked": [(1, 0, False)], "certain below": [(0, 0, False)],
+                       "not fresh": [(0, 0, False)],
+                       "tracked then certain": [(1, 0, False), (3, 1, True), (0, 0, False), (1, 0, False)]}
+
+
+def test_a_reading_is_conclusive_when_this_tick_made_all_its_products():
+    # (products this tick, position after them) -> conclusive; restart = 2
+    cases = {(5, 1): True,  # a cold start stopping mid-cycle: the Rayleigh quotient of its new vector
+             (4, 0): True,  # a cold start ending on a restart: a Ritz value of two of its own products
+             (1, 1): True,  # a warm tick starting a cycle: the Rayleigh quotient on this step's operator
+             (1, 0): False,  # a warm tick ending a cycle: mixes this product with one of an earlier step
+             (0, 1): False}  # no tick on this step
+    for (made, position), expected in cases.items():
+        assert bool(rules.conclusive(np, made, position, 2)) is expected, (made, position)
+        assert bool(rules.conclusive(PYTHON_SCALARS, made, position, 2)) is expected
 
 
 def test_an_adaptive_optimizers_first_steps_do_not_count():

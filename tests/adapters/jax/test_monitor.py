@@ -193,9 +193,9 @@ BASES = {
 }
 
 
-def quadratic_run(kind, factor, steps=120):
+def quadratic_run(kind, factor, steps=120, warm=None):
     make, edge = BASES[kind]
-    warm = 100 if kind == "adam" else 0
+    warm = (100 if kind == "adam" else 0) if warm is None else warm  # Adam's bias corrections settle first
     schedule = optax.piecewise_constant_schedule(1e-3 if warm else factor * edge, {warm: factor * edge / 1e-3}
                                                  if warm else None)
     opt = tune(optax.inject_hyperparams(make)(learning_rate=schedule), None, monitor_budget=0.05)
@@ -220,11 +220,26 @@ def quadratic_run(kind, factor, steps=120):
 
 @pytest.mark.parametrize("kind", sorted(BASES))
 def test_the_edge_of_each_base_and_the_warning_above_it(x64, kind):
-    found, losses, flags, fired = quadratic_run(kind, 1.35)
+    # the lr jumps above the threshold (1.8 x the edge, margin 0.6) after 100 steps: the tracker is warm and its
+    # readings fire at the patience-th measurement, or earlier at a converged one (a tick that starts a cycle reads
+    # the Rayleigh quotient of the step's operator)
+    found, losses, flags, fired = quadratic_run(kind, 1.8, warm=100)
     assert found["edge"] == pytest.approx(BASES[kind][1])  # from the impulse response; Adam: from its b1
-    assert len(fired) == 1 and fired[0] <= rules.PATIENCE and flags[fired[0]] == 1.0
+    assert len(fired) == 1 and 1 <= fired[0] <= rules.PATIENCE and flags[fired[0]] == 1.0
     spike = int(np.argmax(losses > 1e6 * losses[0]))
     assert losses.max() > 1e6 * losses[0] and fired[0] < spike
+
+
+@pytest.mark.parametrize("kind", sorted(set(BASES) - {"adam"}))
+def test_a_converged_reading_above_the_threshold_warns_at_once(x64, kind):
+    # above the threshold from the first step: the cold start converges on the step's Hessian (lr x lambda_max
+    # itself), which needs no patience
+    found, losses, flags, fired = quadratic_run(kind, 1.8)
+    assert fired == [0] and flags[0] == 1.0
+    assert losses.max() > 1e6 * losses[0]
+    # at 1.3 x the edge the same converged reading stays below the threshold
+    found, losses, flags, fired = quadratic_run(kind, 1.3, steps=20)
+    assert fired == [] and flags[0] == 0.0
 
 
 @pytest.mark.parametrize("kind", sorted(BASES))

@@ -250,12 +250,12 @@ OPTIMIZERS = {
 }
 
 
-def train_quadratic(clock, kind, factor, steps=150):
+def train_quadratic(clock, kind, factor, steps=150, warm=None):
     make, edge = OPTIMIZERS[kind]
     model = Quadratic(clock)
     optimizer = make(model.parameters(), 1e-3)
     tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
-    warm = 100 if kind == "adam" else 0  # Adam's bias corrections settle first
+    warm = (100 if kind == "adam" else 0) if warm is None else warm  # Adam's bias corrections settle first
     losses, flags, fired = [], [], []
     for t in range(warm + steps):
         if t == warm:
@@ -282,14 +282,27 @@ def train_quadratic(clock, kind, factor, steps=150):
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 def test_the_warning_fires_above_the_edge_before_the_loss_blows_up(clock, kind):
-    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=1.35)
+    # the lr jumps to 1.8 x the edge (above the threshold, margin 0.6) after 100 steps, when the tracker is warm
+    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=1.8, warm=100)
     assert tuner.diagnostics["edge"] == pytest.approx(OPTIMIZERS[kind][1])
     assert len(fired) == 1  # once per episode
-    # above the threshold the monitor measures at every step: the warning comes at the patience-th measurement (the
-    # lr jumps after a step that ticked with the small lr: the first tick beyond the edge may come one step later)
-    assert fired[0] in (rules.PATIENCE - 1, rules.PATIENCE) and flags[fired[0]] == 1.0
+    # above the threshold the monitor measures at every step: the warning comes at the patience-th measurement, or
+    # earlier at a converged one (a tick that starts a cycle reads the Rayleigh quotient of the step's operator)
+    assert 1 <= fired[0] <= rules.PATIENCE and flags[fired[0]] == 1.0
     spike = int(np.argmax(losses > 1e6 * losses[0]))  # the loss blows up afterwards
     assert losses.max() > 1e6 * losses[0] and fired[0] < spike
+
+
+@pytest.mark.parametrize("kind", sorted(set(OPTIMIZERS) - {"adam"}))
+def test_a_converged_reading_above_the_threshold_warns_at_once(clock, kind):
+    # above the threshold from the first step: the cold start converges on the step's Hessian (lr x lambda_max
+    # itself), which needs no patience
+    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=1.8)
+    assert fired == [0] and flags[0] == 1.0
+    assert losses.max() > 1e6 * losses[0]
+    # at 1.3 x the edge the same converged reading stays below the threshold
+    tuner, losses, flags, fired = train_quadratic(clock, kind, factor=1.3, steps=20)
+    assert fired == [] and flags[0] == 0.0
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
