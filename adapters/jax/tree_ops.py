@@ -261,6 +261,10 @@ class TreeOps:
         """A new basis with vector `j` (may be traced) replaced by `x`, cast to the basis' dtypes."""
         return jax.tree.map(lambda b, a: b.at[j].set(a.astype(b.dtype)), basis, x)
 
+    def basis_vector(self, basis: PyTree, j: Any) -> PyTree:
+        """Vector `j` (may be traced) of the basis, a pytree like one basis vector."""
+        return jax.tree.map(lambda b: b[j], basis)
+
     def basis_coeffs(self, basis: PyTree, x: PyTree) -> jax.Array:
         """The `(m,)` array of inner products `<b_i, x>` (accumulated in float32 or wider, in `numerics.dtype`)."""
         total = None

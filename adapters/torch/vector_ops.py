@@ -329,6 +329,10 @@ class TorchOps:
             b[int(j)].copy_(t)
         return basis
 
+    def basis_vector(self, basis: Vector, j: Any) -> Vector:
+        """Vector `j` of the basis: views of the basis' tensors (do not modify them)."""
+        return [b[int(j)] for b in basis]
+
     def basis_coeffs(self, basis: Vector, x: Vector) -> Any:
         """The `(m,)` float64 numpy array of the inner products `<b_i, x>` (over every shard)."""
         total = None

@@ -23,6 +23,8 @@ def normalized(ops: VectorOps, v: Any, seed: int = 0) -> Any:
     """`v / ||v||`; a random unit vector when `v` is zero."""
     xp = ops.numerics.xp
     norm = ops.norm(v)
+    if ops.numerics.eager and norm > 0:  # concrete scalars: the random fallback is not needed
+        return ops.scale(1.0 / norm, v)
     fallback = ops.random_like(v, seed)
     fallback = ops.scale(1.0 / ops.norm(fallback), fallback)
     return ops.select(norm > 0, ops.scale(1.0 / xp.where(norm > 0, norm, 1.0), v), fallback)

@@ -56,6 +56,9 @@ class VectorOps(Protocol):
     def basis_set(self, basis: Any, j: Any, x: Any) -> Any:
         """The basis with its vector `j` replaced by `x` (a new basis; `j` may be traced)."""
 
+    def basis_vector(self, basis: Any, j: Any) -> Any:
+        """Vector `j` of the basis (a view where the type has one: do not modify it; `j` may be traced)."""
+
     def basis_coeffs(self, basis: Any, x: Any) -> Any:
         """The `(m,)` array of inner products `<b_i, x>`."""
 
@@ -122,6 +125,10 @@ class NumpyOps:
         out = np.array(basis, copy=True)
         out[int(j)] = self._vec(x)
         return out
+
+    def basis_vector(self, basis: Any, j: Any) -> Any:
+        """Row `j` of `basis` (a view)."""
+        return basis[int(j)]
 
     def basis_coeffs(self, basis: Any, x: Any) -> Any:
         """`basis @ x`: the inner products with every basis vector."""

@@ -100,6 +100,29 @@ def test_a_copied_state_continues_bit_identically():
     assert all(np.array_equal(a, b) for a, b in zip(state, copy, strict=True))
 
 
+@pytest.mark.parametrize("restart", [2, 3])
+def test_the_eager_step_follows_the_fixed_shape_step(restart):
+    """Concrete scalars take a host-branching path (views, the Ritz vector only at a restart); under `jit` the
+    fixed-shape one runs. The same operator sequence, a breakdown included, gives the same states."""
+    from eos_core.numerics import NUMPY
+    from eos_core.spectral.vector_ops import NumpyOps
+
+    eager, fixed = NumpyOps(), NumpyOps(NUMPY._replace(eager=False))
+    at = moving_operator(seed=6)
+    start = np.random.default_rng(7).standard_normal(N)
+    states = {"eager": tracker_init(start, restart=restart, ops=eager),
+              "fixed": tracker_init(start, restart=restart, ops=fixed)}
+    for t in range(25):
+        h = at(t)[0] if t < 20 else 3.0 * np.eye(N)  # then every vector is an eigenvector: breakdowns
+        for name, ops in (("eager", eager), ("fixed", fixed)):
+            states[name] = tracker_step(states[name], lambda v, h=h: h @ v, ops=ops)
+        a, b = states["eager"], states["fixed"]
+        assert int(a.position) == int(b.position) and int(a.products) == int(b.products) == t + 1
+        for field in ("basis", "alpha", "beta", "eigenvalue", "residual"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-10, atol=1e-12, err_msg=field)
+    assert int(states["eager"].position) == 0 and float(states["eager"].eigenvalue) == pytest.approx(3.0)
+
+
 def test_restart_must_be_at_least_two():
     with pytest.raises(ValueError, match="restart"):
         tracker_init(np.ones(3), restart=1)
