@@ -106,8 +106,8 @@ class Monitor:
         self.seen = False  #: a fresh lr x sharpness was measured
         self.latest = _NAN  #: the latest lr x sharpness the warning looked at (this step's lr, fresh or not)
         self.ticked = (False, False)  #: each tracker applied its operator on this step
-        #: each tracker's reading of this step is a Ritz value of this step's operator alone ([`conclusive`][
-        #: eos_core.monitor.conclusive])
+        #: each tracker's reading of this step is a Ritz value of this step's operator alone
+        #: ([`eos_core.monitor.conclusive`][])
         self.conclusive = (False, False)
         self.checking = False  #: the current tick compares finite differences with the exact product
         self.edge = _NAN  #: the edge the warning compared with on the last step
