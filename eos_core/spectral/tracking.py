@@ -102,6 +102,33 @@ def _top_ritz(alpha: Any, beta: Any, j: Any, numerics: Any) -> tuple[Any, Any]:
     return values[m - 1], xp.where(active, top, 0.0)
 
 
+def _extend(state: TrackerState, j: Any, a: Any, w: Any, ops: VectorOps) -> tuple[Any, ...]:
+    """Extend the tridiagonal matrix by row `j` and read its top Ritz pair (both versions of the tracker step).
+
+    Args:
+        state: the tracker's state before the step.
+        j: the application within the cycle.
+        a: `alpha_j = <q_j, H q_j>`.
+        w: `H q_j` orthogonalised against the cycle's basis.
+        ops: vector operations.
+
+    Returns:
+        `(b, alpha, beta, theta, s, residual, breakdown)`: `b = ||w||`, the tridiagonal entries with row `j`, the top
+        Ritz value and its vector in the tridiagonal basis, the residual estimate `|b s_j|`, and whether `b` is
+        negligible against the spectrum seen (an invariant subspace).
+    """
+    numerics = ops.numerics
+    xp = numerics.xp
+    b = ops.norm(w)
+    alpha = numerics.index_update(state.alpha, j, a)
+    beta = numerics.index_update(state.beta, j, b)
+    theta, s = _top_ritz(alpha, beta, j, numerics)
+    residual = xp.abs(b * s[j])
+    scale = xp.maximum(xp.abs(theta), xp.max(xp.abs(alpha)))
+    breakdown = b <= 64.0 * float(xp.finfo(numerics.dtype).eps) * xp.where(scale > 0, scale, 1.0)
+    return b, alpha, beta, theta, s, residual, breakdown
+
+
 def tracker_step(state: TrackerState, matvec: Callable[[Any], Any], *, ops: VectorOps | None = None
                  ) -> TrackerState:
     r"""One operator application: extend the cycle's Krylov basis by one vector and update the estimate.
@@ -134,13 +161,7 @@ def tracker_step(state: TrackerState, matvec: Callable[[Any], Any], *, ops: Vect
     w = ops.axpy(-beta_prev, ops.basis_combine(state.basis, previous), w)
     for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
         w = ops.axpy(-1.0, ops.basis_combine(state.basis, ops.basis_coeffs(state.basis, w)), w)
-    b = ops.norm(w)
-    alpha = numerics.index_update(state.alpha, j, a)
-    beta = numerics.index_update(state.beta, j, b)
-    theta, s = _top_ritz(alpha, beta, j, numerics)
-    residual = xp.abs(b * s[j])
-    scale = xp.maximum(xp.abs(theta), xp.max(xp.abs(alpha)))
-    breakdown = b <= 64.0 * float(xp.finfo(numerics.dtype).eps) * xp.where(scale > 0, scale, 1.0)
+    b, alpha, beta, theta, s, residual, breakdown = _extend(state, j, a, w, ops)
     restart = (j + 1 >= m) | breakdown
     ritz = normalized(ops, ops.basis_combine(state.basis, s))
     fresh = ops.basis_set(ops.basis_zeros(ritz, m), 0, ritz)
@@ -184,14 +205,8 @@ def _eager_tracker_step(state: TrackerState, matvec: Callable[[Any], Any], ops: 
         coeffs = ops.basis_coeffs(state.basis, w)
         for i in range(j + 1):
             w = ops.axpy(-coeffs[i], ops.basis_vector(state.basis, i), w)
-    b = ops.norm(w)
-    alpha = numerics.index_update(state.alpha, j, a)
-    beta = numerics.index_update(state.beta, j, b)
-    theta, s = _top_ritz(alpha, beta, j, numerics)
-    residual = xp.abs(b * s[j])
-    scale = xp.maximum(xp.abs(theta), xp.max(xp.abs(alpha)))
-    breakdown = bool(b <= 64.0 * float(xp.finfo(numerics.dtype).eps) * (scale if scale > 0 else 1.0))
-    if j + 1 >= m or breakdown:
+    b, alpha, beta, theta, s, residual, breakdown = _extend(state, j, a, w, ops)
+    if j + 1 >= m or bool(breakdown):
         ritz = normalized(ops, ops.basis_combine(state.basis, s))
         zeros = xp.zeros((m,), dtype=numerics.dtype)
         return TrackerState(basis=ops.basis_set(ops.basis_zeros(ritz, m), 0, ritz), alpha=zeros, beta=zeros.copy(),
