@@ -37,7 +37,7 @@ from jax import lax
 from eos_core import monitor as rules
 from eos_core import routes
 from eos_core.adapters.jax.oracles import hvp, resolve_hvp_route
-from eos_core.adapters.jax.tree_ops import TreeOps, tree_random_start
+from eos_core.adapters.jax.tree_ops import TreeOps, tree_random_start, tree_select
 from eos_core.numerics import Numerics
 from eos_core.spectral import preconditioned_operator
 from eos_core.spectral.tracking import TrackerState, tracker_age, tracker_init, tracker_step
@@ -282,6 +282,36 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
 
     new, alone = lax.cond(tick, run, aged, state)
     return Tick(new, tick, alone)
+
+
+def keep_when_skipped(applied: jax.Array, new: MonitorState, old: MonitorState) -> MonitorState:
+    """`new` after an applied step, else `old`, except the trackers' Lanczos vectors, which are `new`'s.
+
+    A step that is not applied does not tick (`monitor_step`'s `finite` includes it), so its vectors equal `old`'s.
+    Leaving them out of the select lets XLA update them in place: a select of the whole state kept the old vectors
+    alive after the tick's `lax.cond`, whose idle branch then copied them on every step, and read both copies again.
+
+    Args:
+        applied: the step was applied (a scalar bool).
+        new: the monitor's state after the step.
+        old: its state before.
+
+    Returns:
+        The selected state.
+    """
+    def without_vectors(state: MonitorState) -> MonitorState:
+        def strip(tracker: TrackerState | None) -> TrackerState | None:
+            return None if tracker is None else tracker._replace(basis=None)
+
+        return state._replace(tracker=strip(state.tracker), preconditioned=strip(state.preconditioned))
+
+    chosen = tree_select(applied, without_vectors(new), without_vectors(old))
+
+    def restore(tracker: TrackerState | None, source: TrackerState | None) -> TrackerState | None:
+        return None if tracker is None or source is None else tracker._replace(basis=source.basis)
+
+    return chosen._replace(tracker=restore(chosen.tracker, new.tracker),
+                           preconditioned=restore(chosen.preconditioned, new.preconditioned))
 
 
 def _unknown(edge: Any) -> bool:

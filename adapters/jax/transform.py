@@ -744,7 +744,7 @@ class _Tuner:
         tracked = self._track(inputs, state, probed)
         decision = self._decide(probed)
         new_updates, base_state = self._apply(inputs, probed, decision)
-        monitor = self._monitor(inputs, state) if self.monitoring else None
+        monitor = self._monitor(inputs, state, decision.applied) if self.monitoring else None
         report, monitor = self._report(inputs, state, probed, tracked, decision, monitor)
         applied = decision.applied
         new_state = TuneState(
@@ -759,7 +759,7 @@ class _Tuner:
             previous_update=tree_select(applied, inputs.u, state.previous_update) if self.request.previous_update
             else None,
             diagnostics=report,
-            monitor=None if monitor is None else tree_select(applied, monitor, state.monitor),
+            monitor=None if monitor is None else mon.keep_when_skipped(applied, monitor, state.monitor),
             previous_lr=jnp.where(applied, inputs.numerics.scalar(decision.lr), state.previous_lr)
             if self.previous_stats else None,
         )
@@ -822,12 +822,19 @@ class _Tuner:
         return numerics.scalar(self.settings.reference_lr)
 
     # -- the sharpness monitor ---------------------------------------------------------------------------
-    def _monitor(self, inputs: _Inputs, state: TuneState) -> mon.Tick:
-        """A tick of the monitor at `w` when its credit allows (`eos_core.adapters.jax.monitor.monitor_step`)."""
+    def _monitor(self, inputs: _Inputs, state: TuneState, applied: jax.Array) -> mon.Tick:
+        """A tick of the monitor at `w` when its credit allows (`eos_core.adapters.jax.monitor.monitor_step`).
+
+        A step that is not applied does not tick, so its trackers' vectors stay as they were
+        ([`keep_when_skipped`][eos_core.adapters.jax.monitor.keep_when_skipped]).
+
+        Returns:
+            The monitor's [`Tick`][eos_core.adapters.jax.monitor.Tick].
+        """
         settings = self.settings
         return mon.monitor_step(
             state.monitor, value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, precond=inputs.precond,
-            finite=inputs.finite, budget=settings.monitor_budget,
+            finite=inputs.finite & applied, budget=settings.monitor_budget,
             danger=mon.danger(state.monitor, self._step_edge(inputs.base_state, inputs.numerics),
                               settings.monitor_margin),
             exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops)

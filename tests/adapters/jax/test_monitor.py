@@ -392,6 +392,30 @@ def test_resume_from_a_saved_state_is_bit_identical(x64):
     assert any(h["sharpness_age"] == 0.0 for h in history)
 
 
+def test_a_skipped_step_leaves_the_monitor_as_it_was(x64):
+    """A non-finite step does not tick and keeps every field of the monitor, the trackers' vectors included (they
+    are left out of the skip's select, `keep_when_skipped`), even when the monitor wanted a tick (cold start)."""
+    params, loss = mlp_problem()
+    opt = tune(optax.adam(1e-2), None, monitor_budget=0.5, reference_lr=1e-2)
+    step, _ = make_step(opt, lambda p, scale: scale * loss(p))
+    state = opt.init(params)
+
+    def leaves(s):
+        return [np.asarray(x) for x in jax.tree.leaves(find_tune_state(s).monitor)]
+
+    def same(a, b):
+        return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
+
+    for _ in range(12):
+        before = leaves(state)
+        new_params, skipped = step(params, state, jnp.asarray(math.nan))
+        assert same(leaves(skipped), before) and find_tune_state(skipped).skipped == find_tune_state(state).skipped + 1
+        assert same(jax.tree.leaves(new_params), jax.tree.leaves(params))  # not applied
+        params, state = step(params, state, jnp.asarray(1.0))
+        assert not same(leaves(state), before)
+    assert int(find_tune_state(state).monitor.ticks) >= 2
+
+
 def test_a_jitted_step_may_donate_the_monitor_state():
     """Every field of the trackers is its own buffer: jit(..., donate_argnums) refuses a buffer donated twice
     (alpha and beta, eigenvalue and residual shared one array before)."""
