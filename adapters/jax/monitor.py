@@ -251,7 +251,10 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
             checking = rules.is_check(jnp, current.ticks + 1)
 
             def checked(v: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
-                approximate, reference = fd(v), exact_product(v)
+                approximate = fd(v)
+                # the exact product in a computation of its own (a branch of `checking`, true here): XLA then lets
+                # its temporaries share memory with the finite difference's (67 -> 51 MB on a small GPT)
+                reference = lax.cond(checking, exact_product, lambda u: u, v)
                 difference = ops.norm(jax.tree.map(lambda a, b: a - b, approximate, reference))
                 size = ops.norm(reference)
                 use_exact = ~rules.finite_differences_agree(jnp, difference, size)
