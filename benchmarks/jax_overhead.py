@@ -30,7 +30,8 @@ taken), which alone made a GPT-like tuned step 40% slower on CPU with the probe 
 script therefore re-executes itself once with `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`
 raised (plain and tuned steps alike get reused heap pages); `--default-malloc` keeps glibc's defaults.
 The raised threshold reaches blocks of up to 64 MiB, the most a worker thread's arena holds: a step whose
-temporaries are larger still pays the faults (the monitored GPT, 67.1 MB: ~5,100 faults per step).
+temporaries are larger still pays the faults (the monitored GPT step, 67.1 MB before the monitor's check
+shared memory between its two products: ~5,100 faults per step).
 GPU device memory comes from XLA's own allocator and is unaffected.
 
 **The sharpness monitor** (`--monitor [BUDGET]`, default budget 0.05): for every model and for `optax.sgd` and

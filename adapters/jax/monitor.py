@@ -311,7 +311,7 @@ def keep_when_skipped(applied: jax.Array, new: MonitorState, old: MonitorState) 
     chosen = tree_select(applied, without_vectors(new), without_vectors(old))
 
     def restore(tracker: TrackerState | None, source: TrackerState | None) -> TrackerState | None:
-        return None if tracker is None or source is None else tracker._replace(basis=source.basis)
+        return None if tracker is None else tracker._replace(basis=source.basis)  # same structure as `new`
 
     return chosen._replace(tracker=restore(chosen.tracker, new.tracker),
                            preconditioned=restore(chosen.preconditioned, new.preconditioned))
