@@ -2,7 +2,8 @@
 
 Trains each run of ``_monitor_common.py`` (``mlp-gd``: full-batch SGD on the tanh MLP; ``chargpt-adam``: Adam on
 the character-level GPT; ``cnn-adam``) at constant learning rates on both sides of the edge, monitoring only
-(``CurvatureTuner(optimizer, None, monitor_budget=0.05)``, the default margin and patience), and records the
+(``CurvatureTuner(optimizer, None, monitor_budget=0.05)``, the default margin and patience; Adam's first step is
+also watched along its own update, ``update_quotient``, recorded when measured), and records the
 step at which the warning fires (``unstable`` turns 1 and the RuntimeWarning is raised) and the **loss spike**:
 the first step whose loss is NaN / inf or more than twice the lowest loss of the steps before. A run
 **diverges** when its loss becomes NaN / inf or exceeds ``--blowup`` times its minimum (the run stops there), or
@@ -17,11 +18,11 @@ spike (gradient descent entering the edge of stability bounces: the best constan
 
 Default cases: ``mlp-gd`` at lr 0.25, 0.5 (0.5 is the best constant and trains at the edge, lambda_max ~ 2/lr), 1 and
 1.5 (above 2 / lambda_max = 0.69 at initialisation; both recover after a catapult) and 1.6, 1.7, 1.8, 2, 3 (diverge
-within 1-7 steps); ``chargpt-adam`` at 1e-3, 2e-3, 3e-3 (around the suite's best constant, 2e-3) and 2e-2 to 1
-(10-500x the best: up to 50x the loss plateaus without a spike in 1000 steps).
+within 1-7 steps); ``chargpt-adam`` at 1e-3, 2e-3, 3e-3 (around the suite's best constant, 2e-3), 5e-3 and 1e-2
+(2.5x and 5x) and 2e-2 to 1 (10-500x the best: up to 50x the loss plateaus without a spike in 1000 steps).
 
     python benchmarks/monitor_warning.py --case mlp-gd=0.25,0.5,1,1.5,1.6,1.7,1.8,2,3 --seeds 0,1,2   # ~5 min
-    python benchmarks/monitor_warning.py --case chargpt-adam=1e-3,2e-3,3e-3,2e-2,4e-2,6e-2,0.1,0.3,1   # ~40 min
+    python benchmarks/monitor_warning.py --case chargpt-adam=1e-3,2e-3,3e-3,5e-3,1e-2,2e-2,4e-2,6e-2,0.1,0.3,1 # 15 min
     python benchmarks/monitor_warning.py --case mlp-gd=0.5,3 --steps 40 --quick   # smoke run
 """
 
@@ -40,7 +41,7 @@ import torch
 from _monitor_common import DEFAULT_STEPS, RUNS, closure_for, divergence_onset, loss_spike, make_setup, monitored
 
 CASES: dict[str, list[float]] = {"mlp-gd": [0.25, 0.5, 1.0, 1.5, 1.6, 1.7, 1.8, 2.0, 3.0],
-                                 "chargpt-adam": [1e-3, 2e-3, 3e-3, 2e-2, 4e-2, 6e-2, 0.1, 0.3, 1.0]}
+                                 "chargpt-adam": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 4e-2, 6e-2, 0.1, 0.3, 1.0]}
 
 
 def run_case(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def run_case(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[
     losses: list[float] = []
     unstable: list[float] = []
     readings: list[tuple[int, float, float]] = []  # (step, watched lr x sharpness, edge) on the steps it was measured
+    quotients: list[tuple[int, float]] = []  # (step, update_quotient): an adaptive optimizer's first step
     warned_at: list[int] = []
     spike = None
     start = time.perf_counter()
@@ -66,6 +68,8 @@ def run_case(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[
         age = d["preconditioned_sharpness_age" if pre else "sharpness_age"]
         if age == 0:
             readings.append((step, d["preconditioned_lr_sharpness" if pre else "lr_sharpness"], d["edge"]))
+        if math.isfinite(d["update_quotient"]):
+            quotients.append((step, d["update_quotient"]))
         if spike is None:
             spike = loss_spike(losses)
         if not math.isfinite(losses[-1]) or losses[-1] > args.blowup * min(losses):
@@ -84,7 +88,7 @@ def run_case(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[
             "lead": None if not diverged or first is None else spike - first,
             "onset": divergence_onset(losses) if diverged else None,
             "unstable_fraction": sum(1 for u in unstable if u == 1) / len(unstable),
-            "readings": readings, "losses": losses, "min_loss": min(finite, default=math.nan),
+            "readings": readings, "quotients": quotients, "losses": losses, "min_loss": min(finite, default=math.nan),
             "final_loss": losses[-1],
             "edge": tuner.diagnostics["edge"], "products": [int(t.products) for t in tuner.monitor.trackers
                                                             if t is not None],
@@ -112,8 +116,9 @@ def describe(r: dict[str, Any]) -> str:
     if r["diverged"] and r["onset"] != r["spike"]:
         verdict += f" (divergence onset at step {r['onset']}" + (
             "" if r["onset_lead"] is None else f", {r['onset_lead']} steps after the warning") + ")"
+    quotients = "".join(f", update_quotient {q:.3g} at step {s}" for s, q in r.get("quotients", ()))
     return (head + verdict + f"; max watched lr x sharpness {peak:.3g}{' before the spike' if r['diverged'] else ''} "
-            f"(edge {r['edge']:.3g}), {len(r['readings'])} measurements, {r['steps']} steps, loss min "
+            f"(edge {r['edge']:.3g}){quotients}, {len(r['readings'])} measurements, {r['steps']} steps, loss min "
             f"{r['min_loss']:.3g} final {r['final_loss']:.3g}, {r['wall_s']:.0f} s")
 
 

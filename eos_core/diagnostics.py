@@ -79,12 +79,17 @@ REGISTRY: tuple[Diagnostic, ...] = (
                "optimizers): 2 for gradient descent, 2(1 + beta)/(1 - dampening) with heavy-ball momentum, "
                "2(1 + beta1)/(1 - beta1) for Adam; NaN when not known or the monitor is off", "step"),
     Diagnostic("unstable", "1 while lr * sharpness (preconditioned for adaptive optimizers) has been above edge * "
-               "(1 + monitor_margin) for monitor_patience consecutive measurements (a RuntimeWarning marks each "
-               "onset), else 0; NaN before the first measurement and while the monitor is off", "step"),
+               "(1 + monitor_margin) for monitor_patience consecutive measurements, or on one that is a Ritz value "
+               "of the step's own Hessian, or update_quotient above 2 * (1 + monitor_margin) (a RuntimeWarning marks "
+               "each onset), else 0; NaN before the first measurement and while the monitor is off", "step"),
     Diagnostic("monitor_every", "the monitor's steady-state spacing k = ceil(cost of its products / (monitor_budget "
                "x a training step))", "step"),
     Diagnostic("monitor_exact", "1 when the monitor's products are exact (finite differences disagreed with the "
                "exact product at the last check), 0 for one-sided finite differences", "step"),
+    Diagnostic("update_quotient", "lr u^T H u / (-g^T u): lr times the curvature along the step's update over its "
+               "slope; above 2 the quadratic model predicts that the step raises the loss. The monitor measures it "
+               "on an adaptive optimizer's first step (measuring only, law=None), NaN on the other steps",
+               "step"),
     # -- the laws' own measurements (present for the laws that make them) -------------------------------
     Diagnostic("numerator", "CDAT's n = max(-g.u, 0) of this probe (eq. 8)", "probe"),
     Diagnostic("denominator", "CDAT's d = |u^T H u| + eps of this probe (eq. 8)", "probe"),
@@ -118,7 +123,8 @@ TRACKING_KEYS: tuple[str, ...] = ("sharpness", "lr_sharpness", "preconditioned_s
                                   "preconditioned_lr_sharpness", "alignment", "power_iterations")
 #: Reported by every adapter on every step (NaN while the monitor is off).
 MONITOR_KEYS: tuple[str, ...] = ("sharpness_residual", "sharpness_age", "preconditioned_sharpness_residual",
-                                 "preconditioned_sharpness_age", "edge", "unstable", "monitor_every", "monitor_exact")
+                                 "preconditioned_sharpness_age", "edge", "unstable", "monitor_every", "monitor_exact",
+                                 "update_quotient")
 #: Keys whose value is not a float.
 INTEGER_KEYS: tuple[str, ...] = tuple(e.name for e in REGISTRY if e.kind == "int")
 STRING_KEYS: tuple[str, ...] = tuple(e.name for e in REGISTRY if e.kind == "str")

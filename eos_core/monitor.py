@@ -36,6 +36,13 @@ namespace `xp`):
   raises one RuntimeWarning per episode (an episode ends at the first fresh measurement below the threshold).
   Measurements of an adaptive optimizer's first [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] steps do not count
   ([`counts_for_warning`][eos_core.monitor.counts_for_warning]).
+* **The first step of an adaptive optimizer** ([`watches_update`][eos_core.monitor.watches_update],
+  [`update_quotient`][eos_core.monitor.update_quotient]): there the monitor also measures the curvature along
+  the step's own update $D = \text{lr}\, u$, one product: the quadratic model of the loss along the step (CDAT
+  paper, eq. 2) predicts that the step raises the loss when
+  $\text{lr}\, u^\top H u / (-g^\top u) > 2$ ([`UPDATE_EDGE`][eos_core.monitor.UPDATE_EDGE]; the lr is then above
+  the on-edge lr of eq. 7). Above `UPDATE_EDGE * (1 + margin)` it warns at once: a measurement of this step's
+  own update and Hessian.
 """
 
 from __future__ import annotations
@@ -59,6 +66,14 @@ PATIENCE = 3
 #: handful of gradients there and its preconditioned lr x sharpness starts far above its steady state (72 and up to
 #: 1.5e4 against the edge 38 at step 2 of stable Lightning and Trainer runs with Adam at lr 1e-3).
 GRACE_STEPS = 10
+#: The edge of the quotient `lr u^T H u / (-g^T u)` along the step's update (`update_quotient`): beyond it the
+#: quadratic model of the loss along the step predicts a rise.
+UPDATE_EDGE = 2.0
+#: An adaptive optimizer's first UPDATE_STEPS steps are watched along the update (`watches_update`). Only the first:
+#: its update rests on the step's own gradient alone, and the quotient of later steps is erratic on mini-batches
+#: (Adam at 1.5x its best lr on a character-level GPT: 2.45 at step 0, below the threshold, then 5.7 at step 8 of a
+#: run that trains as well as the best one).
+UPDATE_STEPS = 1
 #: Products the first tick may spend to converge from the random start (stopping at COLD_TOLERANCE).
 COLD_PRODUCTS = 16
 #: Relative residual at which the cold start stops early.
@@ -281,6 +296,50 @@ def counts_for_warning(xp: Any, fresh: Any, step: Any, *, adaptive: bool = False
     return fresh & (step >= GRACE_STEPS) if adaptive else fresh
 
 
+def watches_update(xp: Any, step: Any, *, adaptive: bool) -> Any:
+    """Whether the monitor measures the curvature along this step's update, one product.
+
+    The quantity is [`update_quotient`][eos_core.monitor.update_quotient]. It is measured on an adaptive optimizer's
+    first [`UPDATE_STEPS`][eos_core.monitor.UPDATE_STEPS] step, where its preconditioned sharpness cannot be
+    measured (the preconditioner exists only after the first step, and readings of the first
+    [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] do not count, [`counts_for_warning`][
+    eos_core.monitor.counts_for_warning]) and a run with too large an lr blows up at once (Adam at 150-500x its best
+    lr on a character-level GPT: the loss spikes at step 1 or 2). The quotient needs no preconditioner: it is the
+    quadratic model along the update the optimizer actually takes.
+
+    Args:
+        xp: the array namespace.
+        step: the step's index (0-based, skipped steps not counted).
+        adaptive: the warning watches the preconditioned sharpness of an adaptive optimizer.
+
+    Returns:
+        `step < UPDATE_STEPS` for an adaptive optimizer; False otherwise.
+    """
+    return (step < UPDATE_STEPS) & adaptive
+
+
+def update_quotient(xp: Any, lr: Any, curvature: Any, descent: Any) -> Any:
+    r"""The lr times the curvature along the update, relative to its slope: $q = \text{lr}\, u^\top H u / (-g^\top u)$.
+
+    Along the step $w \to w + \text{lr}\, u$ the quadratic model of the CDAT paper (eq. 2) changes the loss by
+    $-\text{lr}\,(-g^\top u)\,(1 - q / 2)$: the step lowers the loss when $q < 2$
+    ([`UPDATE_EDGE`][eos_core.monitor.UPDATE_EDGE]) and raises it when $q > 2$, i.e. when lr exceeds the on-edge lr
+    $2 (-g^\top u) / u^\top H u$ of eq. 7. For gradient descent ($u = -g$) $q = \text{lr}\, g^\top H g / g^\top g
+    \le \text{lr}\, \lambda_{\max}$. Only the step $\text{lr}\, u$ matters: `(lr / c, c u)` gives the same q.
+
+    Args:
+        xp: the array namespace.
+        lr: the step's learning rate.
+        curvature: $u^\top H u$.
+        descent: $-g^\top u$.
+
+    Returns:
+        q, NaN when u is not a descent direction (`descent <= 0`) or the inputs are not finite.
+    """
+    safe = xp.where(descent > 0, descent, 1.0)
+    return xp.where(descent > 0, lr * curvature / safe, math.nan)
+
+
 def conclusive(xp: Any, made: Any, position: Any, restart: int) -> Any:
     r"""Whether a tracker's reading is a Ritz value of this step's operator alone (beyond the threshold: a warning).
 
@@ -342,3 +401,17 @@ def warning_message(value: float, edge: float, margin: float, patience: int, ste
             "alone): the loss is likely "
             "to spike or diverge, or, with an adaptive optimizer, to stall well above what a lower learning rate "
             "reaches (lower the learning rate; the diagnostic 'unstable' is 1 while this lasts)")
+
+
+def update_warning_message(value: float, margin: float, step: int) -> str:
+    """The RuntimeWarning's text when the quotient along the update fires.
+
+    Returns:
+        The text, for [`update_quotient`][eos_core.monitor.update_quotient] equal to `value` on step `step`.
+    """
+    return (f"eos_core: step {step}: lr x curvature along the update, lr u'Hu / (-g'u) = {value:.4g}, is above "
+            f"{UPDATE_EDGE:g}, the edge of stability along the update, by more than {100 * margin:.0f}%: the "
+            "quadratic model predicts that this step raises the loss (an adaptive optimizer's first step, before its "
+            "preconditioned sharpness can be measured); the loss is likely to spike or diverge, or to stall well "
+            "above what a lower learning rate reaches (lower the learning rate; the diagnostic 'unstable' is 1 while "
+            "this lasts)")

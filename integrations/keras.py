@@ -36,8 +36,8 @@ Design (Keras 3 on the JAX and torch backends):
   `"eos/<name>"`: `lr` (the learning rate applied), `law_lr`, `sharpness` (lambda_max: the monitor's latest
   estimate, or a `sharpness_every` measurement), `lr_sharpness` (lr * lambda_max, 2 at the edge of gradient
   descent), `preconditioned_sharpness` and `preconditioned_lr_sharpness` (Adam / AdamW / RMSprop), the monitor's
-  `sharpness_age`, `sharpness_residual`, `edge`, `unstable`, `monitor_every`, `monitor_exact`, a law's own
-  measurements (CDAT: `numerator`, `denominator`), `loss`, `grad_norm`, `update_norm`, `probed`, `fallback`,
+  `sharpness_age`, `sharpness_residual`, `edge`, `unstable`, `monitor_every`, `monitor_exact`, `update_quotient`,
+  a law's own measurements (CDAT: `numerator`, `denominator`), `loss`, `grad_norm`, `update_norm`, `probed`, `fallback`,
   `skipped`, `skipped_steps` and `fallback_steps`; `step` (Keras counts its own) and `route` (a name) are not
   logged. At the end of each epoch the same names go into the epoch's `logs`, so `History`
   (`history.history["eos/lr"]`, one value per epoch), `CSVLogger` and `TensorBoard` record them (Keras's

@@ -287,6 +287,62 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
     return Tick(new, tick, alone)
 
 
+def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, grads: PyTree, u: PyTree,
+                    lr: jax.Array, exact: jax.Array, exact_route: str | None, fd_eps: float | None,
+                    ops: TreeOps) -> jax.Array:
+    r"""One product along the step's update: $q = \text{lr}\, u^\top H u / (-g^\top u)$.
+
+    The quotient of [`eos_core.monitor.update_quotient`][], from the product of $v = u / |u|$: the ticks' choice,
+    the exact one while `exact` (finite differences disagreed at the last check), else the one-sided finite
+    difference reusing `grads`.
+
+    Args:
+        value_fn: the loss on the batch as a function of the parameters.
+        params: $w$.
+        grads: the step's gradient at $w$.
+        u: the update for lr = 1.
+        lr: the step's learning rate.
+        exact: bool array, the products are exact.
+        exact_route: the exact route (None: finite differences only).
+        fd_eps: machine epsilon of the finite differences (None: the parameters').
+        ops: vector operations.
+
+    Returns:
+        q as a 0-d array (NaN when u is 0, not a descent direction or not finite).
+    """
+    norm = ops.norm(u)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    v = jax.tree.map(lambda x: (x / safe.astype(x.dtype)).astype(x.dtype), u)
+
+    def fd(x: PyTree) -> PyTree:
+        return hvp(value_fn, params, x, route=routes.FD_ONESIDED, grads=grads, fd_eps=fd_eps)[0].product
+
+    def exact_product(x: PyTree) -> PyTree:
+        return hvp(value_fn, params, x, route=exact_route, grads=grads, fd_eps=fd_eps)[0].product
+
+    product = fd(v) if exact_route is None else lax.cond(exact, exact_product, fd, v)
+    descent = jnp.where(norm > 0, -ops.dot(grads, v), 0.0)
+    return rules.update_quotient(jnp, lr * norm, ops.dot(v, product), descent)
+
+
+def update_warning_step(state: MonitorState, *, quotient: jax.Array, margin: float, patience: int
+                        ) -> tuple[MonitorState, jax.Array]:
+    """The early warning on the quotient along the update (NaN: not measured on this step, nothing changes).
+
+    The quotient is [`update_quotient`][eos_core.adapters.jax.monitor.update_quotient]'s. Above
+    `UPDATE_EDGE * (1 + margin)` ([`eos_core.monitor.UPDATE_EDGE`][]) it warns at once: a measurement of this step's
+    own update on this step's Hessian. `latest` (the lr x sharpness `danger` reads) is left alone.
+
+    Returns:
+        `(state, fired)` as [`warning_step`][eos_core.adapters.jax.monitor.warning_step].
+    """
+    measured = jnp.isfinite(quotient)
+    streak, now, fired = rules.warning_update(jnp, state.streak, state.unstable, measured, quotient,
+                                              rules.threshold(rules.UPDATE_EDGE, margin), patience, True)
+    return state._replace(seen=state.seen | measured.astype(jnp.int32), streak=streak.astype(jnp.int32),
+                          unstable=now.astype(jnp.int32)), fired
+
+
 def keep_when_skipped(applied: jax.Array, new: MonitorState, old: MonitorState) -> MonitorState:
     """`new` after an applied step, else `old`, except the trackers' Lanczos vectors, which are `new`'s.
 

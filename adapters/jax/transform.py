@@ -389,11 +389,20 @@ _EDGE_FORMULAS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _warn_unstable(value: Any, edge: Any, *, margin: float, patience: int, count: Any, what: str) -> None:
+def _warn_unstable(value: Any, edge: Any, quotient: Any, *, margin: float, patience: int, count: Any,
+                   what: str) -> None:
     """Host side of `warn="jit"`'s early warning."""
-    warnings.warn(monitor_rules.warning_message(float(value), float(edge), margin, patience, int(count),
-                                                what.replace("_", " ").replace("lr ", "lr x ")),
+    warnings.warn(_unstable_message(float(value), float(edge), float(quotient), margin, patience, int(count), what),
                   RuntimeWarning, stacklevel=2)
+
+
+def _unstable_message(value: float, edge: float, quotient: float, margin: float, patience: int, step: int,
+                      what: str) -> str:
+    """The early warning's text: the quotient along the update when it fired, else the watched lr x sharpness."""
+    if math.isfinite(quotient) and quotient > monitor_rules.threshold(monitor_rules.UPDATE_EDGE, margin):
+        return monitor_rules.update_warning_message(quotient, margin, step)
+    return monitor_rules.warning_message(value, edge, margin, patience, step,
+                                         what.replace("_", " ").replace("lr ", "lr x "))
 
 
 def _route_code(name: str | None) -> int:
@@ -602,6 +611,9 @@ class _Tuner:
         #: the early warning's edge and whether it bounds the preconditioned sharpness
         self.edge, self.edge_preconditioned, self.edge_rule = self._edge() if self.monitoring else (
             math.nan, False, None)
+        #: measuring only, an adaptive base: its first step is watched along the update
+        #: ([`eos_core.monitor.watches_update`][])
+        self.watching_update = self.measuring and self.monitoring and bool(self.edge_preconditioned)
 
     # -- construction ----------------------------------------------------------------------------------
     def _identify(self, explicit: Preconditioner | None) -> Preconditioner | None:
@@ -745,7 +757,8 @@ class _Tuner:
         decision = self._decide(probed)
         new_updates, base_state = self._apply(inputs, probed, decision)
         monitor = self._monitor(inputs, state, decision.applied) if self.monitoring else None
-        report, monitor = self._report(inputs, state, probed, tracked, decision, monitor)
+        quotient = self._update_quotient(inputs, state, monitor, decision.applied) if self.watching_update else None
+        report, monitor = self._report(inputs, state, probed, tracked, decision, monitor, quotient)
         applied = decision.applied
         new_state = TuneState(
             base_state=tree_select(applied, base_state, state.base_state),
@@ -838,6 +851,26 @@ class _Tuner:
             danger=mon.danger(state.monitor, self._step_edge(inputs.base_state, inputs.numerics),
                               settings.monitor_margin),
             exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops)
+
+    def _update_quotient(self, inputs: _Inputs, state: TuneState, tick: mon.Tick, applied: jax.Array) -> jax.Array:
+        """On an adaptive base's first step, the quotient along the update (NaN on the other steps).
+
+        It is [`eos_core.adapters.jax.monitor.update_quotient`][]: one product, in a branch taken on those steps
+        only ([`eos_core.monitor.watches_update`][]); outside the budget, like the cold start.
+
+        Returns:
+            `lr u^T H u / (-g^T u)` of this step, or NaN.
+        """
+        watched = monitor_rules.watches_update(jnp, state.count, adaptive=True) & inputs.finite & applied
+        nan = inputs.numerics.scalar(math.nan)
+
+        def measure(_: None) -> jax.Array:
+            return inputs.numerics.scalar(mon.update_quotient(
+                value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, u=inputs.u, lr=inputs.lr,
+                exact=tick.state.exact > 0, exact_route=mon.exact_route(inputs.value_fn, inputs.params),
+                fd_eps=self.settings.fd_eps, ops=inputs.ops))
+
+        return lax.cond(watched, measure, lambda _: nan, None)
 
     def _preconditioner(self, base_state: Any) -> PyTree:
         if isinstance(self.spec, AdamPreconditioner | RmsPreconditioner):
@@ -1077,7 +1110,8 @@ class _Tuner:
         return inputs.curvature_code or inputs.hvp_code or _route_code(self.settings.route)
 
     def _report(self, inputs: _Inputs, state: TuneState, probed: _Probed, tracked: _Tracked,
-                decision: _Decision, tick: mon.Tick | None) -> tuple[Diagnostics, MonitorState | None]:
+                decision: _Decision, tick: mon.Tick | None, quotient: jax.Array | None = None
+                ) -> tuple[Diagnostics, MonitorState | None]:
         """Stage "report": this step's diagnostics.
 
         Returns:
@@ -1117,10 +1151,17 @@ class _Tuner:
             index = int(self.edge_preconditioned)
             counted = monitor_rules.counts_for_warning(jnp, fresh[index], state.count,
                                                        adaptive=bool(self.edge_preconditioned))
+            fired_along_update = jnp.asarray(False)
+            if quotient is not None:  # the first step of an adaptive base (not counted above): at once
+                monitor, fired_along_update = mon.update_warning_step(monitor, quotient=quotient,
+                                                                      margin=self.settings.monitor_margin,
+                                                                      patience=self.settings.monitor_patience)
+                values["update_quotient"] = quotient
             monitor, fired = mon.warning_step(monitor, fresh=fresh[index], counted=counted, certain=certain[index],
                                               value=values[watched], edge=edge,
                                               margin=self.settings.monitor_margin,
                                               patience=self.settings.monitor_patience)
+            fired = fired | fired_along_update
             known_edge = math.isfinite(self.edge)
             values.update(edge=scalar(edge),
                           unstable=jnp.where((monitor.seen > 0) & known_edge, scalar(monitor.unstable), nan),
@@ -1131,7 +1172,8 @@ class _Tuner:
                 # the static arguments bound in Python (jax < 0.4.3x's callbacks take arrays only)
                 report = functools.partial(_warn_unstable, margin=self.settings.monitor_margin,
                                            patience=self.settings.monitor_patience, what=watched)
-                lax.cond(fired, lambda: jax.debug.callback(report, values[watched], edge, count=state.count),
+                lax.cond(fired, lambda: jax.debug.callback(report, values[watched], edge,
+                                                            values.get("update_quotient", nan), count=state.count),
                          lambda: None)
         values.update(lr=lr, law_lr=lr, loss=probed.loss, grad_norm=inputs.grad_sq ** 0.5,
                       update_norm=inputs.update_sq ** 0.5, skipped=scalar(0.0), alignment=tracked.alignment,
@@ -1380,11 +1422,13 @@ def warn_unstable(found: Mapping[str, Any], rule: tuple[float, int] | None = Non
     """Raise the sharpness monitor's early warning ([`eos_core.monitor`][]) on the host.
 
     Reads the host diagnostics (the dict of [`diagnostics`][eos_core.adapters.jax.diagnostics]) of the step the
-    warning fired on: the preconditioned lr x sharpness when it is measured (an adaptive base), else lr x
-    sharpness, against `edge`.
+    warning fired on: `update_quotient` when it is above its threshold (an adaptive base's first step,
+    [`eos_core.monitor.update_quotient`][]), else the preconditioned lr x sharpness when it is measured (an adaptive
+    base), else lr x sharpness, against `edge`.
 
     Args:
-        found: host diagnostics with `edge`, `step` and `lr_sharpness` / `preconditioned_lr_sharpness`.
+        found: host diagnostics with `edge`, `step`, `lr_sharpness` / `preconditioned_lr_sharpness` and, when
+            present, `update_quotient`.
         rule: `(monitor_margin, monitor_patience)` (default: the core's defaults, [`eos_core.monitor.MARGIN`][]
             and [`eos_core.monitor.PATIENCE`][]).
         stacklevel: as in `warnings.warn`; 1 points the warning at the caller of this function.
@@ -1396,9 +1440,9 @@ def warn_unstable(found: Mapping[str, Any], rule: tuple[float, int] | None = Non
     margin, patience = rule if rule is not None else (monitor_rules.MARGIN, monitor_rules.PATIENCE)
     preconditioned = np.isfinite(float(found.get("preconditioned_lr_sharpness", math.nan)))
     what = "preconditioned_lr_sharpness" if preconditioned else "lr_sharpness"
-    warnings.warn(monitor_rules.warning_message(float(found[what]), float(found["edge"]), margin, patience,
-                                                int(found["step"]), what.replace("_", " ").replace("lr ", "lr x ")),
-                  RuntimeWarning, stacklevel=stacklevel + 1)
+    warnings.warn(_unstable_message(float(found[what]), float(found["edge"]),
+                                    float(found.get("update_quotient", math.nan)), margin, patience,
+                                    int(found["step"]), what), RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def hvp_route(state: Any) -> str:

@@ -91,7 +91,7 @@ def current_diagnostics(model: Any) -> dict[str, Any]:
 
     With the sharpness monitor (`monitor_budget`) the keys also hold its estimate in `sharpness` /
     `preconditioned_sharpness` (and `lr_sharpness`, `preconditioned_lr_sharpness`) on every step, with
-    `sharpness_age`, `sharpness_residual`, `edge`, `unstable`, `monitor_every` and `monitor_exact`.
+    `sharpness_age`, `sharpness_residual`, `edge`, `unstable`, `monitor_every`, `monitor_exact` and `update_quotient`.
 
     On JAX with the tuner's `warn=True` (the default), this read raises a RuntimeWarning for the steps
     skipped and the law fallbacks since the previous read, and the monitor's early warning when `unstable`

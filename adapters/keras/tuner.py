@@ -241,9 +241,10 @@ class CurvatureTuner(keras.optimizers.Optimizer):
               product every `k` steps ([`eos_core.monitor`][]), reported as `sharpness`, `lr_sharpness`,
               `preconditioned_sharpness`, `preconditioned_lr_sharpness` on every step (the latest estimate, with
               `sharpness_age` and `sharpness_residual`), plus `edge`, `unstable`, `monitor_every`,
-              `monitor_exact`. On torch `k` follows the measured cost of a product relative to a step (the
-              PyTorch adapter's monitor); on JAX, where nothing can be timed inside `jit`, the JAX adapter's cost
-              model (one finite-difference product = 1.1 steps: `k = 22` at 0.05 with one operator).
+              `monitor_exact` and, on an adaptive optimizer's first step, `update_quotient`. On torch `k` follows
+              the measured cost of a product relative to a step (the PyTorch adapter's monitor); on JAX, where
+              nothing can be timed inside `jit`, the JAX adapter's cost model (one finite-difference product = 1.1
+              steps: `k = 22` at 0.05 with one operator).
             * `monitor_edge`: the edge of stability lr x sharpness is compared with (default: the optimizer's,
               `eos_core.adapters.keras.optimizers.edge`: 2 (1 + momentum) for SGD, 2 (1 + momentum) /
               (1 + 2 momentum) with Nesterov, 2 (1 + beta_1) / (1 - beta_1) on the preconditioned sharpness for

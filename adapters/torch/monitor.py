@@ -111,6 +111,8 @@ class Monitor:
         self.conclusive = (False, False)
         self.checking = False  #: the current tick compares finite differences with the exact product
         self.edge = _NAN  #: the edge the warning compared with on the last step
+        #: the quotient along this step's update (`along_update`; NaN when not measured on this step)
+        self.quotient = _NAN
         self.missing_objective_warned = False
         self.eps = float(torch.finfo(torch.float32).eps)  #: machine epsilon of this tick's finite differences
         self._last_start: float | None = None
@@ -136,6 +138,7 @@ class Monitor:
             self.local.record_step(now - self._last_start - self._spent)
         self._last_start, self._spent = now, 0.0
         self.ticked = self.conclusive = (False, False)
+        self.quotient = _NAN
 
     def tick_cost(self, operators: int) -> float:
         """The cost of a tick in training steps.
@@ -384,6 +387,81 @@ class Monitor:
             self.budget.reset_product()  # the other product's cost is measured from the next tick on
         chosen = reference if self.exact else approximate
         return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in chosen]
+
+    # -- the first step of an adaptive optimizer ---------------------------------------------------------------
+    def along_update(self, *, objective: Any, params: Vector, grads: Vector, delta: Vector, clipped: bool
+                     ) -> tuple[float, float, float]:
+        """One product along the step's update, at `w` ([`update_quotient`][eos_core.monitor.update_quotient]).
+
+        Called after the optimizer's step was read off (the parameters back at `w`, `g(w)` in `.grad`), on the
+        steps [`watches_update`][eos_core.monitor.watches_update] selects. The product is the ticks' choice (finite
+        differences, or the exact product when they disagreed at the last check). Its time is left out of the step
+        time and is not charged to the credit: like the cold start, a one-off cost (one product per
+        step of [`UPDATE_STEPS`][eos_core.monitor.UPDATE_STEPS]).
+
+        Args:
+            objective: the step's objective.
+            params: the parameters, at `w`.
+            grads: `g(w)` as the optimizer read it.
+            delta: the step's move `D` (any positive multiple of the update).
+            clipped: `grads` are clipped: the slope uses `g(w)` evaluated again.
+
+        Returns:
+            `(curvature, descent, norm)`: `v^T H v` and `-g^T v` for `v = D / |D|`, and `|D|`; NaNs when `D` is 0 or
+            not finite.
+        """
+        before = time.perf_counter()
+        norm = self.space.norm(delta)
+        if not (math.isfinite(norm) and norm > 0):
+            return _NAN, _NAN, norm
+        v = [d.to(torch.promote_types(d.dtype, torch.float32)) / norm for d in delta]
+        saved = vec.clone(params)
+        operator = None
+        try:
+            with objective.preserving_buffers():
+                base = grads if not clipped else self.space.mean_measured_tensors(self.oracle.gradient(objective,
+                                                                                                       params))
+                v = [x.to(p.dtype) for x, p in zip(v, params, strict=True)]
+                if self.exact:
+                    operator = self.exact_oracle.hessian_operator(objective, params)
+                    product = list(operator(v))
+                else:
+                    product = self._finite_difference(objective, params, saved, base, v)
+        finally:
+            if operator is not None:
+                operator.release()
+        curvature, slope = self.space.dots([(v, product), (base, v)])
+        self._spent += time.perf_counter() - before
+        return float(curvature), -float(slope), norm
+
+    def warn_along_update(self, *, value: float, step: int, warn: bool, stacklevel: int = 4) -> bool:
+        """The early warning on the quotient along the update (finite: measured on this step).
+
+        Above [`threshold`][eos_core.monitor.threshold]`(UPDATE_EDGE, monitor_margin)` it warns at once (`certain`):
+        it measures this step's own update on this step's Hessian. Below, the episode ends, as with any fresh
+        measurement.
+
+        Args:
+            value: the quotient (NaN: not measured, nothing changes).
+            step: the step index, for the warning's message.
+            warn: raise the RuntimeWarning (False: only the state changes).
+            stacklevel: `warnings.warn`'s stacklevel.
+
+        Returns:
+            Whether the monitor is unstable after it.
+        """
+        self.quotient = value
+        if not math.isfinite(value):
+            return self.unstable
+        self.seen = True
+        limit = rules.threshold(rules.UPDATE_EDGE, self.settings.monitor_margin)
+        streak, now, fired = rules.warning_update(scalars, self.streak, int(self.unstable), True, value, limit,
+                                                  self.settings.monitor_patience, True)
+        self.streak, self.unstable = int(streak), bool(now)
+        if bool(fired) and warn:
+            warnings.warn(rules.update_warning_message(value, self.settings.monitor_margin, step), RuntimeWarning,
+                          stacklevel=stacklevel)
+        return self.unstable
 
     # -- report --------------------------------------------------------------------------------------------
     def reading(self, index: int) -> tuple[float, float, float, bool]:

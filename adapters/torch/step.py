@@ -47,6 +47,10 @@ class PendingStep:
     record: bool = False  #: u is kept for the next step's probe (HyperGradient's cos(g_t, u_{t-1}))
     instrumented: bool = False  #: the optimizer steps with `eta_probe` and the lr is decided afterwards
     tick: bool = False  #: the sharpness monitor applies its operators on this step (`monitor_budget`)
+    #: the monitor measures the curvature along this step's update (`eos_core.monitor.watches_update`)
+    along_update: bool = False
+    #: seconds of the monitor's product along the update (left out of the tuner's bookkeeping)
+    along_update_seconds: float = 0.0
     loss: float | None = None
     grad_sq: float = math.nan  #: |g|^2 of the step's gradient
     group_lrs: list[float] = field(default_factory=list)

@@ -566,7 +566,7 @@ class CurvatureTuner:
         lean = self.law is None and not self.space.sharded and self.space.reducer.world_size == 1
         if lean:
             self._plan(pending)
-        measuring = pending.tick or pending.instrumented  # (False before the plan: not lean)
+        measuring = pending.tick or pending.instrumented or pending.along_update  # (False before the plan: not lean)
         positional, keywords, loss, objective = self._run_closure(list(args), dict(kwargs),
                                                                   measuring=measuring or not lean)
         pending.objective = objective
@@ -579,7 +579,8 @@ class CurvatureTuner:
                 self._plan(pending)
         if proceed:
             self._set_step_lr(pending)
-            if pending.tick or pending.instrumented or self.law is not None:  # measuring only: no copy of w otherwise
+            if pending.tick or pending.instrumented or pending.along_update or self.law is not None:
+                # measuring only: no copy of w otherwise
                 pending.saved = vec.clone(self.space.local())
             if pending.tick:  # at w, with g(w) in .grad: see eos_core.adapters.torch.monitor
                 elsewhere += monitor.tick(objective=objective, saved=pending.saved, clipped=self.clipped_gradients,
@@ -674,6 +675,8 @@ class CurvatureTuner:
         pending.probe = self.law is not None and step % self.probe_every == 0
         pending.track = self.sharpness_every is not None and step % self.sharpness_every == 0
         pending.record = request.previous_update and (step + 1) % self.probe_every == 0
+        pending.along_update = (self.monitor is not None and self.law is None and step < rules.UPDATE_STEPS
+                                and bool(rules.watches_update(scalars, step, adaptive=self._edge()[1])))
         pending.instrumented = (pending.probe and bool(request.needs)) or pending.track or pending.record
         pending.tick = self.monitor is not None and self.monitor.plan(wants_preconditioned=self._has_preconditioner())
 
@@ -724,7 +727,8 @@ class CurvatureTuner:
             if not pending.skipped:
                 self._step_count += 1
             if pending.bookkeeping is not None:  # monitoring only: the whole of the tuner's work is the monitor's
-                self.monitor.record_overhead(pending.bookkeeping + monitoring.now() - started)
+                self.monitor.record_overhead(pending.bookkeeping + monitoring.now() - started
+                                             - pending.along_update_seconds)
 
     def _undo_non_finite_update(self, pending: PendingStep) -> None:
         """Undo a NaN/Inf update that the optimizer produced from a finite gradient.
@@ -741,6 +745,8 @@ class CurvatureTuner:
 
     def _direct_step(self, pending: PendingStep) -> None:
         """The optimizer stepped with the law's lr: |u| from the move, then adopt and report the decision."""
+        if pending.along_update and pending.objective is not None:
+            self._watch_update(pending)
         params, moved = self.space.local(), pending.saved
         with torch.no_grad():
             torch._foreach_sub_(moved, params)  # w - (w + lr u)
@@ -768,8 +774,44 @@ class CurvatureTuner:
         if S.LOSS in statistics:
             measured["loss"] = float(statistics[S.LOSS])  # averaged over data-parallel ranks
         measured.update(tracked)
+        if pending.along_update and objective is not None:
+            self._watch_update(pending, at)
         lr = self._apply(pending, at, output)
         self._report(pending, output, lr, measured)
+
+    def _watch_update(self, pending: PendingStep, at: AtW | None = None) -> None:
+        """The monitor's quotient along this step's update (an adaptive optimizer's first step) and its warning.
+
+        `lr u^T H u / (-g^T u)` ([`update_quotient`][eos_core.monitor.update_quotient]) from one product along the
+        optimizer's move at `w`. On a direct step (`at` None) the move `D = lr u` is `w + D` minus the tuner's copy
+        of `w`, and the parameters go to `w` and back to `w + D` by copies, bit for bit, so the training is untouched;
+        on an instrumented step (`at`) they are at `w` already, with `D = eta_probe u`.
+        """
+        started = monitoring.now()
+        clipped = self.clipped_gradients
+        if at is not None:
+            curvature, descent, norm = self.monitor.along_update(objective=pending.objective, params=at.params,
+                                                                 grads=at.grads, delta=at.delta, clipped=clipped)
+            step = pending.group_lrs[0] / at.eta_probe * norm  # lr u = (lr / eta_probe) |D| v
+        else:
+            params = self.space.local()
+            moved = vec.clone(params)  # w + D
+            delta = list(torch._foreach_sub(moved, pending.saved))
+            grads = [g if g is not None else torch.zeros_like(p)
+                     for g, p in zip(self.space.grads(), params, strict=True)]
+            try:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, pending.saved)
+                curvature, descent, norm = self.monitor.along_update(objective=pending.objective, params=params,
+                                                                     grads=grads, delta=delta, clipped=clipped)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, moved)
+            step = norm  # lr u = |D| v
+        quotient = float(rules.update_quotient(scalars, step, curvature, descent))
+        self.monitor.warn_along_update(value=quotient, step=pending.step, warn=self.settings.warn is not False,
+                                       stacklevel=_outside_stacklevel() + 1)
+        pending.along_update_seconds += monitoring.now() - started
 
     def _probe_for(self, pending: PendingStep, at: AtW) -> Probe:
         """What the probes of this step work with."""
@@ -912,7 +954,7 @@ class CurvatureTuner:
                                            edge=edge, step=step, what=watched,
                                            warn=self.settings.warn is not False, certain=certain[index])
         out.update(edge=edge, unstable=float(unstable) if monitor.seen and math.isfinite(edge) else _NAN,
-                   monitor_every=monitor.every, monitor_exact=float(monitor.exact))
+                   monitor_every=monitor.every, monitor_exact=float(monitor.exact), update_quotient=monitor.quotient)
         return out
 
     def _counters(self, step: int) -> dict[str, Any]:

@@ -290,6 +290,54 @@ def test_the_edge_follows_an_injected_momentum(x64, make, name, before, after):
     assert diagnostics(state)["edge"] == pytest.approx(after, rel=1e-6) and len(traces) == 1
 
 
+@pytest.mark.parametrize("learning_rate, warns", [(5e-3, True), (2e-3, False)])
+@pytest.mark.parametrize("warn", [True, "jit"])
+def test_an_adaptive_bases_first_step_is_watched_along_the_update(x64, learning_rate, warns, warn):
+    """Adam's first step is lr sign(g) (eps small): on the quadratic at w = 1e-3 the quotient
+    lr u'Hu / (-g'u) = D'AD / (-g'D) is 1000 lr: 5 at lr 5e-3 (above 2 x 1.6: warned at step 0, before the loss
+    spikes at step 1), 2 at lr 2e-3 (silent). It is measured on the first step only, and never for
+    SGD (NaN)."""
+    opt = tune(optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, eps=1e-12), None,
+               monitor_budget=0.05, warn=warn)
+    w = jnp.full((6,), 1e-3)
+    state = opt.init(w)
+    lambdas = jnp.asarray(LAMBDAS, jnp.float64)  # (LAMBDAS is float32: made before x64 was on)
+    loss = lambda p, batch: 0.5 * jnp.sum(lambdas * p * p)  # noqa: E731
+    step, _ = make_step(opt, loss)
+    losses, quotients, explicit = [float(loss(w, None))], [], []
+    for t in range(12):
+        before = w
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w, state = step(w, state, None)
+            jax.block_until_ready(w)
+            found = diagnostics(state)
+        losses.append(float(loss(w, None)))
+        quotients.append(found["update_quotient"])
+        d, g = np.asarray(w - before), np.asarray(lambdas * before)
+        descent = -float((g * d).sum())  # the quotient of the step taken (NaN when it does not descend)
+        explicit.append(float((d * np.asarray(lambdas) * d).sum()) / descent if descent > 0 else math.nan)
+        fired = [str(c.message) for c in caught if "along the update" in str(c.message)]
+        if t == 0:
+            assert explicit[0] == pytest.approx(1000 * learning_rate, rel=1e-6)
+            assert found["unstable"] == (1.0 if warns else 0.0)
+            assert len(fired) == (1 if warns else 0)
+            if warns:
+                assert "step 0" in fired[0] and "edge of stability" in fired[0]
+    assert rules.UPDATE_STEPS == 1 and quotients[0] == pytest.approx(explicit[0], rel=1e-6)
+    # later steps are not measured, descending (finite explicit quotient) or not
+    assert all(math.isnan(q) for q in quotients[1:]) and any(math.isfinite(q) for q in explicit[1:])
+    if warns:
+        assert losses[1] > 10 * losses[0]  # the spike of step 1 that the warning of step 0 foresaw
+
+    sgd = tune(optax.inject_hyperparams(optax.sgd)(learning_rate=0.5), None, monitor_budget=0.05)
+    w = jnp.full((6,), 1e-3)
+    state = sgd.init(w)
+    step, _ = make_step(sgd, loss)
+    w, state = step(w, state, None)
+    assert math.isnan(diagnostics(state)["update_quotient"])
+
+
 def test_monitor_edge_overrides_and_warn_jit_warns_from_inside_the_step(x64):
     opt = tune(optax.sgd(1.0), CDAT(scale=1.0, lr_min=3.0, lr_max=3.0), monitor_budget=0.05, monitor_edge=1.0,
                warn="jit")
@@ -352,7 +400,10 @@ def test_the_monitor_keys_are_the_registry_keys(x64, law, budget):
     if budget is None:
         assert all(math.isnan(v) for v in values)
         return
-    assert all(math.isfinite(v) for v in values), dict(zip(D.MONITOR_KEYS, values, strict=True))
+    # the quotient along the update: measured on an adaptive base's first step when measuring only
+    assert math.isfinite(found.pop("update_quotient")) == (law is None)
+    values = [found[k] for k in D.MONITOR_KEYS if k in found]
+    assert all(math.isfinite(v) for v in values), dict(zip(D.MONITOR_KEYS, values, strict=False))
     assert found["sharpness_age"] == found["preconditioned_sharpness_age"] == 0.0
     assert found["edge"] == pytest.approx(rules.adam_edge(0.9)) and found["unstable"] == 0.0
     assert found["monitor_every"] == math.ceil(2 * rules.COST_MODEL["fd"] / rules.product_share(budget, 0.0))

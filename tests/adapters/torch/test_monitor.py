@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import re
 import warnings
 
 import numpy as np
@@ -124,6 +125,29 @@ def test_the_monitor_leaves_the_training_untouched():
     assert runs[0][1] == runs[1][1]
 
 
+def test_monitoring_adam_leaves_the_training_untouched_and_both_step_paths_agree_on_the_first_quotient():
+    """With law=None the monitor measures Adam's first step along its update (the parameters go back to w and
+    forward again by copies): the run equals plain Adam bit for bit. With sharpness_every the first step is
+    instrumented (the update read off at w) and the quotient is the same."""
+    x, y = data(torch.float32)
+    runs, quotients = [], []
+    for options in (None, {}, {"sharpness_every": 5}):
+        model = mlp(torch.nn.Tanh, torch.float32)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.3)  # first step: 0.3 per weight, beyond most weights
+        tuner = None if options is None else CurvatureTuner(optimizer, None, model=model, monitor_budget=1.0,
+                                                            **options)
+        closure = closure_for(model, optimizer, x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in range(8):
+                (tuner or optimizer).step(closure)
+                if tuner is not None and t == 0:
+                    quotients.append(tuner.diagnostics["update_quotient"])
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert math.isfinite(quotients[0]) and quotients[1] == pytest.approx(quotients[0], rel=1e-4)
+
+
 # -- tracking ------------------------------------------------------------------------------------------------------
 class MovingQuadratic(torch.nn.Module):
     """f(w) = 1/2 (w - c)^T H(t) (w - c): H rotates slowly and its top eigenvalues rescale (lambda_max known)."""
@@ -192,6 +216,8 @@ def test_the_budget_spaces_the_products(clock, kind):
                  else torch.optim.Adam(model.parameters(), lr=1e-3))
     tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
     closure = closure_for(model, optimizer, x, y)
+    # (Adam's first step is also watched along the update, one product outside the budget like the cold start:
+    # test_an_adaptive_optimizers_first_step_is_watched_along_the_update)
     tuner.step(closure)
     cold = [int(s.products) if s is not None else 0 for s in tuner.monitor.trackers]
     start = clock.now
@@ -310,6 +336,71 @@ def test_the_warning_stays_silent_below_the_edge(clock, kind):
     tuner, losses, flags, fired = train_quadratic(clock, kind, factor=0.9)
     assert fired == [] and set(flags) == {0.0}
     assert losses[-1] < losses[0]
+
+
+def quotient_in(message):
+    return float(re.search(r"\(-g'u\) = ([-+0-9.e]+)", message).group(1))
+
+
+@pytest.mark.parametrize("lr, warns", [(5e-3, True), (2e-3, False)])
+def test_an_adaptive_optimizers_first_step_is_watched_along_the_update(clock, monkeypatch, lr, warns):
+    """Adam's first step is lr sign(g) (eps small): on the quadratic it moves every coordinate by lr, so
+    q = lr u'Hu / (-g'u) = D'AD / (-g'D) = lr sum(lambda) / sum(lambda w) = 1000 lr at w = 1e-3: 5 at lr 5e-3 (above
+    2 x 1.6, warned at step 0, before the loss spikes at step 1), 2 at lr 2e-3 (silent). The quotient is measured on
+    Adam's first step only, and never for SGD."""
+    model = Quadratic(clock)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-12)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+    calls = []
+    along = tuner.monitor.along_update
+    monkeypatch.setattr(tuner.monitor, "along_update", lambda **kw: calls.append(tuner.diagnostics.get("step"))
+                        or along(**kw))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model()
+        loss.backward()
+        return loss
+
+    w0 = model.w.detach().clone()
+    g0 = LAMBDAS * w0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = [float(tuner.step(closure))]
+    d = model.w.detach() - w0
+    expected = float((d * LAMBDAS * d).sum() / -(g0 * d).sum())  # the explicit quotient of the step taken
+    assert expected == pytest.approx(1000 * lr, rel=1e-6)
+    assert tuner.diagnostics["update_quotient"] == pytest.approx(expected, rel=1e-6)
+    fired = [str(w.message) for w in caught if "along the update" in str(w.message)]
+    if warns:
+        assert len(fired) == 1 and "step 0" in fired[0] and "edge of stability" in fired[0]
+        assert quotient_in(fired[0]) == pytest.approx(expected, rel=1e-3)
+        assert tuner.diagnostics["unstable"] == 1.0
+    else:
+        assert fired == [] and tuner.diagnostics["unstable"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(12):
+            losses.append(float(tuner.step(closure)))
+    if warns:
+        assert losses[1] > 10 * losses[0]  # the spike the warning of step 0 foresaw
+    assert len(calls) == rules.UPDATE_STEPS == 1 and math.isnan(tuner.diagnostics["update_quotient"])
+
+    sgd_model = Quadratic(clock)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=3.0)  # lr lambda_max = 3 > 2: the cold start warns instead
+    sgd_tuner = CurvatureTuner(sgd, None, model=sgd_model, monitor_budget=0.05)
+    monkeypatch.setattr(sgd_tuner.monitor, "along_update", lambda **kw: pytest.fail("measured for SGD"))
+
+    def sgd_closure():
+        sgd.zero_grad()
+        loss = sgd_model()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(rules.GRACE_STEPS):
+            sgd_tuner.step(sgd_closure)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------------
