@@ -288,13 +288,14 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
 
 
 def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, grads: PyTree, u: PyTree,
-                    lr: jax.Array, exact: jax.Array, exact_route: str | None, fd_eps: float | None,
-                    ops: TreeOps) -> jax.Array:
+                    lr: jax.Array, exact_route: str | None, fd_eps: float | None, ops: TreeOps) -> jax.Array:
     r"""One product along the step's update: $q = \text{lr}\, u^\top H u / (-g^\top u)$.
 
-    The quotient of [`eos_core.monitor.update_quotient`][], from the product of $v = u / |u|$: the ticks' choice,
-    the exact one while `exact` (finite differences disagreed at the last check), else the one-sided finite
-    difference reusing `grads`.
+    The quotient of [`eos_core.monitor.update_quotient`][], from the product of $v = u / |u|$: the exact one when
+    an exact route traces (it is made once per run, and finite differences are inaccurate on ReLU networks), else
+    the one-sided finite difference reusing `grads`. It does not wait for the step's tick to choose: a product
+    depending on the tick kept a parameter-sized buffer alive across it (one more in the compiled step's
+    temporaries).
 
     Args:
         value_fn: the loss on the batch as a function of the parameters.
@@ -302,7 +303,6 @@ def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, 
         grads: the step's gradient at $w$.
         u: the update for lr = 1.
         lr: the step's learning rate.
-        exact: bool array, the products are exact.
         exact_route: the exact route (None: finite differences only).
         fd_eps: machine epsilon of the finite differences (None: the parameters').
         ops: vector operations.
@@ -314,13 +314,8 @@ def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, 
     safe = jnp.where(norm > 0, norm, 1.0)
     v = jax.tree.map(lambda x: (x / safe.astype(x.dtype)).astype(x.dtype), u)
 
-    def fd(x: PyTree) -> PyTree:
-        return hvp(value_fn, params, x, route=routes.FD_ONESIDED, grads=grads, fd_eps=fd_eps)[0].product
-
-    def exact_product(x: PyTree) -> PyTree:
-        return hvp(value_fn, params, x, route=exact_route, grads=grads, fd_eps=fd_eps)[0].product
-
-    product = fd(v) if exact_route is None else lax.cond(exact, exact_product, fd, v)
+    route = routes.FD_ONESIDED if exact_route is None else exact_route
+    product = hvp(value_fn, params, v, route=route, grads=grads, fd_eps=fd_eps)[0].product
     descent = jnp.where(norm > 0, -ops.dot(grads, v), 0.0)
     return rules.update_quotient(jnp, lr * norm, ops.dot(v, product), descent)
 

@@ -272,6 +272,7 @@ class _Inputs(NamedTuple):
     ops: TreeOps
     raw: PyTree | None = None  #: law=None: the base's own update, applied unchanged
     lr: Any = None  #: law=None: the learning rate the base applied (`raw = lr * u`)
+    extra: Mapping[str, Any] | None = None  #: the extra keyword arguments the base's update was given
 
 
 class _Probed(NamedTuple):
@@ -757,7 +758,7 @@ class _Tuner:
         decision = self._decide(probed)
         new_updates, base_state = self._apply(inputs, probed, decision)
         monitor = self._monitor(inputs, state, decision.applied) if self.monitoring else None
-        quotient = self._update_quotient(inputs, state, monitor, decision.applied) if self.watching_update else None
+        quotient = self._update_quotient(inputs, state, decision.applied) if self.watching_update else None
         report, monitor = self._report(inputs, state, probed, tracked, decision, monitor, quotient)
         applied = decision.applied
         new_state = TuneState(
@@ -817,7 +818,7 @@ class _Tuner:
                        grad_sq=grad_sq, update_sq=update_sq, finite=finite,
                        precond=self._preconditioner(base_state) if wants_precond else None,
                        curvature_code=curvature_code, hvp_code=hvp_code, numerics=numerics, ops=TreeOps(numerics),
-                       raw=raw, lr=lr)
+                       raw=raw, lr=lr, extra=extra)
 
     def _base_lr(self, base_state: Any, numerics: Numerics) -> jax.Array:
         """With law=None, the learning rate of this step's base update.
@@ -852,7 +853,7 @@ class _Tuner:
                               settings.monitor_margin),
             exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops)
 
-    def _update_quotient(self, inputs: _Inputs, state: TuneState, tick: mon.Tick, applied: jax.Array) -> jax.Array:
+    def _update_quotient(self, inputs: _Inputs, state: TuneState, applied: jax.Array) -> jax.Array:
         """On an adaptive base's first step, the quotient along the update (NaN on the other steps).
 
         It is [`eos_core.adapters.jax.monitor.update_quotient`][]: one product, in a branch taken on those steps
@@ -865,10 +866,14 @@ class _Tuner:
         nan = inputs.numerics.scalar(math.nan)
 
         def measure(_: None) -> jax.Array:
+            # the base's update lr u made again from its inputs: the branch taking `raw` itself made XLA write it out
+            # on every step (apply_updates otherwise fuses it into the new parameters), 5% of the MLP's Adam step
+            step, _ = self.base.update(inputs.grads, state.base_state, inputs.params, **(inputs.extra or {}))
             return inputs.numerics.scalar(mon.update_quotient(
-                value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, u=inputs.u, lr=inputs.lr,
-                exact=tick.state.exact > 0, exact_route=mon.exact_route(inputs.value_fn, inputs.params),
-                fd_eps=self.settings.fd_eps, ops=inputs.ops))
+                value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, u=step,
+                lr=jnp.ones_like(inputs.lr),
+                exact_route=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=self.settings.fd_eps,
+                ops=inputs.ops))
 
         return lax.cond(watched, measure, lambda _: nan, None)
 

@@ -394,10 +394,11 @@ class Monitor:
         """One product along the step's update, at `w` ([`update_quotient`][eos_core.monitor.update_quotient]).
 
         Called after the optimizer's step was read off (the parameters back at `w`, `g(w)` in `.grad`), on the
-        steps [`watches_update`][eos_core.monitor.watches_update] selects. The product is the ticks' choice (finite
-        differences, or the exact product when they disagreed at the last check). Its time is left out of the step
-        time and is not charged to the credit: like the cold start, a one-off cost (one product per
-        step of [`UPDATE_STEPS`][eos_core.monitor.UPDATE_STEPS]).
+        steps [`watches_update`][eos_core.monitor.watches_update] selects. The product is the exact one when it can
+        be computed (made once per run; finite differences are inaccurate on ReLU networks), else the one-sided
+        finite difference, as in the JAX adapter. Its time is left out of the step time and is not charged to the
+        credit: like the cold start, a one-off cost (one product per step of
+        [`UPDATE_STEPS`][eos_core.monitor.UPDATE_STEPS]).
 
         Args:
             objective: the step's objective.
@@ -422,10 +423,16 @@ class Monitor:
                 base = grads if not clipped else self.space.mean_measured_tensors(self.oracle.gradient(objective,
                                                                                                        params))
                 v = [x.to(p.dtype) for x, p in zip(v, params, strict=True)]
-                if self.exact:
-                    operator = self.exact_oracle.hessian_operator(objective, params)
-                    product = list(operator(v))
-                else:
+                product = None
+                if self.exact_available:
+                    try:
+                        operator = self.exact_oracle.hessian_operator(objective, params)
+                        product = list(operator(v))
+                    except Exception as error:
+                        if not is_route_unavailable(error):
+                            raise
+                        self.exact_available, self.exact = False, False  # finite differences from now on
+                if product is None:
                     product = self._finite_difference(objective, params, saved, base, v)
         finally:
             if operator is not None:
