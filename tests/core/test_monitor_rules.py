@@ -144,3 +144,30 @@ def test_an_adaptive_optimizers_first_steps_do_not_count():
     assert rules.counts_for_warning(np, True, rules.GRACE_STEPS, adaptive=True)
     assert rules.counts_for_warning(np, True, 0)  # gradient descent: no grace
     assert not rules.counts_for_warning(np, False, 100)
+
+
+def test_the_quotient_along_the_update_is_the_quadratic_models_rise_test():
+    # f(w) = 1/2 w'Aw at w, step D = lr u: f(w + D) - f(w) = g'D + 1/2 D'AD, which is > 0 exactly when q > 2
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    a = a @ a.T
+    w = rng.normal(size=5)
+    g = a @ w
+    u = -g / np.linalg.norm(g)
+    for lr in (0.01, 0.1, 0.5, 1.0, 3.0):
+        q = float(rules.update_quotient(np, lr, u @ a @ u, -(g @ u)))
+        d = lr * u
+        rise = g @ d + 0.5 * d @ a @ d
+        assert (q > rules.UPDATE_EDGE) == (rise > 0), (lr, q, rise)
+        assert q == pytest.approx(float(rules.update_quotient(PYTHON_SCALARS, lr / 4, 16 * (u @ a @ u),
+                                                              -4 * (g @ u))))  # only lr u matters
+    assert math.isnan(rules.update_quotient(PYTHON_SCALARS, 0.1, 1.0, 0.0))  # not a descent direction
+    assert math.isnan(rules.update_quotient(PYTHON_SCALARS, 0.1, 1.0, -1.0))
+
+
+def test_only_an_adaptive_optimizers_first_step_is_watched_along_the_update():
+    assert rules.UPDATE_STEPS == 1
+    assert rules.watches_update(PYTHON_SCALARS, 0, adaptive=True)
+    assert not rules.watches_update(PYTHON_SCALARS, 1, adaptive=True)
+    assert not rules.watches_update(PYTHON_SCALARS, 0, adaptive=False)
+    assert bool(rules.watches_update(np, np.int32(0), adaptive=True))
