@@ -287,11 +287,12 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
     return Tick(new, tick, alone)
 
 
-def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, grads: PyTree, u: PyTree,
-                    lr: jax.Array, exact_route: str | None, fd_eps: float | None, ops: TreeOps) -> jax.Array:
+def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, grads: PyTree, step: PyTree,
+                    exact_route: str | None, fd_eps: float | None, ops: TreeOps) -> jax.Array:
     r"""One product along the step's update: $q = \text{lr}\, u^\top H u / (-g^\top u)$.
 
-    The quotient of [`eos_core.monitor.update_quotient`][], from the product of $v = u / |u|$: the exact one when
+    The quotient of [`eos_core.monitor.update_quotient`][] for the step $D = \text{lr}\, u$, i.e.
+    $|D|\, v^\top H v / (-g^\top v)$, from the product of $v = D / |D|$: the exact one when
     an exact route traces (it is made once per run, and finite differences are inaccurate on ReLU networks), else
     the one-sided finite difference reusing `grads`. It does not wait for the step's tick to choose: a product
     depending on the tick kept a parameter-sized buffer alive across it (one more in the compiled step's
@@ -301,23 +302,22 @@ def update_quotient(*, value_fn: Callable[[PyTree], jax.Array], params: PyTree, 
         value_fn: the loss on the batch as a function of the parameters.
         params: $w$.
         grads: the step's gradient at $w$.
-        u: the update for lr = 1.
-        lr: the step's learning rate.
+        step: the step $D = \text{lr}\, u$ the base takes.
         exact_route: the exact route (None: finite differences only).
         fd_eps: machine epsilon of the finite differences (None: the parameters').
         ops: vector operations.
 
     Returns:
-        q as a 0-d array (NaN when u is 0, not a descent direction or not finite).
+        q as a 0-d array (NaN when the step is 0, not a descent direction or not finite).
     """
-    norm = ops.norm(u)
+    norm = ops.norm(step)
     safe = jnp.where(norm > 0, norm, 1.0)
-    v = jax.tree.map(lambda x: (x / safe.astype(x.dtype)).astype(x.dtype), u)
+    v = jax.tree.map(lambda x: (x / safe.astype(x.dtype)).astype(x.dtype), step)
 
     route = routes.FD_ONESIDED if exact_route is None else exact_route
     product = hvp(value_fn, params, v, route=route, grads=grads, fd_eps=fd_eps)[0].product
     descent = jnp.where(norm > 0, -ops.dot(grads, v), 0.0)
-    return rules.update_quotient(jnp, lr * norm, ops.dot(v, product), descent)
+    return rules.update_quotient(jnp, norm, ops.dot(v, product), descent)  # lr u = |D| v
 
 
 def update_warning_step(state: MonitorState, *, quotient: jax.Array, margin: float, patience: int

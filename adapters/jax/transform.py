@@ -867,11 +867,10 @@ class _Tuner:
 
         def measure(_: None) -> jax.Array:
             # the base's update lr u made again from its inputs: the branch taking `raw` itself made XLA write it out
-            # on every step (apply_updates otherwise fuses it into the new parameters), 5% of the MLP's Adam step
+            # on every step (apply_updates otherwise fuses it into the new parameters): 2-3% of the MLP's Adam step
             step, _ = self.base.update(inputs.grads, state.base_state, inputs.params, **(inputs.extra or {}))
             return inputs.numerics.scalar(mon.update_quotient(
-                value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, u=step,
-                lr=jnp.ones_like(inputs.lr),
+                value_fn=inputs.value_fn, params=inputs.params, grads=inputs.grads, step=step,
                 exact_route=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=self.settings.fd_eps,
                 ops=inputs.ops))
 

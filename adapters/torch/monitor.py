@@ -372,12 +372,8 @@ class Monitor:
     def _checked(self, fd: Callable[[Vector], Vector], exact: Callable[[Vector], Vector], v: Vector) -> Vector:
         """Both products of `v`; finite differences are kept when they agree with the exact product."""
         approximate = fd(v)
-        try:
-            reference = exact(v)
-        except Exception as error:
-            if not is_route_unavailable(error):
-                raise
-            self.exact_available, self.exact = False, False  # finite differences from now on
+        reference = self._exact_or_none(exact, v)
+        if reference is None:
             return approximate
         difference = self.space.norm(list(torch._foreach_sub(approximate, reference)))
         size = self.space.norm(reference)
@@ -389,8 +385,8 @@ class Monitor:
         return [x.to(torch.promote_types(x.dtype, torch.float32)) for x in chosen]
 
     # -- the first step of an adaptive optimizer ---------------------------------------------------------------
-    def along_update(self, *, objective: Any, params: Vector, grads: Vector, delta: Vector, clipped: bool
-                     ) -> tuple[float, float, float]:
+    def along_update(self, *, objective: Any, params: Vector, grads: Vector, delta: Vector, clipped: bool,
+                     saved: Vector | None = None) -> tuple[float, float, float]:
         """One product along the step's update, at `w` ([`update_quotient`][eos_core.monitor.update_quotient]).
 
         Called after the optimizer's step was read off (the parameters back at `w`, `g(w)` in `.grad`), on the
@@ -406,6 +402,7 @@ class Monitor:
             grads: `g(w)` as the optimizer read it.
             delta: the step's move `D` (any positive multiple of the update).
             clipped: `grads` are clipped: the slope uses `g(w)` evaluated again.
+            saved: a copy of `w` the finite difference may restore the parameters from (None: it copies them).
 
         Returns:
             `(curvature, descent, norm)`: `v^T H v` and `-g^T v` for `v = D / |D|`, and `|D|`; NaNs when `D` is 0 or
@@ -415,25 +412,23 @@ class Monitor:
         norm = self.space.norm(delta)
         if not (math.isfinite(norm) and norm > 0):
             return _NAN, _NAN, norm
-        v = [d.to(torch.promote_types(d.dtype, torch.float32)) / norm for d in delta]
-        saved = vec.clone(params)
+        v = [(d.to(torch.promote_types(d.dtype, torch.float32)) / norm).to(p.dtype)
+             for d, p in zip(delta, params, strict=True)]
         operator = None
+
+        def exact(x: Vector) -> Vector:
+            nonlocal operator
+            operator = self.exact_oracle.hessian_operator(objective, params)
+            return list(operator(x))
+
         try:
             with objective.preserving_buffers():
                 base = grads if not clipped else self.space.mean_measured_tensors(self.oracle.gradient(objective,
                                                                                                        params))
-                v = [x.to(p.dtype) for x, p in zip(v, params, strict=True)]
-                product = None
-                if self.exact_available:
-                    try:
-                        operator = self.exact_oracle.hessian_operator(objective, params)
-                        product = list(operator(v))
-                    except Exception as error:
-                        if not is_route_unavailable(error):
-                            raise
-                        self.exact_available, self.exact = False, False  # finite differences from now on
+                product = self._exact_or_none(exact, v) if self.exact_available else None
                 if product is None:
-                    product = self._finite_difference(objective, params, saved, base, v)
+                    product = self._finite_difference(objective, params, saved if saved is not None
+                                                      else vec.clone(params), base, v)
         finally:
             if operator is not None:
                 operator.release()
@@ -469,6 +464,16 @@ class Monitor:
             warnings.warn(rules.update_warning_message(value, self.settings.monitor_margin, step), RuntimeWarning,
                           stacklevel=stacklevel)
         return self.unstable
+
+    def _exact_or_none(self, exact: Callable[[Vector], Vector], v: Vector) -> Vector | None:
+        """`exact(v)`, or None when the exact route cannot run on this model (finite differences from then on)."""
+        try:
+            return exact(v)
+        except Exception as error:
+            if not is_route_unavailable(error):
+                raise
+            self.exact_available, self.exact = False, False
+            return None
 
     # -- report --------------------------------------------------------------------------------------------
     def reading(self, index: int) -> tuple[float, float, float, bool]:

@@ -803,7 +803,8 @@ class CurvatureTuner:
                 with torch.no_grad():
                     torch._foreach_copy_(params, pending.saved)
                 curvature, descent, norm = self.monitor.along_update(objective=pending.objective, params=params,
-                                                                     grads=grads, delta=delta, clipped=clipped)
+                                                                     grads=grads, delta=delta, clipped=clipped,
+                                                                     saved=pending.saved)
             finally:
                 with torch.no_grad():
                     torch._foreach_copy_(params, moved)
