@@ -74,6 +74,12 @@ UPDATE_EDGE = 2.0
 #: (Adam at 1.5x its best lr on a character-level GPT: 2.45 at step 0, below the threshold, then 5.7 at step 8 of a
 #: run that trains as well as the best one).
 UPDATE_STEPS = 1
+#: Lanczos vectors per tracker, the products of one restarted-Lanczos cycle (`eos_core.spectral.tracking`). At the
+#: edge of stability the top of the spectrum is a cluster (full-batch GD on the digits MLP: the top six eigenvalues
+#: within 5%), and a cycle of two products (span{x, Hx}) leaves the tracker's vector partly outside it: at one product
+#: every 100 steps its reading was 9.0% below lambda_max (median), with three 4.8%, with four 5.5% (the same products
+#: on the same run; every 25-150 steps three beat two). Each vector costs one parameter-sized buffer per tracker.
+TRACKER_RESTART = 3
 #: Products the first tick may spend to converge from the random start (stopping at COLD_TOLERANCE).
 COLD_PRODUCTS = 16
 #: Relative residual at which the cold start stops early.

@@ -40,11 +40,11 @@ from eos_core.adapters.jax.oracles import hvp, resolve_hvp_route
 from eos_core.adapters.jax.tree_ops import TreeOps, tree_random_start, tree_select
 from eos_core.numerics import Numerics
 from eos_core.spectral import preconditioned_operator
-from eos_core.spectral.tracking import TrackerState, tracker_age, tracker_init, tracker_step
+from eos_core.spectral.tracking import TrackerState, tracker_age, tracker_init, tracker_refocused, tracker_step
 
 PyTree = Any
-#: Lanczos vectors per tracker (see [`eos_core.spectral.tracking`][])
-RESTART = 2
+#: Lanczos vectors per tracker ([`eos_core.monitor.TRACKER_RESTART`][])
+RESTART = rules.TRACKER_RESTART
 #: exact H v routes the checks try, in order
 EXACT_CHAIN: tuple[str, ...] = (routes.JVP_GRAD, routes.DOUBLE_BACKWARD)
 
@@ -240,7 +240,14 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
         return current._replace(tracker=age(current.tracker), preconditioned=age(current.preconditioned),
                                 credit=credit), jnp.zeros((2,), bool)
 
+    def refocus(tracker: TrackerState | None) -> TrackerState | None:
+        # confirming a crossing: a cycle ends after two products, so the reading proves it (a lower bound) or not
+        if tracker is None:
+            return None
+        return lax.cond(danger, lambda t: tracker_refocused(t, ops=ops), lambda t: t, tracker)
+
     def run(current: MonitorState) -> MonitorState:
+        current = current._replace(tracker=refocus(current.tracker), preconditioned=refocus(current.preconditioned))
         is_exact, ratio = current.exact > 0, current.check
         q = _next_vector(current.tracker, ops)
         if exact is None:

@@ -57,6 +57,7 @@ from eos_core.adapters.torch import STATE_KEY
 from eos_core.adapters.torch import CurvatureTuner as TorchCurvatureTuner
 from eos_core.adapters.torch.checkpoint import MONITOR_VECTORS
 from eos_core.laws.base import Law
+from eos_core.monitor import TRACKER_RESTART
 
 #: Counters of the PyTorch tuner's state kept in the `eos_core_counters` variable (int64), in this order; the
 #: law state's integer fields follow them.
@@ -422,7 +423,7 @@ class TorchEngine:
         out: dict[str, Any] = {"monitor": monitor}
         for index, prefix in enumerate(("", "preconditioned_")):
             started = index < len(trackers) and trackers[index] is not None
-            for i in range(2):
+            for i in range(TRACKER_RESTART):
                 key = f"{prefix}monitor_basis_{i}"
                 variables = self.monitor_vectors[key]
                 out[key] = ([v.value.detach().clone() for v in variables]

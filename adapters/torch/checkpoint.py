@@ -48,15 +48,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from eos_core.monitor import TRACKER_RESTART
+
 #: the key of the tuner's state in `optimizer.state_dict()` and in its first param group
 STATE_KEY = "eos_core"
-#: the version of that state written now; versions 1 to 4 are read (4 added the sharpness monitor's state)
-STATE_VERSION = 4
+#: the version of that state written now; versions 1 to 5 are read (4 added the sharpness monitor's state, 5 gave its
+#: trackers a third Lanczos vector: a version-4 tracker resumes from its eigenvector estimate)
+STATE_VERSION = 5
 #: the fields a saved tuner state cannot do without (every version)
 REQUIRED_STATE_FIELDS = ("version", "law", "law_state", "step", "reference_lr")
 #: the sharpness monitor's vectors (its trackers' Lanczos bases; `eos_core.adapters.torch.monitor`)
-MONITOR_VECTORS = ("monitor_basis_0", "monitor_basis_1", "preconditioned_monitor_basis_0",
-                   "preconditioned_monitor_basis_1")
+MONITOR_VECTORS = tuple(f"{prefix}monitor_basis_{i}" for prefix in ("", "preconditioned_")
+                        for i in range(TRACKER_RESTART))
 #: the state's vectors, shaped like the parameters
 VECTORS = ("eigenvector", "preconditioned_eigenvector", "previous_update", *MONITOR_VECTORS)
 #: prefix of the vectors' keys in the per-parameter state

@@ -52,11 +52,19 @@ from eos_core.numerics import PYTHON_SCALARS as scalars
 from eos_core.routes import finite_difference_step
 from eos_core.settings import TunerSettings
 from eos_core.spectral import preconditioned_operator
-from eos_core.spectral.tracking import MonitorBudget, TrackerState, tracker_age, tracker_init, tracker_step
+from eos_core.spectral.tracking import (
+    MonitorBudget,
+    TrackerState,
+    tracker_age,
+    tracker_init,
+    tracker_refocused,
+    tracker_restarted,
+    tracker_step,
+)
 
 Vector = list[torch.Tensor]
-#: Lanczos vectors per tracker (restarted Lanczos over span{x, Hx}: see `eos_core.spectral.tracking`)
-RESTART = 2
+#: Lanczos vectors per tracker ([`eos_core.monitor.TRACKER_RESTART`][])
+RESTART = rules.TRACKER_RESTART
 #: The two trackers: lambda_max of H, of P^{-1/2} H P^{-1/2}
 OPERATORS = ("", "preconditioned_")
 #: Names of the saved basis vectors (`<operator>monitor_basis_<i>`)
@@ -332,7 +340,8 @@ class Monitor:
         """Advance tracker `index` by one product (a cold tracker: until its residual is small).
 
         A cold tracker runs up to `COLD_PRODUCTS` products, stopping once its relative residual is at most
-        `COLD_TOLERANCE` (after at least `RESTART` products).
+        `COLD_TOLERANCE` (after at least `RESTART` products). While the monitor confirms a crossing (`danger`), a
+        cycle ends after two products ([`tracker_refocused`][eos_core.spectral.tracking.tracker_refocused]).
 
         Returns:
             The number of products made.
@@ -341,6 +350,8 @@ class Monitor:
         if state is None:
             like = [p.detach().to(torch.promote_types(p.dtype, torch.float32)) for p in params]
             state = tracker_init(self.space.random_start(seed + index, like), restart=RESTART, ops=self.ops)
+        elif self.danger():  # confirming a crossing: this tick's reading proves it (a lower bound) or not
+            state = tracker_refocused(state, ops=self.ops)
         limit = rules.COLD_PRODUCTS if int(state.products) == 0 else 1
         made = 0
         while made < limit:
@@ -595,16 +606,18 @@ class Monitor:
             if entry is None:
                 trackers.append(None)
                 continue
-            parts = [vectors.get(f"{op}monitor_basis_{i}") for i in range(RESTART)]
-            if any(part is None for part in parts):
+            size = len(entry["alpha"])  # RESTART, or 2 in a version-4 checkpoint
+            parts = [vectors.get(f"{op}monitor_basis_{i}") for i in range(size)]
+            if size < 2 or any(part is None for part in parts):
                 raise ValueError(f"the checkpoint's tuner state has a {op or 'plain '}monitor tracker without its "
                                  "basis vectors")
             basis = [torch.stack(list(column)) for column in zip(*parts, strict=True)]
-            trackers.append(TrackerState(
+            state = TrackerState(
                 basis=basis, alpha=np.asarray(entry["alpha"], dtype=np.float64),
                 beta=np.asarray(entry["beta"], dtype=np.float64), position=np.int64(entry["position"]),
                 eigenvalue=np.float64(entry["eigenvalue"]), residual=np.float64(entry["residual"]),
-                products=np.int64(entry["products"]), age=np.int64(entry["age"])))
+                products=np.int64(entry["products"]), age=np.int64(entry["age"]))
+            trackers.append(state if size == RESTART else tracker_restarted(state, RESTART, ops=self.ops))
         self.trackers = trackers
         self._readings = [None, None]
         self.budget.load_state_dict(saved.get("budget", {}))

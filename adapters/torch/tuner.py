@@ -373,8 +373,9 @@ class CurvatureTuner:
 
         For trainers that load the optimizer's state before the tuner can attach and keep the file (the
         tuner also picks up a state such a load left in the optimizer by itself). Reads the state of versions
-        4, 3 and 2 and version 1 (the first release: the step count then included skipped steps, and the law
-        state was stored as floats; integer counters are cast back).
+        5 to 2 (a version-4 monitor tracker had two Lanczos vectors: it resumes from its eigenvector estimate)
+        and version 1 (the first release: the step count then included skipped steps, and the law state was
+        stored as floats; integer counters are cast back).
 
         Args:
             saved: the state: `version`, `law`, `law_state`, `step` and `reference_lr` at least;
@@ -1078,7 +1079,8 @@ class CurvatureTuner:
             vectors = {name: None if saved.get(name) is None else self.space.restored(name, saved[name], wide)
                        for name in checkpoint.MONITOR_VECTORS}
             for prefix, entry in zip(("", "preconditioned_"), saved["monitor"].get("trackers", ()), strict=False):
-                if entry is not None and any(vectors[f"{prefix}monitor_basis_{i}"] is None for i in range(2)):
+                if entry is not None and any(vectors.get(f"{prefix}monitor_basis_{i}") is None
+                                             for i in range(len(entry.get("alpha", ())) or 2)):
                     raise ValueError(f"the checkpoint's tuner state has a {prefix}monitor tracker without its basis "
                                      "vectors")
             out["monitor"] = (dict(saved["monitor"]), vectors)

@@ -13,6 +13,8 @@ from eos_core.spectral.tracking import (
     TrackerState,
     tracker_age,
     tracker_init,
+    tracker_refocused,
+    tracker_restarted,
     tracker_step,
     tracker_vector,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "spectral_density",
     "tracker_age",
     "tracker_init",
+    "tracker_refocused",
+    "tracker_restarted",
     "tracker_step",
     "tracker_vector",
 ]

@@ -16,7 +16,9 @@ by one operator application and returns an estimate after every application:
 With `restart=2` each cycle maximises the Rayleigh quotient over $\mathrm{span}\{x, Hx\}$, at least as
 good per product as power iteration (whose next iterate lies in that span) and, unlike power iteration, it
 converges to the largest *algebraic* eigenvalue whatever the sign of the smallest. Larger `restart` values
-converge faster per product on clustered spectra, at the memory cost of `restart` parameter-sized vectors.
+converge faster per product on clustered spectra, at the memory cost of `restart` parameter-sized vectors; the
+adapters' monitors use [`TRACKER_RESTART`][eos_core.monitor.TRACKER_RESTART] = 3 (at the edge of stability the top
+eigenvalues cluster, and a cycle of two products reads well below lambda_max).
 The products of one cycle are taken at successive training steps, so they belong to slightly different
 Hessians; the tracker follows the Hessian as it moves and the residual says how well the estimate fits.
 
@@ -228,6 +230,57 @@ def tracker_vector(state: TrackerState, *, ops: VectorOps | None = None) -> Any:
     m = state.alpha.shape[0]
     first = (ops.numerics.xp.arange(m) == 0).astype(ops.numerics.dtype)
     return ops.basis_combine(state.basis, first)
+
+
+def tracker_refocused(state: TrackerState, *, ops: VectorOps | None = None) -> TrackerState:
+    """`state` with its cycle ended early: from position `j >= 2` on, a restart from the top Ritz vector of the cycle.
+
+    The next application then starts a cycle: its reading is the Rayleigh quotient of the best vector so far on the
+    operator of that step alone, a lower bound of its lambda_max
+    ([`conclusive`][eos_core.monitor.conclusive]). The monitors call this before the products that confirm a crossing
+    of the warning threshold, so that those readings prove it as often as a cycle of two products would; in
+    between, cycles of `restart` products track better. At position 0 or 1 (no Ritz vector better than `x` yet) the
+    state is returned unchanged.
+
+    Returns:
+        The state, restarted when its position is at least 2 (the estimate, residual, products and age kept).
+    """
+    ops = ops if ops is not None else NumpyOps()
+    numerics = ops.numerics
+    xp = numerics.xp
+    m = state.alpha.shape[0]
+    j = state.position
+    if numerics.eager and int(j) < 2:
+        return state
+    _, s = _top_ritz(state.alpha, state.beta, xp.maximum(j - 1, 0), numerics)
+    ritz = normalized(ops, ops.basis_combine(state.basis, s))
+    fresh = ops.basis_set(ops.basis_zeros(ritz, m), 0, ritz)
+    zeros = xp.zeros((m,), dtype=numerics.dtype)
+    if numerics.eager:
+        return state._replace(basis=fresh, alpha=zeros, beta=zeros.copy(), position=numerics.counter(0))
+    early = j >= 2
+    return state._replace(basis=ops.select(early, fresh, state.basis), alpha=xp.where(early, zeros, state.alpha),
+                          beta=xp.where(early, zeros, state.beta),
+                          position=xp.where(early, numerics.counter(0), j).astype(numerics.int_dtype))
+
+
+def tracker_restarted(state: TrackerState, restart: int, *, ops: VectorOps | None = None) -> TrackerState:
+    """`state` restarted from its eigenvector estimate with `restart` Lanczos vectors.
+
+    For a tracker saved with another `restart` (a checkpoint of an earlier release): the estimate, its residual, the
+    product count and the age are kept, and the next application starts a cycle from
+    [`tracker_vector`][eos_core.spectral.tracking.tracker_vector] (the products of an unfinished cycle are lost).
+
+    Returns:
+        A state at the start of a cycle, with `restart` vectors.
+
+    Raises:
+        ValueError: when `restart` < 2.
+    """
+    ops = ops if ops is not None else NumpyOps()
+    fresh = tracker_init(tracker_vector(state, ops=ops), restart=restart, ops=ops)
+    return fresh._replace(eigenvalue=state.eigenvalue, residual=state.residual, products=state.products,
+                          age=state.age)
 
 
 class MonitorBudget:

@@ -7,7 +7,15 @@ import pytest
 import scipy.linalg as sl
 
 from eos_core.spectral import power_iteration
-from eos_core.spectral.tracking import MonitorBudget, tracker_age, tracker_init, tracker_step, tracker_vector
+from eos_core.spectral.tracking import (
+    MonitorBudget,
+    tracker_age,
+    tracker_init,
+    tracker_refocused,
+    tracker_restarted,
+    tracker_step,
+    tracker_vector,
+)
 
 N = 80
 
@@ -121,6 +129,53 @@ def test_the_eager_step_follows_the_fixed_shape_step(restart):
         for field in ("basis", "alpha", "beta", "eigenvalue", "residual"):
             np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-10, atol=1e-12, err_msg=field)
     assert int(states["eager"].position) == 0 and float(states["eager"].eigenvalue) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_cycle_refocused_after_two_products_continues_as_a_cycle_of_two(eager):
+    """The monitors end a cycle after two products while they confirm a crossing: a 3-vector tracker refocused at
+    position 2 must then read exactly what a 2-vector tracker reads (its restart vector is the same Ritz vector)."""
+    from eos_core.numerics import NUMPY
+    from eos_core.spectral.vector_ops import NumpyOps
+
+    ops = NumpyOps(NUMPY._replace(eager=eager))
+    at = moving_operator(seed=4)
+    start = np.random.default_rng(5).standard_normal(N)
+    two, three = tracker_init(start, restart=2, ops=ops), tracker_init(start, restart=3, ops=ops)
+    for t in range(12):
+        h = at(t)[0]
+        for _ in range(2):  # two products on the same operator, then the 3-vector tracker is refocused
+            two = tracker_step(two, lambda v, h=h: h @ v, ops=ops)
+            three = tracker_step(three, lambda v, h=h: h @ v, ops=ops)
+        assert int(two.position) == 0 and int(three.position) == 2
+        three = tracker_refocused(three, ops=ops)
+        assert int(three.position) == 0 and not np.any(three.alpha) and not np.any(three.beta)
+        np.testing.assert_allclose(tracker_vector(three, ops=ops), tracker_vector(two, ops=ops), atol=1e-10)
+        assert float(three.eigenvalue) == pytest.approx(float(two.eigenvalue), rel=1e-10)
+    # at positions 0 and 1 there is no better vector than x: unchanged
+    assert tracker_refocused(three, ops=ops) is three or all(
+        np.array_equal(a, b) for a, b in zip(tracker_refocused(three, ops=ops), three, strict=True))
+    one = tracker_step(three, lambda v: at(12)[0] @ v, ops=ops)
+    same = tracker_refocused(one, ops=ops)
+    assert int(same.position) == 1 and np.array_equal(same.basis, one.basis)
+
+
+def test_a_tracker_saved_with_another_restart_resumes_from_its_vector():
+    at = moving_operator(seed=8)
+    state = tracker_init(np.random.default_rng(9).standard_normal(N), restart=2)
+    for t in range(7):
+        state = tracker_step(state, lambda v, t=t: at(t)[0] @ v)
+    state = tracker_age(state, 5)
+    resized = tracker_restarted(state, 3)
+    assert resized.basis.shape == (3, N) and resized.alpha.shape == resized.beta.shape == (3,)
+    assert int(resized.position) == 0 and not np.any(resized.alpha) and not np.any(resized.basis[1:])
+    np.testing.assert_array_equal(resized.basis[0], tracker_vector(state))
+    for field in ("eigenvalue", "residual", "products", "age"):
+        assert getattr(resized, field) == getattr(state, field)
+    h, top = at(7)
+    for _ in range(90):
+        resized = tracker_step(resized, lambda v: h @ v)
+    assert float(resized.eigenvalue) == pytest.approx(top, rel=1e-6)
 
 
 def test_restart_must_be_at_least_two():

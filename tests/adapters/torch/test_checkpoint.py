@@ -136,7 +136,7 @@ def test_integer_counters_of_the_law_state_stay_integers(config):
     model, optimizer, tuner = build(config)
     train(model, optimizer, tuner, batches(3))
     saved = checkpoint(model, optimizer)["optimizer"]
-    assert saved[STATE_KEY]["version"] == STATE_VERSION == 4
+    assert saved[STATE_KEY]["version"] == STATE_VERSION == 5
     assert type(saved[STATE_KEY]["law_state"]["count"]) is int
     model, optimizer, fresh = build(config)
     dtypes = {name: np.asarray(value).dtype for name, value in fresh.law_state._asdict().items()}
@@ -192,7 +192,7 @@ def test_the_keras_torch_backend_state_loads():
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"version": 5}, "version 5, newer than this eos_core reads"),
+    ({"version": 6}, "version 6, newer than this eos_core reads"),
     ({"version": "2"}, "invalid version"),
     ({"law_state": None}, "no law state"),
     ({"law_state": {"lr": 0.1}}, "lacks"),

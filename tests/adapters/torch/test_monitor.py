@@ -491,3 +491,55 @@ def test_a_checkpoint_without_monitor_starts_it_afresh_and_one_with_it_loads_int
     fresh = CurvatureTuner(torch.optim.SGD(model.parameters(), lr=0.05), None, model=model, monitor_budget=0.5)
     fresh.optimizer.load_state_dict(serialised(quiet.state_dict()))
     assert fresh.monitor.trackers == [None, None]
+
+
+def as_version_4(state):
+    """`optimizer.state_dict()` of a monitored tuner as version 4 wrote it: two Lanczos vectors per tracker."""
+    import json
+
+    old = copy.deepcopy(state)
+    drop = [f"{prefix}monitor_basis_{i}" for prefix in ("", "preconditioned_")
+            for i in range(2, rules.TRACKER_RESTART)]
+    top = old[STATE_KEY]
+    top["version"] = 4
+    for entry in top["monitor"]["trackers"]:
+        if entry is not None:
+            entry.update(alpha=entry["alpha"][:2], beta=entry["beta"][:2], position=min(entry["position"], 1))
+    for name in drop:
+        top.pop(name, None)
+    header = json.loads(old["param_groups"][0][STATE_KEY])
+    header.update(version=4, monitor=top["monitor"], vectors=[v for v in header["vectors"] if v not in drop])
+    old["param_groups"][0][STATE_KEY] = json.dumps(header)
+    for entry in old["state"].values():
+        for name in drop:
+            entry.pop(f"{STATE_KEY}_{name}", None)
+    return old
+
+
+def test_a_version_4_checkpoint_with_two_lanczos_vectors_resumes_from_its_eigenvector(clock):
+    x, y = data(torch.float32)
+
+    def build():
+        model = mlp(torch.nn.Tanh, torch.float32, clock=clock)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, optimizer, CurvatureTuner(optimizer, None, model=model, monitor_budget=0.5)
+
+    model, optimizer, tuner = build()
+    for _ in range(12):
+        tuner.step(closure_for(model, optimizer, x, y))
+    assert rules.TRACKER_RESTART == 3 and tuner.monitor.trackers[0].alpha.shape == (3,)
+    saved = serialised({"model": model.state_dict(), "optim": as_version_4(optimizer.state_dict())})
+    assert f"{STATE_KEY}_monitor_basis_2" not in next(iter(saved["optim"]["state"].values()))
+    before = tuner.monitor.trackers[0]
+    model, optimizer, tuner = build()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optim"])
+    state = tuner.monitor.trackers[0]
+    assert state.alpha.shape == (3,) and int(state.position) == 0 and not state.alpha.any()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(state.basis, before.basis, strict=True))  # x, unchanged
+    assert not any(bool(a[1:].any()) for a in state.basis)
+    assert float(state.eigenvalue) == float(before.eigenvalue) and int(state.products) == int(before.products)
+    for _ in range(12):
+        tuner.step(closure_for(model, optimizer, x, y))
+    assert int(tuner.monitor.trackers[0].products) > int(before.products)
+    assert math.isfinite(tuner.diagnostics["sharpness"])

@@ -382,7 +382,7 @@ def test_state_dict_carries_the_tuner_state(quadratic, make_closure):
     tuner = CurvatureTuner(optimizer, CDAT(ema=0.9))
     tuner.step(make_closure(optimizer, loss))
     state = tuner.state_dict()
-    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1 and state[STATE_KEY]["version"] == 4
+    assert state[STATE_KEY]["law"] == "CDAT" and state[STATE_KEY]["step"] == 1 and state[STATE_KEY]["version"] == 5
     assert state[STATE_KEY]["calls"] == 1 and state[STATE_KEY]["skipped_steps"] == 0
     assert math.isclose(state[STATE_KEY]["law_state"]["lr"], tuner.diagnostics["law_lr"])
     with warnings.catch_warnings():
