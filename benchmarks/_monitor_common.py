@@ -152,20 +152,16 @@ class ExactTop:
         self.previous: dict[str, np.ndarray] = {}
         self.matvecs = 0
 
-    def __call__(self, batch: Batch, *, preconditioned: bool = False, key: str = "") -> float:
-        """The top eigenvalue at the model's current weights on `batch` (NaN: no preconditioner yet).
+    def operator(self, batch: Batch, *, preconditioned: bool = False) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+        """`v -> H v` (float64 numpy vectors) at the model's current weights on `batch`, and the dimension.
 
         Args:
             batch: the batch whose loss defines H.
-            preconditioned: use `P^{-1/2} H P^{-1/2}` with the optimizer's preconditioner as it is now (before the
-                step: the one the monitor uses on this step).
-            key: the warm start's name (one per operator and batch kind).
+            preconditioned: `P^{-1/2} H P^{-1/2}` with the optimizer's preconditioner as it is now.
 
         Returns:
-            lambda_max.
+            `(matvec, n)`; `(None, 0)` when the preconditioner is missing or not finite.
         """
-        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
-
         with torch.no_grad():
             for target, source in zip(self.copy.parameters(), self.setup.model.parameters(), strict=True):
                 target.copy_(source)
@@ -175,7 +171,7 @@ class ExactTop:
             source = [p for p in self.setup.model.parameters() if p.requires_grad]
             found = opt_info.preconditioner(self.setup.optimizer, [source], [1.0])
             if found is None or not all(bool(torch.isfinite(p).all()) for p in found):
-                return math.nan
+                return None, 0
             scale = torch.cat([p.to(self.dtype).reshape(-1) for p in found]).rsqrt()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -197,6 +193,25 @@ class ExactTop:
                 out = out * scale
             return out.double().numpy()
 
+        return matvec, n
+
+    def __call__(self, batch: Batch, *, preconditioned: bool = False, key: str = "") -> float:
+        """The top eigenvalue at the model's current weights on `batch` (NaN: no preconditioner yet).
+
+        Args:
+            batch: the batch whose loss defines H.
+            preconditioned: use `P^{-1/2} H P^{-1/2}` with the optimizer's preconditioner as it is now (before the
+                step: the one the monitor uses on this step).
+            key: the warm start's name (one per operator and batch kind).
+
+        Returns:
+            lambda_max.
+        """
+        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+        matvec, n = self.operator(batch, preconditioned=preconditioned)
+        if matvec is None:
+            return math.nan
         operator = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
         start = self.previous.get(key)
         try:

@@ -22,6 +22,7 @@ old), so staleness counts as error. Reported: the median, 90th percentile and ma
     python benchmarks/monitor_tracking.py --runs chargpt-adam --every 20 --large-every 100 --large-batches 4 \
         --reference-dtype float32                                      # mini-batch (~20 min on 1 loaded core)
     python benchmarks/monitor_tracking.py --runs mlp-gd --steps 30 --skip 10 --every 5 --quick  # smoke run
+    python benchmarks/monitor_tracking.py --runs mlp-gd --restarts 2,3,4 --spacing 100  # cycle lengths (~2 min)
 """
 
 from __future__ import annotations
@@ -134,6 +135,74 @@ def track(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Trackers with cycles of each length in ``--restarts``, given the same products every ``--spacing`` steps.
+
+    No tuner: the run trains with its optimizer alone (a monitor measuring only leaves it untouched), and at every
+    ``--spacing``-th step each tracker (`eos_core.spectral.tracking`, numpy) applies the same exact float64 Hessian of
+    the step's batch at the current weights once, after a cold start like the monitor's (until the relative residual
+    is ``COLD_TOLERANCE``, at least ``restart`` and at most ``COLD_PRODUCTS`` products). Their latest readings are
+    compared with the references of `track` (H only). This isolates the tracker from the budget, whose spacing moves
+    with the machine's load.
+
+    Returns:
+        The run's settings, every reference with each tracker's reading, and a summary per cycle length.
+    """
+    from eos_core import monitor as rules
+    from eos_core.spectral.tracking import tracker_init, tracker_step
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[name]
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS[name]
+    setup = make_setup(name, lr, seed=args.seed, steps=steps, quick=args.quick)
+    dtype = torch.float64 if args.reference_dtype == "float64" else torch.float32
+    exact = ExactTop(setup, tol=1e-6 if dtype == torch.float64 else 1e-5, dtype=dtype)
+    trackers: dict[int, Any] = dict.fromkeys(args.restarts)
+    records: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = setup.batch(step)
+        if step % args.spacing == 0:
+            matvec, n = exact.operator(batch)
+            for m, state in trackers.items():
+                if state is None:
+                    state = tracker_init(np.random.default_rng(args.seed).standard_normal(n), restart=m)
+                    for made in range(1, rules.COLD_PRODUCTS + 1):
+                        state = tracker_step(state, matvec)
+                        if made >= m and rules.relative_residual(np, state.residual, state.eigenvalue) <= (
+                                rules.COLD_TOLERANCE):
+                            break
+                else:
+                    state = tracker_step(state, matvec)
+                trackers[m] = state
+        if step >= args.skip and (step - args.skip) % args.every == 0:
+            record = {"step": step, "exact": exact(batch, key="h")}
+            record.update({f"restart_{m}": float(state.eigenvalue) for m, state in trackers.items()})
+            records.append(record)
+        loss = setup.optimizer.step(closure_for(setup, batch))
+        if not math.isfinite(float(loss.detach())):
+            break
+    summary = {}
+    for m in args.restarts:
+        pairs = [(r[f"restart_{m}"], r["exact"]) for r in records if math.isfinite(r["exact"]) and r["exact"] != 0]
+        summary[m] = _summary([abs(t - e) / abs(e) for t, e in pairs])
+        signed = [(t - e) / abs(e) for t, e in pairs if math.isfinite(t)]
+        summary[m]["signed_median"] = statistics.median(signed) if signed else math.nan
+        summary[m]["products"] = int(trackers[m].products) if trackers[m] is not None else 0
+    return {"run": name, "lr": lr, "steps": steps, "seed": args.seed, "skip": args.skip, "every": args.every,
+            "spacing": args.spacing, "restarts": list(args.restarts), "wall_s": time.perf_counter() - start,
+            "records": records, "summary": summary}
+
+
+def report_restarts(result: dict[str, Any]) -> None:
+    """Print a restart comparison's summary."""
+    print(f"{result['run']} lr={result['lr']:g} {result['steps']} steps, seed {result['seed']}: one product every "
+          f"{result['spacing']} steps per tracker; {result['wall_s']:.0f} s", flush=True)
+    for m, s in result["summary"].items():
+        print(f"  restart {m}: median rel. error {s['median']:.3f}, p90 {s['p90']:.3f}, max {s['max']:.3f}, signed "
+              f"median {s['signed_median']:+.3f} over {s['n']} references from step {result['skip']} "
+              f"({s['products']} products)", flush=True)
+
+
 def report(result: dict[str, Any]) -> None:
     """Print a run's summary."""
     print(f"{result['run']} lr={result['lr']:g} {result['steps']} steps, monitor_budget={result['budget']}: "
@@ -166,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the mini-batch suite's smoke-test sizes")
     parser.add_argument("--json", help="write the results (every reference) to this JSON file")
+    parser.add_argument("--restarts", default=None,
+                        help="compare trackers with cycles of these lengths (e.g. 2,3,4) at a fixed spacing instead "
+                             "of the monitor (see compare_restarts)")
+    parser.add_argument("--spacing", type=int, default=100, help="--restarts: steps between two products")
     args = parser.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
     if set(names) - set(RUNS):
@@ -174,12 +247,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--every must be >= 1 and --large-every >= 0")
     if args.large_every and args.large_every % args.every:
         parser.error("--large-every must be a multiple of --every")
+    if args.restarts is not None:
+        try:
+            args.restarts = [int(m) for m in args.restarts.split(",") if m]
+        except ValueError:
+            parser.error("--restarts takes integers >= 2, e.g. 2,3,4")
+        if not args.restarts or min(args.restarts) < 2 or args.spacing < 1:
+            parser.error("--restarts takes integers >= 2, e.g. 2,3,4, and --spacing must be >= 1")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, device cpu, one thread", flush=True)
     results = []
     for name in names:
-        results.append(track(name, args))
-        report(results[-1])
+        if args.restarts is not None:
+            results.append(compare_restarts(name, args))
+            report_restarts(results[-1])
+        else:
+            results.append(track(name, args))
+            report(results[-1])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=float)

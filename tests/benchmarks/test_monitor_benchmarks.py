@@ -108,6 +108,25 @@ def test_monitor_tracking_compares_with_the_exact_value(tmp_path):
     assert summary["median"] == pytest.approx(statistics.median(errors))
 
 
+def test_the_restart_comparison_feeds_every_tracker_the_same_products(tmp_path):
+    out = tmp_path / "restarts.json"
+    assert monitor_tracking.main(["--runs", "mlp-gd", "--quick", "--steps", "30", "--skip", "10", "--every", "5",
+                                  "--restarts", "2,3", "--spacing", "4", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert [r["step"] for r in result["records"]] == [10, 15, 20, 25]
+    summary = result["summary"]
+    # the cold start stops at the same residual tolerance, after at least `restart` products; then one per tick
+    ticks = len(range(0, 30, 4))
+    for m in ("2", "3"):
+        assert ticks - 1 + int(m) <= summary[m]["products"] <= ticks - 1 + 16
+        assert summary[m]["n"] == 4
+        errors = [abs(r[f"restart_{m}"] - r["exact"]) / r["exact"] for r in result["records"]]
+        assert summary[m]["median"] == pytest.approx(statistics.median(errors))
+    assert any(r["restart_2"] != r["restart_3"] for r in result["records"])
+    with pytest.raises(SystemExit):
+        monitor_tracking.main(["--runs", "mlp-gd", "--restarts", "1,3"])
+
+
 def test_exact_top_matches_a_dense_eigendecomposition():
     setup = _monitor_common.make_setup("mlp-gd", 0.5, quick=True)
     setup.model = torch.nn.Sequential(torch.nn.Linear(64, 3), torch.nn.Tanh(), torch.nn.Linear(3, 10))
