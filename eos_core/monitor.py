@@ -76,9 +76,10 @@ UPDATE_EDGE = 2.0
 UPDATE_STEPS = 1
 #: Lanczos vectors per tracker, the products of one restarted-Lanczos cycle (`eos_core.spectral.tracking`). At the
 #: edge of stability the top of the spectrum is a cluster (full-batch GD on the digits MLP: the top six eigenvalues
-#: within 5%), and a cycle of two products (span{x, Hx}) leaves the tracker's vector partly outside it: at one product
-#: every 100 steps its reading was 9.0% below lambda_max (median), with three 4.8%, with four 5.5% (the same products
-#: on the same run; every 25-150 steps three beat two). Each vector costs one parameter-sized buffer per tracker.
+#: within 2-6%), and a cycle of two products (span{x, Hx}) leaves the tracker's vector partly outside it: with the
+#: same exact product every 104 steps its reading was 8.4% below lambda_max (median), with three 5.6%, with four 5.5%
+#: (every 42 steps: 4.9% and 4.1%); the monitor at its default budget read 8.9% with two, 7.2% with three. Each
+#: vector costs one parameter-sized buffer per tracker.
 TRACKER_RESTART = 3
 #: Products the first tick may spend to converge from the random start (stopping at COLD_TOLERANCE).
 COLD_PRODUCTS = 16
