@@ -46,6 +46,7 @@ import torch
 from eos_core import monitor as rules
 from eos_core import routes
 from eos_core.adapters.torch import vector_ops as vec
+from eos_core.adapters.torch.checkpoint import MONITOR_VECTORS
 from eos_core.adapters.torch.oracles import Oracle, is_route_unavailable
 from eos_core.adapters.torch.sharding import ParameterSpace
 from eos_core.numerics import PYTHON_SCALARS as scalars
@@ -67,9 +68,22 @@ Vector = list[torch.Tensor]
 RESTART = rules.TRACKER_RESTART
 #: The two trackers: lambda_max of H, of P^{-1/2} H P^{-1/2}
 OPERATORS = ("", "preconditioned_")
-#: Names of the saved basis vectors (`<operator>monitor_basis_<i>`)
-VECTORS = tuple(f"{op}monitor_basis_{i}" for op in OPERATORS for i in range(RESTART))
+#: Names of the saved basis vectors (`<operator>monitor_basis_<i>`): the checkpoint layout's
+VECTORS = MONITOR_VECTORS
 _NAN = math.nan
+
+
+def missing_basis(prefix: str, entry: Mapping[str, Any], vectors: Mapping[str, Any]) -> bool:
+    """Whether a saved tracker (`entry`, one of the monitor state's `trackers`) lacks any of its basis vectors.
+
+    A tracker saved with `m` Lanczos vectors (`len(entry["alpha"])`: `RESTART`, or 2 in a version-4 checkpoint)
+    needs `<prefix>monitor_basis_0` to `<prefix>monitor_basis_<m-1>` in `vectors`; fewer than 2 is never valid.
+
+    Returns:
+        True when the entry has fewer than 2 Lanczos coefficients or a vector it needs is None or absent.
+    """
+    size = len(entry.get("alpha", ()))
+    return size < 2 or any(vectors.get(f"{prefix}monitor_basis_{i}") is None for i in range(size))
 
 
 def now() -> float:
@@ -606,11 +620,11 @@ class Monitor:
             if entry is None:
                 trackers.append(None)
                 continue
-            size = len(entry["alpha"])  # RESTART, or 2 in a version-4 checkpoint
-            parts = [vectors.get(f"{op}monitor_basis_{i}") for i in range(size)]
-            if size < 2 or any(part is None for part in parts):
+            if missing_basis(op, entry, vectors):
                 raise ValueError(f"the checkpoint's tuner state has a {op or 'plain '}monitor tracker without its "
                                  "basis vectors")
+            size = len(entry["alpha"])  # RESTART, or 2 in a version-4 checkpoint
+            parts = [vectors[f"{op}monitor_basis_{i}"] for i in range(size)]
             basis = [torch.stack(list(column)) for column in zip(*parts, strict=True)]
             state = TrackerState(
                 basis=basis, alpha=np.asarray(entry["alpha"], dtype=np.float64),

@@ -1079,8 +1079,7 @@ class CurvatureTuner:
             vectors = {name: None if saved.get(name) is None else self.space.restored(name, saved[name], wide)
                        for name in checkpoint.MONITOR_VECTORS}
             for prefix, entry in zip(("", "preconditioned_"), saved["monitor"].get("trackers", ()), strict=False):
-                if entry is not None and any(vectors.get(f"{prefix}monitor_basis_{i}") is None
-                                             for i in range(len(entry.get("alpha", ())) or 2)):
+                if entry is not None and monitoring.missing_basis(prefix, entry, vectors):
                     raise ValueError(f"the checkpoint's tuner state has a {prefix}monitor tracker without its basis "
                                      "vectors")
             out["monitor"] = (dict(saved["monitor"]), vectors)
