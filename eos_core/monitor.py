@@ -18,8 +18,10 @@ namespace `xp`):
   ([`product_share`][eos_core.monitor.product_share]: PyTorch times it, inside `jit` it is not measured); a product
   costs `cost` step-times (`cost = t_product / t_step`, measured or modelled), and the monitor applies the operator
   when the credit covers it, i.e. every $k = \lceil \text{cost} / \text{share} \rceil$ steps on average. Two
-  exceptions, both bounded: the first tick runs up to [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] products at
-  once (the cold start from a random vector, a one-off cost outside the budget), and while the latest lr x sharpness
+  exceptions, both bounded: a tracker's first tick runs up to [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS]
+  products at once (the cold start from a random vector, a one-off cost outside the budget: the Hessian's tracker
+  on the first step, the preconditioned one on step [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS],
+  [`cold_start_due`][eos_core.monitor.cold_start_due]), and while the latest lr x sharpness
   lies beyond the warning threshold and the warning has not fired yet, the monitor ticks at every step, going into
   debt by at most [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products (repaid from later credit), so a crossing
   is confirmed within a few steps instead of a few hundred.
@@ -85,6 +87,12 @@ TRACKER_RESTART = 3
 COLD_PRODUCTS = 16
 #: Relative residual at which the cold start stops early.
 COLD_TOLERANCE = 1e-2
+#: A warm tick whose reading has a relative residual above this runs a whole cycle of products on the step's own
+#: operator (`is_stale`). At the edge of stability the warm readings' residuals are 5-25% (full-batch GD on the digits
+#: MLP); after the edge transient, and with Adam on mini-batches at nearly every tick, a tracker's vector no longer
+#: resembles an eigenvector of the new operator (residuals of 0.4-26) and its Rayleigh quotient there reads a small
+#: fraction of lambda_max, or below 0.
+STALE_RESIDUAL = 0.2
 #: Products the monitor may borrow from future credit to confirm a crossing at every step.
 DEBT_PRODUCTS = 8
 #: The share of the budget the adapter's own per-step work for monitoring may take before products get the rest: the
@@ -240,7 +248,7 @@ def wants_tick(xp: Any, credit: Any, cost: Any, *, cold: Any, danger: Any) -> An
         xp: the array namespace.
         credit: the credit after this step's accrual (step-times).
         cost: the cost of this tick's products (step-times).
-        cold: no product yet (the first tick).
+        cold: a tracker's cold start is due ([`cold_start_due`][eos_core.monitor.cold_start_due]).
         danger: the latest lr x sharpness lies beyond the warning threshold and the warning has not fired: tick
             as long as the debt stays within [`DEBT_PRODUCTS`][eos_core.monitor.DEBT_PRODUCTS] products.
 
@@ -248,6 +256,90 @@ def wants_tick(xp: Any, credit: Any, cost: Any, *, cold: Any, danger: Any) -> An
         A boolean scalar.
     """
     return cold | (credit >= cost) | (danger & (credit - cost >= -DEBT_PRODUCTS * cost))
+
+
+def tracks_preconditioned(xp: Any, step: Any) -> Any:
+    """Whether the preconditioned tracker of an adaptive optimizer applies its operator on step `step`.
+
+    From step [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] on, the first whose measurements count for the warning
+    ([`counts_for_warning`][eos_core.monitor.counts_for_warning]): before it Adam's `P` rests on a handful of
+    gradients, and a vector tracked on those operators starts the counted readings from a stale direction.
+
+    Args:
+        xp: the array namespace.
+        step: the step's index (0-based, skipped steps not counted).
+
+    Returns:
+        A boolean scalar.
+    """
+    return step >= GRACE_STEPS
+
+
+def cold_start_due(xp: Any, products: Any, preconditioned_products: Any | None, step: Any) -> Any:
+    """Whether a tracker's cold start is due on this step ([`wants_tick`][eos_core.monitor.wants_tick]'s `cold`).
+
+    The tracker of the Hessian starts on the first step; the preconditioned tracker of an adaptive optimizer on
+    step [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] ([`tracks_preconditioned`][
+    eos_core.monitor.tracks_preconditioned]), not at the first scheduled tick after it (step `k`, 40-200 steps on
+    the benchmark models): its cold start is a Ritz value of that step's operator alone, which warns at once
+    ([`conclusive`][eos_core.monitor.conclusive]), so a run whose preconditioned lr x sharpness is beyond the
+    threshold from step 10 on is warned on step 10 rather than at step `k`.
+
+    Args:
+        xp: the array namespace.
+        products: the Hessian tracker's product count.
+        preconditioned_products: the preconditioned tracker's product count (0 before it exists; None without one).
+        step: the step's index (0-based, skipped steps not counted).
+
+    Returns:
+        A boolean scalar.
+    """
+    due = products == 0
+    if preconditioned_products is None:
+        return due
+    return due | ((preconditioned_products == 0) & tracks_preconditioned(xp, step))
+
+
+def continues_cold_start(xp: Any, made: Any, residual: Any, eigenvalue: Any, restart: int) -> Any:
+    """Whether a cold tracker makes another product on its first tick.
+
+    It converges from its random start: at least `restart` products (a whole cycle), then until its relative
+    residual ([`relative_residual`][eos_core.monitor.relative_residual]) is at most
+    [`COLD_TOLERANCE`][eos_core.monitor.COLD_TOLERANCE], at most [`COLD_PRODUCTS`][eos_core.monitor.COLD_PRODUCTS] in
+    all. A residual that is not a number (a zero eigenvalue, a non-finite product) does not stop it.
+
+    Args:
+        xp: the array namespace.
+        made: the products made so far on this tick.
+        residual: the tracker's residual estimate after them.
+        eigenvalue: its eigenvalue estimate.
+        restart: products per cycle (the tracker's `restart`).
+
+    Returns:
+        A boolean scalar.
+    """
+    converged = relative_residual(xp, residual, eigenvalue) <= COLD_TOLERANCE
+    return (made < COLD_PRODUCTS) & ((made < restart) | xp.logical_not(converged))
+
+
+def is_stale(xp: Any, residual: Any, eigenvalue: Any) -> Any:
+    r"""Whether a warm tick's reading comes from a vector that no longer resembles an eigenvector of the operator.
+
+    The residual bound of a symmetric operator: some eigenvalue lies within $\|H x - \theta x\|$ of the reading
+    $\theta$; with a relative residual $\rho$ above [`STALE_RESIDUAL`][eos_core.monitor.STALE_RESIDUAL] the reading
+    need not be near any. The monitor then restarts the tracker from its vector and runs a whole cycle of products on
+    this step's operator, charged to the budget: the new reading is a Ritz value of this step's operator alone
+    ([`conclusive`][eos_core.monitor.conclusive]). A residual that is not a number counts as stale.
+
+    Args:
+        xp: the array namespace.
+        residual: the tracker's residual estimate after the tick's product.
+        eigenvalue: its eigenvalue estimate.
+
+    Returns:
+        A boolean scalar.
+    """
+    return xp.logical_not(relative_residual(xp, residual, eigenvalue) <= STALE_RESIDUAL)
 
 
 def every(cost: float, budget: float) -> int:

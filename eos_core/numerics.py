@@ -122,6 +122,11 @@ class _PythonScalars:
         return x if condition else y
 
     @staticmethod
+    def logical_not(x: Any) -> bool:
+        """`not x`."""
+        return not x
+
+    @staticmethod
     def isnan(x: float) -> bool:
         """`x != x`."""
         return x != x

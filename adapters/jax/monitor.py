@@ -5,7 +5,10 @@ for an Adam / RMSProp base) in [`MonitorState`][eos_core.adapters.jax.MonitorSta
 [`TuneState`][eos_core.adapters.jax.TuneState], so it is checkpointed with the optax state and resumes
 bit-identically. Each step decides in the compiled program whether to *tick* (`lax.cond`: nothing of a tick runs on
 the other steps) and a tick applies each operator once to the tracker's newest Lanczos vector
-([`eos_core.spectral.tracking`][]).
+([`eos_core.spectral.tracking`][]); a tick whose reading is stale ([`eos_core.monitor.is_stale`][]) completes a
+Lanczos cycle on the step's operator, charged to the budget. The preconditioned tracker starts cold on step
+[`eos_core.monitor.GRACE_STEPS`][], the first whose readings count for the warning
+([`eos_core.monitor.cold_start_due`][]).
 
 * **The product.** One-sided finite differences $(g(w + h v) - g) / h$ reusing the step's gradient $g$ (one
   extra gradient); at the 1st, 10th, 100th, ... tick also the exact product (`jvp-grad`, else
@@ -157,34 +160,44 @@ def every(state: MonitorState, operators: int, budget: float) -> jax.Array:
 
 
 def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTree], ops: TreeOps
-             ) -> tuple[TrackerState, jax.Array]:
-    """One tracker step whose product is `first`; a cold tracker then converges with `matvec`.
+             ) -> tuple[TrackerState, jax.Array, jax.Array]:
+    """One tracker step whose product is `first`; a cold or stale tracker then continues with `matvec`.
 
-    A tracker with no product yet continues with `matvec` until its relative residual is below
-    [`eos_core.monitor.COLD_TOLERANCE`][] (at least `RESTART` and at most [`eos_core.monitor.COLD_PRODUCTS`][]
-    products in all).
+    A tracker with no product yet converges from its random start
+    ([`eos_core.monitor.continues_cold_start`][]). A warm tracker whose reading is stale after the product
+    ([`eos_core.monitor.is_stale`][]) runs a whole cycle on this step's operator: from the best vector so far
+    ([`tracker_refocused`][eos_core.spectral.tracking.tracker_refocused]) when its cycle holds products of earlier
+    ticks, until the cycle ends (position 0).
 
     Returns:
-        The tracker's state after the products, and whether its reading is a Ritz value of this step's operator
-        alone ([`eos_core.monitor.conclusive`][]).
+        The tracker's state after the products, whether its reading is a Ritz value of this step's operator alone
+        ([`eos_core.monitor.conclusive`][]), and the stale cycle's extra products (0 on other ticks: charged to the
+        budget, unlike a cold start's).
     """
     cold = state.products == 0
     state = tracker_step(state, lambda _: first, ops=ops)
+    one = jnp.asarray(1, jnp.int32)
 
     def keep_going(carry: tuple[TrackerState, jax.Array]) -> jax.Array:
         current, made = carry
-        residual = rules.relative_residual(jnp, current.residual, current.eigenvalue)
-        return (made < rules.COLD_PRODUCTS) & ((made < RESTART) | ~(residual <= rules.COLD_TOLERANCE))
+        return rules.continues_cold_start(jnp, made, current.residual, current.eigenvalue, RESTART)
 
     def more(carry: tuple[TrackerState, jax.Array]) -> tuple[TrackerState, jax.Array]:
         current, made = carry
         return tracker_step(current, matvec, ops=ops), made + 1
 
     def converge(current: TrackerState) -> tuple[TrackerState, jax.Array]:
-        return lax.while_loop(keep_going, more, (current, jnp.asarray(1, jnp.int32)))
+        return lax.while_loop(keep_going, more, (current, one))
 
-    state, made = lax.cond(cold, converge, lambda current: (current, jnp.asarray(1, jnp.int32)), state)
-    return state, rules.conclusive(jnp, made, state.position, RESTART)
+    def cycle(current: TrackerState) -> tuple[TrackerState, jax.Array]:
+        current = tracker_step(tracker_refocused(current, ops=ops), matvec, ops=ops)
+        return lax.while_loop(lambda carry: carry[0].position != 0, more, (current, one + 1))
+
+    stale = ~cold & rules.is_stale(jnp, state.residual, state.eigenvalue)
+    state, made = lax.cond(cold, converge, lambda current: lax.cond(stale, cycle, lambda c: (c, one), current),
+                           state)
+    extra = jnp.where(stale, made - 1, 0)
+    return state, rules.conclusive(jnp, made, state.position, RESTART), extra
 
 
 def _next_vector(state: TrackerState, ops: TreeOps) -> PyTree:
@@ -194,7 +207,7 @@ def _next_vector(state: TrackerState, ops: TreeOps) -> PyTree:
 
 def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array], params: PyTree, grads: PyTree,
                  precond: PyTree | None, finite: jax.Array, budget: float, danger: jax.Array, exact: str | None,
-                 fd_eps: float | None, ops: TreeOps) -> Tick:
+                 fd_eps: float | None, ops: TreeOps, step: jax.Array | int) -> Tick:
     """Advance the trackers' ages and tick when the credit allows (see the module docstring).
 
     The credit grows by `budget` per step, capped at one tick's cost ([`eos_core.monitor.accrue`][]); a tick
@@ -214,6 +227,9 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
         exact: the exact route (None: finite differences only, no checks).
         fd_eps: machine epsilon of the finite differences (None: the parameters').
         ops: vector operations.
+        step: the step's index (skipped steps not counted): the preconditioned tracker applies its operator from
+            step [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] on and starts cold there
+            ([`eos_core.monitor.cold_start_due`][]).
 
     Returns:
         A [`Tick`][eos_core.adapters.jax.monitor.Tick]: the new state (ages advanced, credit updated; trackers,
@@ -222,8 +238,10 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
     operators = 1 + int(state.preconditioned is not None)
     cost = tick_cost(state, operators)
     credit = rules.accrue(jnp, state.credit, rules.product_share(budget, 0.0), cost)  # bookkeeping is not timed
-    cold = state.tracker.products == 0
+    cold = rules.cold_start_due(jnp, state.tracker.products,
+                                None if state.preconditioned is None else state.preconditioned.products, step)
     tick = finite & rules.wants_tick(jnp, credit, cost, cold=cold, danger=danger)
+    tracks_preconditioned = rules.tracks_preconditioned(jnp, step)
 
     def fd(v: PyTree) -> PyTree:
         return hvp(value_fn, params, v, route=routes.FD_ONESIDED, grads=grads, fd_eps=fd_eps)[0].product
@@ -279,13 +297,20 @@ def monitor_step(state: MonitorState, *, value_fn: Callable[[PyTree], jax.Array]
             other = jnp.where(is_exact, current.cost_fd, current.cost_exact)
             # the check's second product (the first tick's is part of the cold start, outside the budget)
             extra = jnp.where(checking & (current.tracker.products > 0), other, 0.0).astype(credit.dtype)
-        tracker, alone = _advance(current.tracker, first, regular, ops)
+        tracker, alone, stale = _advance(current.tracker, first, regular, ops)
         preconditioned, alone_preconditioned = current.preconditioned, jnp.asarray(False)
+        applied = 1 + stale  # products charged: one per operator, and a stale reading's cycle
         if preconditioned is not None:
             operator = preconditioned_operator(regular, precond, ops=ops)
-            preconditioned, alone_preconditioned = _advance(
-                preconditioned, operator(_next_vector(preconditioned, ops)), operator, ops)
-        spent = operators * jnp.where(is_exact, current.cost_exact, current.cost_fd) + extra
+
+            def advance(tracker: TrackerState) -> tuple[TrackerState, jax.Array, jax.Array]:
+                return _advance(tracker, operator(_next_vector(tracker, ops)), operator, ops)
+
+            preconditioned, alone_preconditioned, stale_preconditioned = lax.cond(
+                tracks_preconditioned, advance,
+                lambda tracker: (tracker, jnp.asarray(False), jnp.asarray(0, jnp.int32)), preconditioned)
+            applied = applied + tracks_preconditioned.astype(jnp.int32) + stale_preconditioned
+        spent = applied.astype(credit.dtype) * jnp.where(is_exact, current.cost_exact, current.cost_fd) + extra
         return current._replace(tracker=tracker, preconditioned=preconditioned, credit=credit - spent,
                                 exact=is_exact.astype(jnp.int32), ticks=current.ticks + 1,
                                 check=ratio), jnp.stack([alone, alone_preconditioned])
@@ -489,8 +514,8 @@ class MonitorTimer:
 
     Inside `jit` nothing can be timed; outside, a step that ticked takes longer than one that did not. Feed
     [`record`][eos_core.adapters.jax.MonitorTimer.record] the wall time of each step (after `block_until_ready`)
-    with the state after it; it keeps EMAs of plain steps and of ticking steps (the cold start and the checks,
-    which take two products, left out) and estimates one product as
+    with the state after it; it keeps EMAs of plain steps and of ticking steps that made one product per operator
+    (the cold starts, the checks and a stale reading's cycle left out) and estimates one product as
     $(t_{\text{tick}} - t_{\text{plain}}) / (\text{operators} \cdot t_{\text{plain}})$ training steps.
     [`cost`][eos_core.adapters.jax.MonitorTimer.cost] returns it once both are known; pass it to
     [`set_monitor_cost`][eos_core.adapters.jax.set_monitor_cost] (for the route in use: `exact` tells which).
@@ -522,6 +547,7 @@ class MonitorTimer:
         self.operators = 1
         self.exact = False
         self._ticks: int | None = None
+        self._products: int | None = None
 
     def _smooth(self, old: float | None, new: float) -> float:
         return new if old is None else self.smoothing * old + (1.0 - self.smoothing) * new
@@ -544,14 +570,18 @@ class MonitorTimer:
         if monitor is None:
             return
         ticks = int(jax.device_get(monitor.ticks))
+        products = sum(int(jax.device_get(t.products)) for t in (monitor.tracker, monitor.preconditioned)
+                       if t is not None)
         previous, self._ticks = self._ticks, ticks
+        made, self._products = products - (self._products or 0), products
         self.operators = 1 + int(monitor.preconditioned is not None)
         self.exact = bool(jax.device_get(monitor.exact))
         if previous is None or not (math.isfinite(seconds) and seconds > 0):
             return
         if ticks == previous:
             self.plain = self._smooth(self.plain, seconds)
-        elif ticks > 1 and not bool(rules.is_check(np, ticks)):  # not the cold start, not a check (two products)
+        elif made == self.operators and not bool(rules.is_check(np, ticks)):
+            # one product per operator: not a cold start, a stale reading's cycle or a check (two products)
             self.ticking = self._smooth(self.ticking, seconds)
 
     def cost(self) -> float | None:

@@ -851,7 +851,8 @@ class _Tuner:
             finite=inputs.finite & applied, budget=settings.monitor_budget,
             danger=mon.danger(state.monitor, self._step_edge(inputs.base_state, inputs.numerics),
                               settings.monitor_margin),
-            exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops)
+            exact=mon.exact_route(inputs.value_fn, inputs.params), fd_eps=settings.fd_eps, ops=inputs.ops,
+            step=state.count)
 
     def _update_quotient(self, inputs: _Inputs, state: TuneState, applied: jax.Array) -> jax.Array:
         """On an adaptive base's first step, the quotient along the update (NaN on the other steps).

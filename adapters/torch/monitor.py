@@ -13,8 +13,11 @@ The rules (edge, budget, which product, warning) are the core's, shared with the
   `(g(w + h v) - g(w)) / h` costs one gradient; the parameters are moved to `w + h v` in place and copied back
   from the tuner's copy, bit for bit, without a copy of their own. With a clipped gradient
   (`clipped_gradients`) `g(w)` is evaluated again. `P` is the optimizer's preconditioner as the previous step
-  left it (a step's own `P` exists only after the step); before the optimizer has state, the preconditioned
-  tracker waits.
+  left it (a step's own `P` exists only after the step); the preconditioned tracker starts cold on step
+  [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS], the first whose readings count for the warning
+  ([`cold_start_due`][eos_core.monitor.cold_start_due]). A tick whose reading is stale (a relative residual above
+  [`STALE_RESIDUAL`][eos_core.monitor.STALE_RESIDUAL], [`is_stale`][eos_core.monitor.is_stale]) completes a
+  Lanczos cycle on the step's operator, charged to the budget.
 * **Which product.** One-sided finite differences, checked against the exact product (double backward, with the
   math SDPA kernel if need be) at the 1st, 10th, 100th, ... tick; they are used until the next check only when
   they agree to [`CHECK_TOLERANCE`][eos_core.monitor.CHECK_TOLERANCE] (ReLU networks keep the exact product).
@@ -120,6 +123,7 @@ class Monitor:
         self.trackers: list[TrackerState | None] = [None, None]
         self.credit = 0.0
         self.ticks = 0  #: ticks so far
+        self.step = 0  #: the step `plan` was last called for
         self.exact = False  #: the products are exact (finite differences disagreed at the last check)
         self.exact_available = not space.sharded  #: an exact product can be computed
         self.check: tuple[float, float] | None = None  #: (||Hv_fd - Hv_exact||, ||Hv_exact||) of the last check
@@ -202,11 +206,13 @@ class Monitor:
         return (not self.unstable and math.isfinite(self.latest) and math.isfinite(edge)
                 and self.latest > rules.threshold(edge, self.settings.monitor_margin))
 
-    def plan(self, *, wants_preconditioned: bool) -> bool:
+    def plan(self, *, wants_preconditioned: bool, step: int) -> bool:
         """Advance the trackers' ages and the credit; whether this step ticks (decided before the tuner copies `w`).
 
         Args:
             wants_preconditioned: the optimizer has a diagonal preconditioner (a second tracker).
+            step: the step's index (skipped steps not counted): the preconditioned tracker starts on step
+                [`GRACE_STEPS`][eos_core.monitor.GRACE_STEPS] ([`cold_start_due`][eos_core.monitor.cold_start_due]).
 
         Returns:
             True when the credit (or the cold start, or danger) calls for a tick on this step: the tuner then copies
@@ -217,7 +223,9 @@ class Monitor:
                 self.trackers[i] = tracker_age(state)
         cost = self.tick_cost(1 + int(wants_preconditioned))
         self.credit = float(rules.accrue(scalars, self.credit, self.budget.share, cost))
-        cold = self.trackers[0] is None or int(self.trackers[0].products) == 0
+        self.step = step
+        hessian, preconditioned = (0 if t is None else int(t.products) for t in self.trackers)
+        cold = rules.cold_start_due(scalars, hessian, preconditioned if wants_preconditioned else None, step)
         return bool(rules.wants_tick(scalars, self.credit, cost, cold=cold, danger=self.danger()))
 
     def tick(self, *, objective: Any, saved: Vector, clipped: bool, seed: int,
@@ -310,7 +318,9 @@ class Monitor:
                                      for g, p in zip(self.space.grads(), params, strict=True)]
         products = free = 0
         exact_operator = None
-        precond = preconditioner() if preconditioner is not None else None
+        # the preconditioned tracker from step GRACE_STEPS on (its cold start there: `plan`)
+        starts = preconditioner is not None and bool(rules.tracks_preconditioned(scalars, self.step))
+        precond = preconditioner() if starts else None
         if precond is not None and not any(bool(torch.isfinite(p).any()) for p in precond):
             precond = None  # no optimizer state yet: nothing to precondition with
         check = self.checking = self.exact_available and bool(rules.is_check(scalars, self.ticks + 1))
@@ -343,22 +353,25 @@ class Monitor:
                         continue
                     operator = hessian if p is None else preconditioned_operator(
                         hessian, [t.to(torch.promote_types(t.dtype, torch.float32)) for t in p], ops=self.ops)
-                    free += self._advance(index, operator, params, seed) - 1
+                    free += self._advance(index, operator, params, seed)[1]
                     self.ticked = (True, self.ticked[1]) if index == 0 else (self.ticked[0], True)
         finally:
             if exact_operator is not None:
                 exact_operator.release()
         return products, free
 
-    def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int) -> int:
+    def _advance(self, index: int, operator: Callable[[Vector], Vector], params: Vector, seed: int) -> tuple[int, int]:
         """Advance tracker `index` by one product (a cold tracker: until its residual is small).
 
-        A cold tracker runs up to `COLD_PRODUCTS` products, stopping once its relative residual is at most
-        `COLD_TOLERANCE` (after at least `RESTART` products). While the monitor confirms a crossing (`danger`), a
-        cycle ends after two products ([`tracker_refocused`][eos_core.spectral.tracking.tracker_refocused]).
+        A cold tracker converges from its random start
+        ([`continues_cold_start`][eos_core.monitor.continues_cold_start]). A warm tracker whose reading is stale after
+        the product ([`is_stale`][eos_core.monitor.is_stale]) completes a cycle on this step's operator (charged).
+        While the monitor confirms a crossing (`danger`), a cycle ends after two products
+        ([`tracker_refocused`][eos_core.spectral.tracking.tracker_refocused]).
 
         Returns:
-            The number of products made.
+            `(made, free)`: the products made, and how many of them were a cold start's beyond its first (not charged
+            to the budget).
         """
         state = self.trackers[index]
         if state is None:
@@ -366,18 +379,24 @@ class Monitor:
             state = tracker_init(self.space.random_start(seed + index, like), restart=RESTART, ops=self.ops)
         elif self.danger():  # confirming a crossing: this tick's reading proves it (a lower bound) or not
             state = tracker_refocused(state, ops=self.ops)
-        limit = rules.COLD_PRODUCTS if int(state.products) == 0 else 1
-        made = 0
-        while made < limit:
-            state = tracker_step(state, operator, ops=self.ops)
-            made += 1
-            if made >= RESTART and not float(rules.relative_residual(scalars, state.residual, state.eigenvalue)) > (
-                    rules.COLD_TOLERANCE):
-                break
+        cold = int(state.products) == 0
+        state = tracker_step(state, operator, ops=self.ops)
+        made = 1
+        if cold:
+            while rules.continues_cold_start(scalars, made, float(state.residual), float(state.eigenvalue), RESTART):
+                state = tracker_step(state, operator, ops=self.ops)
+                made += 1
+        elif rules.is_stale(scalars, float(state.residual), float(state.eigenvalue)):
+            # a whole cycle on this step's operator: from the best vector so far when the cycle holds products of
+            # earlier ticks (position >= 2), else the cycle this product started (position 1) or completed (0)
+            state = tracker_refocused(state, ops=self.ops)
+            state, made = tracker_step(state, operator, ops=self.ops), made + 1
+            while int(state.position) != 0:
+                state, made = tracker_step(state, operator, ops=self.ops), made + 1
         self.trackers[index] = state
         alone = bool(rules.conclusive(scalars, made, int(state.position), RESTART))
         self.conclusive = (alone, self.conclusive[1]) if index == 0 else (self.conclusive[0], alone)
-        return made
+        return made, made - 1 if cold else 0
 
     def _finite_difference(self, objective: Any, params: Vector, saved: Vector, base: Vector, v: Vector) -> Vector:
         """`(g(w + h v) - g(w)) / h`; the parameters go back to `w` (the tuner's copy) bit for bit."""

@@ -679,7 +679,8 @@ class CurvatureTuner:
         pending.along_update = (self.monitor is not None and self.law is None and step < rules.UPDATE_STEPS
                                 and bool(rules.watches_update(scalars, step, adaptive=self._edge()[1])))
         pending.instrumented = (pending.probe and bool(request.needs)) or pending.track or pending.record
-        pending.tick = self.monitor is not None and self.monitor.plan(wants_preconditioned=self._has_preconditioner())
+        pending.tick = self.monitor is not None and self.monitor.plan(
+            wants_preconditioned=self._has_preconditioner(), step=step)
 
     def _set_step_lr(self, pending: PendingStep) -> None:
         """The lr the optimizer steps with: `eta_probe` on an instrumented step, else the law's decision."""

@@ -83,6 +83,7 @@ def test_host_scalars_follow_numpy():
     values = (0.0, -1.5, 2.5, 3.0, math.nan, math.inf, -math.inf)
     for x in values:
         assert PYTHON_SCALARS.isnan(x) == bool(np.isnan(x)) and PYTHON_SCALARS.isfinite(x) == bool(np.isfinite(x))
+        assert PYTHON_SCALARS.logical_not(x > 0) is bool(np.logical_not(np.float64(x) > 0))
         for y in values:
             for name in ("minimum", "maximum"):
                 got, want = getattr(PYTHON_SCALARS, name)(x, y), float(getattr(np, name)(x, y))
@@ -137,6 +138,38 @@ def test_a_reading_is_conclusive_when_this_tick_made_all_its_products():
     for (made, position), expected in cases.items():
         assert bool(rules.conclusive(np, made, position, 2)) is expected, (made, position)
         assert bool(rules.conclusive(PYTHON_SCALARS, made, position, 2)) is expected
+
+
+@pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])
+def test_a_cold_start_converges_a_whole_cycle_then_to_the_tolerance_and_a_nan_residual_does_not_stop_it(xp):
+    tol, restart = rules.COLD_TOLERANCE, 3
+    assert rules.continues_cold_start(xp, 1, 0.0, 5.0, restart)  # converged, but not a whole cycle yet
+    assert not rules.continues_cold_start(xp, restart, 0.5 * tol * 5.0, 5.0, restart)
+    assert rules.continues_cold_start(xp, restart, 2.0 * tol * 5.0, 5.0, restart)
+    assert rules.continues_cold_start(xp, restart, 2.0 * tol * 5.0, -5.0, restart)  # |theta|
+    assert rules.continues_cold_start(xp, restart, math.nan, 5.0, restart)  # a non-finite product
+    assert rules.continues_cold_start(xp, restart, 1.0, 0.0, restart)  # theta = 0: no relative residual
+    assert not rules.continues_cold_start(xp, rules.COLD_PRODUCTS, math.nan, 5.0, restart)  # at most 16
+
+
+@pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])
+def test_a_reading_is_stale_beyond_the_residual_bound_and_when_it_is_not_a_number(xp):
+    limit = rules.STALE_RESIDUAL
+    assert not rules.is_stale(xp, 0.99 * limit * 4.0, 4.0)
+    assert not rules.is_stale(xp, 0.99 * limit * 4.0, -4.0)
+    assert rules.is_stale(xp, 1.01 * limit * 4.0, 4.0)
+    assert rules.is_stale(xp, math.nan, 4.0) and rules.is_stale(xp, 1.0, 0.0) and rules.is_stale(xp, 1.0, math.nan)
+
+
+@pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])
+def test_the_preconditioned_tracker_starts_cold_on_the_first_counted_step(xp):
+    grace = rules.GRACE_STEPS
+    assert rules.cold_start_due(xp, 0, None, 0) and rules.cold_start_due(xp, 0, 0, 0)  # H: at the first step
+    assert not rules.cold_start_due(xp, 3, 0, grace - 1)  # P waits for the first counted reading
+    assert rules.cold_start_due(xp, 3, 0, grace) and rules.cold_start_due(xp, 3, 0, grace + 50)
+    assert not rules.cold_start_due(xp, 3, 4, grace) and not rules.cold_start_due(xp, 3, None, grace)
+    assert not rules.tracks_preconditioned(xp, grace - 1) and rules.tracks_preconditioned(xp, grace)
+    assert bool(rules.counts_for_warning(xp, True, grace, adaptive=True))  # its cold start's reading counts
 
 
 def test_an_adaptive_optimizers_first_steps_do_not_count():

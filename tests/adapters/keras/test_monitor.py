@@ -37,7 +37,9 @@ def test_the_tracked_lambda_max_matches_an_independent_hessian():
     assert ticks[0] == 0 and len(ticks) >= 5
     last = ticks[-1]
     top = float(np.linalg.eigvalsh(NumpyMLP(x, y).hessian(recorder.before[last]))[-1])
-    assert history["sharpness"][last] == pytest.approx(top, rel=0.03)
+    # within the issue's 5%: a reading mid-cycle mixes the Hessians of its ticks (JAX backend: the ticks of steps 8
+    # and 10, lambda_max 4.33 and 4.19, read 4.33 at step 10)
+    assert history["sharpness"][last] == pytest.approx(top, rel=0.05)
     assert history["sharpness_residual"][last] < 0.3
     np.testing.assert_allclose(history["lr_sharpness"], 0.5 * np.array(history["sharpness"]), rtol=1e-12)
     assert set(history["unstable"]) == {0.0}  # 0.5 * lambda_max below 2
@@ -61,7 +63,8 @@ def test_monitor_diagnostics_are_nan_while_it_is_off():
 def test_save_load_continue_resumes_the_monitor_bit_identically(tmp_path):
     """CDAT on Adam with the monitor (both trackers: H and P^-1/2 H P^-1/2) ticking every few steps: a run saved after
     4 steps and continued from the file has every diagnostic of every step (the monitor's among them) and the weights
-    of the uninterrupted run, and the saved tuner state holds the monitor's."""
+    of the uninterrupted run, and the saved tuner state holds the monitor's; the preconditioned tracker, not started
+    when saved, starts after the load as it does uninterrupted."""
     x, y = digits(128)  # 2 steps per epoch
 
     def tuned():
@@ -72,7 +75,7 @@ def test_save_load_continue_resumes_the_monitor_bit_identically(tmp_path):
                                                                    monitor_edge=1e4))
 
     uninterrupted = tuned()
-    full = fit(uninterrupted, x, y, epochs=5, batch_size=64)
+    full = fit(uninterrupted, x, y, epochs=8, batch_size=64)  # the preconditioned tracker starts at step 10
     first = tuned()
     checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.keras"))
     head = fit(first, x, y, epochs=2, batch_size=64, callbacks=[checkpoint])
@@ -81,7 +84,7 @@ def test_save_load_continue_resumes_the_monitor_bit_identically(tmp_path):
     assert tuner.monitor_budget == 0.6 and tuner.edge == (1e4, True)
     assert tuner.get_config() == first.optimizer.get_config()
     assert_same(current_diagnostics(restored), current_diagnostics(first))
-    tail = fit(restored, x, y, epochs=5, initial_epoch=2, batch_size=64)
+    tail = fit(restored, x, y, epochs=8, initial_epoch=2, batch_size=64)
     for key, values in full.history.items():
         np.testing.assert_array_equal(np.array(head.history[key] + tail.history[key]), np.array(values), err_msg=key)
     for a, b in zip(uninterrupted.get_weights(), restored.get_weights(), strict=True):
@@ -109,7 +112,7 @@ def test_the_torch_engine_stores_every_field_of_the_monitor():
     model = compile_tuned(mlp(hidden=8), CurvatureTuner(keras.optimizers.Adam(0.01), None, monitor_budget=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        fit(model, x, y, epochs=4)
+        fit(model, x, y, epochs=12)  # full batch: the preconditioned tracker starts at step 10
     engine = model.optimizer._engine
     saved = engine.torch_tuner.monitor.state_dict()
     engine._read()  # the variables handed back to the PyTorch tuner

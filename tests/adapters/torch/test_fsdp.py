@@ -43,8 +43,13 @@ RUNS = {
     "cdat-with-model": ("cdat", "float64", [2], [6], 1e-5, 1e-8),
     "hsdp-1x2": ("exact-sharpness", "float64", [1, 2], [5], 1e-10, 1e-10),
     "hsdp-2x1": ("exact-sharpness", "float64", [2, 1], [5], 1e-10, 1e-10),
+    "cdat-steady": ("cdat-steady", "float64", [2], [], None, None),
 }
-CHECKPOINTED = "cdat"
+#: The run saved at step 10 and resumed in fresh processes. Not "cdat": its exact measurements every 4 steps
+#: (sharpness_every) take 30 forwards of the fake clock, so its step times vary, and a resumed monitor cannot time
+#: the interval that spans the checkpoint (`Monitor.start_step`): its measured step time then differs from the
+#: uninterrupted run's, and since a stale reading's cycle (eos_core.monitor.is_stale) is charged, so can its ticks.
+CHECKPOINTED = "cdat-steady"
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +146,7 @@ def test_torch_distributed_checkpoint_keeps_the_tuner_state_where_it_is_written(
     state are kept (torch/distributed/checkpoint/state_dict.py, _get_optim_state_dict)."""
     layout = json.loads((runs / f"{CHECKPOINTED}-layout.json").read_text())
     assert layout["top"] == ["param_groups", "state"]
-    assert "eos_core" in layout["group"] and "eos_core_eigenvector" in layout["state"]
+    assert "eos_core" in layout["group"] and "eos_core_monitor_basis_0" in layout["state"]  # the monitor's vectors
 
 
 def test_an_exact_route_is_refused_on_sharded_parameters(runs):

@@ -204,6 +204,63 @@ def test_tracks_a_rotating_and_rescaling_quadratic_at_the_default_budget(clock):
     assert np.median(errors) < 0.03 and max(errors) < 0.1
 
 
+class SwitchingQuadratic(torch.nn.Module):
+    """f(w) = 1/2 w^T H w with H = `before` until step `switch`, then `after`, whose top eigenvector is a random
+    direction (lambda_max 20, the rest in [-3, 5]): the tracker's vector is stale after the switch."""
+
+    def __init__(self, switch, n=24, clock=None):
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.before = np.diag(np.concatenate([[10.0], np.linspace(-3.0, 5.0, n - 1)]))
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        self.after = (q * np.concatenate([[20.0], np.linspace(-3.0, 5.0, n - 1)])) @ q.T
+        self.w = torch.nn.Parameter(torch.tensor(rng.standard_normal(n)))
+        self.switch, self.t, self.clock = switch, 0, clock
+
+    def forward(self):
+        if self.clock is not None:
+            self.clock.now += 1.0
+        return 0.5 * self.w @ torch.tensor(self.before if self.t < self.switch else self.after) @ self.w
+
+
+def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(clock):
+    """After the Hessian jumps, the tick's one product leaves a large residual (rules.is_stale): the tracker completes
+    a cycle of products on the new Hessian, charged, and reads a Ritz value of it alone (conclusive) near its
+    lambda_max. The Rayleigh quotient of the old vector would read about 1 instead of 20."""
+    model = SwitchingQuadratic(switch=100, clock=clock)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model()
+        loss.backward()
+        return loss
+
+    ticks = []  # (step, products made, conclusive, reading, relative residual, position)
+    for t in range(300):
+        model.t = t
+        before = 0 if tuner.monitor is None or tuner.monitor.trackers[0] is None else int(
+            tuner.monitor.trackers[0].products)
+        tuner.step(closure)
+        state, found = tuner.monitor.trackers[0], tuner.diagnostics
+        if found["sharpness_age"] == 0.0:
+            ticks.append((t, int(state.products) - before, tuner.monitor.conclusive[0], found["sharpness"],
+                          found["sharpness_residual"] / abs(found["sharpness"]), int(state.position)))
+    warm_before = [tick for tick in ticks if 0 < tick[0] < 100]
+    assert warm_before and all(made == 1 and residual <= rules.STALE_RESIDUAL
+                               for _, made, _, _, residual, _ in warm_before)  # converged: one product a tick
+    assert all(abs(reading - 10.0) < 1e-2 for _, _, _, reading, _, _ in warm_before)
+    step, made, alone, reading, _, position = next(tick for tick in ticks if tick[0] >= 100)
+    # its products complete a cycle made on the new Hessian alone (the tick's own product started it here)
+    assert made == rules.TRACKER_RESTART and position == 0 and alone
+    assert abs(reading - 20.0) / 20.0 < 0.1 and reading <= 20.0 + 1e-9  # a Ritz value of the new Hessian
+    later = [tick for tick in ticks if tick[0] > step]
+    assert later and all(abs(r - 20.0) / 20.0 < 0.1 for _, _, _, r, _, _ in later)
+    # the cycle was charged: the next tick came after about three ticks' worth of credit (its products), not one
+    assert later[0][0] - step >= 2 * tuner.diagnostics["monitor_every"]
+
+
 # -- the budget ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_the_budget_spaces_the_products(clock, kind):
@@ -219,7 +276,12 @@ def test_the_budget_spaces_the_products(clock, kind):
     # (Adam's first step is also watched along the update, one product outside the budget like the cold start:
     # test_an_adaptive_optimizers_first_step_is_watched_along_the_update)
     tuner.step(closure)
-    cold = [int(s.products) if s is not None else 0 for s in tuner.monitor.trackers]
+    if kind == "adam":  # the preconditioned tracker starts cold on step GRACE_STEPS (rules.cold_start_due)
+        assert tuner.monitor.trackers[1] is None
+        for _ in range(rules.GRACE_STEPS):
+            tuner.step(closure)
+        assert rules.TRACKER_RESTART <= int(tuner.monitor.trackers[1].products) <= rules.COLD_PRODUCTS
+    cold = sum(int(s.products) for s in tuner.monitor.trackers if s is not None)
     start = clock.now
     steps = 800
     for _ in range(steps):
@@ -228,11 +290,11 @@ def test_the_budget_spaces_the_products(clock, kind):
     k = math.ceil(operators / (0.05 * (1 - rules.RESERVE)))
     assert k == (23 if kind == "sgd" else 45)
     assert tuner.diagnostics["monitor_every"] == k
-    made = int(tuner.monitor.trackers[0].products) - cold[0]
-    # the first tick is charged at the cost model (1.1 steps per product) and the 10th computes both products
-    assert steps // k - 3 <= made <= steps // k + 1
-    if kind == "adam":  # its first tick had no optimizer state to precondition with: the second tracker waited
-        assert cold[1] == 0 and steps // k - 3 <= int(tuner.monitor.trackers[1].products) <= steps // k + 10
+    # every product after the cold starts is charged, a stale reading's whole cycle (rules.is_stale) included: one
+    # per operator every k steps on average; the first tick is charged at the cost model (1.1 steps per product)
+    # and the 10th computes both products
+    made = sum(int(s.products) for s in tuner.monitor.trackers if s is not None) - cold
+    assert operators * (steps // k - 3) <= made <= operators * (steps // k + 1)
     # the time the monitor took (one forward per product, the checks' exact products included) / training time
     monitoring = clock.now - start - steps
     assert monitoring / steps <= 0.05 * 1.1
