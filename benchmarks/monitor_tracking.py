@@ -140,10 +140,10 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     No tuner: the run trains with its optimizer alone (a monitor measuring only leaves it untouched), and at every
     ``--spacing``-th step each tracker (`eos_core.spectral.tracking`, numpy) applies the same exact float64 Hessian of
-    the step's batch at the current weights once, after a cold start like the monitor's (until the relative residual
-    is ``COLD_TOLERANCE``, at least ``restart`` and at most ``COLD_PRODUCTS`` products). Their latest readings are
-    compared with the references of `track` (H only). This isolates the tracker from the budget, whose spacing moves
-    with the machine's load.
+    the step's batch at the current weights once, after a cold start like the monitor's
+    (`eos_core.monitor.continues_cold_start`). Their latest readings are compared with the references of `track` (H
+    only). This isolates the cycle length from the budget, whose spacing moves with the machine's load; the trackers
+    make no stale reading's cycle (`eos_core.monitor.is_stale`), which the monitor makes and charges to its budget.
 
     Returns:
         The run's settings, every reference with each tracker's reading, and a summary per cycle length.
@@ -165,12 +165,11 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
             matvec, n = exact.operator(batch)
             for m, state in trackers.items():
                 if state is None:
-                    state = tracker_init(np.random.default_rng(args.seed).standard_normal(n), restart=m)
-                    for made in range(1, rules.COLD_PRODUCTS + 1):
-                        state = tracker_step(state, matvec)
-                        if made >= m and rules.relative_residual(np, state.residual, state.eigenvalue) <= (
-                                rules.COLD_TOLERANCE):
-                            break
+                    state = tracker_step(tracker_init(np.random.default_rng(args.seed).standard_normal(n),
+                                                      restart=m), matvec)
+                    made = 1
+                    while rules.continues_cold_start(np, made, state.residual, state.eigenvalue, m):
+                        state, made = tracker_step(state, matvec), made + 1
                 else:
                     state = tracker_step(state, matvec)
                 trackers[m] = state

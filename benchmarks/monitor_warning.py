@@ -57,6 +57,9 @@ def run_case(name: str, lr: float, seed: int, args: argparse.Namespace) -> dict[
     spike = None
     start = time.perf_counter()
     for step in range(steps):
+        if args.warmup:  # a linear warm-up to `lr` over the first `--warmup` steps, as a scheduler would set it
+            for group in setup.optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / args.warmup)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tuner.step(closure_for(setup, setup.batch(step)))
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blowup", type=float, default=1e3,
                         help="a loss this many times the run's minimum ends the run as diverged")
     parser.add_argument("--quick", action="store_true", help="the mini-batch suite's smoke-test sizes")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="raise the lr linearly from lr / WARMUP to lr over the first WARMUP steps (default 0: "
+                             "a constant lr)")
     parser.add_argument("--json", help="write every run (losses, readings) to this JSON file")
     args = parser.parse_args(argv)
     cases = dict(args.case) if args.case else CASES
