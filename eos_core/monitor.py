@@ -87,7 +87,7 @@ TRACKER_RESTART = 3
 COLD_PRODUCTS = 16
 #: Relative residual at which the cold start stops early.
 COLD_TOLERANCE = 1e-2
-#: A warm tick whose reading has a relative residual above this runs a whole cycle of products on the step's own
+#: A warm tick whose reading has a relative residual above this completes a cycle of products on the step's own
 #: operator (`is_stale`). At the edge of stability the warm readings' residuals are 5-25% (full-batch GD on the digits
 #: MLP); after the edge transient, and with Adam on mini-batches at nearly every tick, a tracker's vector no longer
 #: resembles an eigenvector of the new operator (residuals of 0.4-26) and its Rayleigh quotient there reads a small
@@ -322,13 +322,40 @@ def continues_cold_start(xp: Any, made: Any, residual: Any, eigenvalue: Any, res
     return (made < COLD_PRODUCTS) & ((made < restart) | xp.logical_not(converged))
 
 
+def continues_tick(xp: Any, made: Any, position: Any, residual: Any, eigenvalue: Any, restart: int, *, cold: Any,
+                   stale: Any) -> Any:
+    """Whether a tracker makes another product on this tick, after its first (`made >= 1`).
+
+    A cold tracker converges ([`continues_cold_start`][eos_core.monitor.continues_cold_start]). A stale one
+    ([`is_stale`][eos_core.monitor.is_stale] after the first product, then refocused on its best vector) completes
+    a cycle on this step's operator: at least one more product, until its position is 0 again. Any other tracker
+    makes one product a tick.
+
+    Args:
+        xp: the array namespace.
+        made: the products made so far on this tick.
+        position: the tracker's position in its cycle after them.
+        residual: the tracker's residual estimate after them.
+        eigenvalue: its eigenvalue estimate.
+        restart: products per cycle (the tracker's `restart`).
+        cold: the tracker had no product before this tick.
+        stale: its reading after the tick's first product was stale.
+
+    Returns:
+        A boolean scalar.
+    """
+    cycle = stale & ((made == 1) | (position != 0))
+    return xp.where(cold, continues_cold_start(xp, made, residual, eigenvalue, restart), cycle)
+
+
 def is_stale(xp: Any, residual: Any, eigenvalue: Any) -> Any:
     r"""Whether a warm tick's reading comes from a vector that no longer resembles an eigenvector of the operator.
 
     The residual bound of a symmetric operator: some eigenvalue lies within $\|H x - \theta x\|$ of the reading
     $\theta$; with a relative residual $\rho$ above [`STALE_RESIDUAL`][eos_core.monitor.STALE_RESIDUAL] the reading
-    need not be near any. The monitor then restarts the tracker from its vector and runs a whole cycle of products on
-    this step's operator, charged to the budget: the new reading is a Ritz value of this step's operator alone
+    need not be near any. The monitor then completes a cycle of products on this step's operator, from the cycle's
+    best vector when the cycle holds products of earlier ticks ([`continues_tick`][eos_core.monitor.continues_tick]),
+    charged to the budget: the new reading is a Ritz value of this step's operator alone
     ([`conclusive`][eos_core.monitor.conclusive]). A residual that is not a number counts as stale.
 
     Args:

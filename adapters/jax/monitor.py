@@ -163,11 +163,10 @@ def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTr
              ) -> tuple[TrackerState, jax.Array, jax.Array]:
     """One tracker step whose product is `first`; a cold or stale tracker then continues with `matvec`.
 
-    A tracker with no product yet converges from its random start
-    ([`eos_core.monitor.continues_cold_start`][]). A warm tracker whose reading is stale after the product
-    ([`eos_core.monitor.is_stale`][]) runs a whole cycle on this step's operator: from the best vector so far
+    A tracker with no product yet converges from its random start; a warm tracker whose reading is stale after the
+    product ([`eos_core.monitor.is_stale`][]) completes a cycle on this step's operator, from the best vector so far
     ([`tracker_refocused`][eos_core.spectral.tracking.tracker_refocused]) when its cycle holds products of earlier
-    ticks, until the cycle ends (position 0).
+    ticks: one loop, [`eos_core.monitor.continues_tick`][].
 
     Returns:
         The tracker's state after the products, whether its reading is a Ritz value of this step's operator alone
@@ -176,26 +175,20 @@ def _advance(state: TrackerState, first: PyTree, matvec: Callable[[PyTree], PyTr
     """
     cold = state.products == 0
     state = tracker_step(state, lambda _: first, ops=ops)
-    one = jnp.asarray(1, jnp.int32)
+    stale = ~cold & rules.is_stale(jnp, state.residual, state.eigenvalue)
+    # a stale cycle starts from the best vector when the cycle holds products of earlier ticks
+    state = lax.cond(stale, lambda current: tracker_refocused(current, ops=ops), lambda current: current, state)
 
     def keep_going(carry: tuple[TrackerState, jax.Array]) -> jax.Array:
         current, made = carry
-        return rules.continues_cold_start(jnp, made, current.residual, current.eigenvalue, RESTART)
+        return rules.continues_tick(jnp, made, current.position, current.residual, current.eigenvalue, RESTART,
+                                    cold=cold, stale=stale)
 
     def more(carry: tuple[TrackerState, jax.Array]) -> tuple[TrackerState, jax.Array]:
         current, made = carry
         return tracker_step(current, matvec, ops=ops), made + 1
 
-    def converge(current: TrackerState) -> tuple[TrackerState, jax.Array]:
-        return lax.while_loop(keep_going, more, (current, one))
-
-    def cycle(current: TrackerState) -> tuple[TrackerState, jax.Array]:
-        current = tracker_step(tracker_refocused(current, ops=ops), matvec, ops=ops)
-        return lax.while_loop(lambda carry: carry[0].position != 0, more, (current, one + 1))
-
-    stale = ~cold & rules.is_stale(jnp, state.residual, state.eigenvalue)
-    state, made = lax.cond(cold, converge, lambda current: lax.cond(stale, cycle, lambda c: (c, one), current),
-                           state)
+    state, made = lax.while_loop(keep_going, more, (state, jnp.asarray(1, jnp.int32)))
     extra = jnp.where(stale, made - 1, 0)
     return state, rules.conclusive(jnp, made, state.position, RESTART), extra
 

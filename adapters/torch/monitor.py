@@ -382,17 +382,12 @@ class Monitor:
         cold = int(state.products) == 0
         state = tracker_step(state, operator, ops=self.ops)
         made = 1
-        if cold:
-            while rules.continues_cold_start(scalars, made, float(state.residual), float(state.eigenvalue), RESTART):
-                state = tracker_step(state, operator, ops=self.ops)
-                made += 1
-        elif rules.is_stale(scalars, float(state.residual), float(state.eigenvalue)):
-            # a whole cycle on this step's operator: from the best vector so far when the cycle holds products of
-            # earlier ticks (position >= 2), else the cycle this product started (position 1) or completed (0)
+        stale = not cold and bool(rules.is_stale(scalars, float(state.residual), float(state.eigenvalue)))
+        if stale:  # a cycle on this step's operator, from the best vector when the cycle holds older products
             state = tracker_refocused(state, ops=self.ops)
+        while rules.continues_tick(scalars, made, int(state.position), float(state.residual), float(state.eigenvalue),
+                                   RESTART, cold=cold, stale=stale):
             state, made = tracker_step(state, operator, ops=self.ops), made + 1
-            while int(state.position) != 0:
-                state, made = tracker_step(state, operator, ops=self.ops), made + 1
         self.trackers[index] = state
         alone = bool(rules.conclusive(scalars, made, int(state.position), RESTART))
         self.conclusive = (alone, self.conclusive[1]) if index == 0 else (self.conclusive[0], alone)

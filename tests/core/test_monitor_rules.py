@@ -153,6 +153,21 @@ def test_a_cold_start_converges_a_whole_cycle_then_to_the_tolerance_and_a_nan_re
 
 
 @pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])
+def test_a_tick_makes_one_product_converges_when_cold_and_completes_a_cycle_when_stale(xp):
+    restart, far = 3, 5.0  # a relative residual of 1: neither converged nor fresh
+    warm = {"cold": False, "stale": False}
+    assert not rules.continues_tick(xp, 1, 1, far, 5.0, restart, **warm)  # one product a tick
+    cold = {"cold": True, "stale": False}
+    assert rules.continues_tick(xp, 1, 1, 0.0, 5.0, restart, **cold)  # a whole cycle first
+    assert not rules.continues_tick(xp, restart, 0, 0.0, 5.0, restart, **cold)
+    assert rules.continues_tick(xp, restart, 0, far, 5.0, restart, **cold)
+    stale = {"cold": False, "stale": True}
+    assert rules.continues_tick(xp, 1, 0, 0.0, 5.0, restart, **stale)  # refocused at position 0: a new cycle
+    assert rules.continues_tick(xp, 2, 1, 0.0, 5.0, restart, **stale)  # until it ends...
+    assert not rules.continues_tick(xp, 3, 0, far, 5.0, restart, **stale)  # ...at position 0, converged or not
+
+
+@pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])
 def test_a_reading_is_stale_beyond_the_residual_bound_and_when_it_is_not_a_number(xp):
     limit = rules.STALE_RESIDUAL
     assert not rules.is_stale(xp, 0.99 * limit * 4.0, 4.0)
