@@ -140,10 +140,13 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     No tuner: the run trains with its optimizer alone (a monitor measuring only leaves it untouched), and at every
     ``--spacing``-th step each tracker (`eos_core.spectral.tracking`, numpy) applies the same exact float64 Hessian of
-    the step's batch at the current weights once, after a cold start like the monitor's
-    (`eos_core.monitor.continues_cold_start`). Their latest readings are compared with the references of `track` (H
-    only). This isolates the cycle length from the budget, whose spacing moves with the machine's load; the trackers
-    make no stale reading's cycle (`eos_core.monitor.is_stale`), which the monitor makes and charges to its budget.
+    the step's batch at the current weights ``--per-tick`` times (default once), after a cold start to the monitor's
+    tolerance (`eos_core.monitor.continues_cold_start`; the monitor then also completes the cycle). Their latest
+    readings are compared with the references of `track` (H only). With ``--fixed-batches N`` on a mini-batch run the
+    products and the references are taken on one fixed batch of N training batches the run never trains on (how a
+    fixed monitoring batch would be tracked). This isolates the cycle length from the budget, whose spacing moves
+    with the machine's load; the trackers make no stale reading's cycle (`eos_core.monitor.is_stale`), which the
+    monitor makes and charges to its budget.
 
     Returns:
         The run's settings, every reference with each tracker's reading, and a summary per cycle length.
@@ -158,11 +161,16 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
     exact = ExactTop(setup, tol=1e-6 if dtype == torch.float64 else 1e-5, dtype=dtype)
     trackers: dict[int, Any] = dict.fromkeys(args.restarts)
     records: list[dict[str, float]] = []
+    fixed = None
+    if args.fixed_batches and not setup.full_batch:
+        parts = [setup.batch(steps + i) for i in range(args.fixed_batches)]  # batches the run never trains on
+        fixed = tuple(torch.cat([p[i] for p in parts]) for i in range(2))
     start = time.perf_counter()
     for step in range(steps):
         batch = setup.batch(step)
+        seen = fixed if fixed is not None else batch
         if step % args.spacing == 0:
-            matvec, n = exact.operator(batch)
+            matvec, n = exact.operator(seen)
             for m, state in trackers.items():
                 if state is None:
                     state = tracker_step(tracker_init(np.random.default_rng(args.seed).standard_normal(n),
@@ -171,10 +179,11 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     while rules.continues_cold_start(np, made, state.residual, state.eigenvalue, m):
                         state, made = tracker_step(state, matvec), made + 1
                 else:
-                    state = tracker_step(state, matvec)
+                    for _ in range(args.per_tick):
+                        state = tracker_step(state, matvec)
                 trackers[m] = state
         if step >= args.skip and (step - args.skip) % args.every == 0:
-            record = {"step": step, "exact": exact(batch, key="h")}
+            record = {"step": step, "exact": exact(seen, key="h")}
             record.update({f"restart_{m}": float(state.eigenvalue) for m, state in trackers.items()})
             records.append(record)
         loss = setup.optimizer.step(closure_for(setup, batch))
@@ -188,14 +197,17 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
         summary[m]["signed_median"] = statistics.median(signed) if signed else math.nan
         summary[m]["products"] = int(trackers[m].products) if trackers[m] is not None else 0
     return {"run": name, "lr": lr, "steps": steps, "seed": args.seed, "skip": args.skip, "every": args.every,
-            "spacing": args.spacing, "restarts": list(args.restarts), "wall_s": time.perf_counter() - start,
+            "spacing": args.spacing, "per_tick": args.per_tick, "fixed_batches": args.fixed_batches,
+            "restarts": list(args.restarts), "wall_s": time.perf_counter() - start,
             "records": records, "summary": summary}
 
 
 def report_restarts(result: dict[str, Any]) -> None:
     """Print a restart comparison's summary."""
-    print(f"{result['run']} lr={result['lr']:g} {result['steps']} steps, seed {result['seed']}: one product every "
-          f"{result['spacing']} steps per tracker; {result['wall_s']:.0f} s", flush=True)
+    where = (f"a fixed batch of {result['fixed_batches']} training batches" if result["fixed_batches"]
+             else "the step's batch")
+    print(f"{result['run']} lr={result['lr']:g} {result['steps']} steps, seed {result['seed']}: {result['per_tick']} "
+          f"product(s) every {result['spacing']} steps per tracker, on {where}; {result['wall_s']:.0f} s", flush=True)
     for m, s in result["summary"].items():
         print(f"  restart {m}: median rel. error {s['median']:.3f}, p90 {s['p90']:.3f}, max {s['max']:.3f}, signed "
               f"median {s['signed_median']:+.3f} over {s['n']} references from step {result['skip']} "
@@ -238,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare trackers with cycles of these lengths (e.g. 2,3,4) at a fixed spacing instead "
                              "of the monitor (see compare_restarts)")
     parser.add_argument("--spacing", type=int, default=100, help="--restarts: steps between two products")
+    parser.add_argument("--fixed-batches", type=int, default=0,
+                        help="--restarts on a mini-batch run: the trackers' products and the references on a fixed "
+                             "batch of this many training batches the run never trains on (0: the step's batch)")
+    parser.add_argument("--per-tick", type=int, default=1,
+                        help="--restarts: products per tick after the cold start (all on that step's operator)")
     args = parser.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
     if set(names) - set(RUNS):
@@ -251,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             args.restarts = [int(m) for m in args.restarts.split(",") if m]
         except ValueError:
             parser.error("--restarts takes integers >= 2, e.g. 2,3,4")
-        if not args.restarts or min(args.restarts) < 2 or args.spacing < 1:
-            parser.error("--restarts takes integers >= 2, e.g. 2,3,4, and --spacing must be >= 1")
+        if not args.restarts or min(args.restarts) < 2 or args.spacing < 1 or args.per_tick < 1:
+            parser.error("--restarts takes integers >= 2, e.g. 2,3,4, and --spacing and --per-tick must be >= 1")
+    if args.fixed_batches < 0:
+        parser.error("--fixed-batches must be >= 0")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, device cpu, one thread", flush=True)
     results = []

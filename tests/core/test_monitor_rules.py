@@ -161,10 +161,15 @@ def test_a_tick_makes_one_product_converges_when_cold_and_completes_a_cycle_when
     assert rules.continues_tick(xp, 1, 1, 0.0, 5.0, restart, **cold)  # a whole cycle first
     assert not rules.continues_tick(xp, restart, 0, 0.0, 5.0, restart, **cold)
     assert rules.continues_tick(xp, restart, 0, far, 5.0, restart, **cold)
+    # converged mid-cycle, or out of products: the cold start still ends at a cycle boundary, so that the next
+    # tick's product is the Rayleigh quotient of the cycle's best vector on that step's operator
+    assert rules.continues_tick(xp, 4, 1, 0.0, 5.0, restart, **cold)
+    assert rules.continues_tick(xp, rules.COLD_PRODUCTS, 1, far, 5.0, restart, **cold)
+    assert not rules.continues_tick(xp, rules.COLD_PRODUCTS + 2, 0, far, 5.0, restart, **cold)
     stale = {"cold": False, "stale": True}
     assert rules.continues_tick(xp, 1, 0, 0.0, 5.0, restart, **stale)  # refocused at position 0: a new cycle
     assert rules.continues_tick(xp, 2, 1, 0.0, 5.0, restart, **stale)  # until it ends...
-    assert not rules.continues_tick(xp, 3, 0, far, 5.0, restart, **stale)  # ...at position 0, converged or not
+    assert not rules.continues_tick(xp, 4, 0, far, 5.0, restart, **stale)  # ...at position 0, converged or not
 
 
 @pytest.mark.parametrize("xp", [np, PYTHON_SCALARS], ids=["numpy", "host"])

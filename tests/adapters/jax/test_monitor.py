@@ -133,19 +133,24 @@ def test_tracks_a_rotating_and_rescaling_quadratic_at_the_default_budget(x64):
     assert np.median(errors) < 0.04 and max(errors) < 0.13
 
 
-def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(x64):
-    """As in the PyTorch test: H jumps at step 100 to one whose top eigenvector (lambda_max 20) is a random
-    direction; the tick after the jump completes a cycle of products on the new H (rules.is_stale), charged to the
-    budget, and reads near 20 instead of the old vector's Rayleigh quotient."""
-    n = 24
+def switching_quadratic(n=24, second=5.0):
+    """f(w) = 1/2 w^T H w with H = `before` (lambda_max 10, then `second`) or `after` (lambda_max 20 along a random
+    direction), SGD at a negligible lr with the monitor at the default budget: `(before, after, w, state, step)`."""
     rng = np.random.default_rng(3)
-    before = np.diag(np.concatenate([[10.0], np.linspace(-3.0, 5.0, n - 1)]))
+    before = np.diag(np.concatenate([[10.0], np.linspace(-3.0, second, n - 1)]))
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     after = (q * np.concatenate([[20.0], np.linspace(-3.0, 5.0, n - 1)])) @ q.T
     opt = tune(optax.sgd(1e-6), None, reference_lr=1e-6, monitor_budget=0.05)
     w = jnp.asarray(rng.standard_normal(n))
-    state = opt.init(w)
     step, _ = make_step(opt, lambda p, h: 0.5 * p @ h @ p)
+    return before, after, w, opt.init(w), step
+
+
+def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(x64):
+    """As in the PyTorch test: H jumps at step 100 to one whose top eigenvector (lambda_max 20) is a random
+    direction; the tick after the jump completes a cycle of products on the new H (rules.is_stale), charged to the
+    budget, and reads near 20 instead of the old vector's Rayleigh quotient."""
+    before, after, w, state, step = switching_quadratic()
     ticks = []  # (step, products made, reading, relative residual, position)
     for t in range(300):
         made = int(find_tune_state(state).monitor.tracker.products)
@@ -163,6 +168,25 @@ def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(x64):
     later = [tick for tick in ticks if tick[0] > t]
     assert later and all(abs(r - 20.0) / 20.0 < 0.1 for _, _, r, _, _ in later)
     assert later[0][0] - t >= (made - 1) * diagnostics(state)["monitor_every"]  # its products were charged
+
+
+def test_a_cold_start_ends_its_cycle_so_the_next_tick_reads_its_own_hessian(x64):
+    """As in the PyTorch test: H jumps right after the cold start (step 0), which ends at a cycle boundary
+    (rules.continues_tick), so the next tick starts a cycle on the new H, finds its reading stale and reads near
+    20, not the old lambda_max (10) from a matrix mixing both Hessians."""
+    before, after, w, state, step = switching_quadratic(second=8.0)  # a slow cold start: COLD_PRODUCTS, mid-cycle
+    readings = []  # (step, reading) at each tick
+    for t in range(200):
+        w, state = step(w, state, jnp.asarray(before if t < 1 else after))
+        found = diagnostics(state)
+        if found["sharpness_age"] == 0.0:
+            readings.append((t, found["sharpness"]))
+        if t == 0:
+            cold = find_tune_state(state).monitor.tracker
+            assert int(cold.products) > rules.COLD_PRODUCTS and int(cold.position) == 0
+            assert abs(readings[0][1] - 10.0) < 1e-2
+    t, reading = readings[1]
+    assert t > 1 and abs(reading - 20.0) / 20.0 < 0.1 and reading <= 20.0 + 1e-9
 
 
 # -- the budget --------------------------------------------------------------------------------------------------
@@ -185,7 +209,7 @@ def test_the_cost_model_spaces_the_products_and_the_host_changes_it_without_reco
     started = (int(monitor.tracker.products), int(monitor.preconditioned.products))
     # (H's product of step 10 left a stale reading here: it completed a cycle)
     assert cold < started[0] <= cold + 1 + rules.TRACKER_RESTART
-    assert rules.TRACKER_RESTART <= started[1] <= rules.COLD_PRODUCTS
+    assert rules.TRACKER_RESTART <= started[1] <= rules.COLD_PRODUCTS + rules.TRACKER_RESTART - 1  # ends its cycle
     for _ in range(430):
         params, state = step(params, state, None)
     monitor = find_tune_state(state).monitor

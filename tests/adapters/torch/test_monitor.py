@@ -208,10 +208,10 @@ class SwitchingQuadratic(torch.nn.Module):
     """f(w) = 1/2 w^T H w with H = `before` until step `switch`, then `after`, whose top eigenvector is a random
     direction (lambda_max 20, the rest in [-3, 5]): the tracker's vector is stale after the switch."""
 
-    def __init__(self, switch, n=24, clock=None):
+    def __init__(self, switch, n=24, clock=None, second=5.0):
         super().__init__()
         rng = np.random.default_rng(3)
-        self.before = np.diag(np.concatenate([[10.0], np.linspace(-3.0, 5.0, n - 1)]))
+        self.before = np.diag(np.concatenate([[10.0], np.linspace(-3.0, second, n - 1)]))
         q, _ = np.linalg.qr(rng.standard_normal((n, n)))
         self.after = (q * np.concatenate([[20.0], np.linspace(-3.0, 5.0, n - 1)])) @ q.T
         self.w = torch.nn.Parameter(torch.tensor(rng.standard_normal(n)))
@@ -223,11 +223,8 @@ class SwitchingQuadratic(torch.nn.Module):
         return 0.5 * self.w @ torch.tensor(self.before if self.t < self.switch else self.after) @ self.w
 
 
-def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(clock):
-    """After the Hessian jumps, the tick's one product leaves a large residual (rules.is_stale): the tracker completes
-    a cycle of products on the new Hessian, charged, and reads a Ritz value of it alone (conclusive) near its
-    lambda_max. The Rayleigh quotient of the old vector would read about 1 instead of 20."""
-    model = SwitchingQuadratic(switch=100, clock=clock)
+def monitored_quadratic(model):
+    """SGD at a negligible lr on `model` with the monitor at the default budget, and the step's closure."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     tuner = CurvatureTuner(optimizer, None, model=model, monitor_budget=0.05)
 
@@ -237,6 +234,15 @@ def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(clock):
         loss.backward()
         return loss
 
+    return tuner, closure
+
+
+def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(clock):
+    """After the Hessian jumps, the tick's one product leaves a large residual (rules.is_stale): the tracker completes
+    a cycle of products on the new Hessian, charged, and reads a Ritz value of it alone (conclusive) near its
+    lambda_max. The Rayleigh quotient of the old vector would read about 1 instead of 20."""
+    model = SwitchingQuadratic(switch=100, clock=clock)
+    tuner, closure = monitored_quadratic(model)
     ticks = []  # (step, products made, conclusive, reading, relative residual, position)
     for t in range(300):
         model.t = t
@@ -261,6 +267,27 @@ def test_a_stale_reading_runs_a_whole_cycle_on_the_steps_operator(clock):
     assert later[0][0] - step >= 2 * tuner.diagnostics["monitor_every"]
 
 
+def test_a_cold_start_ends_its_cycle_so_the_next_tick_reads_its_own_hessian(clock):
+    """The cold start ends at a cycle boundary (rules.continues_tick): the next tick's product is the Rayleigh quotient
+    of the converged vector on that step's Hessian, whose residual is exact, so a Hessian that jumped in between
+    (Adam's first steps) is found stale and measured. A cold start ending mid-cycle left the next tick a Ritz value
+    of a matrix mixing both Hessians, which kept reading the old lambda_max (10) with a small residual."""
+    model = SwitchingQuadratic(switch=1, clock=clock, second=8.0)  # a slow cold start: COLD_PRODUCTS, mid-cycle
+    tuner, closure = monitored_quadratic(model)
+    readings = []  # (step, reading, conclusive) at each tick
+    for t in range(200):
+        model.t = t
+        tuner.step(closure)
+        if tuner.diagnostics["sharpness_age"] == 0.0:
+            readings.append((t, tuner.diagnostics["sharpness"], tuner.monitor.conclusive[0]))
+        if t == 0:
+            cold = tuner.monitor.trackers[0]
+            assert int(cold.products) > rules.COLD_PRODUCTS and int(cold.position) == 0
+            assert abs(readings[0][1] - 10.0) < 1e-2
+    step, reading, alone = readings[1]
+    assert step > 1 and alone and abs(reading - 20.0) / 20.0 < 0.1 and reading <= 20.0 + 1e-9
+
+
 # -- the budget ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_the_budget_spaces_the_products(clock, kind):
@@ -280,7 +307,8 @@ def test_the_budget_spaces_the_products(clock, kind):
         assert tuner.monitor.trackers[1] is None
         for _ in range(rules.GRACE_STEPS):
             tuner.step(closure)
-        assert rules.TRACKER_RESTART <= int(tuner.monitor.trackers[1].products) <= rules.COLD_PRODUCTS
+        made = int(tuner.monitor.trackers[1].products)
+        assert rules.TRACKER_RESTART <= made <= rules.COLD_PRODUCTS + rules.TRACKER_RESTART - 1  # ends its cycle
     cold = sum(int(s.products) for s in tuner.monitor.trackers if s is not None)
     start = clock.now
     steps = 800
