@@ -286,6 +286,10 @@ def cold_start_due(xp: Any, products: Any, preconditioned_products: Any | None, 
     ([`conclusive`][eos_core.monitor.conclusive]), so a run whose preconditioned lr x sharpness is beyond the
     threshold from step 10 on is warned on step 10 rather than at step `k`.
 
+    Only on that step: when the preconditioned tracker cannot start then (a PyTorch optimizer with no state to
+    precondition with yet), it starts at the next tick the budget pays for, as a tracker whose cold start is due
+    on every step would make the Hessian's tracker tick on every step while it waits.
+
     Args:
         xp: the array namespace.
         products: the Hessian tracker's product count.
@@ -298,7 +302,7 @@ def cold_start_due(xp: Any, products: Any, preconditioned_products: Any | None, 
     due = products == 0
     if preconditioned_products is None:
         return due
-    return due | ((preconditioned_products == 0) & tracks_preconditioned(xp, step))
+    return due | ((preconditioned_products == 0) & (step == GRACE_STEPS))
 
 
 def continues_cold_start(xp: Any, made: Any, residual: Any, eigenvalue: Any, restart: int) -> Any:

@@ -328,6 +328,33 @@ def test_the_budget_spaces_the_products(clock, kind):
     assert monitoring / steps <= 0.05 * 1.1
 
 
+def test_a_preconditioned_tracker_that_cannot_start_on_its_step_waits_for_the_budget(clock):
+    """No optimizer state to precondition with on step GRACE_STEPS (here: none until step 40): the preconditioned
+    tracker starts at the next tick the budget pays for. Its cold start was due on every step before, so the
+    Hessian's tracker ticked on every step from step 10 until the state appeared."""
+
+    class LateState(CurvatureTuner):
+        def _preconditioner(self, pending):
+            found = super()._preconditioner(pending)
+            return [torch.full_like(t, math.inf) for t in found] if self.monitor.step < 40 else found
+
+    x, y = data()
+    model = mlp(clock=clock)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tuner = LateState(optimizer, None, model=model, monitor_budget=0.05)
+    closure = closure_for(model, optimizer, x, y)
+    ticks = []
+    for step in range(200):
+        before = clock.now
+        tuner.step(closure)
+        if clock.now - before > 1:  # one forward per step, one per product
+            ticks.append(step)
+    assert ticks[0] == 0 and ticks[1] == rules.GRACE_STEPS  # the cold start; P due but not startable: H alone
+    assert len([t for t in ticks if t < 40]) == 2  # 20+ before the fix
+    assert tuner.monitor.trackers[1] is not None and int(tuner.monitor.trackers[1].products) >= rules.TRACKER_RESTART
+    assert len(ticks) <= 2 + math.ceil(200 / 45)
+
+
 def test_the_monitor_needs_the_loss():
     x, y = data()
     model = mlp()
