@@ -140,8 +140,8 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     No tuner: the run trains with its optimizer alone (a monitor measuring only leaves it untouched), and at every
     ``--spacing``-th step each tracker (`eos_core.spectral.tracking`, numpy) applies the same exact float64 Hessian of
-    the step's batch at the current weights ``--per-tick`` times (default once), after a cold start to the monitor's
-    tolerance (`eos_core.monitor.continues_cold_start`; the monitor then also completes the cycle). Their latest
+    the step's batch at the current weights ``--per-tick`` times (default once), after a cold start as the monitor's
+    (`eos_core.monitor.continues_tick`: to its tolerance, then to the end of the cycle). Their latest
     readings are compared with the references of `track` (H only). With ``--fixed-batches N`` on a mini-batch run the
     products and the references are taken on one fixed batch of N training batches the run never trains on (how a
     fixed monitoring batch would be tracked). This isolates the cycle length from the budget, whose spacing moves
@@ -176,7 +176,8 @@ def compare_restarts(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     state = tracker_step(tracker_init(np.random.default_rng(args.seed).standard_normal(n),
                                                       restart=m), matvec)
                     made = 1
-                    while rules.continues_cold_start(np, made, state.residual, state.eigenvalue, m):
+                    while rules.continues_tick(np, made, int(state.position), state.residual, state.eigenvalue, m,
+                                               cold=True, stale=False):
                         state, made = tracker_step(state, matvec), made + 1
                 else:
                     for _ in range(args.per_tick):

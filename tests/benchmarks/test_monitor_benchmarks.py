@@ -115,10 +115,12 @@ def test_the_restart_comparison_feeds_every_tracker_the_same_products(tmp_path):
     (result,) = json.loads(out.read_text())
     assert [r["step"] for r in result["records"]] == [10, 15, 20, 25]
     summary = result["summary"]
-    # the cold start stops at the same residual tolerance, after at least `restart` products; then one per tick
+    # the cold start as the monitor's: at least `restart` products, to the residual tolerance, then to the end of
+    # its cycle (at most COLD_PRODUCTS + restart - 1); then one per tick
     ticks = len(range(0, 30, 4))
     for m in ("2", "3"):
-        assert ticks - 1 + int(m) <= summary[m]["products"] <= ticks - 1 + 16
+        assert ticks - 1 + int(m) <= summary[m]["products"] <= ticks - 1 + 16 + int(m) - 1
+        assert (summary[m]["products"] - (ticks - 1)) % int(m) == 0  # the cold start ended its cycle
         assert summary[m]["n"] == 4
         errors = [abs(r[f"restart_{m}"] - r["exact"]) / r["exact"] for r in result["records"]]
         assert summary[m]["median"] == pytest.approx(statistics.median(errors))
