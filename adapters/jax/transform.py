@@ -142,7 +142,7 @@ from eos_core.adapters.jax.numerics import jax_numerics
 from eos_core.adapters.jax.oracles import HVP_ROUTES, curvature, resolve_curvature_route, resolve_hvp_route
 from eos_core.adapters.jax.preconditioner import AdamPreconditioner, RmsPreconditioner, find_preconditioner, identify
 from eos_core.adapters.jax.spectral import hessian_operator, top_eigenvalue, top_eigenvalues
-from eos_core.adapters.jax.tree_ops import TreeOps, tree_dot, tree_norm, tree_random_start, tree_select
+from eos_core.adapters.jax.tree_ops import TreeOps, ready_after, tree_dot, tree_norm, tree_random_start, tree_select
 from eos_core.laws.base import Law, LawOutput
 from eos_core.laws.schedules import Constant
 from eos_core.numerics import NUMPY, Numerics
@@ -761,8 +761,16 @@ class _Tuner:
         quotient = self._update_quotient(inputs, state, decision.applied) if self.watching_update else None
         report, monitor = self._report(inputs, state, probed, tracked, decision, monitor, quotient)
         applied = decision.applied
+        if self.tracking or self.monitoring or self.watching_update:
+            # the branches that read the parameters and the base's state run before the new values overwrite them
+            # in place (else XLA copies them on every step)
+            ready = ready_after(tracked.iterations, None if monitor is None else monitor.credit, quotient)
+            new_updates = tree_select(ready, new_updates, jax.tree.map(jnp.zeros_like, new_updates))
+            applied_after = applied & ready
+        else:
+            applied_after = applied
         new_state = TuneState(
-            base_state=tree_select(applied, base_state, state.base_state),
+            base_state=tree_select(applied_after, base_state, state.base_state),
             law_state=tree_select(applied, probed.out.state, state.law_state),
             count=state.count + applied.astype(jnp.int32),
             skipped=state.skipped + (~applied).astype(jnp.int32),

@@ -569,3 +569,36 @@ def test_a_jitted_step_may_donate_the_monitor_state():
     state = monitor_init(params, 0, preconditioned=True, numerics=jax_numerics())
     step = jax.jit(lambda s: jax.tree_util.tree_map(lambda a: a + 0, s), donate_argnums=0)
     jax.block_until_ready(step(state))
+
+
+def entry_parameter_copies(compiled_text):
+    """How many parameter-shaped arrays (2-d and up) the compiled step copies from its arguments on every step."""
+    import re
+
+    entry = compiled_text[compiled_text.index("ENTRY"):]
+    arguments = set(re.findall(r"(%?[\w.\-]+) = \w+\[\d+(?:,\d+)+\]\{[\d,]*\} parameter\(", entry))
+    copied = re.findall(r"= \w+\[\d+(?:,\d+)+\]\{[\d,]*\} copy\((%?[\w.\-]+)\)", entry)
+    return sum(name in arguments for name in copied)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_the_monitors_branches_do_not_copy_the_donated_parameters_and_state(base):
+    """A `lax.cond` that reads the parameters (or Adam's moments) made XLA copy them on every step of a step that
+    donates them, ticking or not: nothing the new parameters depend on came out of the branch. The monitored step
+    now copies no more of its arguments than `tune` alone."""
+    params, loss = mlp_problem(width=32, dtype=jnp.float32)
+    make = optax.sgd if base == "sgd" else optax.adam
+
+    def copies(opt):
+        def step(params, state):
+            value_fn = loss
+            grads = jax.grad(value_fn)(params)
+            updates, state = opt.update(grads, state, params, value_fn=value_fn)
+            return optax.apply_updates(params, updates), state
+
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params)).compile()
+        return entry_parameter_copies(compiled.as_text())
+
+    alone = copies(tune(make(0.01), None, reference_lr=0.01))
+    assert copies(tune(make(0.01), None, reference_lr=0.01, monitor_budget=0.05)) <= alone  # 3 (Adam: 9) before
+    assert copies(tune(make(0.01), None, reference_lr=0.01, sharpness_every=10)) <= alone  # 3 before
