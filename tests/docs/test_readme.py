@@ -102,7 +102,8 @@ def _selected() -> list[tuple[str, str, str]]:
     reason=f"no block is tagged for {CURRENT}"))])
 def test_documented_block_runs(where, lang, body, tmp_path):
     command = [sys.executable, "-c", body] if lang == "python" else ["bash", "-euo", "pipefail", "-c", body]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", EOS_README_ROOT=str(ROOT))
+    # a block that crashes (a signal, an abort at exit) prints every thread's Python stack with its failure
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1", EOS_README_ROOT=str(ROOT))
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, f"{where} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
